@@ -1,0 +1,88 @@
+"""Atomic replace: a reader sees the old file or the new one, never a torn one.
+
+Temp files are named ``.BASENAME.tmp-RANDOM`` in the target's directory, so a
+leftover one from a killed writer is recognisable (``yoi doctor`` removes them).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from yoi.faults import fault
+
+TMP_MARK = ".tmp-"
+
+
+def temp_name_for(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TMP_MARK}{secrets.token_hex(6)}")
+
+
+def is_temp_name(filename: str) -> bool:
+    return filename.startswith(".") and TMP_MARK in filename
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write DATA to PATH via temp file + fsync + rename + directory fsync."""
+    tmp = temp_name_for(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fault("atomic-before-replace")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def read_bytes_nofollow(path: Path) -> bytes:
+    """Read a whole file, refusing to follow a symlink (ELOOP)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def remove_temp_files(directory: Path) -> list[Path]:
+    """Remove leftover temp files in DIRECTORY; only call it under the owning lock."""
+    removed = []
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if is_temp_name(entry):
+            p = directory / entry
+            try:
+                os.unlink(p)
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed

@@ -1,0 +1,26 @@
+"""The ``yoi`` command line. Root group: ``yoi.cli:main``."""
+
+from __future__ import annotations
+
+import click
+
+from yoi import __version__
+from yoi.cli.common import CONTEXT_SETTINGS, LazyGroup
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS, lazy_subcommands={
+    "pod": "yoi.cli.pod:pod",
+})
+@click.version_option(__version__, "--version", "-V", prog_name="yoi")
+def main():
+    """Yoi: named, long-lived agent processes (Pods) that know about each other.
+
+    A Pod has a metadata record and a session log under the state directory
+    ($YOI_HOME, else ~/.yoi) and, while it runs, a Unix socket. Pods can be
+    introduced as peers and send each other messages.
+
+    \b
+    Examples:
+      yoi pod create reviewer
+      yoi pod list --json
+    """

@@ -1,0 +1,189 @@
+"""``yoi pod``: create, configure, inspect and remove Pods."""
+
+from __future__ import annotations
+
+import click
+
+from yoi.cli.common import (LazyGroup, check_names, emit, json_option, pod_argument,
+                            state_options)
+
+POD_SUBCOMMANDS: dict[str, str] = {}
+
+
+@click.group(cls=LazyGroup, lazy_subcommands=POD_SUBCOMMANDS)
+def pod():
+    """Create, run, introduce and message Pods.
+
+    \b
+    Examples:
+      yoi pod create reviewer --exec 'my-agent --stdin'
+      yoi pod list
+      yoi pod show reviewer --json
+    """
+
+
+def _record_json(name: str, doc: dict, live: dict | None = None) -> dict:
+    from yoi.metadata import to_jsonable
+    out = to_jsonable(doc)
+    out["pod_name"] = name
+    if live is not None:
+        out["live"] = live
+    return out
+
+
+def _record_text(name: str, doc: dict, live: dict | None = None) -> str:
+    from yoi.metadata import peer_names, to_jsonable
+    runtime = doc.get("runtime") or {}
+    rows = [
+        ("name", name),
+        ("created_at", to_jsonable(doc.get("created_at"))),
+        ("accept_peers", "yes" if doc.get("accept_peers", True) else "no"),
+        ("exec", runtime.get("exec", "-")),
+        ("cwd", runtime.get("cwd", "-")),
+    ]
+    if live is not None:
+        rows.append(("socket", live.get("socket_path") or "-"))
+        rows.append(("live", "yes" if live.get("reachable") else
+                     f"no ({live.get('error')})" if live.get("error") else "no"))
+    peers = peer_names(doc)
+    rows.append(("peers", ", ".join(peers) if peers else "-"))
+    return "\n".join(f"{k + ':':<14}{v}" for k, v in rows)
+
+
+@pod.command("create")
+@pod_argument()
+@click.option("--exec", "exec_cmd", metavar="CMD",
+              help="Handler command run for each message (turns an agent CLI into a Pod).")
+@click.option("--cwd", type=click.Path(file_okay=False), help="Working directory of the handler.")
+@click.option("--no-accept-peers", is_flag=True, help="Refuse new peer registrations.")
+@click.option("--exist-ok", is_flag=True, help="Succeed if the Pod already exists.")
+@json_option
+@state_options
+def create_command(name, exec_cmd, cwd, no_accept_peers, exist_ok, as_json, state):
+    """Create a Pod: its metadata record and an empty session log.
+
+    \b
+    Examples:
+      yoi pod create reviewer
+      yoi pod create coder --exec 'my-agent --stdin' --cwd ~/project
+    """
+    from yoi import store
+    check_names(name)
+    doc, created = store.create(state, name, exec_cmd=exec_cmd, cwd=cwd,
+                                accept_peers=not no_accept_peers, exist_ok=exist_ok)
+    text = _record_text(name, doc) if created else f"Pod {name!r} already exists\n" + _record_text(name, doc)
+    emit(as_json, {"created": created, "pod": _record_json(name, doc)}, text)
+
+
+@pod.command("config")
+@pod_argument()
+@click.option("--exec", "exec_cmd", metavar="CMD", help="Set the handler command.")
+@click.option("--no-exec", is_flag=True, help="Remove the handler command.")
+@click.option("--accept-peers/--no-accept-peers", default=None,
+              help="Accept or refuse new peer registrations.")
+@click.option("--cwd", type=click.Path(file_okay=False), help="Set the handler's working directory.")
+@json_option
+@state_options
+def config_command(name, exec_cmd, no_exec, accept_peers, cwd, as_json, state):
+    """Change a Pod's settings; everything else in its record is preserved.
+
+    \b
+    Examples:
+      yoi pod config reviewer --no-accept-peers
+      yoi pod config coder --exec 'my-agent --stdin'
+    """
+    from yoi import store
+    from yoi.errors import UsageError
+    check_names(name)
+    if exec_cmd is not None and no_exec:
+        raise UsageError("--exec and --no-exec are mutually exclusive")
+    kwargs = {}
+    if exec_cmd is not None:
+        kwargs["exec_cmd"] = exec_cmd
+    if no_exec:
+        kwargs["exec_cmd"] = None
+    if accept_peers is not None:
+        kwargs["accept_peers"] = accept_peers
+    if cwd is not None:
+        kwargs["cwd"] = cwd
+    if not kwargs:
+        raise UsageError("nothing to change: give --exec, --no-exec, --accept-peers, "
+                         "--no-accept-peers or --cwd")
+    doc = store.configure(state, name, **kwargs)
+    emit(as_json, {"pod": _record_json(name, doc)}, _record_text(name, doc))
+
+
+@pod.command("list")
+@json_option
+@state_options
+def list_command(as_json, state):
+    """List every Pod in the state directory with its peers count and live state.
+
+    \b
+    Examples:
+      yoi pod list
+      yoi pod list --json | jq -r '.pods[].pod_name'
+    """
+    from yoi import store
+    from yoi.discovery import probe_many, socket_path_of
+    from yoi.metadata import peer_names
+    listed = store.list_all(state)
+    probes = probe_many([socket_path_of(state, p.name, p.doc) for p in listed])
+    items = []
+    for p, live in zip(listed, probes):
+        items.append({"pod_name": p.name, "state": p.state,
+                      "peers": len(peer_names(p.doc)) if p.doc else None,
+                      "live": live,
+                      "error": p.error.message if p.error else None})
+    if as_json:
+        emit(True, {"pods": items})
+        return
+    if not items:
+        click.echo("no Pods", err=True)
+        return
+    width = max(4, *(len(i["pod_name"]) for i in items))
+    lines = [f"{'NAME':<{width}}  {'PEERS':>5}  {'LIVE':<4}  STATE"]
+    for i in items:
+        peers = "-" if i["peers"] is None else str(i["peers"])
+        lines.append(f"{i['pod_name']:<{width}}  {peers:>5}  "
+                     f"{'yes' if i['live']['reachable'] else 'no':<4}  {i['state']}")
+    click.echo("\n".join(lines))
+
+
+@pod.command("show")
+@pod_argument()
+@json_option
+@state_options
+def show_command(name, as_json, state):
+    """Show everything known about one Pod.
+
+    \b
+    Examples:
+      yoi pod show reviewer
+      yoi pod show reviewer --json
+    """
+    from yoi import store
+    from yoi.discovery import probe, socket_path_of
+    check_names(name)
+    doc = store.read(state, name)
+    live = probe(socket_path_of(state, name, doc))
+    emit(as_json, {"pod": _record_json(name, doc, live)}, _record_text(name, doc, live))
+
+
+@pod.command("rm")
+@pod_argument()
+@json_option
+@state_options
+def rm_command(name, as_json, state):
+    """Remove a Pod and remove it from every peer's list, in one transaction.
+
+    A running Pod is refused (exit 6): stop it first.
+
+    \b
+    Examples:
+      yoi pod rm old-reviewer
+    """
+    from yoi import store
+    check_names(name)
+    result = store.remove(state, name)
+    emit(as_json, result, f"removed {name}")

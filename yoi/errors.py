@@ -1,0 +1,73 @@
+"""Typed errors. Each class carries its exit code once; the CLI edge applies it.
+
+Exit codes (DESIGN.md): 0 done, 1 failed, 2 usage, 3 not found, 4 refused,
+5 unreachable, 6 busy.
+"""
+
+from __future__ import annotations
+
+
+class YoiError(Exception):
+    """Base class: a failure with a one-line message and an exit code."""
+
+    exit_code = 1
+    code = "failed"
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_json(self) -> dict:
+        err = {"code": self.code, "message": self.message, "exit_code": self.exit_code}
+        err.update(self.details)
+        return err
+
+
+class Failed(YoiError):
+    exit_code = 1
+    code = "failed"
+
+
+class AlreadyExists(YoiError):
+    exit_code = 1
+    code = "exists"
+
+
+class CorruptMetadata(YoiError):
+    """A metadata or journal file that does not parse or fails the schema."""
+
+    exit_code = 1
+    code = "corrupt"
+
+
+class StorageError(YoiError):
+    """An I/O error while reading or writing state."""
+
+    exit_code = 1
+    code = "io_error"
+
+
+class UsageError(YoiError):
+    exit_code = 2
+    code = "usage"
+
+
+class NotFound(YoiError):
+    exit_code = 3
+    code = "not_found"
+
+
+class Refused(YoiError):
+    exit_code = 4
+    code = "refused"
+
+
+class Unreachable(YoiError):
+    exit_code = 5
+    code = "unreachable"
+
+
+class Busy(YoiError):
+    exit_code = 6
+    code = "busy"

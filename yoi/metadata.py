@@ -1,0 +1,116 @@
+"""metadata.toml: parse, check and serialise a Pod's current-state record.
+
+A record is kept as the plain dict ``tomllib`` returns, so keys this version
+does not know survive a rewrite untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import tomllib
+from pathlib import Path
+
+import tomli_w
+
+from yoi.errors import CorruptMetadata
+from yoi.names import is_valid_name
+
+SCHEMA = 1
+
+
+def utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+
+
+def new_record(name: str, exec_cmd: str | None = None, cwd: str | None = None,
+               accept_peers: bool = True) -> dict:
+    record: dict = {
+        "schema": SCHEMA,
+        "pod_name": name,
+        "created_at": utcnow(),
+        "accept_peers": accept_peers,
+        "runtime": {},
+        "peers": [],
+    }
+    if exec_cmd is not None:
+        record["runtime"]["exec"] = exec_cmd
+    if cwd is not None:
+        record["runtime"]["cwd"] = cwd
+    return record
+
+
+def parse(text: bytes | str, path: Path | str, expect_name: str | None = None) -> dict:
+    """Parse and check a record; raise CorruptMetadata naming PATH on any problem."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CorruptMetadata(f"{path}: not UTF-8 (byte {e.start})", path=str(path))
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise CorruptMetadata(f"{path}: does not parse: {e}", path=str(path),
+                              **_line_col(str(e)))
+    problem = schema_problem(doc, expect_name)
+    if problem:
+        raise CorruptMetadata(f"{path}: {problem}", path=str(path))
+    return doc
+
+
+def _line_col(message: str) -> dict:
+    m = re.search(r"line (\d+), column (\d+)", message)
+    return {"line": int(m.group(1)), "column": int(m.group(2))} if m else {}
+
+
+def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
+    """Describe the first schema violation in DOC, or return None."""
+    if doc.get("schema") != SCHEMA:
+        return f"unsupported schema {doc.get('schema')!r} (expected {SCHEMA})"
+    name = doc.get("pod_name")
+    if not is_valid_name(name):
+        return f"pod_name {name!r} is missing or not a valid Pod name"
+    if expect_name is not None and name != expect_name:
+        return f"pod_name {name!r} does not match its directory {expect_name!r}"
+    if "accept_peers" in doc and not isinstance(doc["accept_peers"], bool):
+        return "accept_peers must be true or false"
+    if "runtime" in doc and not isinstance(doc["runtime"], dict):
+        return "runtime must be a table"
+    peers = doc.get("peers", [])
+    if not isinstance(peers, list):
+        return "peers must be an array of tables"
+    for i, p in enumerate(peers):
+        if not isinstance(p, dict) or not is_valid_name(p.get("pod_name")):
+            return f"peers[{i}] has no valid pod_name"
+    return None
+
+
+def dumps(doc: dict) -> bytes:
+    return tomli_w.dumps(doc).encode("utf-8")
+
+
+def peer_names(doc: dict) -> list[str]:
+    return [p["pod_name"] for p in doc.get("peers", [])]
+
+
+def has_peer(doc: dict, name: str) -> bool:
+    return any(p.get("pod_name") == name for p in doc.get("peers", []))
+
+
+def accepts_peers(doc: dict) -> bool:
+    return doc.get("accept_peers", True) is True
+
+
+def to_jsonable(value):
+    """TOML values -> JSON values (datetimes as RFC 3339 with Z)."""
+    if isinstance(value, dict):
+        return {k: to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is not None and value.utcoffset() == _dt.timedelta(0):
+            return value.replace(tzinfo=None).isoformat() + "Z"
+        return value.isoformat()
+    if isinstance(value, (_dt.date, _dt.time)):
+        return value.isoformat()
+    return value

@@ -1,0 +1,86 @@
+"""The Pod socket protocol (PROTOCOL.md): JSON Lines, adjacently tagged.
+
+Methods are ``{"method": NAME, "params": {...}}`` (no ``params`` when empty);
+events are ``{"event": NAME, "data": {...}}`` (no ``data`` when empty). This
+module only builds and parses lines; sockets live in ``yoi.client`` and the
+runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+MAX_METHOD_LINE = 1 << 20        # one method line read by a Pod
+MAX_EVENT_LINE = 64 << 20        # one event line read by a client
+SNAPSHOT_ENTRIES = 1000          # log entries in a connect-time snapshot
+DEFAULT_TIMEOUT = 10.0           # each step of a one-shot client
+
+MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z", re.ASCII)
+
+METHODS = ("run", "notify", "shutdown", "list_pods", "restore_pod", "register_peer",
+           "unregister_peer")
+ERROR_CODES = ("already_running", "not_running", "not_paused", "provider_error",
+               "tool_error", "invalid_request", "internal")
+
+
+class ProtocolError(ValueError):
+    """A line that is not a well-formed message of this protocol."""
+
+
+def _dumps(obj: dict) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def method(name: str, params: dict | None = None) -> bytes:
+    obj: dict = {"method": name}
+    if params is not None:
+        obj["params"] = params
+    return _dumps(obj)
+
+
+def event(name: str, data: dict | None = None) -> bytes:
+    obj: dict = {"event": name}
+    if data is not None:
+        obj["data"] = data
+    return _dumps(obj)
+
+
+def error_event(code: str, message: str) -> bytes:
+    return event("error", {"code": code, "message": message})
+
+
+def parse_line(line: bytes, key: str) -> tuple[str, dict]:
+    """Parse one line into (name, params-or-data) where KEY is "method" or "event"."""
+    try:
+        obj = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("not a JSON object")
+    name = obj.get(key)
+    if not isinstance(name, str):
+        raise ProtocolError(f"missing {key!r}")
+    body = obj.get("params" if key == "method" else "data", {})
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{'params' if key == 'method' else 'data'} is not an object")
+    return name, body
+
+
+def parse_method(line: bytes) -> tuple[str, dict]:
+    return parse_line(line, "method")
+
+
+def parse_event(line: bytes) -> tuple[str, dict]:
+    return parse_line(line, "event")
+
+
+def peer_body(source: str, message: str) -> str:
+    """The text an agent sees for a peer message, exactly as the reference."""
+    return f"[Peer message from `{source}`]\n{message}"
+
+
+def is_valid_message_id(value: object) -> bool:
+    return isinstance(value, str) and MESSAGE_ID_RE.match(value) is not None

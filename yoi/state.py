@@ -1,0 +1,149 @@
+"""The state directory: where every file lives, and how it is resolved.
+
+Resolution: ``--state-dir`` > ``$YOI_HOME`` > ``~/.yoi``. Directories are created
+0700 on first write, files 0600. Nothing is created by merely resolving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from yoi.errors import Failed, UsageError
+from yoi.names import check_name
+
+DEFAULT_LOCK_TIMEOUT = 10.0
+SUN_PATH_MAX = 107  # bytes usable in sockaddr_un.sun_path, without the NUL
+
+
+def _env_lock_timeout() -> float:
+    raw = os.environ.get("YOI_LOCK_TIMEOUT")
+    if not raw:
+        return DEFAULT_LOCK_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"YOI_LOCK_TIMEOUT must be a number of seconds, not {raw!r}")
+    if value < 0:
+        raise UsageError("YOI_LOCK_TIMEOUT must not be negative")
+    return value
+
+
+@dataclass(frozen=True)
+class State:
+    """A resolved state directory plus the settings every operation shares."""
+
+    root: Path
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+
+    @classmethod
+    def resolve(cls, state_dir: str | os.PathLike | None = None,
+                lock_timeout: float | None = None) -> "State":
+        if state_dir is None or str(state_dir) == "":
+            state_dir = os.environ.get("YOI_HOME") or os.path.join(
+                os.path.expanduser("~"), ".yoi")
+        if lock_timeout is None:
+            lock_timeout = _env_lock_timeout()
+        return cls(Path(os.path.abspath(os.fspath(state_dir))), float(lock_timeout))
+
+    # -- layout -------------------------------------------------------------
+    @property
+    def pods_dir(self) -> Path:
+        return self.root / "pods"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / "locks"
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.root / "journal"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    def pod_dir(self, name: str) -> Path:
+        return self.pods_dir / check_name(name)
+
+    def metadata_path(self, name: str) -> Path:
+        return self.pod_dir(name) / "metadata.toml"
+
+    def session_path(self, name: str) -> Path:
+        return self.pod_dir(name) / "session.jsonl"
+
+    def runtime_lock_path(self, name: str) -> Path:
+        return self.pod_dir(name) / "runtime.lock"
+
+    def pod_log_path(self, name: str) -> Path:
+        """Where a detached Pod process sends its own stdout/stderr."""
+        return self.pod_dir(name) / "pod.log"
+
+    def lock_path(self, name: str) -> Path:
+        return self.locks_dir / f"{check_name(name)}.lock"
+
+    def default_socket_path(self, name: str) -> Path:
+        """STATE/run/NAME.sock, or a short per-state directory if that is too long."""
+        path = self.run_dir / f"{check_name(name)}.sock"
+        if len(os.fsencode(str(path))) <= SUN_PATH_MAX:
+            return path
+        return self.short_run_dir() / f"{name}.sock"
+
+    def short_run_dir(self) -> Path:
+        digest = hashlib.sha256(os.fsencode(str(self.root))).hexdigest()[:16]
+        base = os.environ.get("XDG_RUNTIME_DIR")
+        if not base or not os.path.isdir(base):
+            base = os.path.join(tempfile.gettempdir(), f"yoi-{os.getuid()}")
+        return Path(base) / f"yoi-{digest}"
+
+    def socket_dir(self, name: str) -> Path:
+        return self.default_socket_path(name).parent
+
+    # -- creation -----------------------------------------------------------
+    def ensure(self) -> None:
+        """Create the state directory tree (0700) if it does not exist."""
+        for d in (self.root, self.pods_dir, self.locks_dir, self.journal_dir):
+            make_private_dir(d)
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    def pod_names(self) -> list[str]:
+        """Names of the entries under pods/ that look like Pods (sorted)."""
+        from yoi.names import is_valid_name
+        try:
+            entries = os.listdir(self.pods_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(e for e in entries if is_valid_name(e))
+
+
+def make_private_dir(path: Path) -> None:
+    """mkdir -p with mode 0700 for every directory this call creates."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise Failed(f"{path} exists and is not a directory")
+        return
+    except FileNotFoundError:
+        make_private_dir(path.parent)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return
+    os.chmod(path, 0o700)  # umask may have narrowed or, oddly, not applied
+
+
+def refuse_symlink(path: Path, what: str) -> None:
+    """Raise if PATH is a symlink: state entries are never followed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise Failed(f"{what} {path} is a symlink; refusing to follow it")

@@ -1,0 +1,170 @@
+"""Pod operations on the metadata store: create, configure, read, list, remove.
+
+Library code: takes a ``State`` and plain values, returns plain values, raises
+``yoi.errors`` types. Every read-modify-write happens under the Pod's lock.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import fcntl
+from dataclasses import dataclass
+from pathlib import Path
+
+from yoi import metadata
+from yoi.atomic import atomic_write, fsync_dir
+from yoi.errors import AlreadyExists, Busy, CorruptMetadata, NotFound, StorageError, UsageError, YoiError
+from yoi.lock import lock_holder_pid
+from yoi.names import check_name
+from yoi.state import State, make_private_dir, refuse_symlink
+from yoi.txn import Change, Pod, lock_pods, read_pod_file, remove_trash
+
+_UNSET = object()
+
+
+def read(state: State, name: str) -> dict:
+    """NAME's record (no lock); NotFound if there is no such Pod."""
+    check_name(name)
+    pod = read_pod_file(state, name)
+    if not pod.exists:
+        raise NotFound(f"no such Pod: {name}", pod=name)
+    return pod.doc
+
+
+def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None = None,
+           accept_peers: bool = True, exist_ok: bool = False) -> tuple[dict, bool]:
+    """Create Pod NAME. Returns (record, created)."""
+    check_name(name)
+    if cwd is not None:
+        cwd = os.path.abspath(cwd)
+    with lock_pods(state, [name]) as locked:
+        pod = locked.read(name)
+        if pod.exists:
+            if exist_ok:
+                return pod.doc, False
+            raise AlreadyExists(f"Pod {name!r} already exists", pod=name)
+        remove_trash(state, name)
+        record = metadata.new_record(name, exec_cmd=exec_cmd, cwd=cwd, accept_peers=accept_peers)
+        # Build the directory aside and rename it into place: a crash leaves
+        # either no Pod or a whole one.
+        staging = state.pods_dir / f".{name}.creating-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            make_private_dir(staging)
+            atomic_write(staging / "metadata.toml", metadata.dumps(record))
+            fd = os.open(staging / "session.jsonl",
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.fsync(fd)
+            os.close(fd)
+            os.rename(staging, state.pod_dir(name))
+            fsync_dir(state.pods_dir)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StorageError(f"cannot create Pod {name!r}: {e.strerror} ({e.filename})")
+        return record, True
+
+
+def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd=_UNSET) -> dict:
+    """Change settings of NAME under its lock; everything else is preserved.
+
+    ``exec_cmd=None`` removes the handler command.
+    """
+    check_name(name)
+    with lock_pods(state, [name]) as locked:
+        doc = locked.require(name).doc
+        runtime = doc.setdefault("runtime", {})
+        if exec_cmd is not _UNSET:
+            if exec_cmd is None:
+                runtime.pop("exec", None)
+            else:
+                runtime["exec"] = exec_cmd
+        if cwd is not _UNSET:
+            runtime["cwd"] = os.path.abspath(cwd)
+        if accept_peers is not _UNSET:
+            doc["accept_peers"] = bool(accept_peers)
+        locked.write_one(name, doc)
+        return doc
+
+
+def update(state: State, name: str, fn) -> dict:
+    """Run FN(doc) -> doc on NAME's record under its lock and write the result."""
+    check_name(name)
+    with lock_pods(state, [name]) as locked:
+        doc = fn(locked.require(name).doc)
+        locked.write_one(name, doc)
+        return doc
+
+
+@dataclass
+class Listed:
+    name: str
+    doc: dict | None
+    error: YoiError | None
+
+    @property
+    def state(self) -> str:
+        return "ok" if self.doc is not None else "corrupt"
+
+
+def list_all(state: State) -> list[Listed]:
+    """Every Pod in the state directory, sorted by name, corrupt ones included."""
+    out = []
+    for name in state.pod_names():
+        try:
+            pod = read_pod_file(state, name)
+        except YoiError as e:
+            out.append(Listed(name, None, e))
+            continue
+        if pod.exists:
+            out.append(Listed(name, pod.doc, None))
+    return out
+
+
+def remove(state: State, name: str) -> dict:
+    """Remove Pod NAME and NAME from every peer's list, in one transaction.
+
+    Refuses a live Pod (Busy). Returns ``{"pod": NAME, "peers_updated": [...]}``.
+    """
+    check_name(name)
+    names = {name}
+    while True:
+        with lock_pods(state, names) as locked:
+            doc = locked.require(name).doc
+            peers = set(metadata.peer_names(doc)) - {name}
+            if not peers <= locked.names:
+                names = locked.names | peers
+                continue  # relock with the peers included, in sorted order
+            runtime_fd = _hold_runtime_lock(state, name)
+            try:
+                changes = []
+                updated = []
+                for peer in sorted(peers):
+                    pod = locked.read(peer)
+                    if not pod.exists:
+                        continue  # dangling entry: nothing to update on that side
+                    pdoc = pod.doc
+                    pdoc["peers"] = [p for p in pdoc.get("peers", []) if p.get("pod_name") != name]
+                    changes.append(Change(peer, "write", metadata.dumps(pdoc)))
+                    updated.append(peer)
+                changes.append(Change(name, "remove"))
+                locked.commit(changes)
+            finally:
+                os.close(runtime_fd)
+            return {"pod": name, "peers_updated": updated}
+
+
+def _hold_runtime_lock(state: State, name: str) -> int:
+    """Take NAME's runtime lock without waiting, so it cannot start while we remove it."""
+    path = state.runtime_lock_path(name)
+    refuse_symlink(path, "runtime lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = lock_holder_pid(path)
+        who = f" (pid {pid})" if pid else ""
+        raise Busy(f"Pod {name!r} is running{who}; stop it first with `yoi pod stop {name}`",
+                   pod=name)
+    return fd

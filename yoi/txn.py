@@ -1,0 +1,333 @@
+"""Multi-Pod transactions: sorted locks, an intent journal, exact rollback, recovery.
+
+A change that touches several Pods' metadata (peer register/remove, Pod
+removal) runs as:
+
+1. take every Pod's metadata lock in sorted name order (no deadlock), rolling
+   back first any leftover journal that names one of them;
+2. write ``journal/TXID.toml`` holding each file's exact prior bytes and the
+   intended new ones, fsynced;
+3. apply the changes one by one (atomic replace, or rename of a removed Pod's
+   directory aside);
+4. delete the journal: this is the commit point.
+
+An ordinary error in step 3 restores every file to its exact prior bytes and
+deletes the journal. After a crash the journal stays; the next process that
+takes the lock of any Pod it names (and ``yoi doctor --fix``) rolls it back
+first, so every reader that takes locks sees all of a change or none of it.
+Rollback compares before it writes, so it is idempotent and can itself be
+interrupted and re-run.
+
+Fault-injection points passed to ``yoi.faults.fault`` (a testing aid):
+``after-lock``, ``after-journal``, ``before-write-N``, ``after-write-N``,
+``before-journal-remove``, ``recovery-after-write-N``,
+``recovery-before-journal-remove``, plus ``atomic-before-replace`` inside every
+atomic write (journal first, then each metadata file).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import time
+import tomllib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from yoi import metadata
+from yoi.atomic import atomic_write, fsync_dir, read_bytes_nofollow, remove_temp_files
+from yoi.errors import CorruptMetadata, NotFound, StorageError
+from yoi.faults import fault
+from yoi.lock import FileLock
+from yoi.state import State, refuse_symlink
+
+REMOVED_MARK = ".removed-"
+
+
+@dataclass
+class Pod:
+    """One Pod's metadata as read under its lock."""
+
+    name: str
+    path: Path
+    raw: bytes | None  # None: the Pod does not exist
+    doc: dict | None
+
+    @property
+    def exists(self) -> bool:
+        return self.raw is not None
+
+
+@dataclass
+class Change:
+    pod: str
+    action: str  # "write" or "remove"
+    new: bytes | None = None
+
+
+@dataclass
+class Journal:
+    path: Path
+    txid: str
+    pods: list[str]
+    changes: list[dict] = field(default_factory=list)
+
+
+def read_pod_file(state: State, name: str) -> Pod:
+    """Read NAME's metadata (no lock taken here); raises CorruptMetadata."""
+    pod_dir = state.pod_dir(name)
+    refuse_symlink(pod_dir, "Pod directory")
+    path = pod_dir / "metadata.toml"
+    try:
+        raw = read_bytes_nofollow(path)
+    except FileNotFoundError:
+        if pod_dir.is_dir():
+            raise CorruptMetadata(f"{path}: missing (the Pod directory exists)", path=str(path))
+        return Pod(name, path, None, None)
+    except OSError as e:
+        if e.errno == 40:  # ELOOP: a symlink
+            raise CorruptMetadata(f"{path} is a symlink; refusing to follow it", path=str(path))
+        raise StorageError(f"cannot read {path}: {e.strerror}", path=str(path))
+    return Pod(name, path, raw, metadata.parse(raw, path, expect_name=name))
+
+
+# -- journals -----------------------------------------------------------------
+
+def list_journals(state: State) -> list[Journal]:
+    """Parsed journals (unparseable ones are left for ``yoi doctor``)."""
+    try:
+        entries = sorted(os.listdir(state.journal_dir))
+    except FileNotFoundError:
+        return []
+    out = []
+    for entry in entries:
+        if entry.startswith(".") or not entry.endswith(".toml"):
+            continue
+        try:
+            out.append(load_journal(state.journal_dir / entry))
+        except (CorruptMetadata, FileNotFoundError):
+            continue
+    return out
+
+
+def load_journal(path: Path) -> Journal:
+    raw = read_bytes_nofollow(path)
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+        return Journal(path, str(doc["txid"]), [str(p) for p in doc["pods"]],
+                       list(doc["changes"]))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError) as e:
+        raise CorruptMetadata(f"{path}: journal does not parse: {e}", path=str(path))
+
+
+def _trash_path(state: State, name: str, txid: str) -> Path:
+    return state.pods_dir / f".{name}{REMOVED_MARK}{txid}"
+
+
+def rollback(state: State, journal: Journal) -> None:
+    """Put every file the journal names back to its prior bytes; delete the journal.
+
+    Caller holds the locks of every Pod in ``journal.pods``.
+    """
+    for i, ch in enumerate(journal.changes, 1):
+        name = ch["pod"]
+        if ch["action"] == "write":
+            path = state.metadata_path(name)
+            prior = ch["prior"].encode("utf-8")
+            try:
+                current = read_bytes_nofollow(path)
+            except FileNotFoundError:
+                current = None
+            if current != prior:
+                atomic_write(path, prior)
+        elif ch["action"] == "remove":
+            trash = _trash_path(state, name, journal.txid)
+            if trash.exists() and not state.pod_dir(name).exists():
+                os.rename(trash, state.pod_dir(name))
+                fsync_dir(state.pods_dir)
+        fault(f"recovery-after-write-{i}")
+    fault("recovery-before-journal-remove")
+    try:
+        os.unlink(journal.path)
+    except FileNotFoundError:
+        pass
+    fsync_dir(journal.path.parent)
+
+
+def _cleanup_journal_temps(state: State) -> None:
+    """Remove journal temp files left by writers that are no longer alive."""
+    try:
+        entries = os.listdir(state.journal_dir)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if not entry.startswith(".") or ".tmp-" not in entry:
+            continue
+        pid = _pid_of_txid(entry[1:].split(".toml")[0])
+        if pid is not None and pid != os.getpid() and not pid_alive(pid):
+            try:
+                os.unlink(state.journal_dir / entry)
+            except FileNotFoundError:
+                pass
+
+
+def _pid_of_txid(txid: str) -> int | None:
+    parts = txid.split("-")
+    try:
+        return int(parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def new_txid() -> str:
+    return f"{time.time_ns() // 1_000_000}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+# -- locking with recovery ----------------------------------------------------
+
+class Locked:
+    """The metadata locks of a set of Pods, with their leftover journals rolled back."""
+
+    def __init__(self, state: State, names: set[str]):
+        self.state = state
+        self.names = names
+
+    def read(self, name: str) -> Pod:
+        assert name in self.names, f"{name} is not locked"
+        return read_pod_file(self.state, name)
+
+    def require(self, name: str) -> Pod:
+        pod = self.read(name)
+        if not pod.exists:
+            raise NotFound(f"no such Pod: {name}", pod=name)
+        return pod
+
+    def write_one(self, name: str, doc: dict) -> None:
+        """Replace one Pod's metadata (a single-file change needs no journal)."""
+        assert name in self.names
+        atomic_write(self.state.metadata_path(name), metadata.dumps(doc))
+
+    def commit(self, changes: list[Change]) -> None:
+        """Apply CHANGES as one transaction (see module docstring)."""
+        if not changes:
+            return
+        for ch in changes:
+            assert ch.pod in self.names, f"{ch.pod} is not locked"
+        state = self.state
+        txid = new_txid()
+        entries = []
+        for ch in changes:
+            entry = {"pod": ch.pod, "action": ch.action}
+            if ch.action == "write":
+                prior = read_pod_file(state, ch.pod).raw
+                if prior is None:
+                    raise NotFound(f"no such Pod: {ch.pod}", pod=ch.pod)
+                entry["prior"] = prior.decode("utf-8")
+                entry["new"] = ch.new.decode("utf-8")
+            entries.append(entry)
+        jdoc = {"schema": 1, "txid": txid, "pid": os.getpid(),
+                "created_at": metadata.utcnow(),
+                "pods": sorted({c.pod for c in changes}), "changes": entries}
+        jpath = state.journal_dir / f"{txid}.toml"
+        journal = Journal(jpath, txid, jdoc["pods"], entries)
+        try:
+            atomic_write(jpath, tomli_w.dumps(jdoc).encode("utf-8"))
+        except OSError as e:
+            raise StorageError(f"cannot write journal {jpath}: {e.strerror}; nothing changed")
+        try:
+            fault("after-journal")
+            for i, ch in enumerate(changes, 1):
+                fault(f"before-write-{i}")
+                if ch.action == "write":
+                    atomic_write(state.metadata_path(ch.pod), ch.new)
+                else:
+                    os.rename(state.pod_dir(ch.pod), _trash_path(state, ch.pod, txid))
+                    fsync_dir(state.pods_dir)
+                fault(f"after-write-{i}")
+            fault("before-journal-remove")
+            os.unlink(jpath)
+            fsync_dir(jpath.parent)
+        except BaseException as e:
+            try:
+                rollback(state, journal)
+            except OSError as e2:
+                raise StorageError(
+                    f"change failed ({_describe(e)}) and so did its rollback "
+                    f"({_describe(e2)}); journal {jpath} is kept: the next command on "
+                    "these Pods or `yoi doctor --fix` will restore the prior state") from e
+            if isinstance(e, OSError):
+                raise StorageError(f"change failed and was rolled back: {_describe(e)}") from e
+            raise
+        for ch in changes:
+            if ch.action == "remove":
+                shutil.rmtree(_trash_path(state, ch.pod, txid), ignore_errors=True)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror or e}{where}"
+    return str(e) or type(e).__name__
+
+
+@contextmanager
+def lock_pods(state: State, names, timeout: float | None = None):
+    """Lock NAMES (sorted), roll back journals naming them, yield a ``Locked``."""
+    state.ensure()
+    timeout = state.lock_timeout if timeout is None else timeout
+    wanted = set(names)
+    while True:
+        locks = []
+        try:
+            for name in sorted(wanted):
+                locks.append(FileLock(state.lock_path(name), timeout,
+                                      label=f"Pod {name!r}").acquire())
+            fault("after-lock")
+            journals = [j for j in list_journals(state) if wanted & set(j.pods)]
+            needed = set().union(*(j.pods for j in journals)) if journals else set()
+            if needed <= wanted:
+                for j in journals:
+                    rollback(state, j)
+                if journals:
+                    _cleanup_journal_temps(state)
+                for name in wanted:
+                    remove_temp_files(state.pods_dir / name)
+                break
+        except BaseException:
+            for lock in reversed(locks):
+                lock.release()
+            raise
+        for lock in reversed(locks):
+            lock.release()
+        wanted |= needed
+    try:
+        yield Locked(state, wanted)
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+
+
+def remove_trash(state: State, name: str) -> None:
+    """Delete leftover directories of a committed removal of NAME."""
+    prefix = f".{name}{REMOVED_MARK}"
+    try:
+        entries = os.listdir(state.pods_dir)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.startswith(prefix):
+            shutil.rmtree(state.pods_dir / entry, ignore_errors=True)
