@@ -19,7 +19,6 @@ import re
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from yoi import protocol
 from yoi.errors import Failed, Refused, Unreachable
@@ -254,7 +253,3 @@ def notify(path: str | os.PathLike, message: str, msg_id: str, source: str | Non
             raise Failed("not acknowledged: the message may or may not have been delivered; "
                          f"retry with --id {msg_id}", id=msg_id)
         return data
-
-
-def socket_path(path: str | Path) -> str:
-    return os.fspath(path)
