@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 from yoi.state import State
@@ -18,6 +17,7 @@ def socket_path_of(state: State, name: str, doc: dict | None) -> Path:
 
 def probe(path: Path, timeout: float = PROBE_TIMEOUT) -> dict:
     """Connect to PATH: {"socket_path", "reachable", "error"}."""
+    import socket  # here: `yoi pod send` imports this module only for socket_path_of
     out = {"socket_path": str(path), "reachable": False, "error": None}
     if not os.path.exists(path):
         out["error"] = "no socket"

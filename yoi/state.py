@@ -6,10 +6,8 @@ Resolution: ``--state-dir`` > ``$YOI_HOME`` > ``~/.yoi``. Directories are create
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +92,9 @@ class State:
         return self.short_run_dir() / f"{name}.sock"
 
     def short_run_dir(self) -> Path:
+        import hashlib  # here, not at the top: only long state paths need it
+        import tempfile
+
         digest = hashlib.sha256(os.fsencode(str(self.root))).hexdigest()[:16]
         base = os.environ.get("XDG_RUNTIME_DIR")
         if not base or not os.path.isdir(base):

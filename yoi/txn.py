@@ -28,8 +28,6 @@ atomic write (journal first, then each metadata file).
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import time
 import tomllib
 from contextlib import contextmanager
@@ -194,7 +192,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def new_txid() -> str:
-    return f"{time.time_ns() // 1_000_000}-{os.getpid()}-{secrets.token_hex(4)}"
+    return f"{time.time_ns() // 1_000_000}-{os.getpid()}-{os.urandom(4).hex()}"
 
 
 # -- locking with recovery ----------------------------------------------------
@@ -274,6 +272,7 @@ class Locked:
             raise
         for ch in changes:
             if ch.action == "remove":
+                import shutil  # here: readers of this module (every send) do not need it
                 shutil.rmtree(_trash_path(state, ch.pod, txid), ignore_errors=True)
 
 
@@ -330,4 +329,5 @@ def remove_trash(state: State, name: str) -> None:
         return
     for entry in entries:
         if entry.startswith(prefix):
+            import shutil
             shutil.rmtree(state.pods_dir / entry, ignore_errors=True)
