@@ -6,19 +6,28 @@ MiB is read and dropped without holding more than a small prefix of it), write
 one method, then wait for the answer event, ignoring unrelated broadcasts.
 Writing before the prelude is drained was the reference's first review blocker.
 
+``notify_pipelined`` is the high-throughput variant: many ``notify`` lines over
+one connection, written while the acknowledgements are read (the Pod
+broadcasts every ``system_item`` to this client too, so a writer that stopped
+reading would deadlock against a Pod blocked on writing to it).
+
 Every step has its own deadline. Failures map onto the project's exit codes:
-no socket / refused / timed out -> ``Unreachable`` (5); refused by the Pod's
-``error`` event -> ``Refused`` (4); closed early or malformed data ->
-``Failed`` (1).
+no socket or connection refused -> ``NotRunning`` (5); a step that timed out ->
+``TimedOut`` (5); the Pod's ``error`` event -> ``Refused`` (4); the connection
+closed early -> ``Closed`` (1); data that is not this protocol -> ``Malformed``
+(1).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import socket
 import time
-from dataclasses import dataclass
+
+# The C socket type itself: the ``socket`` module's Python layer (and the
+# ``selectors`` it imports) adds import time to every `yoi pod send`, which CI
+# calls hundreds of times, and nothing here needs it.
+import _socket
 
 from yoi import protocol
 from yoi.errors import Failed, Refused, Unreachable
@@ -26,30 +35,54 @@ from yoi.errors import Failed, Refused, Unreachable
 DRAIN_LINE_LIMIT = 64 << 10  # prelude lines longer than this are skipped, not kept
 _EVENT_PREFIX_RE = re.compile(rb'^\s*\{\s*"event"\s*:\s*"([A-Za-z_]+)"')
 
+NOT_ACKNOWLEDGED = "not acknowledged: the message may or may not have been delivered"
+
 
 class Closed(Failed):
     """The Pod closed the connection."""
 
 
-@dataclass
+class Malformed(Failed):
+    """The Pod sent data that is not this protocol."""
+
+
+class NotRunning(Unreachable):
+    """Nothing listens at the socket path (no socket file, or connection refused)."""
+
+
+class TimedOut(Unreachable):
+    """A step did not finish within its timeout."""
+
+
 class OverLong:
     """A line longer than the caller's limit: only its prefix was kept."""
 
-    prefix: bytes
-    length: int
+    __slots__ = ("prefix", "length")
+
+    def __init__(self, prefix: bytes, length: int):
+        self.prefix = prefix
+        self.length = length
 
     def event_name(self) -> str | None:
         m = _EVENT_PREFIX_RE.match(self.prefix)
         return m.group(1).decode() if m else None
 
 
+def _refusal(data: dict) -> Refused:
+    code = data.get("code", "error")
+    message = data.get("message", "")
+    return Refused(f"refused by the Pod: {message} ({code})", pod_error=code,
+                   pod_message=message)
+
+
 class Connection:
     """A client connection to a Pod socket with bounded, deadline-driven reads."""
 
-    def __init__(self, sock: socket.socket, path: str):
+    def __init__(self, sock: _socket.socket, path: str):
         self.sock = sock
         self.path = path
         self.buf = bytearray()
+        self._scan = 0  # bytes of buf already known to hold no newline
         self.snapshot: dict | None = None
         self.alerts: list[dict] = []
 
@@ -70,21 +103,21 @@ class Connection:
     def connect(cls, path: str | os.PathLike, timeout: float = protocol.DEFAULT_TIMEOUT
                 ) -> "Connection":
         path = os.fspath(path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         s.settimeout(timeout)
         try:
             s.connect(path)
         except FileNotFoundError:
             s.close()
-            raise Unreachable(f"no socket at {path}: the Pod is not running", socket_path=path)
+            raise NotRunning(f"no socket at {path}: the Pod is not running", socket_path=path)
         except ConnectionRefusedError:
             s.close()
-            raise Unreachable(f"connection refused at {path}: the Pod is not running "
-                              "(stale socket)", socket_path=path)
-        except socket.timeout:
+            raise NotRunning(f"connection refused at {path}: the Pod is not running "
+                             "(stale socket)", socket_path=path)
+        except TimeoutError:
             s.close()
-            raise Unreachable(f"timed out after {timeout:g}s connecting to {path}",
-                              socket_path=path)
+            raise TimedOut(f"timed out after {timeout:g}s connecting to {path}",
+                           socket_path=path)
         except OSError as e:
             s.close()
             raise Unreachable(f"cannot connect to {path}: {e.strerror or e}", socket_path=path)
@@ -106,12 +139,12 @@ class Connection:
     def _recv(self, deadline: float, what: str) -> bytes:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise Unreachable(f"timed out waiting for {what} from {self.path}")
+            raise TimedOut(f"timed out waiting for {what} from {self.path}")
         self.sock.settimeout(remaining)
         try:
             chunk = self.sock.recv(1 << 16)
-        except socket.timeout:
-            raise Unreachable(f"timed out waiting for {what} from {self.path}")
+        except TimeoutError:
+            raise TimedOut(f"timed out waiting for {what} from {self.path}")
         except ConnectionResetError:
             chunk = b""
         except OSError as e:
@@ -123,22 +156,26 @@ class Connection:
     def read_line(self, deadline: float, limit: int = protocol.MAX_EVENT_LINE,
                   what: str = "an event") -> bytes | OverLong:
         """Next non-blank line (without newline), or OverLong if it exceeds LIMIT."""
+        buf = self.buf
         while True:
-            idx = self.buf.find(b"\n")
+            idx = buf.find(b"\n", self._scan)
             if idx >= 0:
-                line = bytes(self.buf[:idx])
-                del self.buf[:idx + 1]
-                if line.strip():
+                line = bytes(buf[:idx])
+                del buf[:idx + 1]
+                self._scan = 0
+                if line and not line.isspace():
                     return line
                 continue
-            if len(self.buf) > limit:
+            self._scan = len(buf)
+            if len(buf) > limit:
                 return self._discard_rest(deadline, what)
-            self.buf += self._recv(deadline, what)
+            buf += self._recv(deadline, what)
 
     def _discard_rest(self, deadline: float, what: str) -> OverLong:
         prefix = bytes(self.buf[:4096])
         length = len(self.buf)
         self.buf.clear()
+        self._scan = 0
         while True:
             chunk = self._recv(deadline, what)
             idx = chunk.find(b"\n")
@@ -148,15 +185,17 @@ class Connection:
                 return OverLong(prefix, length)
             length += len(chunk)
 
+    def _malformed(self, why: str) -> Malformed:
+        return Malformed(f"malformed data from {self.path}: {why}")
+
     def read_event(self, deadline: float, what: str = "an event") -> tuple[str, dict]:
         line = self.read_line(deadline, what=what)
         if isinstance(line, OverLong):
-            raise Failed(f"malformed data from {self.path}: an event line over "
-                         f"{protocol.MAX_EVENT_LINE} bytes")
+            raise self._malformed(f"an event line over {protocol.MAX_EVENT_LINE} bytes")
         try:
             return protocol.parse_event(line)
         except protocol.ProtocolError as e:
-            raise Failed(f"malformed data from {self.path}: {e}")
+            raise self._malformed(str(e))
 
     def drain_prelude(self, timeout: float, keep_snapshot: bool = False) -> None:
         """Read and drop alerts up to and including the snapshot."""
@@ -169,13 +208,12 @@ class Connection:
                 if name == "snapshot":
                     return
                 if name is None:
-                    raise Failed(f"malformed data from {self.path}: an over-long line "
-                                 "that is not an event")
+                    raise self._malformed("an over-long line that is not an event")
                 continue
             try:
                 name, data = protocol.parse_event(line)
             except protocol.ProtocolError as e:
-                raise Failed(f"malformed data from {self.path}: {e}")
+                raise self._malformed(str(e))
             if name == "snapshot":
                 if keep_snapshot:
                     self.snapshot = data
@@ -189,8 +227,8 @@ class Connection:
         self.sock.settimeout(timeout)
         try:
             self.sock.sendall(data)
-        except socket.timeout:
-            raise Unreachable(f"timed out writing to {self.path}")
+        except TimeoutError:
+            raise TimedOut(f"timed out writing to {self.path}")
         except (BrokenPipeError, ConnectionResetError):
             raise Closed("the Pod closed the connection before the method was written")
         except OSError as e:
@@ -204,9 +242,7 @@ class Connection:
         while True:
             name, data = self.read_event(deadline, what=what)
             if name == "error":
-                code = data.get("code", "error")
-                raise Refused(f"refused by the Pod: {data.get('message', '')} ({code})",
-                              pod_error=code)
+                raise _refusal(data)
             if name in names and (match is None or match(data)):
                 return name, data
 
@@ -220,36 +256,200 @@ def request(path: str | os.PathLike, method_line: bytes, answers: set[str],
         return conn.wait_for(answers, timeout, what, match)
 
 
+def ack_id(data: dict) -> object:
+    """The message id a ``system_item``'s data carries (in ``item``, else in ``data``)."""
+    item = data.get("item")
+    if isinstance(item, dict) and "id" in item:
+        return item["id"]
+    return data.get("id")
+
+
 def notify_ack_matches(msg_id: str):
-    """Predicate: a ``system_item`` whose id is MSG_ID (in ``item`` or in ``data``)."""
-
-    def match(data: dict) -> bool:
-        item = data.get("item")
-        if isinstance(item, dict) and item.get("id") == msg_id:
-            return True
-        return data.get("id") == msg_id
-
-    return match
+    """Predicate: a ``system_item`` whose id is MSG_ID."""
+    return lambda data: ack_id(data) == msg_id
 
 
 def notify(path: str | os.PathLike, message: str, msg_id: str, source: str | None = None,
            timeout: float = protocol.DEFAULT_TIMEOUT, wait: bool = True) -> dict | None:
-    """Send a ``notify`` and, if WAIT, return the acknowledging ``system_item`` data.
+    """Send a ``notify`` and, if WAIT, return the acknowledging ``system_item`` data."""
+    return deliver(path, protocol.notify_method(message, msg_id, source), msg_id,
+                   timeout, wait)
+
+
+def open_for_sending(path: str | os.PathLike, timeout: float) -> Connection:
+    """``Connection.open`` whose failures say that nothing was sent."""
+    try:
+        return Connection.open(path, timeout)
+    except TimedOut as e:
+        raise TimedOut(f"{e.message} (after {timeout:g}s); nothing was sent", **e.details)
+    except (Closed, Malformed) as e:
+        raise type(e)(f"{e.message}; nothing was sent", **e.details)
+
+
+def deliver(path: str | os.PathLike, line: bytes, msg_id: str,
+            timeout: float = protocol.DEFAULT_TIMEOUT, wait: bool = True) -> dict | None:
+    """Write one encoded ``notify`` LINE and, if WAIT, return its acknowledgement's data.
 
     The acknowledgement is the broadcast ``system_item`` carrying MSG_ID, which
-    the Pod sends only after the entry is durable in its session log.
+    the Pod sends only after the entry is durable in its session log; any other
+    broadcast is ignored. Before the write, a failure means nothing was sent;
+    after it, the message may or may not have been delivered, and the error
+    says to retry with the same id (the Pod commits an id at most once).
     """
-    params: dict = {"message": message, "id": msg_id}
-    if source is not None:
-        params["source"] = source
-    with Connection.open(path, timeout) as conn:
-        conn.send(protocol.method("notify", params), timeout)
-        if not wait:
-            return None
+    with open_for_sending(path, timeout) as conn:
+        retry = f"retry with --id {msg_id}"
         try:
+            conn.send(line, timeout)
+            if not wait:
+                return None
             _, data = conn.wait_for({"system_item"}, timeout, "the acknowledgement",
                                     notify_ack_matches(msg_id))
         except Closed:
-            raise Failed("not acknowledged: the message may or may not have been delivered; "
-                         f"retry with --id {msg_id}", id=msg_id)
+            raise Closed(f"{NOT_ACKNOWLEDGED}; {retry}", id=msg_id)
+        except TimedOut as e:
+            raise TimedOut(f"{e.message} (after {timeout:g}s): the message may or may not "
+                           f"have been delivered; {retry}", id=msg_id)
+        except Malformed as e:
+            raise Malformed(f"{e.message}; {NOT_ACKNOWLEDGED}; {retry}", id=msg_id)
         return data
+
+
+# -- pipelined notifications ---------------------------------------------------
+
+UNSENT, SENT, ACKED, REFUSED = 0, 1, 2, 3
+
+
+class Batch:
+    """The outcome of ``notify_pipelined``: one status per message, the first failure."""
+
+    def __init__(self, ids: list[str]):
+        self.ids = ids
+        self.status = bytearray(len(ids))  # UNSENT / SENT (in flight) / ACKED / REFUSED
+        self.acked = 0
+        self.refusals: list[tuple[int, str]] = []  # (index, the Pod's message)
+        self.failure: Exception | None = None
+
+    def with_status(self, status: int) -> list[str]:
+        st = self.status
+        return [self.ids[i] for i in range(len(st)) if st[i] == status]
+
+    def fail(self, err: Exception) -> None:
+        if self.failure is None:
+            self.failure = err
+
+
+def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str],
+                     timeout: float = protocol.DEFAULT_TIMEOUT, wait: bool = True,
+                     chunk_bytes: int = 256 << 10) -> Batch:
+    """Send encoded ``notify`` LINES (ids IDS) over one connection, pipelined.
+
+    One thread, one non-blocking socket, ``poll``: lines are written in chunks
+    of whole lines while events are read, so neither side blocks the other.
+    Acknowledgements are matched by id; an ``error`` event refuses the oldest
+    message still in flight (the Pod answers in order) and stops further
+    writing. The deadline is progress-based: the call fails with ``TimedOut``
+    once TIMEOUT seconds pass with neither a byte written nor one of our
+    messages acknowledged. Connection failures before the first write raise;
+    later ones end up in ``Batch.failure``.
+    """
+    import select
+
+    batch = Batch(ids)
+    n = len(lines)
+    index = {mid: i for i, mid in enumerate(ids)}
+    status = batch.status
+    conn = open_for_sending(path, timeout)
+    sock, buf = conn.sock, conn.buf  # buf may already hold broadcasts
+    parse = protocol.parse_event
+    head = 0       # messages before head are resolved
+    queued = 0     # messages before queued are in flight or resolved
+    view = None    # the chunk being written
+    stop = False
+    last = time.monotonic()
+    try:
+        sock.setblocking(False)
+        poller = select.poll()
+        fd = sock.fileno()
+        while True:
+            # Handle every complete line received so far.
+            end = buf.rfind(b"\n")
+            if end >= 0:
+                block = bytes(buf[:end])
+                del buf[:end + 1]
+                for line in block.split(b"\n"):
+                    if not line or line.isspace():
+                        continue
+                    try:
+                        name, data = parse(line)
+                    except protocol.ProtocolError as e:
+                        raise conn._malformed(str(e))
+                    if name == "system_item":
+                        i = index.get(ack_id(data))
+                        if i is not None and status[i] == SENT:
+                            status[i] = ACKED
+                            batch.acked += 1
+                            last = time.monotonic()
+                    elif name == "error":
+                        while head < queued and status[head] != SENT:
+                            head += 1
+                        err = _refusal(data)
+                        if head < queued:
+                            status[head] = REFUSED
+                            batch.refusals.append((head, err.details["pod_message"]))
+                        batch.fail(err)
+                        stop = True
+                    else:
+                        continue
+                    while head < queued and status[head] != SENT:
+                        head += 1
+            elif len(buf) > protocol.MAX_EVENT_LINE:
+                raise conn._malformed(f"an event line over {protocol.MAX_EVENT_LINE} bytes")
+
+            if view is None and not stop and queued < n:
+                j, size = queued, 0
+                while j < n and size < chunk_bytes:
+                    size += len(lines[j])
+                    j += 1
+                view = memoryview(b"".join(lines[queued:j]))
+                status[queued:j] = bytes([SENT]) * (j - queued)
+                queued = j
+            if view is None and (not wait or head >= queued):
+                break
+
+            remaining = last + timeout - time.monotonic()
+            if remaining <= 0:
+                pending = sum(1 for i in range(head, queued) if status[i] == SENT)
+                raise TimedOut(f"timed out after {timeout:g}s without progress sending to "
+                               f"{conn.path} ({pending} in flight, {n - queued} not sent)")
+            poller.register(fd, select.POLLIN | (select.POLLOUT if view is not None else 0))
+            ready = poller.poll(remaining * 1000 + 1)
+            if not ready:
+                continue
+            events = ready[0][1]
+            if events & select.POLLOUT and view is not None:
+                try:
+                    sent = sock.send(view)
+                except BlockingIOError:
+                    sent = 0
+                except (BrokenPipeError, ConnectionResetError):
+                    raise Closed(f"the Pod closed the connection ({conn.path})")
+                if sent:
+                    view = view[sent:] if sent < len(view) else None
+                    last = time.monotonic()
+            if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                try:
+                    chunk = sock.recv(1 << 18)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    chunk = b""
+                if not chunk:
+                    raise Closed(f"the Pod closed the connection ({conn.path})")
+                buf += chunk
+    except (Failed, Unreachable) as e:
+        batch.fail(e)
+    except OSError as e:
+        batch.fail(Failed(f"talking to {conn.path}: {e.strerror or e}"))
+    finally:
+        conn.close()
+    return batch

@@ -46,6 +46,14 @@ def event(name: str, data: dict | None = None) -> bytes:
     return _dumps(obj)
 
 
+def notify_method(message: str, msg_id: str, source: str | None = None) -> bytes:
+    """A ``notify`` line: the message, its id and, for a peer message, its source."""
+    params = {"message": message, "id": msg_id}
+    if source is not None:
+        params["source"] = source
+    return method("notify", params)
+
+
 def error_event(code: str, message: str) -> bytes:
     return event("error", {"code": code, "message": message})
 
