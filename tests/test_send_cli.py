@@ -1,0 +1,149 @@
+"""`yoi pod send`: the checks made before anything is sent, and their exit codes."""
+
+from __future__ import annotations
+
+import pytest
+
+import fake_pods
+from fake_pods import fake  # noqa: F401  (fixture)
+from yoi import peers, protocol, store
+
+
+@pytest.fixture
+def pair(state, fake):
+    """Pods A and B, peers, with a correct fake serving B."""
+    store.create(state, "A")
+    pod = fake(fake_pods.good, "B")
+    peers.register(state, "A", "B")
+    return pod
+
+
+def fails(r, code: int, message: str) -> None:
+    assert r.exit_code == code, r
+    assert r.stdout == "", r
+    assert r.stderr == f"yoi: error: {message}\n", r
+
+
+@pytest.mark.parametrize("args, message", [
+    (["../x", "hi"], "invalid target Pod name '../x'"),
+    (["--from", "a/b", "B", "hi"], "invalid source Pod name 'a/b'"),
+    (["B", ""], "empty message: nothing to send"),
+    (["B", "  \n\t"], "empty message: nothing to send"),
+    (["--id", "has space", "B", "hi"], "invalid --id 'has space'"),
+    (["--id", "x" * 129, "B", "hi"], "invalid --id"),
+    (["B"], "missing MESSAGE (give - to read it from stdin)"),
+])
+def test_usage_errors_exit_2_and_send_nothing(cli, pair, args, message):
+    r = cli("pod", "send", *args)
+    assert r.exit_code == 2, r
+    assert r.stderr.startswith(f"yoi: error: {message}"), r
+    assert pair.connections == 0
+
+
+def test_usage_is_checked_before_existence(cli, state):
+    r = cli("pod", "send", "nosuch", "")
+    assert r.exit_code == 2, r
+
+
+def test_empty_stdin_message(cli, pair):
+    fails(cli("pod", "send", "B", "-", input="\n"), 2, "empty message: nothing to send")
+    assert pair.connections == 0
+
+
+def test_message_over_the_protocol_limit(cli, pair):
+    r = cli("pod", "send", "B", "-", input="x" * protocol.MAX_METHOD_LINE)
+    assert r.exit_code == 2, r
+    assert "message too long" in r.stderr
+    assert "protocol limit of 1048576 bytes (1 MiB)" in r.stderr
+    assert pair.connections == 0
+
+
+def test_escaping_counts_towards_the_limit(cli, pair):
+    # 600 KiB of quotes is 1.2 MiB once JSON-escaped.
+    r = cli("pod", "send", "B", "-", input='"' * (600 << 10))
+    assert r.exit_code == 2, r
+    assert "message too long" in r.stderr
+
+
+def test_a_large_message_under_the_limit_is_delivered(cli, pair):
+    body = "z" * (900 << 10)
+    r = cli("pod", "send", "--id", "big-1", "B", "-", input=body)
+    assert r.exit_code == 0, r
+    assert pair.methods == [("notify", {"message": body, "id": "big-1"})]
+
+
+def test_invalid_utf8_on_stdin(cli, pair):
+    r = cli("pod", "send", "B", "-", input=b"caf\xe9\n")
+    assert r.exit_code == 2, r
+    assert "not valid UTF-8" in r.stderr
+
+
+def test_unknown_target_exits_3(cli, state):
+    fails(cli("pod", "send", "nosuch", "hi"), 3, "no such Pod: nosuch")
+
+
+def test_unknown_source_exits_3(cli, pair):
+    fails(cli("pod", "send", "--from", "ghost", "B", "hi"), 3,
+          "no such Pod: ghost (the source)")
+    assert pair.connections == 0
+
+
+def test_not_a_peer_exits_4_and_sends_nothing(cli, pair, state):
+    store.create(state, "C")
+    fails(cli("pod", "send", "--from", "C", "B", "hi"), 4,
+          "not a peer: C does not list B as a peer "
+          "(introduce them with `yoi pod peer register C B`)")
+    assert pair.connections == 0
+
+
+def test_yoi_pod_not_a_peer_exits_4(cli, pair, state, monkeypatch):
+    store.create(state, "C")
+    monkeypatch.setenv("YOI_POD", "C")
+    r = cli("pod", "send", "B", "hi")
+    assert r.exit_code == 4, r
+    assert pair.connections == 0
+
+
+def test_sending_to_yourself_is_not_a_peer_message(cli, pair):
+    r = cli("pod", "send", "--from", "B", "B", "hi")
+    assert r.exit_code == 4, r
+    assert "not a peer: B does not list B" in r.stderr
+
+
+def test_stopped_peer_exits_5_and_is_not_started(cli, state):
+    store.create(state, "A")
+    store.create(state, "B")
+    peers.register(state, "A", "B")
+    fails(cli("pod", "send", "--from", "A", "B", "hi"), 5,
+          "B is not running; start it with `yoi pod restore B`")
+    assert not state.default_socket_path("B").exists()
+
+
+def test_json_failure_document(cli, state):
+    r = cli("pod", "send", "--json", "nosuch", "hi")
+    assert r.exit_code == 3
+    assert r.json == {"ok": False, "error": {"code": "not_found", "exit_code": 3,
+                                             "message": "no such Pod: nosuch",
+                                             "pod": "nosuch"}}
+
+
+def test_timeout_must_be_positive(cli, pair):
+    r = cli("pod", "send", "--timeout", "0", "B", "hi")
+    assert r.exit_code == 2
+
+
+def test_help_has_examples(cli):
+    r = cli("pod", "send", "--help")
+    assert r.exit_code == 0
+    assert "Examples:" in r.stdout and "yoi pod send --from coder reviewer" in r.stdout
+
+
+def test_real_subprocess_end_to_end(run_yoi, pair, state):
+    """From the installed command line, as CI calls it."""
+    r = run_yoi("pod", "send", "--from", "A", "--id", "sub-1", "B", "from a subprocess")
+    assert r.exit_code == 0, r
+    assert r.stdout == "delivered to B (id sub-1)\n"
+    r = run_yoi("pod", "send", "--from", "A", "B", "-", input="from stdin\n")
+    assert r.exit_code == 0, r
+    assert [p["message"] for _, p in pair.methods] == ["from a subprocess", "from stdin"]
+    assert all(p["source"] == "A" for _, p in pair.methods)

@@ -1,0 +1,253 @@
+"""`yoi pod send` against scripted servers on real sockets: the prelude, hostile peers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from contextlib import contextmanager
+
+import pytest
+
+import fake_pods
+from fake_pods import fake  # noqa: F401  (fixture)
+from yoi import client, peers, protocol, store
+
+NOT_ACK = "not acknowledged: the message may or may not have been delivered; retry with --id"
+
+
+def assert_failed(r, code: int, *fragments: str) -> None:
+    assert r.exit_code == code, r
+    assert "delivered" not in r.stdout, r
+    assert r.stderr.startswith("yoi: error: "), r
+    assert len(r.stderr.splitlines()) == 1, r
+    for f in fragments:
+        assert f in r.stderr, (f, r)
+
+
+# -- the seed regression: drain the prelude before writing -----------------------
+
+@pytest.mark.parametrize("script", [fake_pods.good, fake_pods.good_big_snapshot],
+                         ids=["small-snapshot", "2MiB-snapshot"])
+def test_send_drains_alert_and_snapshot_before_writing(cli, fake, script):
+    pod = fake(script)
+    r = cli("pod", "send", "--id", "seed-1", "B", "hello after the prelude")
+    assert r.exit_code == 0, r
+    assert r.stdout == "delivered to B (id seed-1)\n"
+    assert r.stderr == ""
+    assert pod.early == []
+    assert pod.methods == [("notify", {"message": "hello after the prelude", "id": "seed-1"})]
+
+
+def test_strict_fake_catches_a_sender_that_writes_before_the_snapshot(state, fake):
+    """The regression tests can fail: a naive sender loses its message to this fake."""
+    pod = fake(fake_pods.good)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(os.fspath(state.default_socket_path("B")))
+        s.sendall(protocol.notify_method("too early", "naive-1"))
+        got = b""
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and b"naive-1" not in got:
+            try:
+                chunk = s.recv(1 << 16)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        s.close()
+    assert b"naive-1" not in got
+    assert pod.early and b"naive-1" in pod.early[0]
+    assert pod.notified_ids() == []
+
+
+def test_peer_message_carries_source_and_yoi_pod_is_the_default(cli, fake, state, monkeypatch):
+    store.create(state, "A")
+    pod = fake(fake_pods.good)
+    peers.register(state, "A", "B")
+    r = cli("pod", "send", "--from", "A", "--id", "p-1", "B", "one")
+    assert r.exit_code == 0, r
+    monkeypatch.setenv("YOI_POD", "A")
+    r = cli("pod", "send", "--id", "p-2", "B", "two")
+    assert r.exit_code == 0, r
+    r = cli("pod", "send", "--from", "", "--id", "p-3", "B", "three")
+    assert r.exit_code == 0, r
+    assert pod.methods == [
+        ("notify", {"message": "one", "id": "p-1", "source": "A"}),
+        ("notify", {"message": "two", "id": "p-2", "source": "A"}),
+        ("notify", {"message": "three", "id": "p-3"}),
+    ]
+
+
+def test_json_success_document(cli, fake):
+    fake(fake_pods.good)
+    r = cli("pod", "send", "--json", "--id", "j-1", "B", "hi")
+    assert r.exit_code == 0, r
+    assert r.json == {"ok": True, "target": "B", "source": None, "id": "j-1",
+                      "acknowledged": True, "at": "2026-11-27T10:00:00Z"}
+
+
+def test_fresh_ids_are_random_and_valid(cli, fake):
+    pod = fake(fake_pods.good)
+    ids = []
+    for _ in range(2):
+        r = cli("pod", "send", "--json", "B", "hi")
+        assert r.exit_code == 0, r
+        ids.append(r.json["id"])
+    assert ids[0] != ids[1]
+    assert all(protocol.is_valid_message_id(i) for i in ids)
+    assert pod.notified_ids() == ids
+
+
+def test_message_dash_reads_stdin_without_the_trailing_newline(cli, fake):
+    pod = fake(fake_pods.good)
+    r = cli("pod", "send", "--id", "s-1", "B", "-", input="line one\nline two\n")
+    assert r.exit_code == 0, r
+    assert pod.methods[0][1]["message"] == "line one\nline two"
+
+
+def test_no_wait_returns_after_the_write(cli, fake):
+    pod = fake(fake_pods.silent)
+    r = cli("pod", "send", "--no-wait", "--id", "nw-1", "B", "fire and forget")
+    assert r.exit_code == 0, r
+    assert r.stdout == "sent to B (id nw-1); no acknowledgement was awaited\n"
+    deadline = time.monotonic() + 10
+    while not pod.methods and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pod.notified_ids() == ["nw-1"]
+    r = cli("pod", "send", "--no-wait", "--json", "--id", "nw-2", "B", "again")
+    assert r.json == {"ok": True, "target": "B", "source": None, "id": "nw-2",
+                      "acknowledged": False, "at": None}
+
+
+# -- hostile servers ---------------------------------------------------------
+
+def test_server_that_never_sends_a_snapshot_times_out(cli, fake):
+    pod = fake(fake_pods.no_snapshot)
+    r = cli("pod", "send", "--timeout", "0.5", "--id", "h-1", "B", "hi")
+    assert_failed(r, 5, "timed out waiting for the connect-time snapshot",
+                  "(after 0.5s); nothing was sent")
+    assert pod.methods == []
+
+
+def test_server_that_sends_garbage_is_malformed(cli, fake):
+    pod = fake(fake_pods.garbage)
+    r = cli("pod", "send", "--timeout", "1", "--id", "h-2", "B", "hi")
+    assert_failed(r, 1, "malformed data from", "not valid JSON", "nothing was sent")
+    assert pod.methods == []
+
+
+def test_server_that_closes_right_after_the_snapshot(cli, fake):
+    fake(fake_pods.close_after_snapshot)
+    r = cli("pod", "send", "--timeout", "1", "--id", "h-3", "B", "hi")
+    assert_failed(r, 1, f"{NOT_ACK} h-3")
+
+
+def test_server_that_closes_after_reading_the_method(cli, fake):
+    pod = fake(fake_pods.close_after_method)
+    r = cli("pod", "send", "--timeout", "1", "--id", "h-4", "B", "hi")
+    assert_failed(r, 1, f"{NOT_ACK} h-4")
+    assert pod.notified_ids() == ["h-4"]
+
+
+def test_acknowledgement_of_another_id_is_not_ours(cli, fake):
+    fake(fake_pods.ack_other_id)
+    r = cli("pod", "send", "--timeout", "0.5", "--id", "h-5", "B", "hi")
+    assert_failed(r, 5, "timed out waiting for the acknowledgement", "(after 0.5s)",
+                  "may or may not have been delivered; retry with --id h-5")
+
+
+def test_error_event_is_a_refusal(cli, fake):
+    fake(fake_pods.answer_error)
+    r = cli("pod", "send", "--timeout", "1", "--id", "h-6", "B", "hi")
+    assert_failed(r, 4, "B refused the message: source is not a peer of this Pod "
+                        "(invalid_request)")
+
+
+def test_error_json_document(cli, fake):
+    fake(fake_pods.answer_error)
+    r = cli("pod", "send", "--json", "--timeout", "1", "--id", "h-7", "B", "hi")
+    assert r.exit_code == 4
+    err = r.json["error"]
+    assert r.json["ok"] is False
+    assert (err["code"], err["exit_code"], err["pod_error"], err["pod"]) == \
+        ("refused", 4, "invalid_request", "B")
+
+
+def test_malformed_acknowledgement(cli, fake):
+    fake(fake_pods.garbage_after_method)
+    r = cli("pod", "send", "--timeout", "1", "--id", "h-8", "B", "hi")
+    assert_failed(r, 1, "malformed data from", f"{NOT_ACK} h-8")
+
+
+def test_no_socket_means_not_running(cli, state):
+    store.create(state, "B")
+    r = cli("pod", "send", "--timeout", "1", "B", "hi")
+    assert_failed(r, 5)
+    assert r.stderr == "yoi: error: B is not running; start it with `yoi pod restore B`\n"
+
+
+@contextmanager
+def bound_socket(state, name: str):
+    """A socket bound at NAME's socket path, accepting nothing; removed afterwards."""
+    store.create(state, name)
+    path = state.default_socket_path(name)
+    fake_pods.make_private_dir(path.parent)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(os.fspath(path))
+    try:
+        yield s
+    finally:
+        s.close()
+        os.unlink(path)
+
+
+def test_stale_socket_file_means_not_running(cli, state):
+    with bound_socket(state, "B") as s:
+        s.close()  # the file stays; nobody listens
+        r = cli("pod", "send", "--timeout", "1", "B", "hi")
+    assert_failed(r, 5, "B is not running; start it with `yoi pod restore B`")
+
+
+def test_listener_that_never_accepts_times_out(cli, state):
+    with bound_socket(state, "B") as s:
+        s.listen(8)
+        r = cli("pod", "send", "--timeout", "0.5", "B", "hi")
+    assert_failed(r, 5, "timed out waiting for the connect-time snapshot")
+
+
+def test_socket_path_hint_in_metadata_is_used(cli, state, fake, tmp_path):
+    store.create(state, "B")
+    other = tmp_path / "elsewhere.sock"
+    pod = fake_pods.FakePod(other, fake_pods.good, "B").start()
+    try:
+        store.update(state, "B", lambda d: {**d, "runtime": {"socket_path": str(other)}})
+        r = cli("pod", "send", "--id", "hint-1", "B", "hi")
+    finally:
+        pod.stop()
+    assert r.exit_code == 0, r
+    assert pod.notified_ids() == ["hint-1"]
+
+
+# -- the library helper directly ----------------------------------------------------
+
+def test_request_and_overlong_snapshot_drain(state, fake):
+    fake(fake_pods.good_big_snapshot)
+    path = state.default_socket_path("B")
+    with client.Connection.open(path, 5) as conn:
+        assert conn.buf == bytearray()  # the 2 MiB line was not kept
+        assert len(conn.alerts) == 1
+    name, data = client.request(path, protocol.method("notify", {"message": "m", "id": "r-1"}),
+                                {"system_item"}, 5,
+                                match=client.notify_ack_matches("r-1"))
+    assert (name, data["item"]["id"]) == ("system_item", "r-1")
+
+
+def test_keep_snapshot_reads_a_large_snapshot_whole(state, fake):
+    fake(fake_pods.good_big_snapshot)
+    with client.Connection.open(state.default_socket_path("B"), 5, keep_snapshot=True) as c:
+        entry = c.snapshot["entries"][0]
+        assert len(entry["data"]["item"]["message"]) == 2 << 20
