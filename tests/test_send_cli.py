@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 import fake_pods
@@ -147,3 +150,29 @@ def test_real_subprocess_end_to_end(run_yoi, pair, state):
     assert r.exit_code == 0, r
     assert [p["message"] for _, p in pair.methods] == ["from a subprocess", "from stdin"]
     assert all(p["source"] == "A" for _, p in pair.methods)
+
+
+def test_limit_boundary_is_the_pods_line_limit():
+    from yoi.delivery import encode
+    from yoi.errors import UsageError
+    overhead = len(encode("x", "id-1", "A")) - 2  # minus the message and the newline
+    exact = "x" * (protocol.MAX_METHOD_LINE - overhead)
+    assert len(encode(exact, "id-1", "A")) == protocol.MAX_METHOD_LINE + 1
+    with pytest.raises(UsageError, match="1048577-byte notify line"):
+        encode(exact + "x", "id-1", "A")
+
+
+def test_one_shot_send_keeps_its_imports_lean(pair, state):
+    """CI calls this hundreds of times: modules it does not need stay unimported."""
+    heavy = ("socket", "selectors", "secrets", "shutil", "tempfile", "hashlib",
+             "subprocess", "asyncio")
+    code = ("import atexit, sys\n"
+            f"atexit.register(lambda: print(sorted(m for m in {heavy!r} if m in sys.modules)))\n"
+            "sys.argv = ['yoi', 'pod', 'send', '--id', 'imp-1', 'B', 'hi']\n"
+            "from yoi.cli import main\n"
+            "main()\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "delivered to B (id imp-1)\n[]\n"
+    assert pair.notified_ids() == ["imp-1"]

@@ -7,6 +7,7 @@ import pytest
 import fake_pods
 from fake_pods import fake  # noqa: F401  (fixture)
 from yoi import client, protocol
+from yoi.errors import Refused
 
 
 def numbered(n: int, start: int = 1) -> str:
@@ -100,11 +101,31 @@ def test_silent_server_times_out_with_everything_in_doubt(cli, fake):
     assert "timed out after 0.5s without progress" in err["message"]
 
 
-def test_no_wait_lines(cli, fake):
-    pod = fake(fake_pods.silent)
-    r = cli("pod", "send", "--lines", "--no-wait", "--id", "nw", "B", input=numbered(3))
-    assert r.exit_code == 0, r
-    assert r.stdout == "sent 3 messages to B (ids nw-1 .. nw-3); no acknowledgement was awaited\n"
+def test_no_wait_is_refused_with_lines(cli, fake):
+    pod = fake(fake_pods.good)
+    r = cli("pod", "send", "--lines", "--no-wait", "B", input=numbered(3))
+    assert r.exit_code == 2, r
+    assert "--no-wait cannot be used with --lines" in r.stderr
+    assert pod.connections == 0
+
+
+def test_an_error_that_overtakes_an_acknowledgement_refuses_the_right_message(state, fake):
+    """The Pod refuses at once but acknowledges after its commit: errors carry no id."""
+
+    def script(peer):
+        peer.prelude()
+        first, second = peer.read_method(), peer.read_method()
+        peer.event("error", {"code": "invalid_request", "message": "not a peer"})
+        peer.ack(first[1])
+        peer.hang()
+
+    fake(script)
+    ids = ["o-1", "o-2"]
+    lines = [protocol.notify_method(f"m{i}", mid) for i, mid in enumerate(ids)]
+    batch = client.notify_pipelined(state.default_socket_path("B"), lines, ids, timeout=5)
+    assert batch.with_status(client.ACKED) == ["o-1"]
+    assert batch.with_status(client.REFUSED) == ["o-2"]
+    assert isinstance(batch.failure, Refused)
 
 
 def test_one_bad_line_sends_nothing(cli, fake):

@@ -326,7 +326,7 @@ class Batch:
         self.ids = ids
         self.status = bytearray(len(ids))  # UNSENT / SENT (in flight) / ACKED / REFUSED
         self.acked = 0
-        self.refusals: list[tuple[int, str]] = []  # (index, the Pod's message)
+        self.refused = 0  # error events received: one per refused message
         self.failure: Exception | None = None
 
     def with_status(self, status: int) -> list[str]:
@@ -339,18 +339,24 @@ class Batch:
 
 
 def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str],
-                     timeout: float = protocol.DEFAULT_TIMEOUT, wait: bool = True,
+                     timeout: float = protocol.DEFAULT_TIMEOUT,
                      chunk_bytes: int = 256 << 10) -> Batch:
     """Send encoded ``notify`` LINES (ids IDS) over one connection, pipelined.
 
     One thread, one non-blocking socket, ``poll``: lines are written in chunks
     of whole lines while events are read, so neither side blocks the other.
-    Acknowledgements are matched by id; an ``error`` event refuses the oldest
-    message still in flight (the Pod answers in order) and stops further
-    writing. The deadline is progress-based: the call fails with ``TimedOut``
-    once TIMEOUT seconds pass with neither a byte written nor one of our
-    messages acknowledged. Connection failures before the first write raise;
-    later ones end up in ``Batch.failure``.
+    Acknowledgements are matched by id. The Pod answers every method either
+    with the acknowledgement or with an ``error`` event (which carries no id
+    and may overtake an acknowledgement still being committed), so errors are
+    counted: once acknowledgements plus errors cover every message written,
+    the messages left unacknowledged are exactly the refused ones. The first
+    error also stops further writing (a refusal here means the relation
+    changed; the rest would be refused too).
+
+    The deadline is progress-based: ``TimedOut`` once TIMEOUT seconds pass
+    with neither a byte written nor an answer received. A failure before the
+    first write raises; later ones end up in ``Batch.failure``, with the
+    messages in doubt left in status SENT.
     """
     import select
 
@@ -361,10 +367,10 @@ def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str]
     conn = open_for_sending(path, timeout)
     sock, buf = conn.sock, conn.buf  # buf may already hold broadcasts
     parse = protocol.parse_event
-    head = 0       # messages before head are resolved
-    queued = 0     # messages before queued are in flight or resolved
-    view = None    # the chunk being written
+    queued = 0     # messages before this one are written or being written
+    view = None    # the rest of the chunk being written
     stop = False
+    refusal = None
     last = time.monotonic()
     try:
         sock.setblocking(False)
@@ -390,18 +396,10 @@ def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str]
                             batch.acked += 1
                             last = time.monotonic()
                     elif name == "error":
-                        while head < queued and status[head] != SENT:
-                            head += 1
-                        err = _refusal(data)
-                        if head < queued:
-                            status[head] = REFUSED
-                            batch.refusals.append((head, err.details["pod_message"]))
-                        batch.fail(err)
+                        batch.refused += 1
+                        refusal = refusal or _refusal(data)
                         stop = True
-                    else:
-                        continue
-                    while head < queued and status[head] != SENT:
-                        head += 1
+                        last = time.monotonic()
             elif len(buf) > protocol.MAX_EVENT_LINE:
                 raise conn._malformed(f"an event line over {protocol.MAX_EVENT_LINE} bytes")
 
@@ -413,12 +411,12 @@ def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str]
                 view = memoryview(b"".join(lines[queued:j]))
                 status[queued:j] = bytes([SENT]) * (j - queued)
                 queued = j
-            if view is None and (not wait or head >= queued):
+            if view is None and batch.acked + batch.refused >= queued and (stop or queued == n):
                 break
 
             remaining = last + timeout - time.monotonic()
             if remaining <= 0:
-                pending = sum(1 for i in range(head, queued) if status[i] == SENT)
+                pending = queued - batch.acked - batch.refused
                 raise TimedOut(f"timed out after {timeout:g}s without progress sending to "
                                f"{conn.path} ({pending} in flight, {n - queued} not sent)")
             poller.register(fd, select.POLLIN | (select.POLLOUT if view is not None else 0))
@@ -446,6 +444,9 @@ def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str]
                 if not chunk:
                     raise Closed(f"the Pod closed the connection ({conn.path})")
                 buf += chunk
+        if refusal is not None:
+            status[:queued] = status[:queued].replace(bytes([SENT]), bytes([REFUSED]))
+            batch.fail(refusal)
     except (Failed, Unreachable) as e:
         batch.fail(e)
     except OSError as e:

@@ -61,10 +61,10 @@ def encode(message: str, msg_id: str, source: str | None, where: str = "") -> by
         line = protocol.notify_method(message, msg_id, source)
     except UnicodeEncodeError:
         raise UsageError(f"{where}the message is not valid UTF-8")
-    if len(line) > protocol.MAX_METHOD_LINE:
+    if len(line) - 1 > protocol.MAX_METHOD_LINE:  # the Pod's limit excludes the newline
         raise UsageError(
-            f"{where}message too long: it encodes to a {len(line)}-byte notify line, over "
-            f"the protocol limit of {protocol.MAX_METHOD_LINE} bytes (1 MiB) per line")
+            f"{where}message too long: it encodes to a {len(line) - 1}-byte notify line, "
+            f"over the protocol limit of {protocol.MAX_METHOD_LINE} bytes (1 MiB) per line")
     return line
 
 
@@ -141,8 +141,8 @@ def _abbrev(ids: list[str], most: int = 5) -> str:
 
 
 def send_lines(state: State, target: str, lines: list[str], *, source: str | None = None,
-               id_prefix: str | None = None, timeout: float = protocol.DEFAULT_TIMEOUT,
-               wait: bool = True) -> dict:
+               id_prefix: str | None = None,
+               timeout: float = protocol.DEFAULT_TIMEOUT) -> dict:
     """Send every non-blank line as one message over one connection, pipelined.
 
     The message on input line N gets the id ``PREFIX-N`` (blank lines are
@@ -170,7 +170,7 @@ def send_lines(state: State, target: str, lines: list[str], *, source: str | Non
         raise UsageError("no messages: the input has no non-blank line")
     path = resolve_target(state, target, source)
     try:
-        batch = client.notify_pipelined(path, encoded, ids, timeout, wait)
+        batch = client.notify_pipelined(path, encoded, ids, timeout)
     except client.NotRunning as e:
         raise _not_running(target, e)
     summary = {"target": target, "source": source, "id_prefix": id_prefix,
@@ -179,7 +179,7 @@ def send_lines(state: State, target: str, lines: list[str], *, source: str | Non
                "acknowledged_count": batch.acked}
     failure = batch.failure
     if failure is None:
-        summary["acknowledged"] = wait
+        summary["acknowledged"] = True
         return summary
     refused = batch.with_status(client.REFUSED)
     in_doubt = batch.with_status(client.SENT)
@@ -187,13 +187,11 @@ def send_lines(state: State, target: str, lines: list[str], *, source: str | Non
     summary.update(refused=refused, not_acknowledged=in_doubt, not_sent=not_sent)
     parts = [f"{len(ids) - batch.acked} of {len(ids)} messages to {target} not acknowledged"]
     if isinstance(failure, Refused):
-        first, why = batch.refusals[0] if batch.refusals else (None, "")
-        reason = (f"{target} refused {ids[first]}: {why} "
-                  f"({failure.details.get('pod_error')})" if first is not None
-                  else failure.message)
+        parts.append(_refused(target, failure, refused[0] if refused else "a message").message)
     else:
-        reason = failure.message
-    parts.append(reason)
+        parts.append(failure.message)
+        if batch.refused:
+            parts.append(f"{batch.refused} refused by {target}")
     if refused:
         parts.append(f"refused: {_abbrev(refused)}")
     if in_doubt:

@@ -69,9 +69,13 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
     if lines:
         if message not in (None, "-"):
             raise UsageError("--lines reads the messages from stdin: give - or no MESSAGE")
+        if no_wait:
+            raise UsageError("--no-wait cannot be used with --lines: the Pod reads a stream "
+                             "while it answers, and a sender that left early would lose the "
+                             "messages not read yet (--lines already pipelines)")
         raw = sys.stdin.buffer.read()
         result = delivery.send_lines(state, target, delivery.split_lines(raw), source=source,
-                                     id_prefix=msg_id, timeout=timeout, wait=not no_wait)
+                                     id_prefix=msg_id, timeout=timeout)
         count = result["messages"]
         ids = (f"id {result['first_id']}" if count == 1
                else f"ids {result['first_id']} .. {result['last_id']}")
