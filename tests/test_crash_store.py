@@ -212,3 +212,15 @@ def test_journal_temp_file_of_a_dead_writer_is_swept(cli, run_yoi, state):
     assert os.listdir(state.journal_dir) == [temp]
     assert cli("pod", "create", "a", "--exist-ok").exit_code == 0
     assert os.listdir(state.journal_dir) == []
+
+
+def test_create_cleans_a_staging_directory_left_by_a_killed_create(state, cli):
+    """A create killed before its rename leaves `.NAME.creating-PID`; the next create removes it."""
+    state.ensure()
+    leftover = state.pods_dir / ".a.creating-99999999"
+    leftover.mkdir(mode=0o700)
+    (leftover / "metadata.toml").write_text("half")
+    r = cli("pod", "create", "a")
+    assert r.exit_code == 0, r
+    assert not leftover.exists()
+    assert sorted(p.name for p in state.pods_dir.iterdir()) == ["a"]

@@ -324,13 +324,19 @@ def lock_pods(state: State, names, timeout: float | None = None):
             lock.release()
 
 
+CREATING_MARK = ".creating-"
+
+
 def remove_trash(state: State, name: str) -> None:
-    """Delete leftover directories of a committed removal of NAME."""
-    prefix = f".{name}{REMOVED_MARK}"
+    """Delete NAME's leftover directories: a committed removal, an interrupted create.
+
+    Caller holds NAME's lock, so no live process owns any of them.
+    """
+    prefixes = (f".{name}{REMOVED_MARK}", f".{name}{CREATING_MARK}")
     try:
         entries = os.listdir(state.pods_dir)
     except FileNotFoundError:
         return
     for entry in entries:
-        if entry.startswith(prefix):
+        if entry.startswith(prefixes):
             shutil.rmtree(state.pods_dir / entry, ignore_errors=True)
