@@ -223,3 +223,12 @@ def test_real_process_round_trip(run_yoi, yoi_home):
     assert json.loads(r.stdout) == {"ok": True, "source": "coder", "peer": "reviewer",
                                     "changed": True}
     assert pairs_of(relations(yoi_home)) == set()
+
+
+def test_remove_drops_an_entry_for_a_pod_that_no_longer_exists(cli, state, pods):
+    from yoi import store
+    store.update(state, "a", lambda d: {**d, "peers": [{"pod_name": "gone", "registered_at": "x"}]})
+    r = cli("pod", "peer", "remove", "a", "gone", "--json")
+    assert (r.exit_code, r.json["changed"]) == (0, True), r
+    assert peer_entries(state, "a") == []
+    assert not state.pod_dir("gone").exists()
