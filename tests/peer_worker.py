@@ -216,21 +216,32 @@ class KillLoop:
             worker_command("serve", "--state-dir", str(state_dir), "--pods", ",".join(pods)),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
-    def round(self, max_delay: float) -> None:
-        """Start a child, let it work for a random time up to MAX_DELAY s, kill -9 it."""
+    def round(self, max_delay: float, max_ops: int = 2) -> None:
+        """Start a child; once it has reported a random 0..MAX_OPS operations done,
+        let it work for a random time up to MAX_DELAY s more, then kill -9 it.
+
+        Waiting for reports first makes the number of completed operations
+        independent of the machine's speed; the delay makes the kill land
+        anywhere inside an operation (or inside the recovery that starts one).
+        """
         self.proc.stdin.write(f"run {self.rng.getrandbits(32)}\n")
         self.proc.stdin.flush()
         inflight = None
         pid = None
+        ops_before_kill = self.rng.randint(0, max_ops)
+        done_here = 0
+        killed = False
         while True:
+            if not killed and pid is not None and done_here >= ops_before_kill:
+                time.sleep(self.rng.uniform(0, max_delay))
+                os.kill(pid, signal.SIGKILL)  # the server reaps it only after this
+                killed = True
             line = self.proc.stdout.readline()
             if not line:
                 raise RuntimeError(f"worker exited with {self.proc.wait()}")
             words = line.split()
             if words[0] == "pid":
                 pid = int(words[1])
-                time.sleep(self.rng.uniform(0, max_delay))
-                os.kill(pid, signal.SIGKILL)  # the server reaps it only after this
             elif words[0] == "exit":
                 status = int(words[1])
                 if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
@@ -242,6 +253,7 @@ class KillLoop:
                 op, pair = words[1], frozenset(words[2:4])
                 self.allowed[pair] = {op == "register"}
                 self.done += 1
+                done_here += 1
                 inflight = None
             elif words[0] == "fail":
                 raise RuntimeError(f"operation failed in the kill loop: {line.strip()}")
