@@ -91,9 +91,15 @@ def test_shell_completion_of_commands_and_pod_names(state):
     from yoi import store
     for n in ("reviewer", "coder", "rover"):
         store.create(state, n)
-    assert complete("yoi ", 1) == ["plain,pod"]
-    assert complete("yoi pod ", 2) == ["plain,config", "plain,create", "plain,list",
-                                       "plain,rm", "plain,show"]
+    from yoi.cli import main
+    from yoi.cli.pod import pod
+    import click
+    ctx = click.Context(main)
+    assert complete("yoi ", 1) == [f"plain,{c}" for c in main.list_commands(ctx)]
+    pod_commands = complete("yoi pod ", 2)
+    assert pod_commands == [f"plain,{c}" for c in pod.list_commands(ctx)]
+    assert {"plain,create", "plain,config", "plain,list", "plain,rm",
+            "plain,show"} <= set(pod_commands)
     assert complete("yoi pod show r", 3) == ["plain,reviewer", "plain,rover"]
     assert complete("yoi pod rm ", 3) == ["plain,coder", "plain,reviewer", "plain,rover"]
 

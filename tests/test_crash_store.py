@@ -131,10 +131,9 @@ def test_pod_rm_fault_after_commit_keeps_the_removal(cli, run_yoi, state, action
     r = run_yoi("pod", "rm", "b", env={"YOI_FAULT": f"after-journal-remove:{action}"})
     if action == "crash":
         assert r.exit_code == CRASH, r
-    else:
-        assert r.exit_code == 1, r
-        assert r.stderr == (f"yoi: error: change committed, but syncing {state.journal_dir} "
-                            "failed: injected I/O error at after-journal-remove\n"), r
+    else:  # the change is committed: an error syncing afterwards does not undo it
+        assert r.exit_code == 0, r
+        assert r.stdout == "removed b\n", r
     # Committed: nothing to roll back; only b's directory, set aside, may remain ...
     assert [e for e in leftovers(state) if not e.startswith("pods/.b.removed-")] == []
     assert cli("pod", "create", "a", "--exist-ok").exit_code == 0
@@ -162,7 +161,7 @@ def test_pod_rm_fault_during_its_own_rollback(cli, run_yoi, state, faults, expec
     before = make_trio(state)
     r = run_yoi("pod", "rm", "b", env={"YOI_FAULT": faults.format(action=action)})
     if expect == "gone":
-        assert r.exit_code == 1, r
+        assert r.exit_code == 0, r  # committed: the error after it is not a failure
     elif action == "crash":
         assert r.exit_code == CRASH, r
     else:
