@@ -731,10 +731,11 @@ cmd_status() {
     check_status "$new"
     author_option
     locate "$POS1"
-    old=$(dir_status "$ITEM_DIR")
-    if [ "$old" = "$new" ] && [ "$(field "$ITEM_DIR/item.md" status)" = "$new" ]; then
+    old=$(field "$ITEM_DIR/item.md" status)
+    if [ "$old" = "$new" ] && [ "$(dir_status "$ITEM_DIR")" = "$new" ]; then
         return 0
     fi
+    [ -n "$old" ] || old=$(dir_status "$ITEM_DIR")
     set_status "$new"
     TMP_BODY=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
     printf 'Moved from %s to %s.\n' "$old" "$new" >"$TMP_BODY"
