@@ -8,6 +8,7 @@ from yoi.cli.common import (LazyGroup, check_names, emit, json_option, pod_argum
                             state_options)
 
 POD_SUBCOMMANDS: dict[str, str] = {
+    "peer": "yoi.cli.peer:peer",
     "send": "yoi.cli.send:send",
 }
 
