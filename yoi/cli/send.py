@@ -55,9 +55,9 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
     Examples:
       yoi pod send reviewer 'build 1234 is green'
       yoi pod send --from coder reviewer 'please review PR 42'
-      git log -1 --format=%B | yoi pod send reviewer -
+      yoi pod send reviewer - < release-notes.txt
       yoi pod send --id deploy-1234 --json reviewer 'deployed'
-      ./events.sh | yoi pod send --lines --id run-17 reviewer
+      yoi pod send --lines --id run-17 reviewer < events.txt
     """
     from yoi import delivery
     from yoi.errors import UsageError
