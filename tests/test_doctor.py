@@ -222,6 +222,22 @@ def test_help_has_examples(cli):
     assert "yoi doctor --fix --json" in r.stdout
 
 
+def test_scan_in_worker_processes_finds_the_same(state, monkeypatch):
+    pods(state, *"abcdef")
+    set_peers(state, "a", "ghost")
+    meta_path(state, "b").write_text("oops [")
+    state.session_path("c").write_bytes(b'{"torn')
+    (state.pod_dir("d") / ".metadata.toml.tmp-0123456789ab").write_text("x")
+    monkeypatch.setattr(lib, "POOL_CHUNK", 2)
+    monkeypatch.setattr(lib, "POOL_THRESHOLD", 10**9)
+    alone = lib.run(state)
+    monkeypatch.setattr(lib, "POOL_THRESHOLD", 1)
+    pooled = lib.run(state)
+    assert pooled == alone
+    assert [p.code for p in pooled.problems] == ["peer-dangling", "metadata-parse",
+                                                 "session-torn", "temp-file"]
+
+
 def test_progress_is_reported_by_the_library_and_never_in_json(cli, state):
     pods(state, "a", "b")
     seen = []
@@ -287,13 +303,23 @@ def test_pod_entry_that_is_not_a_directory(cli, state):
     assert (state.pods_dir / "x").read_text() == "hello"
 
 
-@pytest.mark.parametrize("what", ["pod-dir", "metadata.toml", "session.jsonl"])
+@pytest.mark.parametrize("what", ["pod-dir", "lock", "metadata.toml", "session.jsonl",
+                                  "runtime.lock"])
 def test_symlinks_where_files_are_expected(cli, state, tmp_path, what):
     pods(state, "a")
     if what == "pod-dir":
         link = state.pods_dir / "alias"
         link.symlink_to(state.pod_dir("a"))
         pod = "alias"
+    elif what == "lock":
+        link = state.lock_path("a")
+        link.unlink()
+        link.symlink_to(tmp_path / "elsewhere.lock")
+        pod = "a"
+    elif what == "runtime.lock":
+        link = state.runtime_lock_path("a")
+        link.symlink_to(tmp_path / "elsewhere.lock")
+        pod = "a"
     else:
         link = state.pod_dir("a") / what
         target = tmp_path / what

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from yoi import metadata
-from yoi.atomic import TMP_MARK, fsync_dir, is_temp_name, read_bytes_nofollow
+from yoi.atomic import fsync_dir, is_temp_name, read_bytes_nofollow
 from yoi.errors import CorruptMetadata, UsageError, YoiError
 from yoi.lock import FileLock, is_locked, lock_holder_pid
 from yoi.names import is_valid_name
@@ -358,6 +358,11 @@ def scan_pod(pods_dir: str, name: str) -> tuple[_Pod, list[Finding]]:
         pod.status = "corrupt"
         return pod, [("unreadable", name, path, f"cannot list: {_describe(e)}")]
     pod.temps = [f for f in files if is_temp_name(f)]
+    if "runtime.lock" in files:
+        lock = os.path.join(path, "runtime.lock")
+        st = _lstat(Path(lock))
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            found.append(("symlink", name, lock, "runtime.lock is a symlink; never followed"))
     if "session.jsonl" in files:
         pod.has_session = True
         session = os.path.join(path, "session.jsonl")
@@ -522,6 +527,14 @@ class _Doctor:
             elif st is not None:
                 self.check_dir(path, st=st)
         self.check_dir(self.state.short_run_dir())
+        try:
+            with os.scandir(self.state.locks_dir) as entries:
+                for entry in entries:
+                    if entry.is_symlink():
+                        self.add("symlink", entry.name[:-5] if entry.name.endswith(".lock")
+                                 else None, entry.path, "lock file is a symlink; never followed")
+        except (FileNotFoundError, NotADirectoryError):
+            pass
 
     # -- journals -------------------------------------------------------------
     def check_journals(self) -> None:
