@@ -11,8 +11,6 @@ import re
 import tomllib
 from pathlib import Path
 
-import tomli_w
-
 from yoi.errors import CorruptMetadata
 from yoi.names import is_valid_name
 
@@ -46,7 +44,10 @@ def parse(text: bytes | str, path: Path | str, expect_name: str | None = None) -
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise CorruptMetadata(f"{path}: not UTF-8 (byte {e.start})", path=str(path))
+            line = text.count(b"\n", 0, e.start) + 1
+            column = e.start - text.rfind(b"\n", 0, e.start)
+            raise CorruptMetadata(f"{path}: not UTF-8 (at line {line}, column {column})",
+                                  path=str(path), line=line, column=column)
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -86,6 +87,7 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
 
 
 def dumps(doc: dict) -> bytes:
+    import tomli_w  # only writers pay for it
     return tomli_w.dumps(doc).encode("utf-8")
 
 

@@ -20,7 +20,7 @@ interrupted and re-run.
 
 Fault-injection points passed to ``yoi.faults.fault`` (a testing aid):
 ``after-lock``, ``after-journal``, ``before-write-N``, ``after-write-N``,
-``before-journal-remove``, ``recovery-after-write-N``,
+``before-journal-remove``, ``after-journal-remove``, ``recovery-after-write-N``,
 ``recovery-before-journal-remove``, plus ``atomic-before-replace`` inside every
 atomic write (journal first, then each metadata file).
 """
@@ -35,8 +35,6 @@ import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomli_w
 
 from yoi import metadata
 from yoi.atomic import atomic_write, fsync_dir, read_bytes_nofollow, remove_temp_files
@@ -245,7 +243,7 @@ class Locked:
         jpath = state.journal_dir / f"{txid}.toml"
         journal = Journal(jpath, txid, jdoc["pods"], entries)
         try:
-            atomic_write(jpath, tomli_w.dumps(jdoc).encode("utf-8"))
+            atomic_write(jpath, metadata.dumps(jdoc))
         except OSError as e:
             raise StorageError(f"cannot write journal {jpath}: {e.strerror}; nothing changed")
         try:
@@ -259,8 +257,7 @@ class Locked:
                     fsync_dir(state.pods_dir)
                 fault(f"after-write-{i}")
             fault("before-journal-remove")
-            os.unlink(jpath)
-            fsync_dir(jpath.parent)
+            os.unlink(jpath)  # the commit point: from here on nothing is rolled back
         except BaseException as e:
             try:
                 rollback(state, journal)
@@ -272,6 +269,12 @@ class Locked:
             if isinstance(e, OSError):
                 raise StorageError(f"change failed and was rolled back: {_describe(e)}") from e
             raise
+        try:
+            fsync_dir(jpath.parent)
+            fault("after-journal-remove")
+        except OSError as e:
+            raise StorageError(f"change committed, but syncing {jpath.parent} failed: "
+                               f"{_describe(e)}") from e
         for ch in changes:
             if ch.action == "remove":
                 shutil.rmtree(_trash_path(state, ch.pod, txid), ignore_errors=True)
@@ -302,8 +305,8 @@ def lock_pods(state: State, names, timeout: float | None = None):
             if needed <= wanted:
                 for j in journals:
                     rollback(state, j)
-                if journals:
-                    _cleanup_journal_temps(state)
+                # A writer killed while writing its journal leaves only a temp file.
+                _cleanup_journal_temps(state)
                 for name in wanted:
                     remove_temp_files(state.pods_dir / name)
                 break
