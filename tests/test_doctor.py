@@ -340,7 +340,7 @@ def test_metadata_missing(cli, state):
 
 @pytest.mark.parametrize("content, code, message", [
     (b"schema = 1\npod_name = [oops\n", "metadata-parse", "does not parse: "),
-    (b"\xff\xfe\x00", "metadata-parse", "not UTF-8 (byte 0)"),
+    (b'schema = 1\n# \xff\n', "metadata-parse", "not UTF-8 (at line 2, column 3)"),
     (b'schema = 2\npod_name = "a"\n', "metadata-schema", "unsupported schema 2 (expected 1)"),
     (b'schema = 1\npod_name = "a"\npeers = [{pod_name = "no/slash"}]\n', "metadata-schema",
      "peers[0] has no valid pod_name"),
@@ -492,9 +492,14 @@ def test_corrupt_journal_is_left_in_place(cli, state):
     assert path.read_bytes() == b"txid = ["
 
 
-CRASH_POINTS = ["after-lock:crash", "after-journal:crash", "atomic-before-replace:crash:2",
-                "after-write-1:crash", "atomic-before-replace:crash:3", "after-write-2:crash",
-                "before-journal-remove:crash"]
+# YOI_FAULT rule -> what `yoi doctor --fix` finds after that crash of `register a b`.
+CRASH_POINTS = {"after-lock:crash": [], "atomic-before-replace:crash:1": ["temp-file"],
+                "after-journal:crash": ["journal-leftover"],
+                "atomic-before-replace:crash:2": ["journal-leftover"],
+                "after-write-1:crash": ["journal-leftover"],
+                "atomic-before-replace:crash:3": ["journal-leftover"],
+                "after-write-2:crash": ["journal-leftover"],
+                "before-journal-remove:crash": ["journal-leftover"]}
 
 
 @pytest.mark.parametrize("recover_with", ["doctor", "command"])
@@ -507,8 +512,7 @@ def test_crashed_register_is_recovered(cli, state, point, recover_with):
     if recover_with == "doctor":
         r, problems = doctor(cli, "--fix")
         assert r.exit_code == 0, r
-        assert [p["code"] for p in problems] == ([] if point == "after-lock:crash"
-                                                 else ["journal-leftover"]), r
+        assert [p["code"] for p in problems] == CRASH_POINTS[point], r
     else:
         store.configure(state, "a", accept_peers=True)  # any command that takes a's lock
     r, problems = doctor(cli)
@@ -518,12 +522,23 @@ def test_crashed_register_is_recovered(cli, state, point, recover_with):
     assert peers.is_peer(state, "a", "c") and peers.is_peer(state, "c", "a")
 
 
-def test_crash_while_writing_the_journal_leaves_a_temp_file(cli, state):
+def test_crash_after_the_commit_keeps_the_new_relation(cli, state):
     pods(state, "a", "b")
-    crash(state, "register", "a", "b", point="atomic-before-replace:crash:1")
-    [tmp] = journals(state)
-    check_found_and_fixed(cli, "temp-file", None, tmp)
-    assert not peers.is_peer(state, "a", "b") and not peers.is_peer(state, "b", "a")
+    crash(state, "register", "a", "b", point="after-journal-remove:crash")
+    r, problems = doctor(cli, "--fix")
+    assert (r.exit_code, problems) == (0, []), r
+    assert peers.is_peer(state, "a", "b") and peers.is_peer(state, "b", "a")
+
+
+def test_crash_after_a_committed_removal_leaves_only_its_staging_directory(cli, state):
+    pods(state, "a", "b")
+    peers.register(state, "a", "b")
+    crash(state, "remove", "a", point="after-journal-remove:crash")
+    [trash] = state.pods_dir.glob(".a.removed-*")
+    p = check_found_and_fixed(cli, "staging-dir", "a", trash)
+    assert p["message"] == "leftover directory of an interrupted removal of Pod 'a' (committed)"
+    assert not trash.exists() and not state.pod_dir("a").exists()
+    assert metadata.peer_names(read_doc(state, "b")) == []
 
 
 @pytest.mark.parametrize("point", ["after-write-1", "before-journal-remove"])

@@ -24,7 +24,6 @@ import os
 import shutil
 import stat
 import time
-import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,14 +392,11 @@ def scan_pod(pods_dir: str, name: str) -> tuple[_Pod, list[Finding]]:
         else:
             found.append(("unreadable", name, meta, f"cannot read: {_describe(e)}"))
         return pod, found
-    never = "; never rewritten by Yoi: repair or remove it by hand"
     try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        found.append(("metadata-parse", name, meta, f"not UTF-8 (byte {e.start}){never}"))
-        return pod, found
-    except tomllib.TOMLDecodeError as e:
-        found.append(("metadata-parse", name, meta, f"does not parse: {e}{never}"))
+        doc = metadata.loads(raw, meta)
+    except CorruptMetadata as e:
+        found.append(("metadata-parse", name, meta, e.message.removeprefix(f"{meta}: ")
+                      + "; never rewritten by Yoi: repair or remove it by hand"))
         return pod, found
     problem = metadata.schema_problem(doc)
     if problem:
