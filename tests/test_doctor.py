@@ -254,6 +254,8 @@ def test_progress_counter_waits_a_moment_then_uses_carriage_returns(capsys, monk
     assert capsys.readouterr().err == ""  # not yet: the run has not taken a moment
     monkeypatch.setattr(_Progress, "DELAY", 0.0)
     progress("pods", 5, 10)
+    progress("pods", 6, 10)  # too soon after the last redraw
+    monkeypatch.setattr(_Progress, "INTERVAL", 0.0)
     progress("relations", 1, 2)
     progress.clear()
     assert capsys.readouterr().err == ("\ryoi doctor: pods 5/10"

@@ -13,15 +13,18 @@ from yoi.cli.common import YoiCommand, emit, json_option, state_options
 class _Progress:
     """A ``\\r`` counter on stderr, shown only once a run takes more than a moment."""
 
-    DELAY = 0.5
+    DELAY = 0.5  # seconds before the counter appears
+    INTERVAL = 0.1  # seconds between redraws
 
     def __init__(self):
-        self.start = time.monotonic()
+        self.start = self.drawn = time.monotonic()
         self.width = 0
 
     def __call__(self, phase: str, done: int, total: int) -> None:
-        if not self.width and time.monotonic() - self.start < self.DELAY:
+        now = time.monotonic()
+        if now - self.start < self.DELAY or (self.width and now - self.drawn < self.INTERVAL):
             return
+        self.drawn = now
         text = f"yoi doctor: {phase} {done}/{total}"
         click.echo(f"\r{text:<{self.width}}", err=True, nl=False)
         self.width = max(self.width, len(text))
