@@ -40,6 +40,15 @@ def new_record(name: str, exec_cmd: str | None = None, cwd: str | None = None,
 
 def parse(text: bytes | str, path: Path | str, expect_name: str | None = None) -> dict:
     """Parse and check a record; raise CorruptMetadata naming PATH on any problem."""
+    doc = loads(text, path)
+    problem = schema_problem(doc, expect_name)
+    if problem:
+        raise CorruptMetadata(f"{path}: {problem}", path=str(path))
+    return doc
+
+
+def loads(text: bytes | str, path: Path | str) -> dict:
+    """Decode and parse TOML without the schema check; CorruptMetadata naming PATH."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -49,14 +58,10 @@ def parse(text: bytes | str, path: Path | str, expect_name: str | None = None) -
             raise CorruptMetadata(f"{path}: not UTF-8 (at line {line}, column {column})",
                                   path=str(path), line=line, column=column)
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise CorruptMetadata(f"{path}: does not parse: {e}", path=str(path),
                               **_line_col(str(e)))
-    problem = schema_problem(doc, expect_name)
-    if problem:
-        raise CorruptMetadata(f"{path}: {problem}", path=str(path))
-    return doc
 
 
 def _line_col(message: str) -> dict:
