@@ -82,6 +82,19 @@ def test_peer_message_carries_source_and_yoi_pod_is_the_default(cli, fake, state
     ]
 
 
+def test_inside_a_handler_the_pods_state_dir_is_the_default(cli, fake, state, tmp_path):
+    store.create(state, "A")
+    pod = fake(fake_pods.good)
+    peers.register(state, "A", "B")
+    env = {"YOI_POD": "A", "YOI_STATE_DIR": str(state.root),
+           "YOI_HOME": str(tmp_path / "elsewhere")}
+    r = cli("pod", "send", "--id", "h-1", "B", "reply", env=env)
+    assert r.exit_code == 0, r
+    assert pod.methods == [("notify", {"message": "reply", "id": "h-1", "source": "A"})]
+    r = cli("pod", "send", "--state-dir", str(tmp_path / "elsewhere"), "B", "x", env=env)
+    assert r.exit_code == 3, r  # an explicit --state-dir still wins
+
+
 def test_json_success_document(cli, fake):
     fake(fake_pods.good)
     r = cli("pod", "send", "--json", "--id", "j-1", "B", "hi")

@@ -36,6 +36,10 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
     running (exit 5; it is never started for you). Without a source it is an
     operator notification, accepted by any running Pod.
 
+    Inside a Pod's handler, $YOI_POD and $YOI_STATE_DIR (set by the Pod) are
+    the defaults for --from and --state-dir, so a handler replies with just
+    `yoi pod send "$YOI_FROM" TEXT`.
+
     MESSAGE `-` reads the message from stdin (without its trailing newline).
     Success means the Pod wrote the message to its session log and
     acknowledged it. When that is unclear (the connection closed, a timeout
@@ -66,6 +70,12 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
         source = os.environ.get("YOI_POD") or None
     elif source == "":
         source = None
+    handler_state = os.environ.get("YOI_STATE_DIR")
+    if handler_state and click.get_current_context().params.get("state_dir") is None:
+        # Inside a handler: the Pod's own state directory, even if it was
+        # started with --state-dir and $YOI_HOME points elsewhere.
+        from yoi.state import State
+        state = State.resolve(handler_state, state.lock_timeout)
     if lines:
         if message not in (None, "-"):
             raise UsageError("--lines reads the messages from stdin: give - or no MESSAGE")
