@@ -56,6 +56,20 @@ def test_a_flooding_server_does_not_deadlock_the_sender(cli, fake):
     assert pod.notified_ids() == [f"c-{i}" for i in range(1, 301)]
 
 
+def test_large_unrelated_broadcasts_are_read_through(cli, fake):
+    def script(peer):
+        peer.prelude()
+        big = {"message": "b" * (3 << 20), "id": "someone-else"}
+        while (got := peer.read_method()) is not None:
+            peer.ack(big)
+            peer.ack(got[1])
+
+    pod = fake(script)
+    r = cli("pod", "send", "--lines", "--id", "g", "B", input=numbered(3))
+    assert r.exit_code == 0, r
+    assert pod.notified_ids() == ["g-1", "g-2", "g-3"]
+
+
 def test_closed_midway_names_what_is_in_doubt(cli, fake):
     pod = fake(fake_pods.close_after(10))
     r = cli("pod", "send", "--lines", "--json", "--id", "k", "--timeout", "2", "B",

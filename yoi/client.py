@@ -367,6 +367,7 @@ def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str]
     conn = open_for_sending(path, timeout)
     sock, buf = conn.sock, conn.buf  # buf may already hold broadcasts
     parse = protocol.parse_event
+    scanned = 0    # bytes of buf known to hold no newline
     queued = 0     # messages before this one are written or being written
     view = None    # the rest of the chunk being written
     stop = False
@@ -378,10 +379,11 @@ def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str]
         fd = sock.fileno()
         while True:
             # Handle every complete line received so far.
-            end = buf.rfind(b"\n")
+            end = buf.rfind(b"\n", scanned)
             if end >= 0:
                 block = bytes(buf[:end])
                 del buf[:end + 1]
+                scanned = 0
                 for line in block.split(b"\n"):
                     if not line or line.isspace():
                         continue
@@ -400,8 +402,10 @@ def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str]
                         refusal = refusal or _refusal(data)
                         stop = True
                         last = time.monotonic()
-            elif len(buf) > protocol.MAX_EVENT_LINE:
-                raise conn._malformed(f"an event line over {protocol.MAX_EVENT_LINE} bytes")
+            else:
+                scanned = len(buf)  # a long line arrives in pieces: scan each piece once
+                if scanned > protocol.MAX_EVENT_LINE:
+                    raise conn._malformed(f"an event line over {protocol.MAX_EVENT_LINE} bytes")
 
             if view is None and not stop and queued < n:
                 j, size = queued, 0
