@@ -77,9 +77,11 @@ def run_yoi(yoi_home):
 
 # -- live Pods ------------------------------------------------------------------
 #
-# ``started_pod(name, exec=None, create=True, args=())`` runs the real
-# ``yoi pod start NAME`` in a subprocess (a detached Pod process, YOI_HOME =
-# this test's state directory) and returns a ``LivePod`` with ``name``,
+# ``started_pod(name, exec=None, create=True, args=(), env=None)`` runs the real
+# ``yoi pod start NAME [*args] [--exec EXEC]`` in a subprocess (a detached Pod
+# process, YOI_HOME = this test's state directory, ENV added to its
+# environment, e.g. {"YOI_FAULT": ...}), creating the Pod first unless it
+# exists or CREATE is false, and returns a ``LivePod`` with ``name``,
 # ``socket_path`` (str), ``pid`` and ``state``. Every Pod the test started --
 # and any other Pod of this state directory that is still running at teardown,
 # e.g. one started through ``restore`` -- is stopped at teardown, with
@@ -129,7 +131,7 @@ def _stop_all_pods(state) -> list[str]:
 def started_pod(state, run_yoi):
     started: list[str] = []
 
-    def start(name: str, exec: str | None = None, create: bool = True, args=()):
+    def start(name: str, exec: str | None = None, create: bool = True, args=(), env=None):
         from yoi import control
         if create and not state.metadata_path(name).exists():
             r = run_yoi("pod", "create", name)
@@ -137,7 +139,7 @@ def started_pod(state, run_yoi):
         argv = ["pod", "start", name, *args]
         if exec is not None:
             argv += ["--exec", exec]
-        r = run_yoi(*argv)
+        r = run_yoi(*argv, env=env)
         started.append(name)
         assert r.exit_code == 0, r
         path = r.stdout.strip()

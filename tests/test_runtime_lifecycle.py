@@ -34,7 +34,7 @@ def released(lock, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while is_locked(lock) and time.monotonic() < deadline:
         time.sleep(0.02)
-    return is_locked(lock) is False
+    return is_locked(lock) is not True  # None: no lock file at all
 
 
 def test_start_status_stop_round_trip(state, run_yoi, started_pod):
@@ -174,6 +174,15 @@ def test_start_that_fails_reports_the_pod_log_tail(state, run_yoi):
     assert stat.S_IMODE(os.stat(log).st_mode) == 0o600
 
 
+def test_start_that_times_out_stops_the_child(state, run_yoi):
+    run_yoi("pod", "create", "a")
+    r = run_yoi("pod", "start", "a", "--timeout", "0")
+    assert r.exit_code == 5, r
+    assert r.stderr.startswith("yoi: error: Pod 'a' did not answer within 0s and was stopped")
+    assert released(state.runtime_lock_path("a"))
+    assert run_yoi("pod", "status", "a").exit_code == 5
+
+
 def test_exec_given_to_start_is_stored_and_reported(state, run_yoi, started_pod):
     started_pod("a", exec="cat")
     assert store.read(state, "a")["runtime"]["exec"] == "cat"
@@ -181,7 +190,8 @@ def test_exec_given_to_start_is_stored_and_reported(state, run_yoi, started_pod)
     assert r.json["exec"] == "cat"
 
 
-def test_foreground_serves_until_sigterm_and_cleans_up(state, run_yoi, yoi_home):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_foreground_serves_until_a_signal_and_cleans_up(state, run_yoi, sig):
     from yoi.client import Connection
     run_yoi("pod", "create", "a")
     p = subprocess.Popen([sys.executable, "-m", "yoi", "pod", "start", "a", "--foreground"],
@@ -192,9 +202,9 @@ def test_foreground_serves_until_sigterm_and_cleans_up(state, run_yoi, yoi_home)
         with Connection.open(line.strip(), 10, keep_snapshot=True) as conn:
             assert conn.snapshot["status"] == "idle"
         assert control.holder_pid(state.runtime_lock_path("a")) == p.pid
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)
         assert p.wait(20) == 0
-        assert "Pod a stopped (SIGTERM)" in p.stderr.read()
+        assert f"Pod a stopped ({sig.name})" in p.stderr.read()
     finally:
         if p.poll() is None:
             p.kill()

@@ -143,3 +143,32 @@ def test_sigterm_finishes_commits_in_progress(state, started_pod):
     ids = [e["data"]["item"]["id"] for e in log_entries(state, "a")]
     assert ids[:len(acked)] == acked
     assert set(acked) <= set(ids)
+
+
+def test_a_failed_fsync_commits_nothing_and_a_retry_succeeds(state, started_pod):
+    pod = started_pod("a", env={"YOI_FAULT": "session-before-fsync:eio:1"})
+    with pytest.raises(Refused) as e:
+        notify(pod.socket_path, "unlucky", "e-1")
+    assert e.value.details["pod_error"] == "internal"
+    assert "not committed" in e.value.message
+    assert state.session_path("a").read_bytes() == b""  # the failed write was cut away
+    ack = notify(pod.socket_path, "unlucky", "e-1")  # the sender's retry
+    assert log_entries(state, "a") == [{"event": "system_item", "data": ack}]
+
+
+def test_a_crash_in_the_middle_of_an_append_leaves_a_recoverable_log(state, started_pod):
+    from yoi.errors import Failed
+    pod = started_pod("a", env={"YOI_FAULT": "session-mid-write:crash"})
+    with pytest.raises(Failed) as e:
+        notify(pod.socket_path, "lost in the crash", "c-1")
+    assert e.value.message == ("not acknowledged: the message may or may not have been "
+                               "delivered; retry with --id c-1")
+    torn = state.session_path("a").read_bytes()
+    assert torn and not torn.endswith(b"\n")
+    pod = started_pod("a")  # the stale socket and the torn line do not stop it
+    with Raw(pod.socket_path) as c:
+        alerts, _ = c.prelude()
+        assert "ended with a torn line" in alerts[0]["data"]["message"]
+    ack = notify(pod.socket_path, "lost in the crash", "c-1")
+    assert state.session_path("a").read_bytes() == torn + b"\n" + protocol.event(
+        "system_item", ack)

@@ -68,9 +68,15 @@ def holder_pid(path: Path) -> int | None:
     return exact.pop() if len(exact) == 1 else None
 
 
-def socket_path(state: State, name: str) -> Path:
-    """Where NAME's runtime binds its socket (the metadata records the same)."""
-    return state.default_socket_path(name)
+def socket_path(state: State, name: str, doc: dict | None = None) -> Path:
+    """Where to reach NAME: the socket path its runtime recorded, else where it would bind.
+
+    The recorded path wins because the short-path fallback depends on the
+    runtime's environment ($XDG_RUNTIME_DIR), which may differ from ours.
+    """
+    from yoi import store
+    from yoi.discovery import socket_path_of
+    return socket_path_of(state, name, store.read(state, name) if doc is None else doc)
 
 
 def probe_status(state: State, name: str, timeout: float) -> dict:
@@ -79,7 +85,7 @@ def probe_status(state: State, name: str, timeout: float) -> dict:
     from yoi.discovery import probe
     doc = store.read(state, name)
     running = is_running(state, name)
-    path = socket_path(state, name)
+    path = socket_path(state, name, doc)
     live = probe(path, timeout) if running else {
         "socket_path": str(path), "reachable": False, "status": None, "error": "not running"}
     pid = holder_pid(state.runtime_lock_path(name)) if running else None
@@ -118,7 +124,7 @@ def start(state: State, name: str, exec_cmd: str | None = None,
                                  start_new_session=True, close_fds=True)
     finally:
         os.close(log_fd)
-    path = socket_path(state, name)
+    path = state.default_socket_path(name)  # the child inherits our environment
     deadline = time.monotonic() + timeout
     while True:
         code = child.poll()
@@ -197,7 +203,7 @@ def stop(state: State, name: str, timeout: float = STOP_TIMEOUT, force: bool = F
     """
     from yoi import store
     from yoi.client import request
-    store.read(state, name)
+    doc = store.read(state, name)
     lock = state.runtime_lock_path(name)
     result = {"pod_name": name, "stopped": False, "forced": None, "pid": None}
     if not is_running(state, name):
@@ -208,7 +214,7 @@ def stop(state: State, name: str, timeout: float = STOP_TIMEOUT, force: bool = F
     result["pid"] = pid
     deadline = time.monotonic() + timeout
     try:
-        request(socket_path(state, name), protocol.method("shutdown"), {"shutdown"},
+        request(socket_path(state, name, doc), protocol.method("shutdown"), {"shutdown"},
                 timeout=max(0.1, min(timeout, protocol.DEFAULT_TIMEOUT)), what="shutdown")
     except YoiError:
         pass  # closed early, hung or no socket: the lock decides
@@ -261,7 +267,7 @@ def clean_stale(state: State, name: str) -> bool:
         return False  # it has just been started: not ours to touch
     removed = False
     try:
-        path = socket_path(state, name)
+        path = state.default_socket_path(name)  # only what this state's runtime binds
         try:
             os.unlink(path)
             removed = True
@@ -283,23 +289,27 @@ def clean_stale(state: State, name: str) -> bool:
 def restore(state: State, name: str, timeout: float = START_TIMEOUT) -> dict:
     """Start NAME unless it is live already (then report that, not an error)."""
     from yoi.discovery import probe
-    if is_running(state, name):
-        from yoi import store
-        store.read(state, name)
-        live = probe(socket_path(state, name), min(timeout, protocol.DEFAULT_TIMEOUT))
-        if live["reachable"]:
-            return {"pod_name": name, "restored": False, "message": "already live",
-                    "pid": holder_pid(state.runtime_lock_path(name)),
-                    "socket_path": live["socket_path"]}
-    try:
-        res = start(state, name, timeout=timeout)
-    except Busy:
-        # Lost a race with another start: fine if the winner answers.
+
+    def already_live() -> dict | None:
         live = probe(socket_path(state, name), min(timeout, protocol.DEFAULT_TIMEOUT))
         if not live["reachable"]:
-            raise
+            return None
         return {"pod_name": name, "restored": False, "message": "already live",
                 "pid": holder_pid(state.runtime_lock_path(name)),
                 "socket_path": live["socket_path"]}
+
+    if is_running(state, name):
+        res = already_live()
+        if res is not None:
+            return res
+    try:
+        res = start(state, name, timeout=timeout)
+    except Busy:
+        # Running but not answering, or lost a race with another start (then
+        # the winner answers soon).
+        live = already_live()
+        if live is None:
+            raise
+        return live
     res.pop("started", None)
     return {**res, "restored": True, "message": "started"}

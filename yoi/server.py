@@ -34,7 +34,8 @@ source Pod, empty for the operator) and ``YOI_MESSAGE_ID`` (empty if none). Its
 stdout (at most ``MAX_HANDLER_OUTPUT`` bytes) is committed and broadcast as
 ``text_done``; its stderr goes to the Pod's own log (``pod.log`` when
 detached). A non-zero exit raises an alert; the Pod goes on. Entries are not
-re-handled after a restart.
+re-handled after a restart. The handler command and cwd are read at start-up:
+``yoi pod config --exec`` takes effect at the next start.
 """
 
 from __future__ import annotations
@@ -624,8 +625,8 @@ class Server:
         target = self._name_param(params)
 
         def op():
-            from yoi import control
-            if target != self.name and not self._is_peer(target, fresh=True):
+            from yoi import control, peers
+            if target != self.name and not peers.is_peer(self.state, self.name, target):
                 raise _Invalid(f"Pod {target!r} is not visible from {self.name!r}")
             if target == self.name:
                 return {"result": {"pod_name": target, "restored": False,
@@ -659,7 +660,7 @@ class Server:
             raise _Invalid("'name' must be a Pod name")
         return name
 
-    def _is_peer(self, other: str, fresh: bool = False) -> bool:
+    def _is_peer(self, other: str) -> bool:
         """Does this Pod's current metadata list OTHER? Re-read whenever the file changed."""
         from yoi.txn import read_pod_file
         path = self.state.metadata_path(self.name)
@@ -668,7 +669,7 @@ class Server:
         except OSError as e:
             raise Failed(f"cannot read {path}: {e.strerror}")
         key = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
-        if fresh or key != self._meta_key or self._meta_doc is None:
+        if key != self._meta_key or self._meta_doc is None:
             doc = read_pod_file(self.state, self.name).doc
             self._meta_key, self._meta_doc = key, doc
         return metadata.has_peer(self._meta_doc or {}, other)

@@ -152,14 +152,14 @@ def log_command(name, count, follow, timeout, as_json, state):
     """
     from yoi import session, store
     check_names(name)
-    store.read(state, name)
+    doc = store.read(state, name)
     path = state.session_path(name)
     conn = None
     end = None
     if follow:
         from yoi import control
         from yoi.client import Connection
-        conn = Connection.open(control.socket_path(state, name), timeout, keep_snapshot=True)
+        conn = Connection.open(control.socket_path(state, name, doc), timeout, keep_snapshot=True)
         end = (conn.snapshot or {}).get("session_offset")
         if not isinstance(end, int):
             end = None
