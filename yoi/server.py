@@ -432,10 +432,8 @@ class Server:
             else:
                 c.outq[0] = view[n:]
                 break
-        if not c.outq and c.eof and c.pending == 0:
-            self._close(c)
-            return
-        self._set_events(c)
+        self._maybe_close(c)
+        self._set_events(c)  # (nothing if it was closed)
 
     def _set_events(self, c: Client, reading: bool | None = None) -> None:
         if c.closed:
@@ -767,6 +765,8 @@ class Server:
     # the handler worker
     # ======================================================================
     def _queue_job(self, job) -> None:
+        if self.stopping:
+            return  # committed, but no handler runs any more (not re-handled later)
         self._busy(+1)
         self.jobs.put(job)
 
