@@ -29,11 +29,14 @@ def state(yoi_home):
 
 
 class Result:
-    def __init__(self, code, stdout, stderr, args):
+    """What a command did; the repr shows it all when an assertion fails."""
+
+    def __init__(self, code, stdout, stderr, args, prog="yoi"):
         self.exit_code, self.stdout, self.stderr, self.args = code, stdout, stderr, args
+        self.prog = prog
 
     def __repr__(self):
-        return (f"<yoi {' '.join(map(str, self.args))} -> exit {self.exit_code}\n"
+        return (f"<{self.prog} {' '.join(map(str, self.args))} -> exit {self.exit_code}\n"
                 f"--- stdout ---\n{self.stdout}--- stderr ---\n{self.stderr}>")
 
     @property

@@ -2,15 +2,20 @@
 
 Set ``YOI_FAULT`` to one or more comma-separated ``POINT:ACTION[:N]`` rules:
 
-* ``POINT`` names a step, e.g. ``after-journal``, ``before-write-2``,
-  ``after-write-1``, ``before-journal-remove``, ``recovery-after-write-1``
-  (see ``yoi.txn`` for the full list of points it passes);
+* ``POINT`` names a step, e.g. ``after-lock``, ``after-journal``,
+  ``before-write-2``, ``after-write-1``, ``before-journal-remove``,
+  ``after-journal-remove``, ``recovery-after-write-1``,
+  ``atomic-before-replace`` (see ``yoi.txn`` for the full list, in order);
 * ``ACTION`` is ``crash`` (the process dies at once with ``os._exit(137)``, no
   cleanup, like SIGKILL) or ``eio`` (an ``OSError(EIO)`` is raised there);
 * ``N`` (default 1) fires on the Nth time the point is reached in this process.
 
-The variable is read once, at import; when it is unset ``fault()`` is a dict
-lookup on an empty dict. Never set it outside tests and benchmarks.
+Example: ``YOI_FAULT=atomic-before-replace:eio:3 yoi pod peer register a b``
+fails the third atomic write (the second Pod's file) and must leave both Pods
+as they were. ``tests/test_peers_faults.py`` walks every point.
+
+The variable is read once, at import; when it is unset ``fault()`` returns at
+its first test. Never set it outside tests and benchmarks.
 """
 
 from __future__ import annotations

@@ -11,8 +11,6 @@ import re
 import tomllib
 from pathlib import Path
 
-import tomli_w
-
 from yoi.errors import CorruptMetadata
 from yoi.names import is_valid_name
 
@@ -42,20 +40,28 @@ def new_record(name: str, exec_cmd: str | None = None, cwd: str | None = None,
 
 def parse(text: bytes | str, path: Path | str, expect_name: str | None = None) -> dict:
     """Parse and check a record; raise CorruptMetadata naming PATH on any problem."""
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise CorruptMetadata(f"{path}: not UTF-8 (byte {e.start})", path=str(path))
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise CorruptMetadata(f"{path}: does not parse: {e}", path=str(path),
-                              **_line_col(str(e)))
+    doc = loads(text, path)
     problem = schema_problem(doc, expect_name)
     if problem:
         raise CorruptMetadata(f"{path}: {problem}", path=str(path))
     return doc
+
+
+def loads(text: bytes | str, path: Path | str) -> dict:
+    """Decode and parse TOML without the schema check; CorruptMetadata naming PATH."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = text.count(b"\n", 0, e.start) + 1
+            column = e.start - text.rfind(b"\n", 0, e.start)
+            raise CorruptMetadata(f"{path}: not UTF-8 (at line {line}, column {column})",
+                                  path=str(path), line=line, column=column)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise CorruptMetadata(f"{path}: does not parse: {e}", path=str(path),
+                              **_line_col(str(e)))
 
 
 def _line_col(message: str) -> dict:
@@ -86,6 +92,7 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
 
 
 def dumps(doc: dict) -> bytes:
+    import tomli_w  # only writers pay for it
     return tomli_w.dumps(doc).encode("utf-8")
 
 

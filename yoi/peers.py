@@ -9,7 +9,7 @@ Used by the CLI and by a running Pod's ``register_peer``/``unregister_peer``.
 from __future__ import annotations
 
 from yoi import metadata
-from yoi.errors import NotFound, Refused
+from yoi.errors import NotFound, Refused, YoiError
 from yoi.names import check_name
 from yoi.state import State
 from yoi.txn import Change, lock_pods, read_pod_file
@@ -81,27 +81,29 @@ def unregister(state: State, source: str, target: str) -> dict:
 def list_peers(state: State, name: str) -> list[dict]:
     """NAME's peers with ``registered_at``, ``exists`` and ``reciprocal``.
 
-    Reads without locks (a concurrent change may be half-seen for an instant;
-    ``yoi doctor`` re-checks under locks before it calls anything broken).
+    Takes NAME's lock, so a transaction on NAME is either finished or (after a
+    crash) rolled back first, and no relation of NAME changes while it reads:
+    every peer change that involves NAME holds NAME's lock too.
     """
     check_name(name)
-    pod = read_pod_file(state, name)
-    if not pod.exists:
+    if not state.pod_dir(name).exists():  # do not create a state dir just to fail
         raise NotFound(f"no such Pod: {name}", pod=name)
-    out = []
-    for entry in pod.doc.get("peers", []):
-        other = entry["pod_name"]
-        item = {"pod_name": other, "registered_at": entry.get("registered_at"),
-                "exists": False, "reciprocal": False}
-        try:
-            peer = read_pod_file(state, other)
-        except Exception:  # a corrupt peer is reported as non-reciprocal here
-            peer = None
-        if peer is not None and peer.exists:
-            item["exists"] = True
-            item["reciprocal"] = metadata.has_peer(peer.doc, name)
-        out.append(item)
-    return out
+    with lock_pods(state, [name]) as locked:
+        pod = locked.require(name)
+        out = []
+        for entry in pod.doc.get("peers", []):
+            other = entry["pod_name"]
+            item = {"pod_name": other, "registered_at": entry.get("registered_at"),
+                    "exists": False, "reciprocal": False}
+            try:
+                peer = read_pod_file(state, other)
+            except YoiError:  # a corrupt peer is reported as non-reciprocal here
+                peer = None
+            if peer is not None and peer.exists:
+                item["exists"] = True
+                item["reciprocal"] = metadata.has_peer(peer.doc, name)
+            out.append(item)
+        return out
 
 
 def is_peer(state: State, name: str, other: str) -> bool:

@@ -18,7 +18,7 @@ from yoi.errors import AlreadyExists, Busy, CorruptMetadata, NotFound, StorageEr
 from yoi.lock import lock_holder_pid
 from yoi.names import check_name
 from yoi.state import State, make_private_dir, refuse_symlink
-from yoi.txn import Change, Pod, lock_pods, read_pod_file, remove_trash
+from yoi.txn import CREATING_MARK, Change, Pod, lock_pods, read_pod_file, remove_trash
 
 _UNSET = object()
 
@@ -48,8 +48,7 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
         record = metadata.new_record(name, exec_cmd=exec_cmd, cwd=cwd, accept_peers=accept_peers)
         # Build the directory aside and rename it into place: a crash leaves
         # either no Pod or a whole one.
-        staging = state.pods_dir / f".{name}.creating-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = state.pods_dir / f".{name}{CREATING_MARK}{os.getpid()}"
         try:
             make_private_dir(staging)
             atomic_write(staging / "metadata.toml", metadata.dumps(record))

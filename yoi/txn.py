@@ -5,11 +5,11 @@ removal) runs as:
 
 1. take every Pod's metadata lock in sorted name order (no deadlock), rolling
    back first any leftover journal that names one of them;
-2. write ``journal/TXID.toml`` holding each file's exact prior bytes and the
-   intended new ones, fsynced;
+2. write ``journal/TXID.toml`` naming every locked Pod and holding each changed
+   file's exact prior bytes and the intended new ones, fsynced;
 3. apply the changes one by one (atomic replace, or rename of a removed Pod's
    directory aside);
-4. delete the journal: this is the commit point.
+4. delete the journal: this is the commit point. Nothing after it is undone.
 
 An ordinary error in step 3 restores every file to its exact prior bytes and
 deletes the journal. After a crash the journal stays; the next process that
@@ -18,11 +18,14 @@ first, so every reader that takes locks sees all of a change or none of it.
 Rollback compares before it writes, so it is idempotent and can itself be
 interrupted and re-run.
 
-Fault-injection points passed to ``yoi.faults.fault`` (a testing aid):
-``after-lock``, ``after-journal``, ``before-write-N``, ``after-write-N``,
-``before-journal-remove``, ``recovery-after-write-N``,
-``recovery-before-journal-remove``, plus ``atomic-before-replace`` inside every
-atomic write (journal first, then each metadata file).
+Fault-injection points passed to ``yoi.faults.fault`` (a testing aid), in the
+order a transaction reaches them: ``after-lock`` (every ``lock_pods``, before
+recovery), ``after-journal``, ``before-write-N`` / ``after-write-N`` for the
+Nth change, ``before-journal-remove``, ``after-journal-remove``; during a
+rollback (recovery, or the undo after an ordinary error)
+``recovery-after-write-N`` and ``recovery-before-journal-remove``; plus
+``atomic-before-replace`` inside every atomic write (in a transaction: the
+journal first, then each metadata file; in a recovery: each restored file).
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomli_w
 
 from yoi import metadata
 from yoi.atomic import atomic_write, fsync_dir, read_bytes_nofollow, remove_temp_files
@@ -239,15 +240,25 @@ class Locked:
                 entry["prior"] = prior.decode("utf-8")
                 entry["new"] = ch.new.decode("utf-8")
             entries.append(entry)
+        # The journal names every locked Pod, not only the changed ones: a
+        # command that later locks any of them (e.g. the source of a register
+        # that only had to write the target) must roll it back before reading.
         jdoc = {"schema": 1, "txid": txid, "pid": os.getpid(),
                 "created_at": metadata.utcnow(),
-                "pods": sorted({c.pod for c in changes}), "changes": entries}
+                "pods": sorted(self.names), "changes": entries}
         jpath = state.journal_dir / f"{txid}.toml"
         journal = Journal(jpath, txid, jdoc["pods"], entries)
         try:
-            atomic_write(jpath, tomli_w.dumps(jdoc).encode("utf-8"))
+            atomic_write(jpath, metadata.dumps(jdoc))
         except OSError as e:
-            raise StorageError(f"cannot write journal {jpath}: {e.strerror}; nothing changed")
+            # atomic_write can fail after its rename (directory fsync): no
+            # metadata file has changed, so the journal must not outlive us.
+            try:
+                os.unlink(jpath)
+            except OSError:
+                pass
+            raise StorageError(f"cannot write journal {jpath}: {_describe(e)}; "
+                               "nothing changed") from e
         try:
             fault("after-journal")
             for i, ch in enumerate(changes, 1):
@@ -259,8 +270,7 @@ class Locked:
                     fsync_dir(state.pods_dir)
                 fault(f"after-write-{i}")
             fault("before-journal-remove")
-            os.unlink(jpath)
-            fsync_dir(jpath.parent)
+            os.unlink(jpath)  # the commit point
         except BaseException as e:
             try:
                 rollback(state, journal)
@@ -272,6 +282,14 @@ class Locked:
             if isinstance(e, OSError):
                 raise StorageError(f"change failed and was rolled back: {_describe(e)}") from e
             raise
+        try:
+            fault("after-journal-remove")
+            fsync_dir(jpath.parent)
+        except OSError:
+            # Committed: undoing now could leave one side new and one old. If
+            # the unlink is lost in a power cut, recovery rolls the whole
+            # change back, which is still all-or-nothing.
+            pass
         for ch in changes:
             if ch.action == "remove":
                 shutil.rmtree(_trash_path(state, ch.pod, txid), ignore_errors=True)
@@ -300,10 +318,10 @@ def lock_pods(state: State, names, timeout: float | None = None):
             journals = [j for j in list_journals(state) if wanted & set(j.pods)]
             needed = set().union(*(j.pods for j in journals)) if journals else set()
             if needed <= wanted:
-                for j in journals:
+                # Newest first: with several, the oldest prior bytes win.
+                for j in reversed(journals):
                     rollback(state, j)
-                if journals:
-                    _cleanup_journal_temps(state)
+                _cleanup_journal_temps(state)
                 for name in wanted:
                     remove_temp_files(state.pods_dir / name)
                 break
@@ -321,13 +339,19 @@ def lock_pods(state: State, names, timeout: float | None = None):
             lock.release()
 
 
+CREATING_MARK = ".creating-"
+
+
 def remove_trash(state: State, name: str) -> None:
-    """Delete leftover directories of a committed removal of NAME."""
-    prefix = f".{name}{REMOVED_MARK}"
+    """Delete NAME's leftover directories: a committed removal, an interrupted create.
+
+    Caller holds NAME's lock, so no live process owns any of them.
+    """
+    prefixes = (f".{name}{REMOVED_MARK}", f".{name}{CREATING_MARK}")
     try:
         entries = os.listdir(state.pods_dir)
     except FileNotFoundError:
         return
     for entry in entries:
-        if entry.startswith(prefix):
+        if entry.startswith(prefixes):
             shutil.rmtree(state.pods_dir / entry, ignore_errors=True)

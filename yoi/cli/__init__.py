@@ -8,7 +8,8 @@ from yoi import __version__
 from yoi.cli.common import CONTEXT_SETTINGS, LazyGroup
 
 
-@click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS, lazy_subcommands={
+@click.group("yoi", cls=LazyGroup, context_settings=CONTEXT_SETTINGS, lazy_subcommands={
+    "doctor": "yoi.cli.doctor:doctor",
     "pod": "yoi.cli.pod:pod",
 })
 @click.version_option(__version__, "--version", "-V", prog_name="yoi")

@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from yoi.errors import StorageError, YoiError
+from yoi.errors import StorageError, UsageError, YoiError
 from yoi.names import is_valid_name
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -27,7 +27,36 @@ def report_error(err: YoiError, as_json: bool) -> None:
         click.echo(json.dumps({"ok": False, "error": err.to_json()}))
 
 
-class YoiCommand(click.Command):
+class HouseUsageErrors:
+    """Click's own usage errors (bad option, missing argument, unknown command)
+    rendered like every other error: one ``yoi: error:`` line on stderr, a
+    failure document on stdout with ``--json``, exit 2."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        given = list(args)  # Click's parser consumes ARGS
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            _usage_exit(ctx, e, given)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        given = list(args)
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as e:
+            _usage_exit(ctx, e, given)
+
+
+def _usage_exit(ctx: click.Context, e: click.UsageError, args: list[str]):
+    where = (e.ctx or ctx).command_path
+    message = e.format_message().rstrip(".")
+    report_error(UsageError(f"{message} (see '{where} -h')"), "--json" in args)
+    ctx.exit(UsageError.exit_code)
+
+
+class YoiCommand(HouseUsageErrors, click.Command):
     """A command whose YoiErrors become one stderr line and their exit code."""
 
     def invoke(self, ctx: click.Context):
@@ -46,7 +75,7 @@ class YoiCommand(click.Command):
             ctx.exit(130)
 
 
-class LazyGroup(click.Group):
+class LazyGroup(HouseUsageErrors, click.Group):
     """A group whose subcommands are imported only when used (imports cost time)."""
 
     command_class = YoiCommand

@@ -7,7 +7,9 @@ import click
 from yoi.cli.common import (LazyGroup, check_names, emit, json_option, pod_argument,
                             state_options)
 
-POD_SUBCOMMANDS: dict[str, str] = {}
+POD_SUBCOMMANDS: dict[str, str] = {
+    "peer": "yoi.cli.peer:peer",
+}
 
 
 @click.group(cls=LazyGroup, lazy_subcommands=POD_SUBCOMMANDS)

@@ -1,0 +1,176 @@
+"""The command tree: help everywhere, --json on every reporting command, lazy
+imports, shell completion, --version, `python -m yoi`, and the README."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from yoi import __version__
+from yoi.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+NOT_REPORTING: set[str] = set()  # leaf commands exempt from --json (none so far)
+
+
+def walk(command: click.Command, path: tuple[str, ...] = ("yoi",)):
+    """Yield (path, command) for COMMAND and everything below it, lazy ones included."""
+    yield path, command
+    if isinstance(command, click.Group):
+        ctx = click.Context(command, info_name=path[-1])
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            assert sub is not None, f"{' '.join(path)} lists {name!r} but cannot load it"
+            yield from walk(sub, path + (name,))
+
+
+COMMANDS = list(walk(main))
+IDS = [" ".join(p) for p, _ in COMMANDS]
+
+
+def test_the_tree_has_the_pod_commands():
+    assert {"yoi", "yoi pod", "yoi pod create", "yoi pod config", "yoi pod list",
+            "yoi pod show", "yoi pod rm"} <= set(IDS)
+
+
+@pytest.mark.parametrize("path, command", COMMANDS, ids=IDS)
+def test_every_command_has_help_with_an_example_block(cli, path, command):
+    help_text = inspect.cleandoc(command.help or "")
+    assert help_text, f"{' '.join(path)} has no help"
+    assert "\n\b\nExamples:\n" in help_text, f"{' '.join(path)} has no example block"
+    for flag in ("-h", "--help"):
+        r = cli(*path[1:], flag)
+        assert r.exit_code == 0, r
+        assert r.stdout.startswith(f"Usage: {' '.join(path)} ")
+        examples = r.stdout.split("Examples:\n", 1)[1].split("\n\n")[0].splitlines()
+        assert examples and all(line.startswith("    yoi ") for line in examples), r
+
+
+@pytest.mark.parametrize("path, command", [c for c in COMMANDS
+                                           if not isinstance(c[1], click.Group)],
+                         ids=[i for i, c in zip(IDS, COMMANDS) if not isinstance(c[1], click.Group)])
+def test_every_reporting_command_takes_json(path, command):
+    if " ".join(path) in NOT_REPORTING:
+        pytest.skip("not a reporting command")
+    options = {opt for p in command.params for opt in getattr(p, "opts", [])}
+    assert "--json" in options, f"{' '.join(path)} has no --json"
+
+
+def test_version(run_yoi):
+    r = run_yoi("--version")
+    assert (r.exit_code, r.stdout, r.stderr) == (0, f"yoi, version {__version__}\n", "")
+    assert run_yoi("-V").stdout == r.stdout
+
+
+def test_python_dash_m_yoi_runs_commands(run_yoi, yoi_home):
+    r = run_yoi("pod", "create", "a", "--json")
+    assert r.exit_code == 0, r
+    assert r.json["created"] is True
+    assert (yoi_home / "pods" / "a" / "metadata.toml").is_file()
+
+
+# -- shell completion --------------------------------------------------------------
+
+def complete(words: str, cword: int) -> list[str]:
+    env = {**os.environ, "_YOI_COMPLETE": "bash_complete", "COMP_WORDS": words,
+           "COMP_CWORD": str(cword)}
+    p = subprocess.run([sys.executable, "-m", "yoi"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.splitlines()
+
+
+def test_shell_completion_of_commands_and_pod_names(state):
+    from yoi import store
+    for n in ("reviewer", "coder", "rover"):
+        store.create(state, n)
+    from yoi.cli import main
+    from yoi.cli.pod import pod
+    import click
+    ctx = click.Context(main)
+    assert complete("yoi ", 1) == [f"plain,{c}" for c in main.list_commands(ctx)]
+    pod_commands = complete("yoi pod ", 2)
+    assert pod_commands == [f"plain,{c}" for c in pod.list_commands(ctx)]
+    assert {"plain,create", "plain,config", "plain,list", "plain,rm",
+            "plain,show"} <= set(pod_commands)
+    assert complete("yoi pod show r", 3) == ["plain,reviewer", "plain,rover"]
+    assert complete("yoi pod rm ", 3) == ["plain,coder", "plain,reviewer", "plain,rover"]
+
+
+def test_shell_completion_script(run_yoi):
+    r = run_yoi(env={"_YOI_COMPLETE": "bash_source"})
+    assert r.exit_code == 0, r
+    assert "_yoi_completion()" in r.stdout and "_YOI_COMPLETE=bash_complete" in r.stdout
+
+
+# -- lazy imports ----------------------------------------------------------------------
+
+RECORD_MODULES = """
+import atexit, runpy, sys
+def record():
+    with open({out!r}, "w") as f:
+        f.write("\\n".join(sorted(sys.modules)))
+atexit.register(record)
+{body}
+"""
+
+
+def imported(tmp_path, body: str) -> set[str]:
+    """Modules in sys.modules when a fresh interpreter that ran BODY exits."""
+    out = tmp_path / "modules.txt"
+    p = subprocess.run([sys.executable, "-c", RECORD_MODULES.format(out=str(out), body=body)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return set(out.read_text().split())
+
+
+def run_yoi_with(*argv: str) -> str:
+    return f"sys.argv = ['yoi', *{list(argv)!r}]\nrunpy.run_module('yoi', run_name='__main__')"
+
+
+@pytest.fixture
+def click_itself(tmp_path) -> set[str]:
+    return imported(tmp_path, "import click")
+
+
+def test_version_imports_nothing_it_does_not_use(click_itself, tmp_path):
+    mods = imported(tmp_path, run_yoi_with("--version"))
+    assert "yoi.cli" in mods
+    # Whatever Click itself needs (it imports threading for its context stack) is paid
+    # anyway; beyond it, --version must not load storage, sockets or the runtime.
+    ours = mods - click_itself
+    forbidden = {"threading", "socket", "selectors", "tomli_w", "tomllib", "fcntl",
+                 "yoi.cli.pod", "yoi.store", "yoi.txn", "yoi.metadata", "yoi.state",
+                 "yoi.peers", "yoi.discovery", "yoi.protocol"}
+    assert ours & forbidden == set()
+    assert not [m for m in mods if m.startswith(("yoi.runtime", "yoi.server", "yoi.client"))]
+
+
+def test_pod_list_does_not_import_the_runtime_or_writers(click_itself, state, tmp_path):
+    from yoi import store
+    store.create(state, "a")
+    mods = imported(tmp_path, run_yoi_with("pod", "list"))
+    assert {"yoi.cli.pod", "yoi.store", "yoi.discovery"} <= mods
+    assert not [m for m in mods if m.startswith(("yoi.runtime", "yoi.server"))]
+    assert "tomli_w" not in mods  # listing never writes
+    assert "threading" not in mods - click_itself  # one Pod, no socket: no probe threads
+
+
+# -- README ----------------------------------------------------------------------------
+
+def test_readme_shows_the_commands_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    install = re.search(r"^\.venv/bin/python -m (pip install .*-e '\.\[test\]')$", ci, re.M)
+    assert install, "CI no longer installs with pip install -e '.[test]'"
+    assert install.group(1).replace("--quiet ", "") in readme
+    assert "python3 -m venv .venv" in ci and "python3 -m venv .venv" in readme
+    assert re.search(r"^\.venv/bin/python -m pytest\b", ci, re.M)
+    assert ".venv/bin/python -m pytest" in readme

@@ -1,0 +1,343 @@
+"""`yoi pod create/config/list/show/rm`: output, exact exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tomllib
+
+import pytest
+
+import workers
+from yoi import peers, store
+
+CREATED_AT = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+
+
+def one_error_line(r, message: str) -> None:
+    """stderr is exactly one `yoi: error:` line with MESSAGE."""
+    assert r.stderr == f"yoi: error: {message}\n", r
+
+
+def failure_doc(r, code: str, exit_code: int) -> dict:
+    """stdout is exactly one JSON failure document; return its error object."""
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is False and doc["error"]["code"] == code, r
+    assert doc["error"]["exit_code"] == exit_code == r.exit_code, r
+    return doc["error"]
+
+
+def record(state, name: str) -> dict:
+    return tomllib.loads(state.metadata_path(name).read_text())
+
+
+def make_peers(state, *pairs: str) -> None:
+    for pair in pairs:
+        a, b = pair.split("-")
+        for n in (a, b):
+            store.create(state, n, exist_ok=True)
+        peers.register(state, a, b)
+
+
+# -- create ---------------------------------------------------------------------
+
+def test_create_prints_the_pod(cli, state):
+    r = cli("pod", "create", "a", "--exec", "agent --stdin", "--cwd", "/w", "--no-accept-peers")
+    assert r.exit_code == 0, r
+    assert re.fullmatch(
+        f"name:         a\ncreated_at:   {CREATED_AT}\naccept_peers: no\n"
+        "exec:         agent --stdin\ncwd:          /w\npeers:        -\n", r.stdout), r
+    assert r.stderr == ""
+    doc = record(state, "a")
+    assert doc["runtime"] == {"exec": "agent --stdin", "cwd": "/w"}
+    assert doc["accept_peers"] is False
+
+
+def test_create_json(cli):
+    r = cli("pod", "create", "a", "--json")
+    assert r.exit_code == 0, r
+    doc = json.loads(r.stdout)
+    assert re.fullmatch(CREATED_AT, doc["pod"].pop("created_at"))
+    assert doc == {"ok": True, "created": True, "pod": {
+        "schema": 1, "pod_name": "a", "accept_peers": True, "runtime": {}, "peers": []}}
+
+
+def test_create_existing_is_exit_1_unless_exist_ok(cli, state):
+    assert cli("pod", "create", "a", "--exec", "first").exit_code == 0
+    before = state.metadata_path("a").read_bytes()
+    r = cli("pod", "create", "a", "--exec", "second")
+    assert r.exit_code == 1, r
+    one_error_line(r, "Pod 'a' already exists")
+    assert r.stdout == ""
+    r = cli("pod", "create", "a", "--json")
+    assert failure_doc(r, "exists", 1)["message"] == "Pod 'a' already exists"
+    r = cli("pod", "create", "a", "--exist-ok", "--exec", "second")
+    assert r.exit_code == 0, r
+    assert r.stdout.startswith("Pod 'a' already exists\nname:         a\n")
+    assert "exec:         first\n" in r.stdout
+    r = cli("pod", "create", "a", "--exist-ok", "--json")
+    assert r.exit_code == 0 and r.json["created"] is False
+    assert state.metadata_path("a").read_bytes() == before
+
+
+def test_state_dir_option_beats_yoi_home(cli, yoi_home, tmp_path):
+    other = tmp_path / "other"
+    assert cli("pod", "create", "a", "--state-dir", other).exit_code == 0
+    assert (other / "pods" / "a" / "metadata.toml").is_file()
+    assert not yoi_home.exists()
+    assert cli("pod", "show", "a").exit_code == 3
+    assert cli("pod", "show", "a", "--state-dir", other).exit_code == 0
+
+
+def test_home_dot_yoi_is_the_default(run_yoi, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "YOI_HOME": ""}
+    r = run_yoi("pod", "create", "a", env=env)
+    assert r.exit_code == 0, r
+    assert (home / ".yoi" / "pods" / "a" / "metadata.toml").is_file()
+
+
+# -- config ---------------------------------------------------------------------
+
+def test_config_changes_settings_and_preserves_everything_else(cli, state):
+    make_peers(state, "a-b")
+    store.update(state, "a", lambda d: {**d, "custom": {"k": "v"},
+                                        "runtime": {**d["runtime"], "pid": 42}})
+    r = cli("pod", "config", "a", "--exec", "agent", "--cwd", "/w", "--no-accept-peers")
+    assert r.exit_code == 0, r
+    assert "exec:         agent\n" in r.stdout and "peers:        b\n" in r.stdout
+    doc = record(state, "a")
+    assert doc["runtime"] == {"pid": 42, "exec": "agent", "cwd": "/w"}
+    assert doc["accept_peers"] is False and doc["custom"] == {"k": "v"}
+    assert [p["pod_name"] for p in doc["peers"]] == ["b"]
+    r = cli("pod", "config", "a", "--no-exec", "--accept-peers", "--json")
+    assert r.exit_code == 0, r
+    assert r.json["pod"]["runtime"] == {"pid": 42, "cwd": "/w"}
+    assert record(state, "a")["accept_peers"] is True
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "nothing to change: give --exec, --no-exec, --accept-peers, --no-accept-peers or --cwd"),
+    (["--exec", "x", "--no-exec"], "--exec and --no-exec are mutually exclusive"),
+])
+def test_config_usage_errors(cli, state, args, message):
+    store.create(state, "a")
+    before = state.metadata_path("a").read_bytes()
+    r = cli("pod", "config", "a", *args)
+    assert r.exit_code == 2, r
+    one_error_line(r, message)
+    assert failure_doc(cli("pod", "config", "a", *args, "--json"), "usage", 2)["message"] == message
+    assert state.metadata_path("a").read_bytes() == before
+
+
+@pytest.mark.parametrize("command", [["config", "--exec", "x"], ["show"], ["rm"]])
+def test_missing_pod_is_exit_3(cli, command):
+    r = cli("pod", command[0], "ghost", *command[1:])
+    assert r.exit_code == 3, r
+    one_error_line(r, "no such Pod: ghost")
+    assert r.stdout == ""
+    err = failure_doc(cli("pod", command[0], "ghost", *command[1:], "--json"), "not_found", 3)
+    assert err["message"] == "no such Pod: ghost"
+
+
+# -- list and show ----------------------------------------------------------------
+
+@pytest.fixture
+def listening(state):
+    """A socket that accepts connections at Pod a's default socket path."""
+    path = state.default_socket_path("a")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(str(path))
+        s.listen(8)
+        yield path
+    finally:
+        s.close()
+        path.unlink(missing_ok=True)
+
+
+def test_list_shows_peers_count_and_live_state(cli, state, listening):
+    make_peers(state, "a-b", "a-c")
+    store.create(state, "lonely")
+    r = cli("pod", "list")
+    assert r.exit_code == 0, r
+    assert r.stdout == ("NAME    PEERS  LIVE  STATE\n"
+                        "a           2  yes   ok\n"
+                        "b           1  no    ok\n"
+                        "c           1  no    ok\n"
+                        "lonely      0  no    ok\n")
+    r = cli("pod", "list", "--json")
+    assert r.exit_code == 0, r
+    pods = {p["pod_name"]: p for p in r.json["pods"]}
+    assert list(pods) == ["a", "b", "c", "lonely"]
+    assert pods["a"]["live"] == {"socket_path": str(listening), "reachable": True, "error": None}
+    assert pods["b"]["live"]["reachable"] is False
+    assert [pods[n]["peers"] for n in pods] == [2, 1, 1, 0]
+    assert all(p["state"] == "ok" and p["error"] is None for p in pods.values())
+
+
+def test_list_empty(cli, yoi_home):
+    r = cli("pod", "list")
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "", "no Pods\n")
+    r = cli("pod", "list", "--json")
+    assert (r.exit_code, r.json) == (0, {"ok": True, "pods": []})
+    assert not yoi_home.exists()  # reading creates nothing
+
+
+def test_show(cli, state, listening):
+    make_peers(state, "a-b")
+    r = cli("pod", "show", "a")
+    assert r.exit_code == 0, r
+    assert re.fullmatch(
+        f"name:         a\ncreated_at:   {CREATED_AT}\naccept_peers: yes\nexec:         -\n"
+        f"cwd:          -\nsocket:       {re.escape(str(listening))}\nlive:         yes\n"
+        "peers:        b\n", r.stdout), r
+    doc = cli("pod", "show", "b", "--json").json["pod"]
+    assert doc["pod_name"] == "b" and doc["peers"][0]["pod_name"] == "a"
+    assert re.fullmatch(CREATED_AT, doc["peers"][0]["registered_at"])
+    assert doc["live"]["reachable"] is False and doc["live"]["error"] == "no socket"
+
+
+# -- rm -------------------------------------------------------------------------
+
+def test_rm_removes_the_pod_and_its_peer_entries(cli, state):
+    make_peers(state, "a-b", "b-c", "a-c")
+    r = cli("pod", "rm", "b")
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "removed b\n", ""), r
+    assert not state.pod_dir("b").exists()
+    assert [p["pod_name"] for p in record(state, "a")["peers"]] == ["c"]
+    assert [p["pod_name"] for p in record(state, "c")["peers"]] == ["a"]
+    r = cli("pod", "rm", "c", "--json")
+    assert r.json == {"ok": True, "pod": "c", "peers_updated": ["a"]}
+    assert sorted(os.listdir(state.pods_dir)) == ["a"]
+
+
+def test_rm_refuses_a_live_pod(cli, state):
+    make_peers(state, "a-b")
+    before = {n: state.metadata_path(n).read_bytes() for n in "ab"}
+    live = workers.start("hold-runtime-lock", state.root, "b")
+    with workers.stopping(live):
+        r = cli("pod", "rm", "b")
+        assert r.exit_code == 6, r
+        one_error_line(r, f"Pod 'b' is running (pid {live.pid}); stop it first with "
+                          "`yoi pod stop b`")
+        assert failure_doc(cli("pod", "rm", "b", "--json"), "busy", 6)["pod"] == "b"
+        assert {n: state.metadata_path(n).read_bytes() for n in "ab"} == before
+    assert cli("pod", "rm", "b").exit_code == 0  # no longer live
+
+
+# -- locks ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["option", "env"])
+@pytest.mark.parametrize("command", [["config", "--no-accept-peers"], ["rm"],
+                                     ["create", "--exist-ok"]])
+def test_lock_timeout_is_exit_6_naming_the_holder(run_yoi, state, how, command):
+    store.create(state, "a")
+    before = state.metadata_path("a").read_bytes()
+    holder = workers.start("hold-lock", state.root, "a")
+    with workers.stopping(holder):
+        args = ["pod", command[0], "a", *command[1:], "--json"]
+        if how == "option":
+            r = run_yoi(*args, "--lock-timeout", "0.3", timeout=30)
+        else:
+            r = run_yoi(*args, env={"YOI_LOCK_TIMEOUT": "0.3"}, timeout=30)
+        assert r.exit_code == 6, r
+        one_error_line(r, f"Pod 'a' is locked by pid {holder.pid} (waited 0.3s)")
+        err = failure_doc(r, "busy", 6)
+        assert err["holder_pid"] == holder.pid
+    assert state.metadata_path("a").read_bytes() == before
+
+
+def test_bad_lock_timeout_values_are_usage_errors(cli, yoi_home):
+    r = cli("pod", "list", env={"YOI_LOCK_TIMEOUT": "soon"})
+    assert r.exit_code == 2, r
+    one_error_line(r, "YOI_LOCK_TIMEOUT must be a number of seconds, not 'soon'")
+    r = cli("pod", "create", "a", "--lock-timeout", "-1")
+    assert r.exit_code == 2, r
+    one_error_line(r, "Invalid value for '--lock-timeout': -1.0 is not in the range x>=0 "
+                      "(see 'yoi pod create -h')")
+    assert not yoi_home.exists()
+
+
+# -- corrupt metadata -------------------------------------------------------------
+
+CORRUPT = b'schema = 1\npod_name = "a"\naccept_peers = maybe\n'
+
+
+@pytest.mark.parametrize("command", [["show"], ["config", "--exec", "x"], ["rm"],
+                                     ["create", "--exist-ok"], ["create"]])
+def test_corrupt_metadata_is_exit_1_with_path_and_position_and_left_alone(cli, state, command):
+    store.create(state, "a")
+    path = state.metadata_path("a")
+    path.write_bytes(CORRUPT)
+    message = f"{path}: does not parse: Invalid value (at line 3, column 16)"
+    r = cli("pod", command[0], "a", *command[1:])
+    assert r.exit_code == 1, r
+    one_error_line(r, message)
+    assert r.stdout == ""
+    err = failure_doc(cli("pod", command[0], "a", *command[1:], "--json"), "corrupt", 1)
+    assert err == {"code": "corrupt", "exit_code": 1, "message": message,
+                   "path": str(path), "line": 3, "column": 16}
+    assert path.read_bytes() == CORRUPT
+    assert sorted(os.listdir(path.parent)) == ["metadata.toml", "session.jsonl"]
+
+
+def test_list_reports_a_corrupt_pod_and_goes_on(cli, state):
+    store.create(state, "a")
+    store.create(state, "b")
+    state.metadata_path("a").write_bytes(CORRUPT)
+    r = cli("pod", "list")
+    assert r.exit_code == 0, r
+    assert r.stdout == ("NAME  PEERS  LIVE  STATE\n"
+                        "a         -  no    corrupt\n"
+                        "b         0  no    ok\n")
+    a = cli("pod", "list", "--json").json["pods"][0]
+    assert a["state"] == "corrupt" and a["peers"] is None
+    assert a["error"] == (f"{state.metadata_path('a')}: does not parse: "
+                          "Invalid value (at line 3, column 16)")
+    assert state.metadata_path("a").read_bytes() == CORRUPT
+
+
+def test_symlinked_pod_dir_is_refused(cli, state, tmp_path):
+    store.create(state, "a")
+    outside = tmp_path / "outside"
+    state.pod_dir("a").rename(outside)
+    state.pod_dir("a").symlink_to(outside)
+    before = (outside / "metadata.toml").read_bytes()
+    for command in (["config", "--no-accept-peers"], ["rm"], ["show"]):
+        r = cli("pod", command[0], "a", *command[1:])
+        assert r.exit_code == 1, r
+        one_error_line(r, f"Pod directory {state.pod_dir('a')} is a symlink; refusing to follow it")
+    assert (outside / "metadata.toml").read_bytes() == before
+
+
+# -- Click's own usage errors follow the house format ------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["pod", "create", "a", "--bogus"], "No such option '--bogus' (see 'yoi pod create -h')"),
+    (["pod", "create"], "Missing argument 'NAME' (see 'yoi pod create -h')"),
+    (["pod", "nope"], "No such command 'nope' (see 'yoi pod -h')"),
+    (["--bogus"], "No such option '--bogus' (see 'yoi -h')"),
+    (["pod", "show", "a", "b"], "Got unexpected extra argument (b) (see 'yoi pod show -h')"),
+])
+def test_click_usage_errors_are_one_line_exit_2(cli, yoi_home, args, message):
+    r = cli(*args)
+    assert r.exit_code == 2, r
+    one_error_line(r, message)
+    r = cli(*args, "--json")
+    assert failure_doc(r, "usage", 2)["message"] == message
+    assert not yoi_home.exists()
+
+
+def test_every_error_is_one_stderr_line_in_a_real_process(run_yoi, state):
+    store.create(state, "a")
+    for args, code in ((["pod", "create", "a"], 1), (["pod", "show", "b"], 3),
+                       (["pod", "create", ".."], 2), (["pod", "frob"], 2)):
+        r = run_yoi(*args, "--json")
+        assert r.exit_code == code, r
+        assert r.stderr.startswith("yoi: error: ") and r.stderr.count("\n") == 1, r
+        assert json.loads(r.stdout)["ok"] is False

@@ -1,0 +1,333 @@
+"""The metadata store: state directory, atomic TOML records, locks, corrupt files."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+
+import pytest
+
+import workers
+from yoi import metadata, store
+from yoi.errors import AlreadyExists, Busy, CorruptMetadata, Failed, NotFound, UsageError
+from yoi.lock import FileLock, is_locked
+from yoi.state import State
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def write_record(state: State, name: str, text: str) -> bytes:
+    """Put TEXT in place as NAME's metadata.toml (the Pod dir is created)."""
+    path = state.metadata_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path.read_bytes()
+
+
+# -- resolution and layout ------------------------------------------------------
+
+def test_state_dir_resolution_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("YOI_HOME", str(tmp_path / "env"))
+    assert State.resolve(tmp_path / "opt").root == tmp_path / "opt"
+    assert State.resolve().root == tmp_path / "env"
+    monkeypatch.delenv("YOI_HOME")
+    assert State.resolve().root == tmp_path / "home" / ".yoi"
+    assert not any(tmp_path.iterdir())  # resolving creates nothing
+
+
+def test_lock_timeout_default_env_and_explicit(monkeypatch, tmp_path):
+    assert State.resolve(tmp_path).lock_timeout == 10.0
+    monkeypatch.setenv("YOI_LOCK_TIMEOUT", "2.5")
+    assert State.resolve(tmp_path).lock_timeout == 2.5
+    assert State.resolve(tmp_path, 0.25).lock_timeout == 0.25
+    for bad in ("soon", "-1"):
+        monkeypatch.setenv("YOI_LOCK_TIMEOUT", bad)
+        with pytest.raises(UsageError):
+            State.resolve(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022])
+def test_directories_0700_and_files_0600(state, umask):
+    old = os.umask(umask)
+    try:
+        store.create(state, "a")
+        store.configure(state, "a", exec_cmd="agent")
+    finally:
+        os.umask(old)
+    for d in (state.root, state.pods_dir, state.locks_dir, state.journal_dir, state.pod_dir("a")):
+        assert mode(d) == 0o700, d
+    for f in (state.metadata_path("a"), state.session_path("a"), state.lock_path("a")):
+        assert mode(f) == 0o600, f
+
+
+def test_state_dir_may_be_a_symlink(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    state = State.resolve(link)
+    store.create(state, "a")
+    store.configure(state, "a", accept_peers=False)
+    assert link.is_symlink()
+    assert (real / "pods" / "a" / "metadata.toml").is_file()
+    assert store.read(state, "a")["accept_peers"] is False
+
+
+def test_pod_dir_symlink_is_refused_and_target_untouched(state, tmp_path):
+    store.create(state, "a")
+    outside = tmp_path / "outside"
+    state.pod_dir("a").rename(outside)
+    state.pod_dir("a").symlink_to(outside)
+    before = (outside / "metadata.toml").read_bytes()
+    for call in (lambda: store.read(state, "a"),
+                 lambda: store.create(state, "a", exist_ok=True),
+                 lambda: store.configure(state, "a", accept_peers=False),
+                 lambda: store.update(state, "a", lambda d: {**d, "x": 1}),
+                 lambda: store.remove(state, "a")):
+        with pytest.raises(Failed, match=r"Pod directory .*/pods/a is a symlink; refusing to follow it"):
+            call()
+    assert (outside / "metadata.toml").read_bytes() == before
+    assert sorted(os.listdir(outside)) == ["metadata.toml", "session.jsonl"]
+    assert state.pod_dir("a").is_symlink()
+
+
+def test_dangling_pod_dir_symlink_is_refused_by_create(state, tmp_path):
+    state.ensure()
+    state.pod_dir("a").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(Failed, match="is a symlink"):
+        store.create(state, "a")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_metadata_symlink_is_refused_and_target_untouched(state, tmp_path):
+    store.create(state, "a")
+    target = tmp_path / "elsewhere.toml"
+    target.write_bytes(state.metadata_path("a").read_bytes())
+    state.metadata_path("a").unlink()
+    state.metadata_path("a").symlink_to(target)
+    before = target.read_bytes()
+    for call in (lambda: store.read(state, "a"),
+                 lambda: store.configure(state, "a", exec_cmd="x"),
+                 lambda: store.remove(state, "a")):
+        with pytest.raises(CorruptMetadata, match=r"metadata.toml is a symlink; refusing to follow it"):
+            call()
+    assert target.read_bytes() == before
+    assert state.metadata_path("a").is_symlink()
+
+
+# -- records --------------------------------------------------------------------
+
+def test_create_writes_a_schema_1_record_and_empty_session(state, tmp_path):
+    record, created = store.create(state, "a", exec_cmd="agent --stdin", cwd="rel",
+                                   accept_peers=False)
+    assert created
+    on_disk = tomllib.loads(state.metadata_path("a").read_text())
+    assert on_disk == record
+    assert on_disk["schema"] == 1 and on_disk["pod_name"] == "a"
+    assert on_disk["accept_peers"] is False
+    assert on_disk["runtime"] == {"exec": "agent --stdin", "cwd": os.path.abspath("rel")}
+    assert on_disk["peers"] == []
+    assert state.session_path("a").read_bytes() == b""
+
+
+def test_create_existing_pod(state):
+    first, _ = store.create(state, "a")
+    with pytest.raises(AlreadyExists, match="Pod 'a' already exists"):
+        store.create(state, "a", exec_cmd="other")
+    again, created = store.create(state, "a", exec_cmd="other", exist_ok=True)
+    assert (again, created) == (first, False)
+
+
+UNKNOWN = """
+future_flag = "kept"
+
+[runtime]
+exec = "old"
+socket_path = "/run/a.sock"
+pid = 4242
+future_runtime_key = [1, 2, 3]
+
+[extension]
+note = "a table this version does not know"
+
+[[peers]]
+pod_name = "b"
+registered_at = 2026-11-27T10:05:00Z
+trust = "high"
+"""
+
+
+def test_unknown_keys_survive_every_rewrite(state):
+    store.create(state, "a")
+    store.create(state, "b")
+    store.update(state, "a", lambda d: {**d, **tomllib.loads(UNKNOWN)})
+    store.configure(state, "a", exec_cmd="new", accept_peers=False, cwd="/w")
+    store.update(state, "a", lambda d: {**d, "later": 1})
+    doc = tomllib.loads(state.metadata_path("a").read_text())
+    expected = tomllib.loads(UNKNOWN)
+    assert doc["future_flag"] == "kept"
+    assert doc["extension"] == expected["extension"]
+    assert doc["peers"] == expected["peers"]
+    assert doc["runtime"] == {**expected["runtime"], "exec": "new", "cwd": "/w"}
+    assert doc["accept_peers"] is False and doc["later"] == 1
+
+
+def test_configure_no_exec_removes_only_the_handler(state):
+    store.create(state, "a", exec_cmd="agent", cwd="/w")
+    doc = store.configure(state, "a", exec_cmd=None)
+    assert doc["runtime"] == {"cwd": "/w"}
+    assert store.read(state, "a")["runtime"] == {"cwd": "/w"}
+
+
+def test_missing_pod_is_not_found(state):
+    with pytest.raises(NotFound, match="no such Pod: ghost"):
+        store.read(state, "ghost")
+    with pytest.raises(NotFound, match="no such Pod: ghost"):
+        store.configure(state, "ghost", accept_peers=True)
+    with pytest.raises(NotFound, match="no such Pod: ghost"):
+        store.remove(state, "ghost")
+
+
+def test_remove_drops_the_pod_from_every_peer_and_keeps_other_relations(state):
+    from yoi import peers
+    for n in "abcd":
+        store.create(state, n)
+    peers.register(state, "a", "b")
+    peers.register(state, "c", "b")
+    peers.register(state, "a", "c")
+    store.update(state, "a", lambda d: {**d, "extra": "kept"})
+    result = store.remove(state, "b")
+    assert result == {"pod": "b", "peers_updated": ["a", "c"]}
+    assert not state.pod_dir("b").exists()
+    assert metadata.peer_names(store.read(state, "a")) == ["c"]
+    assert metadata.peer_names(store.read(state, "c")) == ["a"]
+    assert store.read(state, "a")["extra"] == "kept"
+    assert [p.name for p in store.list_all(state)] == ["a", "c", "d"]
+    assert os.listdir(state.journal_dir) == []
+    assert not [e for e in os.listdir(state.pods_dir) if e.startswith(".")]
+
+
+def test_remove_with_a_dangling_peer_entry(state):
+    store.create(state, "a")
+    store.update(state, "a", lambda d: {**d, "peers": [{"pod_name": "gone"}]})
+    assert store.remove(state, "a") == {"pod": "a", "peers_updated": []}
+    assert not state.pod_dir("a").exists()
+
+
+def test_create_after_remove_starts_fresh(state):
+    store.create(state, "a", exec_cmd="first")
+    store.remove(state, "a")
+    record, created = store.create(state, "a")
+    assert created and record["runtime"] == {}
+
+
+# -- corrupt records -------------------------------------------------------------
+
+CORRUPT_TEXTS = {
+    "syntax": ('schema = 1\npod_name = "a"\naccept_peers = maybe\n',
+               r"does not parse: Invalid value \(at line 3, column 16\)"),
+    "schema-2": ('schema = 2\npod_name = "a"\n', r"unsupported schema 2 \(expected 1\)"),
+    "no-schema": ('pod_name = "a"\n', r"unsupported schema None \(expected 1\)"),
+    "no-name": ("schema = 1\n", r"pod_name None is missing or not a valid Pod name"),
+    "wrong-name": ('schema = 1\npod_name = "b"\n',
+                   r"pod_name 'b' does not match its directory 'a'"),
+    "accept-peers": ('schema = 1\npod_name = "a"\naccept_peers = "yes"\n',
+                     r"accept_peers must be true or false"),
+    "runtime": ('schema = 1\npod_name = "a"\nruntime = 3\n', r"runtime must be a table"),
+    "peers": ('schema = 1\npod_name = "a"\npeers = "b"\n', r"peers must be an array of tables"),
+    "peer-name": ('schema = 1\npod_name = "a"\n[[peers]]\npod_name = "../x"\n',
+                  r"peers\[0\] has no valid pod_name"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPT_TEXTS))
+def test_corrupt_record_is_reported_with_its_path_and_never_overwritten(state, kind):
+    text, problem = CORRUPT_TEXTS[kind]
+    store.create(state, "b")
+    before = write_record(state, "a", text)
+    path = str(state.metadata_path("a"))
+    for call in (lambda: store.read(state, "a"),
+                 lambda: store.create(state, "a", exist_ok=True),
+                 lambda: store.configure(state, "a", accept_peers=False),
+                 lambda: store.update(state, "a", lambda d: d),
+                 lambda: store.remove(state, "a")):
+        with pytest.raises(CorruptMetadata, match=problem) as e:
+            call()
+        assert e.value.message.startswith(f"{path}: ")
+        assert e.value.details["path"] == path
+        assert state.metadata_path("a").read_bytes() == before
+    [listed] = [p for p in store.list_all(state) if p.name == "a"]
+    assert listed.state == "corrupt" and listed.doc is None
+
+
+def test_parse_error_carries_line_and_column(state):
+    write_record(state, "a", 'schema = 1\npod_name = "a"\n[runtime\n')
+    with pytest.raises(CorruptMetadata) as e:
+        store.read(state, "a")
+    assert (e.value.details["line"], e.value.details["column"]) == (3, 9)
+    assert "(at line 3, column 9)" in e.value.message
+
+
+def test_non_utf8_record_is_located(state):
+    path = state.metadata_path("a")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b'schema = 1\npod_name = "a"\n# caf\xe9\n')
+    with pytest.raises(CorruptMetadata, match=r"not UTF-8 \(at line 3, column 6\)") as e:
+        store.read(state, "a")
+    assert (e.value.details["line"], e.value.details["column"]) == (3, 6)
+
+
+def test_pod_dir_without_metadata_is_corrupt_not_missing(state):
+    state.pod_dir("a").mkdir(parents=True)
+    with pytest.raises(CorruptMetadata, match="metadata.toml: missing"):
+        store.create(state, "a")
+    assert os.listdir(state.pod_dir("a")) == []
+
+
+def test_corrupt_peer_blocks_removal_and_changes_nothing(state):
+    from yoi import peers
+    for n in "ab":
+        store.create(state, n)
+    peers.register(state, "a", "b")
+    a_before = state.metadata_path("a").read_bytes()
+    b_path = state.metadata_path("b")
+    b_path.write_bytes(b_path.read_bytes() + b"\n[[[broken\n")
+    b_before = b_path.read_bytes()
+    with pytest.raises(CorruptMetadata, match=str(b_path)):
+        store.remove(state, "a")
+    assert state.metadata_path("a").read_bytes() == a_before
+    assert b_path.read_bytes() == b_before
+    assert os.listdir(state.journal_dir) == []
+
+
+# -- locks ----------------------------------------------------------------------
+
+def test_lock_timeout_names_the_holder_pid(state):
+    store.create(state, "a")
+    holder = workers.start("hold-lock", state.root, "a")
+    with workers.stopping(holder):
+        assert is_locked(state.lock_path("a")) is True
+        slow = State.resolve(state.root, lock_timeout=0.2)
+        with pytest.raises(Busy) as e:
+            store.configure(slow, "a", accept_peers=False)
+        assert e.value.message == f"Pod 'a' is locked by pid {holder.pid} (waited 0.2s)"
+        assert e.value.details == {"holder_pid": holder.pid}
+        assert e.value.exit_code == 6
+    # SIGKILL released the lock: the next writer gets it at once.
+    store.configure(State.resolve(state.root, lock_timeout=0), "a", accept_peers=False)
+    assert store.read(state, "a")["accept_peers"] is False
+    assert is_locked(state.lock_path("a")) is False
+
+
+def test_waiter_gets_the_lock_when_the_holder_releases(state):
+    store.create(state, "a")
+    holder = workers.start("hold-lock", state.root, "a")
+    with workers.stopping(holder):
+        holder.stdin.close()  # the holder releases and exits
+        with FileLock(state.lock_path("a"), timeout=30):
+            pass
+    assert is_locked(state.lock_path("a")) is False

