@@ -13,22 +13,12 @@ from pathlib import Path
 import click
 import pytest
 
+from clitree import walk
 from yoi import __version__
 from yoi.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_REPORTING: set[str] = set()  # leaf commands exempt from --json (none so far)
-
-
-def walk(command: click.Command, path: tuple[str, ...] = ("yoi",)):
-    """Yield (path, command) for COMMAND and everything below it, lazy ones included."""
-    yield path, command
-    if isinstance(command, click.Group):
-        ctx = click.Context(command, info_name=path[-1])
-        for name in command.list_commands(ctx):
-            sub = command.get_command(ctx, name)
-            assert sub is not None, f"{' '.join(path)} lists {name!r} but cannot load it"
-            yield from walk(sub, path + (name,))
 
 
 COMMANDS = list(walk(main))

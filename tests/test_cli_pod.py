@@ -147,7 +147,7 @@ def test_missing_pod_is_exit_3(cli, command):
 
 @pytest.fixture
 def listening(state):
-    """A socket that accepts connections at Pod a's default socket path."""
+    """A socket that accepts connections at Pod a's default socket path but never answers."""
     path = state.default_socket_path("a")
     path.parent.mkdir(parents=True, exist_ok=True)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -160,9 +160,10 @@ def listening(state):
         path.unlink(missing_ok=True)
 
 
-def test_list_shows_peers_count_and_live_state(cli, state, listening):
+def test_list_shows_peers_count_and_live_state(cli, state, started_pod):
     make_peers(state, "a-b", "a-c")
     store.create(state, "lonely")
+    live = started_pod("a", create=False)
     r = cli("pod", "list")
     assert r.exit_code == 0, r
     assert r.stdout == ("NAME    PEERS  LIVE  STATE\n"
@@ -174,7 +175,8 @@ def test_list_shows_peers_count_and_live_state(cli, state, listening):
     assert r.exit_code == 0, r
     pods = {p["pod_name"]: p for p in r.json["pods"]}
     assert list(pods) == ["a", "b", "c", "lonely"]
-    assert pods["a"]["live"] == {"socket_path": str(listening), "reachable": True, "error": None}
+    assert pods["a"]["live"] == {"socket_path": str(live.socket_path), "reachable": True,
+                                 "status": "idle", "error": None}
     assert pods["b"]["live"]["reachable"] is False
     assert [pods[n]["peers"] for n in pods] == [2, 1, 1, 0]
     assert all(p["state"] == "ok" and p["error"] is None for p in pods.values())
@@ -188,13 +190,22 @@ def test_list_empty(cli, yoi_home):
     assert not yoi_home.exists()  # reading creates nothing
 
 
-def test_show(cli, state, listening):
+def test_list_does_not_call_a_socket_that_never_answers_live(cli, state, listening):
+    store.create(state, "a")
+    r = cli("pod", "list", "--json")
+    assert r.exit_code == 0, r
+    live = r.json["pods"][0]["live"]
+    assert (live["reachable"], live["error"]) == (False, "timed out waiting for the snapshot")
+
+
+def test_show(cli, state, started_pod):
     make_peers(state, "a-b")
+    live = started_pod("a", create=False)
     r = cli("pod", "show", "a")
     assert r.exit_code == 0, r
     assert re.fullmatch(
         f"name:         a\ncreated_at:   {CREATED_AT}\naccept_peers: yes\nexec:         -\n"
-        f"cwd:          -\nsocket:       {re.escape(str(listening))}\nlive:         yes\n"
+        f"cwd:          -\nsocket:       {re.escape(str(live.socket_path))}\nlive:         yes\n"
         "peers:        b\n", r.stdout), r
     doc = cli("pod", "show", "b", "--json").json["pod"]
     assert doc["pod_name"] == "b" and doc["peers"][0]["pod_name"] == "a"

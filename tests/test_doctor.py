@@ -622,7 +622,7 @@ def test_stale_socket_is_removed(cli, state):
     sock = state.default_socket_path("a")
     dead_socket(sock)
     p = check_found_and_fixed(cli, "stale-socket", "a", sock)
-    assert p["message"] == ("socket file no process serves (Connection refused); "
+    assert p["message"] == ("socket file no process serves (connection refused); "
                             "the Pod is not running")
     assert not sock.exists()
 

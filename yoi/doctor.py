@@ -831,7 +831,9 @@ class _Doctor:
         from yoi.discovery import probe_many
         probes = probe_many([p for p, _ in candidates], timeout=PROBE_TIMEOUT)
         for (path, name), result in zip(candidates, probes):
-            if result["reachable"] or result["error"] == "no socket":
+            # Only a refused connection proves nobody listens: a socket that
+            # accepts but does not speak the protocol belongs to someone.
+            if result["error"] != "connection refused":
                 continue
             p = self.add("stale-socket", name, path, f"socket file no process serves "
                          f"({result['error']}); the Pod is not running")

@@ -74,6 +74,21 @@ def _read_pid(fd: int) -> int | None:
         return None
 
 
+def try_lock(path: Path) -> int | None:
+    """Take PATH's flock without waiting: the open descriptor (close it to release),
+    or None if another open file description holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def is_locked(path: Path) -> bool | None:
     """True if someone holds PATH's flock, False if not, None if it does not exist.
 

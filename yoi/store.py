@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 
 from yoi import metadata
 from yoi.atomic import atomic_write, fsync_dir
 from yoi.errors import AlreadyExists, Busy, CorruptMetadata, NotFound, StorageError, UsageError, YoiError
-from yoi.lock import lock_holder_pid
+from yoi.lock import lock_holder_pid, try_lock
 from yoi.names import check_name
 from yoi.state import State, make_private_dir, refuse_symlink
 from yoi.txn import CREATING_MARK, Change, Pod, lock_pods, read_pod_file, remove_trash
@@ -157,11 +156,8 @@ def _hold_runtime_lock(state: State, name: str) -> int:
     """Take NAME's runtime lock without waiting, so it cannot start while we remove it."""
     path = state.runtime_lock_path(name)
     refuse_symlink(path, "runtime lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = try_lock(path)
+    if fd is None:
         pid = lock_holder_pid(path)
         who = f" (pid {pid})" if pid else ""
         raise Busy(f"Pod {name!r} is running{who}; stop it first with `yoi pod stop {name}`",

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import click
 
-from yoi.cli.common import (LazyGroup, check_names, emit, json_option, pod_argument,
+from yoi.cli.common import (POD, LazyGroup, check_names, emit, json_option, pod_argument,
                             state_options)
 
 POD_SUBCOMMANDS: dict[str, str] = {
     "peer": "yoi.cli.peer:peer",
     "send": "yoi.cli.send:send",
+    "start": "yoi.cli.runtime:start_command",
+    "stop": "yoi.cli.runtime:stop_command",
+    "restore": "yoi.cli.runtime:restore_command",
+    "status": "yoi.cli.runtime:status_command",
+    "log": "yoi.cli.runtime:log_command",
 }
 
 
@@ -117,16 +122,26 @@ def config_command(name, exec_cmd, no_exec, accept_peers, cwd, as_json, state):
 
 
 @pod.command("list")
+@click.option("--as", "as_name", type=POD, metavar="NAME",
+              help="Only what Pod NAME can see: itself and its peers.")
 @json_option
 @state_options
-def list_command(as_json, state):
+def list_command(as_name, as_json, state):
     """List every Pod in the state directory with its peers count and live state.
+
+    With --as NAME, list NAME's visibility set instead: NAME itself and its
+    peers, with their state, liveness and whether they can be restored. Live
+    Pods are probed concurrently with a short timeout.
 
     \b
     Examples:
       yoi pod list
       yoi pod list --json | jq -r '.pods[].pod_name'
+      yoi pod list --as reviewer
     """
+    if as_name is not None:
+        _list_visible(as_name, as_json, state)
+        return
     from yoi import store
     from yoi.discovery import probe_many, socket_path_of
     from yoi.metadata import peer_names
@@ -150,6 +165,25 @@ def list_command(as_json, state):
         peers = "-" if i["peers"] is None else str(i["peers"])
         lines.append(f"{i['pod_name']:<{width}}  {peers:>5}  "
                      f"{'yes' if i['live']['reachable'] else 'no':<4}  {i['state']}")
+    click.echo("\n".join(lines))
+
+
+def _list_visible(name: str, as_json: bool, state) -> None:
+    from yoi.discovery import visible
+    check_names(name)
+    items = visible(state, name)
+    if as_json:
+        emit(True, {"as": name, "pods": items})
+        return
+    width = max(4, *(len(i["pod_name"]) for i in items))
+    lines = [f"{'NAME':<{width}}  {'VISIBILITY':<10}  {'STATE':<7}  {'LIVE':<4}  "
+             f"{'STATUS':<7}  RESTORE"]
+    for i in items:
+        live = i["live"]
+        restore = "possible" if i["restore"]["possible"] else i["restore"]["reason"]
+        lines.append(f"{i['pod_name']:<{width}}  {i['visibility']:<10}  {i['state']:<7}  "
+                     f"{'yes' if live['reachable'] else 'no':<4}  "
+                     f"{live.get('status') or '-':<7}  {restore}")
     click.echo("\n".join(lines))
 
 

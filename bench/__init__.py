@@ -1,0 +1,1 @@
+"""Benchmarks and reliability soaks for Yoi (``python -m bench``, ``python -m bench.soak``)."""

@@ -1,0 +1,144 @@
+"""Hostile clients cannot stall, crash or bloat a Pod, nor delay a well-behaved client."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from rawsock import Raw
+
+from yoi import protocol
+from yoi.client import Connection, notify
+
+
+def vm(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])  # KiB
+    raise AssertionError(key)
+
+
+def connect(path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect(path)
+    return s
+
+
+def test_hostile_crowd_does_not_stop_acknowledgements(state, started_pod):
+    pod = started_pod("a")
+    # A log big enough that each snapshot is larger than a socket buffer.
+    for i in range(40):
+        notify(pod.socket_path, "x" * 20000, f"fill-{i}")
+    sockets: list[socket.socket] = []
+    try:
+        # 200 simultaneous connections that never read a byte (not even the snapshot)
+        for _ in range(200):
+            sockets.append(connect(pod.socket_path))
+        # garbage: binary noise, with and without newlines, and a method flood it never reads
+        noisy = connect(pod.socket_path)
+        sockets.append(noisy)
+        noisy.sendall(bytes(range(256)) * 64 + b"\n" + b"\x00garbage" * 1000)
+        # a client that reads its prelude, then floods methods and never reads the answers
+        flood = Raw(pod.socket_path)
+        sockets.append(flood.sock)
+        flood.prelude()
+        flood_result = []
+
+        def flood_it():
+            line = b'{"method":"' + b"x" * 1000 + b'"}\n'
+            try:
+                for _ in range(2000):
+                    flood.sock.sendall(line * 50)  # 100 MiB of answers would pile up
+                flood_result.append("not disconnected")
+            except OSError as e:
+                flood_result.append(type(e).__name__)  # disconnected by the Pod
+
+        flooder = threading.Thread(target=flood_it)
+        flooder.start()
+
+        # 100 MiB in one line, streamed; then a valid method on the same connection
+        long_liner = Raw(pod.socket_path, timeout=60)
+        sockets.append(long_liner.sock)
+        long_liner.prelude()
+
+        def stream_long_line():
+            chunk = b"a" * (1 << 20)
+            for _ in range(100):
+                long_liner.sock.sendall(chunk)
+            long_liner.send(b"\n" + protocol.method("notify", {"message": "after", "id": "ll"}))
+
+        streamer = threading.Thread(target=stream_long_line)
+        streamer.start()
+
+        # meanwhile a well-behaved client gets every acknowledgement
+        for i in range(20):
+            ack = notify(pod.socket_path, f"good {i}", f"good-{i}", timeout=30)
+            assert ack["item"]["message"] == f"good {i}"
+        streamer.join(60)
+        ev, _ = long_liner.until("error")
+        assert ev == {"event": "error", "data": {
+            "code": "invalid_request",
+            "message": f"method line over {protocol.MAX_METHOD_LINE} bytes; discarded"}}
+        ev, _ = long_liner.until("system_item", lambda d: d["item"].get("id") == "ll")
+        assert ev["data"]["item"]["message"] == "after"
+        flooder.join(60)
+        assert flood_result in (["BrokenPipeError"], ["ConnectionResetError"])
+    finally:
+        for s in sockets:
+            s.close()
+
+    # the over-long line was never held whole: peak memory stayed far below 100 MiB
+    assert vm(pod.pid, "VmHWM") < 80 * 1024
+    with Connection.open(pod.socket_path, 10, keep_snapshot=True) as conn:
+        assert conn.snapshot["status"] == "idle"
+    entries = state.session_path("a").read_bytes().splitlines()
+    assert len(entries) == 40 + 20 + 1
+
+
+def test_a_client_that_never_reads_is_disconnected_not_waited_for(state, started_pod):
+    from yoi import server
+    pod = started_pod("a")
+    stuck = connect(pod.socket_path)
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        # Broadcasts pile up for the stuck client until its queue overflows.
+        big = "y" * 500_000
+        n = server.OUTBOUND_LIMIT // len(big) + 8
+        for i in range(n):
+            notify(pod.socket_path, big, f"big-{i}", timeout=30)
+        stuck.settimeout(10)
+        received = 0
+        try:
+            while True:
+                chunk = stuck.recv(1 << 20)
+                if not chunk:
+                    break
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        # it got less than everything, then the Pod closed the connection
+        assert received < n * len(big)
+    finally:
+        stuck.close()
+    assert notify(pod.socket_path, "fine", "after")["item"]["id"] == "after"
+
+
+def test_idle_connections_cost_little_memory(started_pod):
+    pod = started_pod("a")
+    for i in range(50):
+        notify(pod.socket_path, "z" * 1000, f"fill-{i}")
+    base = vm(pod.pid, "VmRSS")
+    held = [Connection.open(pod.socket_path, 10) for _ in range(200)]
+    try:
+        for c in held[:5]:
+            c.send(protocol.method("notify", {"message": "hi", "id": "idle-ping"}), 10)
+        ack = notify(pod.socket_path, "hi", "idle-ping")
+        assert ack["item"]["id"] == "idle-ping"
+        loaded = vm(pod.pid, "VmRSS")
+    finally:
+        for c in held:
+            c.close()
+    # generous bound: a shared snapshot and small per-client state, not 200 copies
+    assert loaded < base + 20 * 1024, (base, loaded)

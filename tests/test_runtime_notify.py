@@ -1,0 +1,174 @@
+"""notify: durable before acknowledged, idempotent by id, re-checked by the receiver."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from rawsock import Raw
+
+from yoi import peers, protocol
+from yoi.client import notify
+from yoi.errors import Refused
+
+
+def log_entries(state, name) -> list[dict]:
+    return [json.loads(x) for x in state.session_path(name).read_bytes().splitlines()]
+
+
+def test_acknowledged_notification_is_already_in_the_log(state, started_pod):
+    pod = started_pod("a")
+    for i in range(5):
+        ack = notify(pod.socket_path, f"m{i}", f"id-{i}")
+        # at acknowledgement time the entry is on disk, exactly as broadcast
+        assert log_entries(state, "a")[-1] == {"event": "system_item", "data": ack}
+    item = log_entries(state, "a")[0]["data"]["item"]
+    assert set(item) == {"kind", "message", "body", "id", "at"}  # operator: no source key
+    assert item["body"] == item["message"] == "m0"
+    assert item["at"].endswith("Z")
+
+
+def test_same_id_twice_one_entry_two_acknowledgements(state, started_pod):
+    pod = started_pod("a")
+    first = notify(pod.socket_path, "once", "dup-1")
+    second = notify(pod.socket_path, "once (retry)", "dup-1")
+    assert second == first  # the original item, re-sent
+    assert len(log_entries(state, "a")) == 1
+    # pipelined on one connection, before the first is committed: still one entry
+    with Raw(pod.socket_path) as c:
+        c.prelude()
+        line = protocol.method("notify", {"message": "x", "id": "dup-2"})
+        c.send(line + line + line)
+        acks = [c.until("system_item")[0] for _ in range(3)]
+    assert all(a["data"]["item"]["id"] == "dup-2" for a in acks)
+    assert acks[0] == acks[1] == acks[2]
+    assert [e["data"]["item"]["id"] for e in log_entries(state, "a")] == ["dup-1", "dup-2"]
+
+
+def test_ids_survive_a_restart(state, run_yoi, started_pod):
+    pod = started_pod("a")
+    first = notify(pod.socket_path, "before restart", "keep-1")
+    assert run_yoi("pod", "stop", "a").exit_code == 0
+    pod = started_pod("a")
+    assert notify(pod.socket_path, "after restart", "keep-1") == first
+    assert len(log_entries(state, "a")) == 1
+
+
+def test_every_client_sees_the_broadcast_sender_included(started_pod):
+    pod = started_pod("a")
+    with Raw(pod.socket_path) as watcher, Raw(pod.socket_path) as sender:
+        watcher.prelude()
+        sender.prelude()
+        sender.send({"method": "notify", "params": {"message": "hello", "id": "b-1"}})
+        got = [c.until("system_item")[0] for c in (sender, watcher)]
+    assert got[0] == got[1]
+
+
+def test_concurrent_senders_each_committed_exactly_once(state, started_pod):
+    pod = started_pod("a")
+    errors = []
+
+    def send(t):
+        try:
+            for i in range(25):
+                notify(pod.socket_path, f"{t}/{i}", f"t{t}-{i}", timeout=30)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    ids = [e["data"]["item"]["id"] for e in log_entries(state, "a")]
+    assert sorted(ids) == sorted(f"t{t}-{i}" for t in range(8) for i in range(25))
+
+
+def test_receiver_refuses_a_source_that_is_not_its_peer(state, run_yoi, started_pod):
+    run_yoi("pod", "create", "stranger")
+    pod = started_pod("a")
+    before = state.session_path("a").read_bytes()
+    with pytest.raises(Refused) as e:
+        notify(pod.socket_path, "let me in", "s-1", source="stranger")
+    assert e.value.message == ("refused by the Pod: 'stranger' is not a peer of 'a'; "
+                               "message refused (invalid_request)")
+    assert state.session_path("a").read_bytes() == before  # nothing committed
+    # a sender that lists the receiver one-sidedly is refused just the same
+    with pytest.raises(Refused):
+        notify(pod.socket_path, "me neither", "s-2", source="ghost")
+    assert state.session_path("a").read_bytes() == before
+
+
+def test_peer_changes_while_running_take_effect_at_once(state, run_yoi, started_pod):
+    run_yoi("pod", "create", "b")
+    pod = started_pod("a")
+    with pytest.raises(Refused):
+        notify(pod.socket_path, "early", "p-0", source="b")
+    peers.register(state, "b", "a")
+    ack = notify(pod.socket_path, "now a peer", "p-1", source="b")
+    assert ack["item"]["source"] == "b"
+    assert ack["item"]["body"] == "[Peer message from `b`]\nnow a peer"
+    peers.unregister(state, "a", "b")
+    with pytest.raises(Refused):
+        notify(pod.socket_path, "gone again", "p-2", source="b")
+    assert [e["data"]["item"]["id"] for e in log_entries(state, "a")] == ["p-1"]
+
+
+def test_sigterm_finishes_commits_in_progress(state, started_pod):
+    """Every acknowledged notification is in the log after SIGTERM; the Pod exits 0."""
+    import os
+    import signal
+    import time
+    pod = started_pod("a")
+    acked = []
+    with Raw(pod.socket_path) as c:
+        c.prelude()
+        c.send(b"".join(protocol.method("notify", {"message": str(i), "id": f"q-{i}"})
+                        for i in range(200)))
+        os.kill(pod.pid, signal.SIGTERM)
+        try:
+            while True:
+                ev = c.event()
+                if ev["event"] == "system_item":
+                    acked.append(ev["data"]["item"]["id"])
+                if ev["event"] == "shutdown":
+                    break
+        except EOFError:
+            pass
+    deadline = time.monotonic() + 10
+    while os.path.exists(pod.socket_path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ids = [e["data"]["item"]["id"] for e in log_entries(state, "a")]
+    assert ids[:len(acked)] == acked
+    assert set(acked) <= set(ids)
+
+
+def test_a_failed_fsync_commits_nothing_and_a_retry_succeeds(state, started_pod):
+    pod = started_pod("a", env={"YOI_FAULT": "session-before-fsync:eio:1"})
+    with pytest.raises(Refused) as e:
+        notify(pod.socket_path, "unlucky", "e-1")
+    assert e.value.details["pod_error"] == "internal"
+    assert "not committed" in e.value.message
+    assert state.session_path("a").read_bytes() == b""  # the failed write was cut away
+    ack = notify(pod.socket_path, "unlucky", "e-1")  # the sender's retry
+    assert log_entries(state, "a") == [{"event": "system_item", "data": ack}]
+
+
+def test_a_crash_in_the_middle_of_an_append_leaves_a_recoverable_log(state, started_pod):
+    from yoi.errors import Failed
+    pod = started_pod("a", env={"YOI_FAULT": "session-mid-write:crash"})
+    with pytest.raises(Failed) as e:
+        notify(pod.socket_path, "lost in the crash", "c-1")
+    assert e.value.message == ("not acknowledged: the message may or may not have been "
+                               "delivered; retry with --id c-1")
+    torn = state.session_path("a").read_bytes()
+    assert torn and not torn.endswith(b"\n")
+    pod = started_pod("a")  # the stale socket and the torn line do not stop it
+    with Raw(pod.socket_path) as c:
+        alerts, _ = c.prelude()
+        assert "ended with a torn line" in alerts[0]["data"]["message"]
+    ack = notify(pod.socket_path, "lost in the crash", "c-1")
+    assert state.session_path("a").read_bytes() == torn + b"\n" + protocol.event(
+        "system_item", ack)

@@ -1,0 +1,290 @@
+"""The wire protocol of a live Pod, checked with a raw socket (PROTOCOL.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from rawsock import Raw
+
+from yoi import peers, store
+from yoi.lock import is_locked
+
+OLD_ENTRY = b'{"event":"user_message","data":{"segments":[{"kind":"text","content":"old"}]}}\n'
+TORN = b'{"event":"text_do'
+
+
+def compact(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def test_prelude_byte_for_byte_then_shutdown_without_params(state, run_yoi, started_pod):
+    run_yoi("pod", "create", "a")
+    session = state.session_path("a")
+    session.write_bytes(OLD_ENTRY + TORN)  # a crash in the middle of an append
+    pod = started_pod("a")
+    with Raw(pod.socket_path) as c:
+        line = c.read_line()
+        alert = json.loads(line)
+        assert line == compact(alert)
+        assert list(alert) == ["event", "data"] and alert["event"] == "alert"
+        data = alert["data"]
+        assert list(data) == ["level", "source", "message", "timestamp_ms"]
+        assert data["level"] == "warn" and data["source"] == "pod"
+        assert data["message"] == (f"{session} ended with a torn line ({len(TORN)} bytes, from a "
+                                   "crash during an append); it is kept but skipped, and new "
+                                   "entries start on a fresh line")
+        assert isinstance(data["timestamp_ms"], int)
+
+        line = c.read_line()
+        assert line.startswith(b'{"event":"snapshot","data":{')
+        snap = json.loads(line)
+        assert list(snap) == ["event", "data"]
+        assert set(snap["data"]) == {"entries", "greeting", "status", "session_offset"}
+        assert snap["data"]["entries"] == [json.loads(OLD_ENTRY)]
+        assert snap["data"]["status"] == "idle"
+        assert snap["data"]["greeting"] == {
+            "pod_name": "a", "cwd": snap["data"]["greeting"]["cwd"], "provider": "none",
+            "model": "", "scope_summary": "", "tools": [], "context_window": 0,
+            "context_tokens": 0}
+        assert snap["data"]["session_offset"] == len(OLD_ENTRY) + len(TORN) + 1
+        assert c.buf == b""  # nothing else before we speak
+
+        c.send(b'{"method":"shutdown"}\n')
+        assert c.read_line() == b'{"event":"shutdown"}\n'
+        assert c.sock.recv(1) == b""  # then the Pod closes the connection
+    deadline = time.monotonic() + 10
+    while is_locked(state.runtime_lock_path("a")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert is_locked(state.runtime_lock_path("a")) is False
+    assert not os.path.exists(pod.socket_path)
+    # the torn bytes are kept, ended by a newline
+    assert session.read_bytes() == OLD_ENTRY + TORN + b"\n"
+
+
+def test_new_entries_after_a_torn_line_start_on_a_fresh_line(state, run_yoi, started_pod):
+    from yoi.client import notify
+    run_yoi("pod", "create", "a")
+    state.session_path("a").write_bytes(OLD_ENTRY + TORN)
+    pod = started_pod("a")
+    ack = notify(pod.socket_path, "after the crash", "m-1")
+    lines = state.session_path("a").read_bytes().split(b"\n")
+    assert lines[:2] == [OLD_ENTRY[:-1], TORN]
+    assert json.loads(lines[2]) == {"event": "system_item", "data": ack}
+    r = run_yoi("pod", "log", "a")
+    assert r.exit_code == 0, r
+    assert r.stdout.splitlines() == [
+        "user: old", f"{ack['item']['at']} notification from operator [m-1]: after the crash"]
+    assert r.stderr == f"yoi: note: skipped 1 line(s) of {state.session_path('a')} " \
+                       "that are not entries\n"
+    # a restart reports the now unreadable line (it stays in the snapshot window)
+    run_yoi("pod", "stop", "a")
+    pod = started_pod("a")
+    with Raw(pod.socket_path) as c:
+        alerts, snap = c.prelude()
+        assert [a["data"]["message"] for a in alerts] == [
+            f"{state.session_path('a')}: skipped 1 line(s) that are not JSON event objects"]
+        assert len(snap["data"]["entries"]) == 2
+
+
+def test_unknown_methods_and_bad_lines_get_invalid_request_and_the_connection_stays(
+        started_pod):
+    pod = started_pod("a")
+    with Raw(pod.socket_path) as c:
+        c.prelude()
+        for name in ("cancel", "pause", "resume", "compact"):
+            c.send({"method": name})
+            assert c.event() == {"event": "error", "data": {
+                "code": "invalid_request", "message": f"unknown method {name!r}"}}
+        for bad in (b"not json\n", b"[1,2]\n", b'{"params":{}}\n', b'{"method":"notify",'
+                    b'"params":[]}\n', b'\xff\xfe\n', b'{"method":"notify","params":{}}\n',
+                    b'{"method":"notify","params":{"message":"x","id":"bad id"}}\n',
+                    b'{"method":"notify","params":{"message":"x","source":"../x"}}\n'):
+            c.send(b"\n   \n" + bad)  # blank lines are ignored
+            ev = c.event()
+            assert ev["event"] == "error" and ev["data"]["code"] == "invalid_request", (bad, ev)
+        c.send({"method": "notify", "params": {"message": "still here", "id": "m-1"}})
+        ev = c.event()
+        assert ev["event"] == "system_item" and ev["data"]["item"]["id"] == "m-1"
+
+
+def test_run_broadcasts_status_message_output_end_in_order(state, started_pod):
+    pod = started_pod("a", exec="tr a-z A-Z")
+    with Raw(pod.socket_path) as watcher, Raw(pod.socket_path) as c:
+        watcher.prelude()
+        c.prelude()
+        segments = [{"kind": "text", "content": "hello "}, {"kind": "text", "content": "pod"}]
+        c.send({"method": "run", "params": {"input": segments}})
+        _, seen = c.until("status", lambda d: d["status"] == "idle")
+        assert seen == [
+            {"event": "status", "data": {"status": "running"}},
+            {"event": "user_message", "data": {"segments": segments}},
+            {"event": "text_done", "data": {"text": "HELLO POD"}},
+            {"event": "run_end", "data": {"result": "finished"}},
+            {"event": "status", "data": {"status": "idle"}},
+        ]
+        _, seen_by_watcher = watcher.until("status", lambda d: d["status"] == "idle")
+        assert seen_by_watcher == seen
+    entries = [json.loads(x) for x in state.session_path("a").read_bytes().splitlines()]
+    assert entries == seen[1:4]
+
+
+def test_handler_environment_stdin_and_cwd(state, run_yoi, started_pod, tmp_path):
+    from yoi.client import notify
+    work = tmp_path / "work"
+    work.mkdir()
+    run_yoi("pod", "create", "a")
+    r = run_yoi("pod", "create", "b", "--cwd", work, "--exec",
+                'printf "%s|%s|%s|%s|%s|" "$YOI_POD" "$YOI_STATE_DIR" "$YOI_FROM" '
+                '"$YOI_MESSAGE_ID" "$(pwd)"; cat')
+    assert r.exit_code == 0, r
+    peers.register(state, "a", "b")
+    pod = started_pod("b")
+    with Raw(pod.socket_path) as c:
+        c.prelude()
+        notify(pod.socket_path, "two\nlines", "m-1", source="a")
+        ev, _ = c.until("text_done")
+        assert ev["data"]["text"] == f"b|{state.root}|a|m-1|{work}|two\nlines"
+        notify(pod.socket_path, "from the operator", "m-2")
+        ev, _ = c.until("text_done")
+        assert ev["data"]["text"] == f"b|{state.root}||m-2|{work}|from the operator"
+
+
+def test_a_failing_handler_raises_an_alert_and_the_pod_goes_on(state, started_pod):
+    from yoi.client import notify
+    pod = started_pod("a", exec='cat >/dev/null; echo "partial"; exit 3')
+    with Raw(pod.socket_path) as c:
+        c.prelude()
+        notify(pod.socket_path, "one", "m-1")
+        alert, seen = c.until("alert")
+        assert alert["data"]["level"] == "error"
+        assert alert["data"]["message"] == "handler exited with status 3 (message m-1)"
+        assert {"event": "text_done", "data": {"text": "partial\n"}} in seen
+        c.until("status", lambda d: d["status"] == "idle")
+    assert notify(pod.socket_path, "two", "m-2")["item"]["id"] == "m-2"
+    with Raw(pod.socket_path) as c:  # replayed to later clients
+        alerts, _ = c.prelude()
+        assert [a["data"]["message"] for a in alerts][:1] == [
+            "handler exited with status 3 (message m-1)"]
+
+
+def test_a_handler_can_talk_to_its_own_pod_while_it_runs(state, started_pod):
+    """The handler runs outside every lock and off the loop: it may message its own Pod."""
+    sock = state.default_socket_path("a")
+    echo = (f"{sys.executable} -c \"import os; from yoi import client; "
+            f"client.notify('{sock}', 'echo', 'echo-' + os.environ['YOI_MESSAGE_ID'])\"")
+    pod = started_pod("a", exec=f'case "$YOI_MESSAGE_ID" in echo-*) cat ;; *) {echo} ;; esac')
+    with Raw(pod.socket_path) as c:
+        c.prelude()
+        c.send({"method": "notify", "params": {"message": "start", "id": "m-1"}})
+        ev, _ = c.until("text_done")
+        assert ev["data"]["text"] == "echo"
+    ids = [json.loads(x)["data"].get("item", {}).get("id")
+           for x in state.session_path("a").read_bytes().splitlines()]
+    assert ids == ["m-1", "echo-m-1", None]
+
+
+def test_peer_methods_list_and_restore_over_the_socket(state, run_yoi, started_pod):
+    for name in ("b", "c", "hidden"):
+        run_yoi("pod", "create", name)
+    pod = started_pod("a")
+    with Raw(pod.socket_path) as c:
+        c.prelude()
+        c.send({"method": "register_peer", "params": {"name": "b"}})
+        assert c.event() == {"event": "peer_registered",
+                             "data": {"result": {"source": "a", "peer": "b"}}}
+        c.send({"method": "register_peer", "params": {"name": "c"}})
+        c.until("peer_registered")
+        assert peers.is_peer(state, "a", "b") and peers.is_peer(state, "b", "a")
+        c.send({"method": "unregister_peer", "params": {"name": "c"}})
+        assert c.event() == {"event": "peer_unregistered",
+                             "data": {"result": {"source": "a", "peer": "c"}}}
+        assert not peers.is_peer(state, "c", "a")
+        c.send({"method": "register_peer", "params": {"name": "ghost"}})
+        ev = c.event()
+        assert ev == {"event": "error", "data": {"code": "invalid_request",
+                                                 "message": "no such Pod: ghost (target)"}}
+        c.send({"method": "register_peer", "params": {"name": "a"}})
+        assert c.event()["data"]["code"] == "invalid_request"  # self-peer
+
+        c.send({"method": "list_pods"})
+        ev = c.event()
+        assert ev["event"] == "pods_listed"
+        pods = ev["data"]["pods"]
+        assert [(p["pod_name"], p["visibility"]) for p in pods] == [("a", "self"), ("b", "peer")]
+        assert pods[0]["live"] == {"socket_path": pod.socket_path, "reachable": True,
+                                   "status": "idle", "error": None}
+        assert pods[1]["state"] == "ok" and pods[1]["live"]["reachable"] is False
+        assert pods[1]["restore"] == {"possible": True, "reason": "not running"}
+
+        c.send({"method": "restore_pod", "params": {"name": "hidden"}})
+        assert c.event() == {"event": "error", "data": {
+            "code": "invalid_request", "message": "Pod 'hidden' is not visible from 'a'"}}
+        c.send({"method": "restore_pod", "params": {"name": "b"}})
+        ev = c.event()
+        assert ev["event"] == "pod_restored", ev
+        assert ev["data"]["result"]["restored"] is True
+        assert ev["data"]["result"]["socket_path"] == str(state.default_socket_path("b"))
+        c.send({"method": "restore_pod", "params": {"name": "b"}})
+        ev = c.event()
+        assert ev["data"]["result"]["restored"] is False
+        assert ev["data"]["result"]["message"] == "already live"
+    r = run_yoi("pod", "status", "b")
+    assert r.exit_code == 0, r
+    # b is stopped by the fixture's teardown, like every running Pod of the state dir
+
+
+def test_half_closed_client_still_gets_its_answer(started_pod):
+    import socket
+    pod = started_pod("a")
+    with Raw(pod.socket_path) as c:
+        c.prelude()
+        c.send({"method": "notify", "params": {"message": "bye", "id": "m-1"}})
+        c.sock.shutdown(socket.SHUT_WR)
+        ev = c.event()
+        assert ev["event"] == "system_item" and ev["data"]["item"]["id"] == "m-1"
+        assert c.sock.recv(1) == b""
+
+
+def test_other_uids_are_refused(started_pod):
+    import pytest
+    import shutil
+    import socket
+    import tempfile
+    if os.getuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    pod = started_pod("a")
+    # Give uid 65534 a way to the socket (a hard link in an open directory, mode 0666),
+    # so that only the Pod's SO_PEERCRED check stands in its way.
+    open_dir = tempfile.mkdtemp(prefix="yoi-peercred-")
+    try:
+        os.chmod(open_dir, 0o755)
+        link = os.path.join(open_dir, "a.sock")
+        os.link(pod.socket_path, link)
+        os.chmod(link, 0o666)
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child
+            try:
+                os.close(r)
+                os.setgid(65534)
+                os.setuid(65534)
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(5)
+                s.connect(link)
+                os.write(w, b"got:" + s.recv(100))
+            except BaseException as e:
+                os.write(w, f"error:{e!r}".encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            result = f.read()
+        os.waitpid(child, 0)
+        assert result == b"got:"  # connected, then closed without a byte
+        with Raw(pod.socket_path) as c:  # the owner is still served
+            c.prelude()
+    finally:
+        shutil.rmtree(open_dir, ignore_errors=True)

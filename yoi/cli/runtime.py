@@ -1,0 +1,232 @@
+"""``yoi pod start|stop|restore|status|log``: run Pods and watch them."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from yoi.cli.common import (YoiCommand, check_names, emit, json_option, pod_argument,
+                            say, state_options)
+
+timeout_option = click.option(
+    "--timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+    metavar="SECONDS", help="How long to wait for the Pod.")
+
+
+@click.command("start", cls=YoiCommand)
+@pod_argument()
+@click.option("--exec", "exec_cmd", metavar="CMD",
+              help="Handler command for each message (stored in the Pod's metadata).")
+@click.option("--foreground", is_flag=True,
+              help="Serve in this process until SIGTERM/SIGINT or `shutdown` "
+                   "(for supervisors such as systemd).")
+@timeout_option
+@json_option
+@state_options
+def start_command(name, exec_cmd, foreground, timeout, as_json, state):
+    """Start a Pod process; print its socket path once the socket answers.
+
+    Detached by default: the Pod's own output goes to pods/NAME/pod.log under
+    the state directory. Exit 6 if it is already running, 5 (with the tail of
+    its log) if it does not come up within --timeout.
+
+    \b
+    Examples:
+      yoi pod start reviewer
+      yoi pod start coder --exec 'my-agent --stdin'
+      yoi pod start reviewer --foreground     # e.g. ExecStart= of a systemd unit
+    """
+    check_names(name)
+    if foreground:
+        from yoi import server
+
+        def ready(path):
+            emit(as_json, {"pod_name": name, "socket_path": str(path)}, str(path))
+
+        raise SystemExit(server.serve(state, name, exec_cmd, ready=ready))
+    from yoi import control
+    res = control.start(state, name, exec_cmd=exec_cmd, timeout=timeout)
+    emit(as_json, res, res["socket_path"])
+
+
+@click.command("stop", cls=YoiCommand)
+@pod_argument()
+@timeout_option
+@click.option("--force", is_flag=True,
+              help="If it does not stop in time, SIGTERM then SIGKILL the process "
+                   "holding its runtime lock.")
+@json_option
+@state_options
+def stop_command(name, timeout, force, as_json, state):
+    """Stop a Pod: send `shutdown` and wait until its process has exited.
+
+    A Pod that is not running is not an error ("not running", exit 0). Exit 5
+    if it does not stop within --timeout (unless --force).
+
+    \b
+    Examples:
+      yoi pod stop reviewer
+      yoi pod stop reviewer --timeout 3 --force
+    """
+    from yoi import control
+    check_names(name)
+    res = control.stop(state, name, timeout=timeout, force=force)
+    emit(as_json, res, res["message"] if res["stopped"] else f"{name}: not running")
+
+
+@click.command("restore", cls=YoiCommand)
+@pod_argument()
+@timeout_option
+@json_option
+@state_options
+def restore_command(name, timeout, as_json, state):
+    """Start a stopped Pod; a live one is reported as "already live" (exit 0).
+
+    \b
+    Examples:
+      yoi pod restore reviewer
+    """
+    from yoi import control
+    check_names(name)
+    res = control.restore(state, name, timeout=timeout)
+    emit(as_json, res, f"{name}: already live" if not res["restored"] else res["socket_path"])
+
+
+@click.command("status", cls=YoiCommand)
+@pod_argument()
+@click.option("--timeout", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              metavar="SECONDS", help="How long to wait for the Pod's answer.")
+@json_option
+@state_options
+def status_command(name, timeout, as_json, state):
+    """Show whether a Pod is live, its status (idle/running), pid and socket.
+
+    Exit 0 if live, 5 if not, so scripts can write
+    `yoi pod status x || yoi pod start x`.
+
+    \b
+    Examples:
+      yoi pod status reviewer
+      yoi pod status reviewer --json | jq .status
+    """
+    from yoi import control
+    check_names(name)
+    st = control.probe_status(state, name, timeout)
+    if st["live"]:
+        emit(as_json, st, f"{name}: live, {st['status']}, pid {st['pid']}, "
+                          f"socket {st['socket_path']}")
+        return
+    from yoi.errors import Unreachable
+    why = "not running" if not st["running"] else f"running but not answering ({st['error']})"
+    err = Unreachable(f"Pod {name!r} is not live: {why}", pod=name)
+    if as_json:
+        click.echo(json.dumps({"ok": False, **st, "error": err.to_json()}))
+    else:
+        click.echo(f"{name}: {why}")
+    say(f"yoi: error: {err.message}")
+    raise SystemExit(err.exit_code)
+
+
+@click.command("log", cls=YoiCommand)
+@pod_argument()
+@click.option("-n", "--lines", "count", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Only the last N entries (default: all).")
+@click.option("--follow", "-f", is_flag=True,
+              help="Then stream live events from the Pod's socket until interrupted.")
+@timeout_option
+@json_option
+@state_options
+def log_command(name, count, follow, timeout, as_json, state):
+    """Print a Pod's session log, one line per entry.
+
+    With --json, one JSON object per line: the entries exactly as stored (and,
+    with --follow, the live events as received, compact). Lines that are not entries
+    (e.g. a torn line left by a crash) are skipped with a note on stderr.
+
+    \b
+    Examples:
+      yoi pod log reviewer -n 20
+      yoi pod log reviewer --follow
+      yoi pod log reviewer --json | jq -r '.data.item.body? // empty'
+    """
+    from yoi import session, store
+    check_names(name)
+    doc = store.read(state, name)
+    path = state.session_path(name)
+    conn = None
+    end = None
+    if follow:
+        from yoi import control
+        from yoi.client import Connection
+        conn = Connection.open(control.socket_path(state, name, doc), timeout, keep_snapshot=True)
+        end = (conn.snapshot or {}).get("session_offset")
+        if not isinstance(end, int):
+            end = None
+    try:
+        skipped = 0
+        for raw in session.tail(path, count, end):
+            obj = session.parse_entry(raw)
+            if obj is None:
+                skipped += 1
+                continue
+            click.echo(raw.decode("utf-8") if as_json else render(obj))
+        if skipped:
+            say(f"yoi: note: skipped {skipped} line(s) of {path} that are not entries")
+        if conn is not None:
+            _follow(conn, as_json)
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+def _follow(conn, as_json: bool) -> None:
+    import time
+    from yoi.client import Closed
+    from yoi.errors import Unreachable
+    while True:
+        try:
+            name, data = conn.read_event(time.monotonic() + 3600, what="an event")
+        except Unreachable:
+            continue  # an hour without events: keep waiting
+        except Closed:
+            raise Unreachable("the Pod closed the connection")
+        obj = {"event": name, **({"data": data} if data else {})}
+        click.echo(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) if as_json
+                   else render(obj))
+        if name == "shutdown":
+            return
+
+
+def _one_line(text) -> str:
+    return str(text).replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def render(obj: dict) -> str:
+    """One readable line for a log entry or event."""
+    name = obj.get("event")
+    data = obj.get("data") or {}
+    if name == "system_item":
+        item = data.get("item") or {}
+        who = f"from {item['source']}" if item.get("source") else "from operator"
+        ident = f" [{item['id']}]" if item.get("id") else ""
+        at = f"{item['at']} " if item.get("at") else ""
+        return f"{at}{item.get('kind', 'item')} {who}{ident}: {_one_line(item.get('message', ''))}"
+    if name == "user_message":
+        text = "".join(s.get("content", "") for s in data.get("segments", [])
+                       if isinstance(s, dict))
+        return f"user: {_one_line(text)}"
+    if name == "text_done":
+        return f"text: {_one_line(str(data.get('text', '')).rstrip(chr(10)))}"
+    if name == "run_end":
+        return f"run_end: {data.get('result')}"
+    if name == "status":
+        return f"status: {data.get('status')}"
+    if name == "alert":
+        return f"alert ({data.get('level')}): {_one_line(data.get('message', ''))}"
+    if name == "error":
+        return f"error ({data.get('code')}): {_one_line(data.get('message', ''))}"
+    if name == "shutdown":
+        return "shutdown"
+    rest = json.dumps(data, ensure_ascii=False) if data else ""
+    return f"{name}: {rest}".rstrip(": ")

@@ -1,0 +1,315 @@
+"""Runtime control: start, stop, restore and inspect Pod processes (library, no click).
+
+Whether a Pod runs is decided by its runtime lock (``pods/NAME/runtime.lock``,
+flock-held by the live process for its whole life), never by a pid or socket
+file alone: those are hints. Whether it is *live* is decided by its socket
+answering with a snapshot.
+
+A detached start runs ``python -m yoi pod start NAME --foreground`` in a new
+session with stdin from /dev/null and stdout/stderr appended to
+``pods/NAME/pod.log``, then waits until the socket answers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from yoi import protocol
+from yoi.errors import Busy, Failed, Unreachable, YoiError
+from yoi.lock import is_locked, lock_holder_pid, try_lock
+from yoi.state import State
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+POLL = 0.05
+LOG_TAIL_BYTES = 4096
+LOG_ROTATE_BYTES = 4 << 20
+
+
+def is_running(state: State, name: str) -> bool:
+    return is_locked(state.runtime_lock_path(name)) is True
+
+
+def holder_pid(path: Path) -> int | None:
+    """The pid that holds the flock on PATH, checked against the kernel's lock table.
+
+    The pid written in the file is only a hint; it is returned only if
+    ``/proc/locks`` shows that process holding a lock on this very file (or,
+    where ``/proc/locks`` cannot be read, if the lock is held at all).
+    """
+    hint = lock_holder_pid(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    try:
+        with open("/proc/locks") as f:
+            table = f.read()
+    except OSError:
+        return hint if is_locked(path) else None
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    exact, same_inode = set(), set()
+    for line in table.splitlines():
+        parts = line.split()
+        # "N: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE START END"; waiters have "->"
+        if len(parts) < 6 or parts[1] != "FLOCK" or not parts[4].isdigit():
+            continue
+        if parts[5] == dev:
+            exact.add(int(parts[4]))
+        elif parts[5].rsplit(":", 1)[-1] == str(st.st_ino):
+            same_inode.add(int(parts[4]))  # e.g. overlayfs reports another device
+    if hint is not None and (hint in exact or (not exact and hint in same_inode)):
+        return hint
+    return exact.pop() if len(exact) == 1 else None
+
+
+def socket_path(state: State, name: str, doc: dict | None = None) -> Path:
+    """Where to reach NAME: the socket path its runtime recorded, else where it would bind.
+
+    The recorded path wins because the short-path fallback depends on the
+    runtime's environment ($XDG_RUNTIME_DIR), which may differ from ours.
+    """
+    from yoi import store
+    from yoi.discovery import socket_path_of
+    return socket_path_of(state, name, store.read(state, name) if doc is None else doc)
+
+
+def probe_status(state: State, name: str, timeout: float) -> dict:
+    """NAME's runtime status: running (lock held), live (socket answers), status, pid."""
+    from yoi import store
+    from yoi.discovery import probe
+    doc = store.read(state, name)
+    running = is_running(state, name)
+    path = socket_path(state, name, doc)
+    live = probe(path, timeout) if running else {
+        "socket_path": str(path), "reachable": False, "status": None, "error": "not running"}
+    pid = holder_pid(state.runtime_lock_path(name)) if running else None
+    return {"pod_name": name, "live": live["reachable"], "running": running,
+            "status": live.get("status"), "pid": pid, "socket_path": str(path),
+            "exec": (doc.get("runtime") or {}).get("exec"), "error": live["error"]}
+
+
+# -- start ---------------------------------------------------------------------
+
+def start(state: State, name: str, exec_cmd: str | None = None,
+          timeout: float = START_TIMEOUT) -> dict:
+    """Start NAME detached; return once its socket answers.
+
+    Raises NotFound (3), Busy "already running" (6), or Unreachable (5) with
+    the tail of the Pod's log when it does not come up within TIMEOUT (the
+    child is then stopped, so nothing half-started is left behind).
+    """
+    from yoi import store
+    from yoi.client import Connection
+    store.read(state, name)
+    lock = state.runtime_lock_path(name)
+    if is_locked(lock):
+        pid = holder_pid(lock)
+        raise Busy(f"Pod {name!r} is already running" + (f" (pid {pid})" if pid else ""),
+                   pod=name, pid=pid)
+    log_path = state.pod_log_path(name)
+    log_fd = _open_pod_log(log_path)
+    log_start = os.fstat(log_fd).st_size
+    argv = [sys.executable, "-m", "yoi", "pod", "start", name, "--foreground",
+            "--state-dir", str(state.root), "--lock-timeout", f"{state.lock_timeout:g}"]
+    if exec_cmd is not None:
+        argv += ["--exec", exec_cmd]
+    try:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                                 start_new_session=True, close_fds=True)
+    finally:
+        os.close(log_fd)
+    path = state.default_socket_path(name)  # the child inherits our environment
+    deadline = time.monotonic() + timeout
+    while True:
+        code = child.poll()
+        if code is not None:
+            tail = _log_tail(log_path, log_start)
+            if code == Busy.exit_code:
+                pid = holder_pid(lock)
+                raise Busy(f"Pod {name!r} is already running" + (f" (pid {pid})" if pid else ""),
+                           pod=name, pid=pid)
+            raise Unreachable(f"Pod {name!r} exited with status {code} while starting"
+                              + (f"; its log says: {tail}" if tail else ""),
+                              pod=name, log=str(log_path), log_tail=tail)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            _stop_child(child)
+            tail = _log_tail(log_path, log_start)
+            raise Unreachable(f"Pod {name!r} did not answer within {timeout:g}s and was stopped"
+                              + (f"; its log says: {tail}" if tail else ""),
+                              pod=name, log=str(log_path), log_tail=tail)
+        if os.path.exists(path) and lock_holder_pid(lock) == child.pid:
+            try:
+                Connection.open(path, min(remaining, 2.0)).close()
+            except YoiError:
+                pass
+            else:
+                return {"pod_name": name, "started": True, "pid": child.pid,
+                        "socket_path": str(path), "log": str(log_path)}
+        time.sleep(POLL)
+
+
+def _open_pod_log(path: Path) -> int:
+    try:
+        if os.stat(path).st_size > LOG_ROTATE_BYTES:
+            os.replace(path, path.with_name(path.name + ".old"))
+    except FileNotFoundError:
+        pass
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   0o600)
+
+
+def _log_tail(path: Path, start: int) -> str:
+    """The last lines this start wrote to pod.log, on one line (for an error message)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(start, size - LOG_TAIL_BYTES))
+            data = f.read()
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()]
+    return " | ".join(lines[-8:])
+
+
+def _stop_child(child: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        try:
+            child.send_signal(sig)
+        except ProcessLookupError:
+            return
+        try:
+            child.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# -- stop ----------------------------------------------------------------------
+
+def stop(state: State, name: str, timeout: float = STOP_TIMEOUT, force: bool = False) -> dict:
+    """Ask NAME to shut down and wait until its runtime lock is released.
+
+    Not running: ``{"stopped": False, "message": "not running"}`` (a stale
+    socket is cleaned up on the way). Not gone within TIMEOUT: Unreachable (5),
+    unless FORCE, which sends SIGTERM and then SIGKILL to the process that
+    holds the runtime lock.
+    """
+    from yoi import store
+    from yoi.client import request
+    doc = store.read(state, name)
+    lock = state.runtime_lock_path(name)
+    result = {"pod_name": name, "stopped": False, "forced": None, "pid": None}
+    if not is_running(state, name):
+        result["stale_socket_removed"] = clean_stale(state, name)
+        result["message"] = "not running"
+        return result
+    pid = holder_pid(lock)
+    result["pid"] = pid
+    deadline = time.monotonic() + timeout
+    try:
+        request(socket_path(state, name, doc), protocol.method("shutdown"), {"shutdown"},
+                timeout=max(0.1, min(timeout, protocol.DEFAULT_TIMEOUT)), what="shutdown")
+    except YoiError:
+        pass  # closed early, hung or no socket: the lock decides
+    if _wait_unlocked(lock, deadline):
+        result.update(stopped=True, message="stopped")
+        return result
+    if not force:
+        raise Unreachable(f"Pod {name!r}" + (f" (pid {pid})" if pid else "")
+                          + f" did not stop within {timeout:g}s; "
+                          f"`yoi pod stop {name} --force` kills it", pod=name, pid=pid)
+    term_grace = min(max(timeout, 1.0), 5.0)
+    for sig, grace in ((signal.SIGTERM, term_grace), (signal.SIGKILL, 5.0)):
+        holder = holder_pid(lock)
+        if holder is None:
+            if not is_locked(lock):
+                break
+            raise Failed(f"cannot tell which process holds {lock}; not killing anything",
+                         pod=name)
+        try:
+            os.kill(holder, sig)
+        except ProcessLookupError:
+            pass
+        result["forced"] = signal.Signals(sig).name
+        if _wait_unlocked(lock, time.monotonic() + grace):
+            break
+    else:
+        raise Failed(f"Pod {name!r} still holds its runtime lock after SIGKILL", pod=name)
+    result["stale_socket_removed"] = clean_stale(state, name)
+    result.update(stopped=True, message=f"stopped ({result['forced']})")
+    return result
+
+
+def _wait_unlocked(lock: Path, deadline: float) -> bool:
+    while True:
+        if not is_locked(lock):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL)
+
+
+def clean_stale(state: State, name: str) -> bool:
+    """Remove a leftover socket of a dead Pod and its pid hint, holding its runtime lock.
+
+    Returns True if a socket file was removed. Does nothing if the Pod runs.
+    """
+    from yoi import store
+    fd = try_lock(state.runtime_lock_path(name))
+    if fd is None:
+        return False  # it has just been started: not ours to touch
+    removed = False
+    try:
+        path = state.default_socket_path(name)  # only what this state's runtime binds
+        try:
+            os.unlink(path)
+            removed = True
+        except FileNotFoundError:
+            pass
+        doc = store.read(state, name)
+        if (doc.get("runtime") or {}).get("pid") is not None:
+            def clear(d):
+                (d.get("runtime") or {}).pop("pid", None)
+                return d
+            store.update(state, name, clear)
+    finally:
+        os.close(fd)
+    return removed
+
+
+# -- restore -------------------------------------------------------------------
+
+def restore(state: State, name: str, timeout: float = START_TIMEOUT) -> dict:
+    """Start NAME unless it is live already (then report that, not an error)."""
+    from yoi.discovery import probe
+
+    def already_live() -> dict | None:
+        live = probe(socket_path(state, name), min(timeout, protocol.DEFAULT_TIMEOUT))
+        if not live["reachable"]:
+            return None
+        return {"pod_name": name, "restored": False, "message": "already live",
+                "pid": holder_pid(state.runtime_lock_path(name)),
+                "socket_path": live["socket_path"]}
+
+    if is_running(state, name):
+        res = already_live()
+        if res is not None:
+            return res
+    try:
+        res = start(state, name, timeout=timeout)
+    except Busy:
+        # Running but not answering, or lost a race with another start (then
+        # the winner answers soon).
+        live = already_live()
+        if live is None:
+            raise
+        return live
+    res.pop("started", None)
+    return {**res, "restored": True, "message": "started"}
