@@ -7,7 +7,6 @@ leftover one from a killed writer is recognisable (``yoi doctor`` removes them).
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 from yoi.faults import fault
@@ -16,7 +15,7 @@ TMP_MARK = ".tmp-"
 
 
 def temp_name_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TMP_MARK}{secrets.token_hex(6)}")
+    return path.with_name(f".{path.name}{TMP_MARK}{os.urandom(6).hex()}")
 
 
 def is_temp_name(filename: str) -> bool:
