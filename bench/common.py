@@ -59,6 +59,9 @@ def env_for(state: Path, **extra) -> dict:
     env = dict(os.environ)
     env["YOI_HOME"] = str(state)
     env.pop("YOI_FAULT", None)
+    # Measure the product as installed: pip compiles bytecode at install time,
+    # so let an editable checkout cache it too instead of recompiling each run.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from yoi.errors import Failed, UsageError
@@ -31,12 +30,27 @@ def _env_lock_timeout() -> float:
     return value
 
 
-@dataclass(frozen=True)
 class State:
     """A resolved state directory plus the settings every operation shares."""
 
-    root: Path
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    __slots__ = ("root", "lock_timeout")
+
+    def __init__(self, root: Path, lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
+        object.__setattr__(self, "root", root)
+        object.__setattr__(self, "lock_timeout", lock_timeout)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("State is immutable")
+
+    def __eq__(self, other):
+        return (isinstance(other, State) and self.root == other.root
+                and self.lock_timeout == other.lock_timeout)
+
+    def __hash__(self):
+        return hash((self.root, self.lock_timeout))
+
+    def __repr__(self):
+        return f"State(root={str(self.root)!r}, lock_timeout={self.lock_timeout!r})"
 
     @classmethod
     def resolve(cls, state_dir: str | os.PathLike | None = None,
@@ -92,9 +106,8 @@ class State:
         return self.short_run_dir() / f"{name}.sock"
 
     def short_run_dir(self) -> Path:
-        import hashlib  # here, not at the top: only long state paths need it
+        import hashlib
         import tempfile
-
         digest = hashlib.sha256(os.fsencode(str(self.root))).hexdigest()[:16]
         base = os.environ.get("XDG_RUNTIME_DIR")
         if not base or not os.path.isdir(base):

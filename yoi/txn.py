@@ -34,7 +34,6 @@ import os
 import time
 import tomllib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from yoi import metadata
@@ -47,33 +46,36 @@ from yoi.state import State, refuse_symlink
 REMOVED_MARK = ".removed-"
 
 
-@dataclass
-class Pod:
-    """One Pod's metadata as read under its lock."""
+# Plain classes, not dataclasses: every command pays for its imports, and
+# building dataclasses at import time costs milliseconds.
 
-    name: str
-    path: Path
-    raw: bytes | None  # None: the Pod does not exist
-    doc: dict | None
+class Pod:
+    """One Pod's metadata as read under its lock (``raw`` None: no such Pod)."""
+
+    __slots__ = ("name", "path", "raw", "doc")
+
+    def __init__(self, name: str, path: Path, raw: bytes | None, doc: dict | None):
+        self.name, self.path, self.raw, self.doc = name, path, raw, doc
 
     @property
     def exists(self) -> bool:
         return self.raw is not None
 
 
-@dataclass
 class Change:
-    pod: str
-    action: str  # "write" or "remove"
-    new: bytes | None = None
+    """One step of a transaction: ``write`` NEW to POD's metadata, or ``remove`` POD."""
+
+    __slots__ = ("pod", "action", "new")
+
+    def __init__(self, pod: str, action: str, new: bytes | None = None):
+        self.pod, self.action, self.new = pod, action, new
 
 
-@dataclass
 class Journal:
-    path: Path
-    txid: str
-    pods: list[str]
-    changes: list[dict] = field(default_factory=list)
+    __slots__ = ("path", "txid", "pods", "changes")
+
+    def __init__(self, path: Path, txid: str, pods: list[str], changes: list[dict]):
+        self.path, self.txid, self.pods, self.changes = path, txid, pods, changes
 
 
 def read_pod_file(state: State, name: str) -> Pod:
@@ -290,7 +292,7 @@ class Locked:
             pass
         for ch in changes:
             if ch.action == "remove":
-                import shutil  # here: readers of this module (every send) do not need it
+                import shutil
                 shutil.rmtree(_trash_path(state, ch.pod, txid), ignore_errors=True)
 
 
