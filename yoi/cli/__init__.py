@@ -11,6 +11,7 @@ from yoi.cli.common import CONTEXT_SETTINGS, LazyGroup
 @click.group("yoi", cls=LazyGroup, context_settings=CONTEXT_SETTINGS, lazy_subcommands={
     "doctor": "yoi.cli.doctor:doctor",
     "pod": "yoi.cli.pod:pod",
+    "demo": "yoi.cli.demo:demo",
 })
 @click.version_option(__version__, "--version", "-V", prog_name="yoi")
 def main():

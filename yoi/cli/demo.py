@@ -1,0 +1,29 @@
+"""``yoi demo``: create, start, introduce and message two Pods, then clean up."""
+
+from __future__ import annotations
+
+import click
+
+from yoi.cli.common import YoiCommand
+
+
+@click.command("demo", cls=YoiCommand)
+@click.option("--state-dir", type=click.Path(file_okay=False),
+              help="Run in this state directory instead of a temporary one.")
+@click.option("--keep", is_flag=True, help="Keep the temporary state directory afterwards.")
+def demo(state_dir, keep):
+    """Show Yoi's main job end to end, printing each command it runs.
+
+    Creates two Pods (`reviewer`, and `coder` with a small handler that answers
+    every message), starts them, registers them as peers, sends a message from
+    reviewer to coder, waits for coder's reply to arrive in reviewer's log,
+    runs `yoi doctor`, and stops both Pods. Exit 0 only if every step worked.
+
+    \b
+    Examples:
+      yoi demo
+      yoi demo --keep
+    """
+    from yoi.demo import run_demo
+    state = run_demo(state_dir, keep, click.echo)
+    click.echo("\ndemo: ok" + (f" (state kept in {state})" if keep or state_dir else ""))

@@ -1,0 +1,105 @@
+"""``yoi demo``: the main job of Yoi, end to end, on an embedded default.
+
+Each step runs the real ``yoi`` command line in a subprocess against a
+temporary state directory and prints the command a user would type, so the
+demo exercises exactly what a user gets, and doubles as a smoke test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from yoi.errors import Failed
+
+# Pod "coder" answers every message it is sent by messaging its sender back.
+HANDLER = ('msg=$(cat); {yoi} pod send "$YOI_FROM" '
+           '"pong from $YOI_POD: got \\"$msg\\""')
+
+
+def yoi_argv() -> list[str]:
+    return [sys.executable, "-m", "yoi"]
+
+
+class Demo:
+    def __init__(self, state: Path, echo: Callable[[str], None], timeout: float = 30.0):
+        self.state = state
+        self.echo = echo
+        self.timeout = timeout
+        self.env = dict(os.environ)
+        self.env["YOI_HOME"] = str(state)
+        self.env.pop("YOI_POD", None)
+        self.env.pop("YOI_FAULT", None)
+        self.steps = 0
+
+    def yoi(self, *args: str, show: bool = True, check: bool = True) -> subprocess.CompletedProcess:
+        if show:
+            self.steps += 1
+            self.echo(f"\n[{self.steps}] $ yoi {shlex.join(args)}")
+        p = subprocess.run(yoi_argv() + list(args), env=self.env, capture_output=True,
+                           text=True, timeout=self.timeout + 30, stdin=subprocess.DEVNULL)
+        if show:
+            for line in (p.stdout + p.stderr).rstrip("\n").splitlines():
+                self.echo(f"    {line}")
+        if check and p.returncode != 0:
+            last = (p.stderr or p.stdout).strip().splitlines()
+            raise Failed(f"demo step `yoi {shlex.join(args)}` exited {p.returncode}"
+                         + (f": {last[-1]}" if last else ""))
+        return p
+
+    def wait_for_reply(self, pod: str, source: str) -> dict:
+        """Poll POD's log until a notification from SOURCE is in it."""
+        self.steps += 1
+        self.echo(f"\n[{self.steps}] $ yoi pod log {pod} --json   "
+                  f"# waiting for the reply from {source}")
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            p = self.yoi("pod", "log", pod, "--json", show=False)
+            for line in p.stdout.splitlines():
+                entry = json.loads(line)
+                item = (entry.get("data") or {}).get("item") or {}
+                if entry.get("event") == "system_item" and item.get("source") == source:
+                    self.echo(f"    {json.dumps(entry)}")
+                    return item
+            time.sleep(0.1)
+        raise Failed(f"no reply from {source} arrived in {pod}'s log within {self.timeout:g}s")
+
+    def run(self) -> None:
+        handler = HANDLER.format(yoi=shlex.join(yoi_argv()))
+        started = []
+        try:
+            self.yoi("pod", "create", "reviewer")
+            self.yoi("pod", "create", "coder", "--exec", handler)
+            self.yoi("pod", "peer", "register", "reviewer", "coder")
+            for name in ("reviewer", "coder"):
+                self.yoi("pod", "start", name)
+                started.append(name)
+            self.yoi("pod", "list")
+            self.yoi("pod", "send", "--from", "reviewer", "coder", "please review PR 42")
+            self.wait_for_reply("reviewer", "coder")
+            self.yoi("pod", "log", "coder")
+            self.yoi("doctor")
+        finally:
+            for name in reversed(started):
+                self.yoi("pod", "stop", name, check=False)
+
+
+def run_demo(state_dir: str | None, keep: bool, echo: Callable[[str], None]) -> Path:
+    """Run the demo; return the state directory used (removed unless KEEP)."""
+    own = state_dir is None
+    state = Path(tempfile.mkdtemp(prefix="yoi-demo-")) if own else Path(state_dir).resolve()
+    echo(f"state directory: {state}" + ("" if keep or not own else " (removed afterwards)"))
+    try:
+        Demo(state, echo).run()
+    finally:
+        if own and not keep:
+            shutil.rmtree(state, ignore_errors=True)
+    return state
