@@ -39,6 +39,7 @@ class Demo:
         self.env.pop("YOI_POD", None)
         self.env.pop("YOI_FAULT", None)
         self.steps = 0
+        self.record: list[dict] = []  # every step run: command line and exit code
 
     def yoi(self, *args: str, show: bool = True, check: bool = True) -> subprocess.CompletedProcess:
         if show:
@@ -47,6 +48,7 @@ class Demo:
         p = subprocess.run(yoi_argv() + list(args), env=self.env, capture_output=True,
                            text=True, timeout=self.timeout + 30, stdin=subprocess.DEVNULL)
         if show:
+            self.record.append({"command": "yoi " + shlex.join(args), "exit_code": p.returncode})
             for line in (p.stdout + p.stderr).rstrip("\n").splitlines():
                 self.echo(f"    {line}")
         if check and p.returncode != 0:
@@ -68,6 +70,8 @@ class Demo:
                 item = (entry.get("data") or {}).get("item") or {}
                 if entry.get("event") == "system_item" and item.get("source") == source:
                     self.echo(f"    {json.dumps(entry)}")
+                    self.record.append({"command": f"yoi pod log {pod} --json",
+                                        "exit_code": 0, "reply": item.get("message")})
                     return item
             time.sleep(0.1)
         raise Failed(f"no reply from {source} arrived in {pod}'s log within {self.timeout:g}s")
@@ -92,14 +96,16 @@ class Demo:
                 self.yoi("pod", "stop", name, check=False)
 
 
-def run_demo(state_dir: str | None, keep: bool, echo: Callable[[str], None]) -> Path:
-    """Run the demo; return the state directory used (removed unless KEEP)."""
+def run_demo(state_dir: str | None, keep: bool, echo: Callable[[str], None]
+             ) -> tuple[Path, list[dict]]:
+    """Run the demo; return the state directory used (removed unless KEEP) and its steps."""
     own = state_dir is None
     state = Path(tempfile.mkdtemp(prefix="yoi-demo-")) if own else Path(state_dir).resolve()
     echo(f"state directory: {state}" + ("" if keep or not own else " (removed afterwards)"))
+    demo = Demo(state, echo)
     try:
-        Demo(state, echo).run()
+        demo.run()
     finally:
         if own and not keep:
             shutil.rmtree(state, ignore_errors=True)
-    return state
+    return state, demo.record

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import click
 
-from yoi.cli.common import YoiCommand
+from yoi.cli.common import YoiCommand, emit, json_option, say
 
 
 @click.command("demo", cls=YoiCommand)
 @click.option("--state-dir", type=click.Path(file_okay=False),
               help="Run in this state directory instead of a temporary one.")
 @click.option("--keep", is_flag=True, help="Keep the temporary state directory afterwards.")
-def demo(state_dir, keep):
+@json_option
+def demo(state_dir, keep, as_json):
     """Show Yoi's main job end to end, printing each command it runs.
 
     Creates two Pods (`reviewer`, and `coder` with a small handler that answers
@@ -23,7 +24,11 @@ def demo(state_dir, keep):
     Examples:
       yoi demo
       yoi demo --keep
+      yoi demo --json 2>/dev/null | jq .steps
     """
     from yoi.demo import run_demo
-    state = run_demo(state_dir, keep, click.echo)
-    click.echo("\ndemo: ok" + (f" (state kept in {state})" if keep or state_dir else ""))
+    # With --json the running commentary is talk (stderr); stdout gets the summary.
+    state, steps = run_demo(state_dir, keep, say if as_json else click.echo)
+    kept = keep or state_dir is not None
+    emit(as_json, {"state_dir": str(state), "kept": kept, "steps": steps},
+         "\ndemo: ok" + (f" (state kept in {state})" if kept else ""))

@@ -1,0 +1,53 @@
+"""`yoi demo`: the main job end to end, through the real command line."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from yoi.lock import is_locked
+
+
+def test_demo_runs_every_step_and_removes_its_state(run_yoi):
+    r = run_yoi("demo", timeout=120)
+    assert r.exit_code == 0, r
+    assert r.stdout.endswith("\ndemo: ok\n"), r
+    m = re.match(r"state directory: (\S+) \(removed afterwards\)\n", r.stdout)
+    assert m, r
+    from pathlib import Path
+    assert not Path(m.group(1)).exists()
+    for command in ("yoi pod create reviewer", "yoi pod peer register reviewer coder",
+                    "yoi pod start coder", "yoi pod send --from reviewer coder",
+                    "yoi doctor", "yoi pod stop reviewer"):
+        assert f"$ {command}" in r.stdout, command
+    assert 'pong from coder: got \\"please review PR 42\\"' in r.stdout
+
+
+def test_demo_json_in_a_kept_state_dir_leaves_stopped_pods_and_both_logs(run_yoi, tmp_path):
+    state = tmp_path / "demo-state"
+    r = run_yoi("demo", "--state-dir", state, "--json", timeout=120)
+    assert r.exit_code == 0, r
+    doc = r.json
+    assert doc["ok"] is True and doc["kept"] is True and doc["state_dir"] == str(state)
+    assert all(step["exit_code"] == 0 for step in doc["steps"]), doc
+    reply = [s for s in doc["steps"] if "reply" in s]
+    assert reply and reply[0]["reply"] == 'pong from coder: got "please review PR 42"'
+    assert "$ yoi pod create reviewer" in r.stderr  # the commentary is talk
+    for name in ("reviewer", "coder"):
+        assert is_locked(state / "pods" / name / "runtime.lock") is False  # stopped
+    coder_log = [json.loads(line) for line in
+                 (state / "pods" / "coder" / "session.jsonl").read_text().splitlines()]
+    items = [e["data"]["item"] for e in coder_log if e["event"] == "system_item"]
+    assert [(i["source"], i["message"]) for i in items] == [("reviewer", "please review PR 42")]
+    assert run_yoi("doctor", "--state-dir", state).exit_code == 0
+
+
+def test_demo_fails_with_the_step_that_failed(run_yoi, tmp_path):
+    state = tmp_path / "busy"
+    assert run_yoi("pod", "create", "reviewer", "--state-dir", state).exit_code == 0
+    r = run_yoi("demo", "--state-dir", state, "--json", timeout=120)
+    assert r.exit_code == 1, r
+    assert r.json["ok"] is False
+    assert r.stderr.splitlines()[-1] == (
+        "yoi: error: demo step `yoi pod create reviewer` exited 1: "
+        "yoi: error: Pod 'reviewer' already exists")
