@@ -89,13 +89,17 @@ class LivePods:
             yoi("pod", "stop", name, "--force", "--timeout", "5", env=self.env, check=False)
 
 
+def make_peers_a_b(env) -> None:
+    for name in ("A", "B"):
+        yoi("pod", "create", name, env=env)
+    yoi("pod", "peer", "register", "A", "B", env=env)
+
+
 def case_one_shot_send(quick):
     n = 10 if quick else 25
     with state_dir() as st:
         env = env_for(st)
-        for name in ("A", "B"):
-            yoi("pod", "create", name, env=env)
-        yoi("pod", "peer", "register", "A", "B", env=env)
+        make_peers_a_b(env)
         with LivePods(st, env) as pods:
             pods.start("B")
             a, b = interleaved(yoi_argv() + ["pod", "send", "--from", "A", "B", "msg"],
@@ -109,9 +113,7 @@ def case_streamed_send(quick):
     lines = "".join(f"message number {i} with some text\n" for i in range(n))
     with state_dir() as st:
         env = env_for(st)
-        for name in ("A", "B"):
-            yoi("pod", "create", name, env=env)
-        yoi("pod", "peer", "register", "A", "B", env=env)
+        make_peers_a_b(env)
         with LivePods(st, env) as pods:
             pods.start("B")
             t0 = time.perf_counter()
