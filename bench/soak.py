@@ -143,7 +143,7 @@ def soak_delivery(messages: int, seed: int) -> int:
             for t in threads:
                 t.start()
             while any(t.is_alive() for t in threads):
-                time.sleep(rng.uniform(0.3, 1.5))
+                time.sleep(rng.uniform(0.05, 0.4))
                 pid = pod_pid(st, "r")
                 if pid and any(t.is_alive() for t in threads):
                     os.kill(pid, signal.SIGKILL)
