@@ -223,3 +223,15 @@ def test_create_cleans_a_staging_directory_left_by_a_killed_create(state, cli):
     assert r.exit_code == 0, r
     assert not leftover.exists()
     assert sorted(p.name for p in state.pods_dir.iterdir()) == ["a"]
+
+
+@pytest.mark.parametrize("spec", ["garbage", "after-lock:crash:abc", "after-lock:boom",
+                                  "after-lock:crash:0", ":crash", "after-lock:eio:1:2"])
+def test_malformed_yoi_fault_is_one_line_exit_2_and_writes_nothing(run_yoi, yoi_home, spec):
+    r = run_yoi("pod", "create", "a", "--json", env={"YOI_FAULT": spec})
+    assert r.exit_code == 2, r
+    message = (f"bad YOI_FAULT rule {spec!r}: want POINT:crash|eio[:N] with N >= 1 "
+               "(YOI_FAULT is a testing aid: unset it)")
+    assert r.stderr == f"yoi: error: {message}\n", r
+    assert r.json["error"]["message"] == message
+    assert not yoi_home.exists()
