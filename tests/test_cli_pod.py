@@ -274,6 +274,22 @@ def test_bad_lock_timeout_values_are_usage_errors(cli, yoi_home):
     assert not yoi_home.exists()
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "1e400"])
+def test_non_finite_lock_timeout_is_a_usage_error(cli, state, value):
+    """nan would make a lock wait spin for ever (every comparison with it is false)."""
+    store.create(state, "a")
+    before = state.metadata_path("a").read_bytes()
+    r = cli("pod", "config", "a", "--exec", "x", env={"YOI_LOCK_TIMEOUT": value})
+    assert r.exit_code == 2, r
+    one_error_line(r, f"YOI_LOCK_TIMEOUT must be a finite number of seconds, not {value!r}")
+    r = cli("pod", "config", "a", "--exec", "x", "--lock-timeout", value)
+    assert r.exit_code == 2, r
+    shown = "nan" if value == "nan" else "inf"
+    one_error_line(r, f"Invalid value for '--lock-timeout': {shown} is not a finite number "
+                      "of seconds (see 'yoi pod config -h')")
+    assert state.metadata_path("a").read_bytes() == before
+
+
 # -- corrupt metadata -------------------------------------------------------------
 
 CORRUPT = b'schema = 1\npod_name = "a"\naccept_peers = maybe\n'

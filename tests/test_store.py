@@ -44,7 +44,7 @@ def test_lock_timeout_default_env_and_explicit(monkeypatch, tmp_path):
     monkeypatch.setenv("YOI_LOCK_TIMEOUT", "2.5")
     assert State.resolve(tmp_path).lock_timeout == 2.5
     assert State.resolve(tmp_path, 0.25).lock_timeout == 0.25
-    for bad in ("soon", "-1"):
+    for bad in ("soon", "-1", "nan", "inf", "-inf", "1e400"):
         monkeypatch.setenv("YOI_LOCK_TIMEOUT", bad)
         with pytest.raises(UsageError):
             State.resolve(tmp_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 import sys
 
 import click
@@ -115,13 +116,20 @@ json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON document on stdout (also on failure).")
 
 
+def _finite_seconds(ctx, param, value):
+    # FloatRange lets nan and inf through; nan would make a lock wait spin for ever.
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number of seconds", ctx, param)
+    return value
+
+
 def state_options(f):
     """Add --state-dir and --lock-timeout; pass the resolved ``state`` instead."""
 
     @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
                   help="State directory (default: $YOI_HOME, else ~/.yoi).")
     @click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
-                  metavar="SECONDS",
+                  metavar="SECONDS", callback=_finite_seconds,
                   help="Wait this long for a Pod's lock before failing with exit 6 "
                        "(default: $YOI_LOCK_TIMEOUT, else 10).")
     @functools.wraps(f)
