@@ -143,6 +143,32 @@ def test_missing_pod_is_exit_3(cli, command):
     assert err["message"] == "no such Pod: ghost"
 
 
+NON_UTF8 = [  # what Python makes of the bytes b"\xff" in an argument
+    (["create", "a", "--exec", "ag\udcffent"], "handler command 'ag\\udcffent'"),
+    (["create", "a", "--cwd", "/w/\udcff"], "working directory '/w/\\udcff'"),
+    (["config", "b", "--exec", "ag\udcffent"], "handler command 'ag\\udcffent'"),
+    (["config", "b", "--cwd", "/w/\udcff"], "working directory '/w/\\udcff'"),
+]
+
+
+@pytest.mark.parametrize("args, what", NON_UTF8, ids=[f"{a[0]} {a[2]}" for a, _ in NON_UTF8])
+def test_non_utf8_setting_is_a_usage_error_and_writes_nothing(cli, state, args, what):
+    store.create(state, "b")
+    before = state.metadata_path("b").read_bytes()
+    r = cli("pod", *args)
+    assert r.exit_code == 2, r
+    one_error_line(r, f"{what} is not valid UTF-8 text")
+    assert sorted(os.listdir(state.pods_dir)) == ["b"]  # no Pod, no staging directory
+    assert state.metadata_path("b").read_bytes() == before
+
+
+def test_non_utf8_argument_in_a_real_process(run_yoi, yoi_home):
+    r = run_yoi("pod", "create", "a", "--exec", "ag\udcffent")  # argv holds b"ag\xffent"
+    assert r.exit_code == 2, r
+    one_error_line(r, "handler command 'ag\\udcffent' is not valid UTF-8 text")
+    assert not (yoi_home / "pods" / "a").exists()
+
+
 # -- list and show ----------------------------------------------------------------
 
 @pytest.fixture

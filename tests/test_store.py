@@ -218,6 +218,16 @@ def test_remove_with_a_dangling_peer_entry(state):
     assert not state.pod_dir("a").exists()
 
 
+def test_create_that_fails_midway_leaves_no_staging_directory(state, monkeypatch):
+    """Whatever stops a create after its staging directory exists removes it again."""
+    def broken_dumps(doc):
+        raise RuntimeError("cannot serialise")
+    monkeypatch.setattr(metadata, "dumps", broken_dumps)
+    with pytest.raises(RuntimeError, match="cannot serialise"):
+        store.create(state, "a")
+    assert os.listdir(state.pods_dir) == []
+
+
 def test_create_after_remove_starts_fresh(state):
     store.create(state, "a", exec_cmd="first")
     store.remove(state, "a")
