@@ -235,3 +235,21 @@ def test_malformed_yoi_fault_is_one_line_exit_2_and_writes_nothing(run_yoi, yoi_
     assert r.stderr == f"yoi: error: {message}\n", r
     assert r.json["error"]["message"] == message
     assert not yoi_home.exists()
+
+
+def test_create_never_sweeps_the_set_aside_directory_of_a_similarly_named_pod(cli, run_yoi, state):
+    """Pod `x.removed-1` set aside by an uncommitted removal is not Pod `x`'s trash."""
+    store.create(state, "x.removed-1", exec_cmd="keep me")
+    before = state.metadata_path("x.removed-1").read_bytes()
+    r = run_yoi("pod", "rm", "x.removed-1", env={"YOI_FAULT": "before-journal-remove:crash"})
+    assert r.exit_code == CRASH, r
+    [aside] = [e for e in os.listdir(state.pods_dir) if e.startswith(".")]
+    assert aside.startswith(".x.removed-1.removed-")
+    assert cli("pod", "create", "x").exit_code == 0  # sweeps only x's own leftovers
+    assert aside in os.listdir(state.pods_dir)
+    # The next command on the Pod rolls its removal back: it is there, unchanged.
+    r = cli("pod", "config", "x.removed-1", "--accept-peers")
+    assert r.exit_code == 0, r
+    assert store.read(state, "x.removed-1")["runtime"]["exec"] == "keep me"
+    assert leftovers(state) == []
+    assert state.metadata_path("x.removed-1").read_bytes() == before  # accept_peers was true
