@@ -253,3 +253,37 @@ def test_create_never_sweeps_the_set_aside_directory_of_a_similarly_named_pod(cl
     assert store.read(state, "x.removed-1")["runtime"]["exec"] == "keep me"
     assert leftovers(state) == []
     assert state.metadata_path("x.removed-1").read_bytes() == before  # accept_peers was true
+
+
+DAMAGED_JOURNALS = {  # damaged from outside: Yoi never writes these
+    "no-action": ('pods = ["a"]\nchanges = [{pod = "a"}]', r"changes\[0\] has an unknown action None"),
+    "no-prior": ('pods = ["a"]\nchanges = [{pod = "a", action = "write"}]',
+                 r"changes\[0\] has no prior text to restore"),
+    "bad-pod-name": ('pods = ["a", "../x"]\nchanges = []', r"pods \['a', '../x'\] is not a list"),
+    "unlocked-pod": ('pods = ["a"]\nchanges = [{pod = "b", action = "write", prior = "junk"}]',
+                     r"changes\[0\] does not name one of the journal's Pods"),
+    "pods-string": ('pods = "ab"\nchanges = []', r"pods 'ab' is not a list of Pod names"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGED_JOURNALS))
+@pytest.mark.parametrize("txid", ["1-2-ab", "../../elsewhere"])
+def test_damaged_journal_is_never_followed_and_left_for_doctor(cli, state, kind, txid):
+    from yoi.errors import CorruptMetadata
+    from yoi.txn import load_journal
+    body, problem = DAMAGED_JOURNALS[kind]
+    store.create(state, "a")
+    store.create(state, "b")
+    b_before = state.metadata_path("b").read_bytes()
+    text = f'txid = "{txid}"\n{body}\n'
+    path = state.journal_dir / "1-2-ab.toml"
+    path.write_text(text)
+    if txid != "1-2-ab":
+        problem = r"txid '\.\./\.\./elsewhere' is not MILLIS-PID-HEX"
+    with pytest.raises(CorruptMetadata, match=f"{path}: journal is not valid: {problem}"):
+        load_journal(path)
+    r = cli("pod", "config", "a", "--exec", "x")
+    assert r.exit_code == 0, r
+    assert store.read(state, "a")["runtime"]["exec"] == "x"
+    assert state.metadata_path("b").read_bytes() == b_before  # b's lock was never taken
+    assert path.read_text() == text  # `yoi doctor` reports it

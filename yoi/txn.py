@@ -135,13 +135,40 @@ def list_journals(state: State) -> list[Journal]:
 
 
 def load_journal(path: Path) -> Journal:
+    """Read and check a journal; CorruptMetadata naming PATH if it is not one of ours.
+
+    The checks matter: a rollback writes the files a journal names, so one
+    damaged from outside must not name a Pod it holds no lock for, a path as
+    its txid, or an entry a rollback cannot follow.
+    """
     raw = read_bytes_nofollow(path)
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
-        return Journal(path, str(doc["txid"]), [str(p) for p in doc["pods"]],
-                       list(doc["changes"]))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError) as e:
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise CorruptMetadata(f"{path}: journal does not parse: {e}", path=str(path))
+    problem = _journal_problem(doc)
+    if problem:
+        raise CorruptMetadata(f"{path}: journal is not valid: {problem}", path=str(path))
+    return Journal(path, doc["txid"], list(doc["pods"]), list(doc["changes"]))
+
+
+def _journal_problem(doc: dict) -> str | None:
+    txid, pods, changes = doc.get("txid"), doc.get("pods"), doc.get("changes")
+    if not isinstance(txid, str) or not TXID_RE.match(txid):
+        return f"txid {txid!r} is not MILLIS-PID-HEX"
+    if not isinstance(pods, list) or not pods or not all(is_valid_name(p) for p in pods):
+        return f"pods {pods!r} is not a list of Pod names"
+    if not isinstance(changes, list):
+        return "changes must be an array of tables"
+    for i, ch in enumerate(changes):
+        if not isinstance(ch, dict) or ch.get("pod") not in pods:
+            return f"changes[{i}] does not name one of the journal's Pods"
+        if ch.get("action") == "write":
+            if not isinstance(ch.get("prior"), str):
+                return f"changes[{i}] has no prior text to restore"
+        elif ch.get("action") != "remove":
+            return f"changes[{i}] has an unknown action {ch.get('action')!r}"
+    return None
 
 
 def _trash_path(state: State, name: str, txid: str) -> Path:
