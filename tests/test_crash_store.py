@@ -287,3 +287,14 @@ def test_damaged_journal_is_never_followed_and_left_for_doctor(cli, state, kind,
     assert store.read(state, "a")["runtime"]["exec"] == "x"
     assert state.metadata_path("b").read_bytes() == b_before  # b's lock was never taken
     assert path.read_text() == text  # `yoi doctor` reports it
+
+
+def test_peer_list_of_a_pod_whose_removal_crashed_rolls_it_back(cli, run_yoi, state):
+    before = make_trio(state)
+    r = run_yoi("pod", "rm", "b", env={"YOI_FAULT": "after-write-3:crash"})
+    assert r.exit_code == CRASH, r
+    assert not state.pod_dir("b").exists()  # set aside, not committed
+    r = cli("pod", "peer", "list", "b", "--json")
+    assert r.exit_code == 0, r
+    assert [p["pod_name"] for p in r.json["peers"]] == ["a", "c"]
+    assert outcome(state, before) == "intact"
