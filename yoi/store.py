@@ -7,9 +7,6 @@ Library code: takes a ``State`` and plain values, returns plain values, raises
 from __future__ import annotations
 
 import os
-import shutil
-from dataclasses import dataclass
-from pathlib import Path
 
 from yoi import metadata
 from yoi.atomic import atomic_write, fsync_dir
@@ -69,6 +66,7 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
             os.rename(staging, state.pod_dir(name))
             fsync_dir(state.pods_dir)
         except BaseException as e:
+            import shutil
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(e, OSError):
                 raise StorageError(f"cannot create Pod {name!r}: {e.strerror} ({e.filename})")
@@ -111,11 +109,13 @@ def update(state: State, name: str, fn) -> dict:
         return doc
 
 
-@dataclass
 class Listed:
-    name: str
-    doc: dict | None
-    error: YoiError | None
+    """One entry of ``list_all``: a plain class, since `yoi pod list` pays for imports."""
+
+    __slots__ = ("name", "doc", "error")
+
+    def __init__(self, name: str, doc: dict | None, error: YoiError | None):
+        self.name, self.doc, self.error = name, doc, error
 
     @property
     def state(self) -> str:
