@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -341,3 +343,28 @@ def test_waiter_gets_the_lock_when_the_holder_releases(state):
         with FileLock(state.lock_path("a"), timeout=30):
             pass
     assert is_locked(state.lock_path("a")) is False
+
+
+LOCK_WITHOUT_ROOM = """
+import resource, sys
+from pathlib import Path
+from yoi.lock import FileLock, is_locked
+path = Path(sys.argv[1])
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))  # the pid cannot be written
+try:
+    FileLock(path, 0).acquire().release()
+    print("acquired")
+except OSError as e:
+    print("raised", e.strerror)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+print("held" if is_locked(path) else "free")
+"""
+
+
+def test_lock_whose_pid_cannot_be_written_is_still_taken_and_released(state):
+    """A full disk must not leave a lock held by a descriptor nobody can release."""
+    state.ensure()
+    p = subprocess.run([sys.executable, "-c", LOCK_WITHOUT_ROOM, str(state.lock_path("a"))],
+                       capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "acquired\nfree\n", "")
