@@ -136,7 +136,7 @@ def test_version_imports_nothing_it_does_not_use(click_itself, tmp_path):
     # Whatever Click itself needs (it imports threading for its context stack) is paid
     # anyway; beyond it, --version must not load storage, sockets or the runtime.
     ours = mods - click_itself
-    forbidden = {"threading", "socket", "selectors", "tomli_w", "tomllib", "fcntl",
+    forbidden = {"threading", "socket", "selectors", "tomli_w", "tomllib", "fcntl", "json",
                  "yoi.cli.pod", "yoi.store", "yoi.txn", "yoi.metadata", "yoi.state",
                  "yoi.peers", "yoi.discovery", "yoi.protocol"}
     assert ours & forbidden == set()

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import math
-import sys
 
 import click
 
 from yoi.errors import StorageError, UsageError, YoiError
-from yoi.names import is_valid_name
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -25,6 +22,7 @@ def report_error(err: YoiError, as_json: bool) -> None:
     message = " ".join(str(err.message).split("\n"))
     click.echo(f"yoi: error: {message}", err=True)
     if as_json:
+        import json  # only --json pays for it
         click.echo(json.dumps({"ok": False, "error": err.to_json()}))
 
 
@@ -102,6 +100,7 @@ LazyGroup.group_class = LazyGroup
 def emit(as_json: bool, data: dict, text: str | None = None) -> None:
     """stdout is data: one JSON document with --json, else TEXT (if any)."""
     if as_json:
+        import json
         click.echo(json.dumps({"ok": True, **data}, default=str))
     elif text is not None:
         click.echo(text)
