@@ -136,7 +136,7 @@ def test_version_imports_nothing_it_does_not_use(click_itself, tmp_path):
     # Whatever Click itself needs (it imports threading for its context stack) is paid
     # anyway; beyond it, --version must not load storage, sockets or the runtime.
     ours = mods - click_itself
-    forbidden = {"threading", "socket", "selectors", "tomli_w", "tomllib", "fcntl",
+    forbidden = {"threading", "socket", "selectors", "tomli_w", "tomllib", "fcntl", "json",
                  "yoi.cli.pod", "yoi.store", "yoi.txn", "yoi.metadata", "yoi.state",
                  "yoi.peers", "yoi.discovery", "yoi.protocol"}
     assert ours & forbidden == set()
@@ -150,6 +150,8 @@ def test_pod_list_does_not_import_the_runtime_or_writers(click_itself, state, tm
     assert {"yoi.cli.pod", "yoi.store", "yoi.discovery"} <= mods
     assert not [m for m in mods if m.startswith(("yoi.runtime", "yoi.server"))]
     assert "tomli_w" not in mods  # listing never writes
+    # Nor what only writers or repairs need (each costs milliseconds on every run).
+    assert (mods - click_itself) & {"shutil", "dataclasses", "tempfile", "hashlib"} == set()
     assert "threading" not in mods - click_itself  # one Pod, no socket: no probe threads
 
 

@@ -75,7 +75,8 @@ def test_create_existing_is_exit_1_unless_exist_ok(cli, state):
     assert failure_doc(r, "exists", 1)["message"] == "Pod 'a' already exists"
     r = cli("pod", "create", "a", "--exist-ok", "--exec", "second")
     assert r.exit_code == 0, r
-    assert r.stdout.startswith("Pod 'a' already exists\nname:         a\n")
+    assert r.stdout.startswith("name:         a\n"), r  # the record, as for a new Pod
+    assert r.stderr == "Pod 'a' already exists\n", r
     assert "exec:         first\n" in r.stdout
     r = cli("pod", "create", "a", "--exist-ok", "--json")
     assert r.exit_code == 0 and r.json["created"] is False
@@ -141,6 +142,32 @@ def test_missing_pod_is_exit_3(cli, command):
     assert r.stdout == ""
     err = failure_doc(cli("pod", command[0], "ghost", *command[1:], "--json"), "not_found", 3)
     assert err["message"] == "no such Pod: ghost"
+
+
+NON_UTF8 = [  # what Python makes of the bytes b"\xff" in an argument
+    (["create", "a", "--exec", "ag\udcffent"], "handler command 'ag\\udcffent'"),
+    (["create", "a", "--cwd", "/w/\udcff"], "working directory '/w/\\udcff'"),
+    (["config", "b", "--exec", "ag\udcffent"], "handler command 'ag\\udcffent'"),
+    (["config", "b", "--cwd", "/w/\udcff"], "working directory '/w/\\udcff'"),
+]
+
+
+@pytest.mark.parametrize("args, what", NON_UTF8, ids=[f"{a[0]} {a[2]}" for a, _ in NON_UTF8])
+def test_non_utf8_setting_is_a_usage_error_and_writes_nothing(cli, state, args, what):
+    store.create(state, "b")
+    before = state.metadata_path("b").read_bytes()
+    r = cli("pod", *args)
+    assert r.exit_code == 2, r
+    one_error_line(r, f"{what} is not valid UTF-8 text")
+    assert sorted(os.listdir(state.pods_dir)) == ["b"]  # no Pod, no staging directory
+    assert state.metadata_path("b").read_bytes() == before
+
+
+def test_non_utf8_argument_in_a_real_process(run_yoi, yoi_home):
+    r = run_yoi("pod", "create", "a", "--exec", "ag\udcffent")  # argv holds b"ag\xffent"
+    assert r.exit_code == 2, r
+    one_error_line(r, "handler command 'ag\\udcffent' is not valid UTF-8 text")
+    assert not (yoi_home / "pods" / "a").exists()
 
 
 # -- list and show ----------------------------------------------------------------
@@ -272,6 +299,22 @@ def test_bad_lock_timeout_values_are_usage_errors(cli, yoi_home):
     one_error_line(r, "Invalid value for '--lock-timeout': -1.0 is not in the range x>=0 "
                       "(see 'yoi pod create -h')")
     assert not yoi_home.exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e400"])
+def test_non_finite_lock_timeout_is_a_usage_error(cli, state, value):
+    """nan would make a lock wait spin for ever (every comparison with it is false)."""
+    store.create(state, "a")
+    before = state.metadata_path("a").read_bytes()
+    r = cli("pod", "config", "a", "--exec", "x", env={"YOI_LOCK_TIMEOUT": value})
+    assert r.exit_code == 2, r
+    one_error_line(r, f"YOI_LOCK_TIMEOUT must be a finite number of seconds, not {value!r}")
+    r = cli("pod", "config", "a", "--exec", "x", "--lock-timeout", value)
+    assert r.exit_code == 2, r
+    shown = "nan" if value == "nan" else "inf"
+    one_error_line(r, f"Invalid value for '--lock-timeout': {shown} is not a finite number "
+                      "of seconds (see 'yoi pod config -h')")
+    assert state.metadata_path("a").read_bytes() == before
 
 
 # -- corrupt metadata -------------------------------------------------------------

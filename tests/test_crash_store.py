@@ -223,3 +223,78 @@ def test_create_cleans_a_staging_directory_left_by_a_killed_create(state, cli):
     assert r.exit_code == 0, r
     assert not leftover.exists()
     assert sorted(p.name for p in state.pods_dir.iterdir()) == ["a"]
+
+
+@pytest.mark.parametrize("spec", ["garbage", "after-lock:crash:abc", "after-lock:boom",
+                                  "after-lock:crash:0", ":crash", "after-lock:eio:1:2"])
+def test_malformed_yoi_fault_is_one_line_exit_2_and_writes_nothing(run_yoi, yoi_home, spec):
+    r = run_yoi("pod", "create", "a", "--json", env={"YOI_FAULT": spec})
+    assert r.exit_code == 2, r
+    message = (f"bad YOI_FAULT rule {spec!r}: want POINT:crash|eio[:N] with N >= 1 "
+               "(YOI_FAULT is a testing aid: unset it)")
+    assert r.stderr == f"yoi: error: {message}\n", r
+    assert r.json["error"]["message"] == message
+    assert not yoi_home.exists()
+
+
+def test_create_never_sweeps_the_set_aside_directory_of_a_similarly_named_pod(cli, run_yoi, state):
+    """Pod `x.removed-1` set aside by an uncommitted removal is not Pod `x`'s trash."""
+    store.create(state, "x.removed-1", exec_cmd="keep me")
+    before = state.metadata_path("x.removed-1").read_bytes()
+    r = run_yoi("pod", "rm", "x.removed-1", env={"YOI_FAULT": "before-journal-remove:crash"})
+    assert r.exit_code == CRASH, r
+    [aside] = [e for e in os.listdir(state.pods_dir) if e.startswith(".")]
+    assert aside.startswith(".x.removed-1.removed-")
+    assert cli("pod", "create", "x").exit_code == 0  # sweeps only x's own leftovers
+    assert aside in os.listdir(state.pods_dir)
+    # The next command on the Pod rolls its removal back: it is there, unchanged.
+    r = cli("pod", "config", "x.removed-1", "--accept-peers")
+    assert r.exit_code == 0, r
+    assert store.read(state, "x.removed-1")["runtime"]["exec"] == "keep me"
+    assert leftovers(state) == []
+    assert state.metadata_path("x.removed-1").read_bytes() == before  # accept_peers was true
+
+
+DAMAGED_JOURNALS = {  # damaged from outside: Yoi never writes these
+    "no-action": ('pods = ["a"]\nchanges = [{pod = "a"}]', r"changes\[0\] has an unknown action None"),
+    "no-prior": ('pods = ["a"]\nchanges = [{pod = "a", action = "write"}]',
+                 r"changes\[0\] has no prior text to restore"),
+    "bad-pod-name": ('pods = ["a", "../x"]\nchanges = []', r"pods \['a', '../x'\] is not a list"),
+    "unlocked-pod": ('pods = ["a"]\nchanges = [{pod = "b", action = "write", prior = "junk"}]',
+                     r"changes\[0\] does not name one of the journal's Pods"),
+    "pods-string": ('pods = "ab"\nchanges = []', r"pods 'ab' is not a list of Pod names"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGED_JOURNALS))
+@pytest.mark.parametrize("txid", ["1-2-ab", "../../elsewhere"])
+def test_damaged_journal_is_never_followed_and_left_for_doctor(cli, state, kind, txid):
+    from yoi.errors import CorruptMetadata
+    from yoi.txn import load_journal
+    body, problem = DAMAGED_JOURNALS[kind]
+    store.create(state, "a")
+    store.create(state, "b")
+    b_before = state.metadata_path("b").read_bytes()
+    text = f'txid = "{txid}"\n{body}\n'
+    path = state.journal_dir / "1-2-ab.toml"
+    path.write_text(text)
+    if txid != "1-2-ab":
+        problem = r"txid '\.\./\.\./elsewhere' is not MILLIS-PID-HEX"
+    with pytest.raises(CorruptMetadata, match=f"{path}: journal is not valid: {problem}"):
+        load_journal(path)
+    r = cli("pod", "config", "a", "--exec", "x")
+    assert r.exit_code == 0, r
+    assert store.read(state, "a")["runtime"]["exec"] == "x"
+    assert state.metadata_path("b").read_bytes() == b_before  # b's lock was never taken
+    assert path.read_text() == text  # `yoi doctor` reports it
+
+
+def test_peer_list_of_a_pod_whose_removal_crashed_rolls_it_back(cli, run_yoi, state):
+    before = make_trio(state)
+    r = run_yoi("pod", "rm", "b", env={"YOI_FAULT": "after-write-3:crash"})
+    assert r.exit_code == CRASH, r
+    assert not state.pod_dir("b").exists()  # set aside, not committed
+    r = cli("pod", "peer", "list", "b", "--json")
+    assert r.exit_code == 0, r
+    assert [p["pod_name"] for p in r.json["peers"]] == ["a", "c"]
+    assert outcome(state, before) == "intact"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -44,7 +46,7 @@ def test_lock_timeout_default_env_and_explicit(monkeypatch, tmp_path):
     monkeypatch.setenv("YOI_LOCK_TIMEOUT", "2.5")
     assert State.resolve(tmp_path).lock_timeout == 2.5
     assert State.resolve(tmp_path, 0.25).lock_timeout == 0.25
-    for bad in ("soon", "-1"):
+    for bad in ("soon", "-1", "nan", "inf", "-inf", "1e400"):
         monkeypatch.setenv("YOI_LOCK_TIMEOUT", bad)
         with pytest.raises(UsageError):
             State.resolve(tmp_path)
@@ -218,6 +220,16 @@ def test_remove_with_a_dangling_peer_entry(state):
     assert not state.pod_dir("a").exists()
 
 
+def test_create_that_fails_midway_leaves_no_staging_directory(state, monkeypatch):
+    """Whatever stops a create after its staging directory exists removes it again."""
+    def broken_dumps(doc):
+        raise RuntimeError("cannot serialise")
+    monkeypatch.setattr(metadata, "dumps", broken_dumps)
+    with pytest.raises(RuntimeError, match="cannot serialise"):
+        store.create(state, "a")
+    assert os.listdir(state.pods_dir) == []
+
+
 def test_create_after_remove_starts_fresh(state):
     store.create(state, "a", exec_cmd="first")
     store.remove(state, "a")
@@ -331,3 +343,28 @@ def test_waiter_gets_the_lock_when_the_holder_releases(state):
         with FileLock(state.lock_path("a"), timeout=30):
             pass
     assert is_locked(state.lock_path("a")) is False
+
+
+LOCK_WITHOUT_ROOM = """
+import resource, sys
+from pathlib import Path
+from yoi.lock import FileLock, is_locked
+path = Path(sys.argv[1])
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))  # the pid cannot be written
+try:
+    FileLock(path, 0).acquire().release()
+    print("acquired")
+except OSError as e:
+    print("raised", e.strerror)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+print("held" if is_locked(path) else "free")
+"""
+
+
+def test_lock_whose_pid_cannot_be_written_is_still_taken_and_released(state):
+    """A full disk must not leave a lock held by a descriptor nobody can release."""
+    state.ensure()
+    p = subprocess.run([sys.executable, "-c", LOCK_WITHOUT_ROOM, str(state.lock_path("a"))],
+                       capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "acquired\nfree\n", "")

@@ -15,7 +15,9 @@ fails the third atomic write (the second Pod's file) and must leave both Pods
 as they were. ``tests/test_peers_faults.py`` walks every point.
 
 The variable is read once, at import; when it is unset ``fault()`` returns at
-its first test. Never set it outside tests and benchmarks.
+its first test. A malformed value makes the import raise ``UsageError``, so a
+command fails with one line and exit 2 instead of silently running without
+the fault a test asked for. Never set it outside tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -23,17 +25,23 @@ from __future__ import annotations
 import errno
 import os
 
+from yoi.errors import UsageError
+
 _rules: dict[str, tuple[str, int]] = {}
 _hits: dict[str, int] = {}
 
 
 def _parse(spec: str) -> dict[str, tuple[str, int]]:
+    """The rules of SPEC; a malformed one is a usage error (exit 2), never ignored."""
     rules = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         bits = part.split(":")
-        if len(bits) not in (2, 3) or bits[1] not in ("crash", "eio"):
-            raise ValueError(f"bad YOI_FAULT rule {part!r}: want POINT:crash|eio[:N]")
-        rules[bits[0]] = (bits[1], int(bits[2]) if len(bits) == 3 else 1)
+        nth = bits[2] if len(bits) == 3 else "1"
+        if (len(bits) not in (2, 3) or not bits[0] or bits[1] not in ("crash", "eio")
+                or not (nth.isascii() and nth.isdigit() and int(nth) >= 1)):
+            raise UsageError(f"bad YOI_FAULT rule {part!r}: want POINT:crash|eio[:N] "
+                             "with N >= 1 (YOI_FAULT is a testing aid: unset it)")
+        rules[bits[0]] = (bits[1], int(nth))
     return rules
 
 

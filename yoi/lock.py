@@ -43,8 +43,14 @@ class FileLock:
             except BaseException:
                 os.close(fd)
                 raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            # The pid only lets a waiter name the holder. Raising here would
+            # leave the flock held by a descriptor nobody can release (for the
+            # whole life of a Pod process) when the disk is full.
+            pass
         self.fd = fd
         return self
 

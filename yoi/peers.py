@@ -12,7 +12,7 @@ from yoi import metadata
 from yoi.errors import NotFound, Refused, YoiError
 from yoi.names import check_name
 from yoi.state import State
-from yoi.txn import Change, lock_pods, read_pod_file
+from yoi.txn import Change, list_journals, lock_pods, read_pod_file
 
 
 def _check_pair(source: str, target: str) -> None:
@@ -86,7 +86,10 @@ def list_peers(state: State, name: str) -> list[dict]:
     every peer change that involves NAME holds NAME's lock too.
     """
     check_name(name)
-    if not state.pod_dir(name).exists():  # do not create a state dir just to fail
+    # Do not create a state dir just to fail; but a Pod whose removal was
+    # interrupted is only set aside: its journal's rollback brings it back.
+    if not state.pod_dir(name).exists() and not any(
+            name in j.pods for j in list_journals(state)):
         raise NotFound(f"no such Pod: {name}", pod=name)
     with lock_pods(state, [name]) as locked:
         pod = locked.require(name)

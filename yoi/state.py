@@ -6,6 +6,7 @@ Resolution: ``--state-dir`` > ``$YOI_HOME`` > ``~/.yoi``. Directories are create
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from pathlib import Path
@@ -25,6 +26,9 @@ def _env_lock_timeout() -> float:
         value = float(raw)
     except ValueError:
         raise UsageError(f"YOI_LOCK_TIMEOUT must be a number of seconds, not {raw!r}")
+    if not math.isfinite(value):
+        # nan would make the lock wait spin for ever; inf would never report
+        raise UsageError(f"YOI_LOCK_TIMEOUT must be a finite number of seconds, not {raw!r}")
     if value < 0:
         raise UsageError("YOI_LOCK_TIMEOUT must not be negative")
     return value

@@ -7,9 +7,6 @@ Library code: takes a ``State`` and plain values, returns plain values, raises
 from __future__ import annotations
 
 import os
-import shutil
-from dataclasses import dataclass
-from pathlib import Path
 
 from yoi import metadata
 from yoi.atomic import atomic_write, fsync_dir
@@ -31,12 +28,23 @@ def read(state: State, name: str) -> dict:
     return pod.doc
 
 
+def _utf8(value: str, what: str) -> str:
+    """VALUE if TOML can hold it; a string from a non-UTF-8 argument cannot."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} {value!r} is not valid UTF-8 text") from None
+    return value
+
+
 def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None = None,
            accept_peers: bool = True, exist_ok: bool = False) -> tuple[dict, bool]:
     """Create Pod NAME. Returns (record, created)."""
     check_name(name)
+    if exec_cmd is not None:
+        _utf8(exec_cmd, "handler command")
     if cwd is not None:
-        cwd = os.path.abspath(cwd)
+        cwd = _utf8(os.path.abspath(cwd), "working directory")
     with lock_pods(state, [name]) as locked:
         pod = locked.read(name)
         if pod.exists:
@@ -57,9 +65,12 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
             os.close(fd)
             os.rename(staging, state.pod_dir(name))
             fsync_dir(state.pods_dir)
-        except OSError as e:
+        except BaseException as e:
+            import shutil
             shutil.rmtree(staging, ignore_errors=True)
-            raise StorageError(f"cannot create Pod {name!r}: {e.strerror} ({e.filename})")
+            if isinstance(e, OSError):
+                raise StorageError(f"cannot create Pod {name!r}: {e.strerror} ({e.filename})")
+            raise
         return record, True
 
 
@@ -69,6 +80,10 @@ def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd
     ``exec_cmd=None`` removes the handler command.
     """
     check_name(name)
+    if exec_cmd is not _UNSET and exec_cmd is not None:
+        _utf8(exec_cmd, "handler command")
+    if cwd is not _UNSET:
+        cwd = _utf8(os.path.abspath(cwd), "working directory")
     with lock_pods(state, [name]) as locked:
         doc = locked.require(name).doc
         runtime = doc.setdefault("runtime", {})
@@ -78,7 +93,7 @@ def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd
             else:
                 runtime["exec"] = exec_cmd
         if cwd is not _UNSET:
-            runtime["cwd"] = os.path.abspath(cwd)
+            runtime["cwd"] = cwd
         if accept_peers is not _UNSET:
             doc["accept_peers"] = bool(accept_peers)
         locked.write_one(name, doc)
@@ -94,11 +109,13 @@ def update(state: State, name: str, fn) -> dict:
         return doc
 
 
-@dataclass
 class Listed:
-    name: str
-    doc: dict | None
-    error: YoiError | None
+    """One entry of ``list_all``: a plain class, since `yoi pod list` pays for imports."""
+
+    __slots__ = ("name", "doc", "error")
+
+    def __init__(self, name: str, doc: dict | None, error: YoiError | None):
+        self.name, self.doc, self.error = name, doc, error
 
     @property
     def state(self) -> str:

@@ -31,6 +31,7 @@ journal first, then each metadata file; in a recovery: each restored file).
 from __future__ import annotations
 
 import os
+import re
 import time
 import tomllib
 from contextlib import contextmanager
@@ -41,9 +42,27 @@ from yoi.atomic import atomic_write, fsync_dir, read_bytes_nofollow, remove_temp
 from yoi.errors import CorruptMetadata, NotFound, StorageError
 from yoi.faults import fault
 from yoi.lock import FileLock
+from yoi.names import is_valid_name
 from yoi.state import State, refuse_symlink
 
+# Directories beside the Pods: ``.NAME.removed-TXID`` (a Pod set aside by a
+# removal) and ``.NAME.creating-PID`` (a create building it). NAME may itself
+# contain ".removed-" or ".creating-", so the tag is parsed strictly.
 REMOVED_MARK = ".removed-"
+CREATING_MARK = ".creating-"
+TXID_RE = re.compile(r"[0-9]+-[0-9]+-[0-9a-f]+\Z", re.ASCII)
+_PID_RE = re.compile(r"[0-9]+\Z", re.ASCII)
+
+
+def leftover_dir_owner(entry: str) -> tuple[str, str, str] | None:
+    """``(pod, mark, tag)`` if ENTRY under pods/ is a removal's or a create's directory."""
+    if not entry.startswith("."):
+        return None
+    for mark, tag_re in ((REMOVED_MARK, TXID_RE), (CREATING_MARK, _PID_RE)):
+        pod, sep, tag = entry[1:].rpartition(mark)
+        if sep and is_valid_name(pod) and tag_re.match(tag):
+            return pod, mark, tag
+    return None
 
 
 # Plain classes, not dataclasses: every command pays for its imports, and
@@ -116,13 +135,40 @@ def list_journals(state: State) -> list[Journal]:
 
 
 def load_journal(path: Path) -> Journal:
+    """Read and check a journal; CorruptMetadata naming PATH if it is not one of ours.
+
+    The checks matter: a rollback writes the files a journal names, so one
+    damaged from outside must not name a Pod it holds no lock for, a path as
+    its txid, or an entry a rollback cannot follow.
+    """
     raw = read_bytes_nofollow(path)
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
-        return Journal(path, str(doc["txid"]), [str(p) for p in doc["pods"]],
-                       list(doc["changes"]))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError) as e:
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise CorruptMetadata(f"{path}: journal does not parse: {e}", path=str(path))
+    problem = _journal_problem(doc)
+    if problem:
+        raise CorruptMetadata(f"{path}: journal is not valid: {problem}", path=str(path))
+    return Journal(path, doc["txid"], list(doc["pods"]), list(doc["changes"]))
+
+
+def _journal_problem(doc: dict) -> str | None:
+    txid, pods, changes = doc.get("txid"), doc.get("pods"), doc.get("changes")
+    if not isinstance(txid, str) or not TXID_RE.match(txid):
+        return f"txid {txid!r} is not MILLIS-PID-HEX"
+    if not isinstance(pods, list) or not pods or not all(is_valid_name(p) for p in pods):
+        return f"pods {pods!r} is not a list of Pod names"
+    if not isinstance(changes, list):
+        return "changes must be an array of tables"
+    for i, ch in enumerate(changes):
+        if not isinstance(ch, dict) or ch.get("pod") not in pods:
+            return f"changes[{i}] does not name one of the journal's Pods"
+        if ch.get("action") == "write":
+            if not isinstance(ch.get("prior"), str):
+                return f"changes[{i}] has no prior text to restore"
+        elif ch.get("action") != "remove":
+            return f"changes[{i}] has an unknown action {ch.get('action')!r}"
+    return None
 
 
 def _trash_path(state: State, name: str, txid: str) -> Path:
@@ -340,20 +386,19 @@ def lock_pods(state: State, names, timeout: float | None = None):
             lock.release()
 
 
-CREATING_MARK = ".creating-"
-
-
 def remove_trash(state: State, name: str) -> None:
     """Delete NAME's leftover directories: a committed removal, an interrupted create.
 
-    Caller holds NAME's lock, so no live process owns any of them.
+    Caller holds NAME's lock, so no live process owns any of them. Only NAME's
+    own: ``.a.removed-1.removed-TXID`` belongs to Pod ``a.removed-1``, whose
+    removal may still be rolled back from it.
     """
-    prefixes = (f".{name}{REMOVED_MARK}", f".{name}{CREATING_MARK}")
     try:
         entries = os.listdir(state.pods_dir)
     except FileNotFoundError:
         return
     for entry in entries:
-        if entry.startswith(prefixes):
+        owner = leftover_dir_owner(entry)
+        if owner is not None and owner[0] == name:
             import shutil
             shutil.rmtree(state.pods_dir / entry, ignore_errors=True)

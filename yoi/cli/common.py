@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
-import sys
+import math
 
 import click
 
 from yoi.errors import StorageError, UsageError, YoiError
-from yoi.names import is_valid_name
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -24,6 +22,7 @@ def report_error(err: YoiError, as_json: bool) -> None:
     message = " ".join(str(err.message).split("\n"))
     click.echo(f"yoi: error: {message}", err=True)
     if as_json:
+        import json  # only --json pays for it
         click.echo(json.dumps({"ok": False, "error": err.to_json()}))
 
 
@@ -101,6 +100,7 @@ LazyGroup.group_class = LazyGroup
 def emit(as_json: bool, data: dict, text: str | None = None) -> None:
     """stdout is data: one JSON document with --json, else TEXT (if any)."""
     if as_json:
+        import json
         click.echo(json.dumps({"ok": True, **data}, default=str))
     elif text is not None:
         click.echo(text)
@@ -115,13 +115,20 @@ json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON document on stdout (also on failure).")
 
 
+def _finite_seconds(ctx, param, value):
+    # FloatRange lets nan and inf through; nan would make a lock wait spin for ever.
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number of seconds", ctx, param)
+    return value
+
+
 def state_options(f):
     """Add --state-dir and --lock-timeout; pass the resolved ``state`` instead."""
 
     @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
                   help="State directory (default: $YOI_HOME, else ~/.yoi).")
     @click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
-                  metavar="SECONDS",
+                  metavar="SECONDS", callback=_finite_seconds,
                   help="Wait this long for a Pod's lock before failing with exit 6 "
                        "(default: $YOI_LOCK_TIMEOUT, else 10).")
     @functools.wraps(f)

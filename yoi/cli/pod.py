@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from yoi.cli.common import (POD, LazyGroup, check_names, emit, json_option, pod_argument,
-                            state_options)
+                            say, state_options)
 
 POD_SUBCOMMANDS: dict[str, str] = {
     "peer": "yoi.cli.peer:peer",
@@ -79,8 +79,9 @@ def create_command(name, exec_cmd, cwd, no_accept_peers, exist_ok, as_json, stat
     check_names(name)
     doc, created = store.create(state, name, exec_cmd=exec_cmd, cwd=cwd,
                                 accept_peers=not no_accept_peers, exist_ok=exist_ok)
-    text = _record_text(name, doc) if created else f"Pod {name!r} already exists\n" + _record_text(name, doc)
-    emit(as_json, {"created": created, "pod": _record_json(name, doc)}, text)
+    if not created and not as_json:
+        say(f"Pod {name!r} already exists")  # talk: stdout stays the record alone
+    emit(as_json, {"created": created, "pod": _record_json(name, doc)}, _record_text(name, doc))
 
 
 @pod.command("config")
