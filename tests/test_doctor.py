@@ -889,3 +889,32 @@ def test_stale_socket_of_a_pod_started_meanwhile_is_no_problem(state, holder):
     d.attempt(p, lambda: d.remove_socket(sock, "a"))
     assert d.problems == []
     assert sock.exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("pid", "4242", "runtime.pid must be an integer, not '4242'"),
+    ("pid", True, "runtime.pid must be an integer, not True"),
+    ("socket_path", 42, "runtime.socket_path must be a string, not 42"),
+    ("exec", ["my-agent"], "runtime.exec must be a string, not ['my-agent']"),
+])
+def test_runtime_hint_of_the_wrong_type_is_a_schema_problem(cli, state, key, value, message):
+    """Such a hint broke `yoi pod list` with a traceback; doctor names it."""
+    pods(state, "a")
+    store.update(state, "a", lambda d: d | {"runtime": {key: value}})
+    p = check_found_and_fixed(cli, "metadata-schema", "a", meta_path(state, "a"), fixable=False)
+    assert p["message"] == message
+
+
+def test_pid_that_cannot_be_a_pid_is_stale_not_a_crash(cli, state):
+    pods(state, "a")
+    store.update(state, "a", lambda d: d | {"runtime": {"pid": 2**40}})
+    p = check_found_and_fixed(cli, "stale-pid", "a", meta_path(state, "a"))
+    assert p["message"] == f"metadata records pid {2**40}, which is not running"
+
+
+def test_runtime_lock_that_is_a_directory(cli, state):
+    pods(state, "a")
+    state.runtime_lock_path("a").mkdir()
+    p = check_found_and_fixed(cli, "unreadable", "a", state.runtime_lock_path("a"),
+                              fixable=False)
+    assert p["message"] == "runtime.lock is not a regular file, so the Pod cannot start; remove it"

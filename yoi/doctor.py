@@ -35,7 +35,8 @@ from yoi.errors import CorruptMetadata, UsageError, YoiError
 from yoi.lock import FileLock, is_locked, lock_holder_pid, try_lock
 from yoi.names import is_valid_name
 from yoi.state import State
-from yoi.txn import REMOVED_MARK, Journal, list_journals, load_journal, lock_pods, pid_alive
+from yoi.txn import REMOVED_MARK, Journal, list_journals, load_journal, lock_pods
+from yoi.txn import pid_alive as _pid_alive
 
 # The one table of check codes (stable identifiers), with a one-line description
 # and whether ``--fix`` can repair such a finding.
@@ -138,6 +139,13 @@ def _lstat(path: Path) -> os.stat_result | None:
         return os.lstat(path)
     except FileNotFoundError:
         return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process PID exists; False for what cannot be a pid (0, -1, 2**40)."""
+    if not 0 < pid < 2**31:
+        return False  # os.kill would signal a group, or raise OverflowError
+    return _pid_alive(pid)
 
 
 def _describe(e: BaseException) -> str:
@@ -354,6 +362,9 @@ def scan_pod(pods_dir: str, name: str) -> tuple[_Pod, list[Finding]]:
         st = _lstat(Path(lock))
         if st is not None and stat.S_ISLNK(st.st_mode):
             found.append(("symlink", name, lock, "runtime.lock is a symlink; never followed"))
+        elif st is not None and not stat.S_ISREG(st.st_mode):
+            found.append(("unreadable", name, lock, "runtime.lock is not a regular file, so "
+                          "the Pod cannot start; remove it"))
     if "session.jsonl" in files:
         pod.has_session = True
         session = os.path.join(path, "session.jsonl")
@@ -390,7 +401,7 @@ def scan_pod(pods_dir: str, name: str) -> tuple[_Pod, list[Finding]]:
         found.append(("metadata-parse", name, meta, e.message.removeprefix(f"{meta}: ")
                       + "; never rewritten by Yoi: repair or remove it by hand"))
         return pod, found
-    problem = metadata.schema_problem(doc)
+    problem = metadata.schema_problem(doc) or _runtime_problem(doc)
     if problem:
         found.append(("metadata-schema", name, meta, problem))
     elif doc["pod_name"] != name:
@@ -402,6 +413,21 @@ def scan_pod(pods_dir: str, name: str) -> tuple[_Pod, list[Finding]]:
         runtime = doc.get("runtime") or {}
         pod.pid, pod.socket_path = runtime.get("pid"), runtime.get("socket_path")
     return pod, found
+
+
+# The [runtime] hints and the types every reader of them expects.
+RUNTIME_TYPES = {"pid": (int, "an integer"), "socket_path": (str, "a string"),
+                 "exec": (str, "a string"), "cwd": (str, "a string")}
+
+
+def _runtime_problem(doc: dict) -> str | None:
+    """A [runtime] hint of the wrong type (it would break the commands that read it)."""
+    runtime = doc.get("runtime") or {}
+    for key, (kind, what) in RUNTIME_TYPES.items():
+        value = runtime.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"runtime.{key} must be {what}, not {value!r}"
+    return None
 
 
 def _scan_chunk(args: tuple[str, list[str]]) -> list[tuple[_Pod, list[Finding]]]:
@@ -906,7 +932,7 @@ class _Doctor:
         return st is not None and stat.S_ISREG(st.st_mode) and bool(is_locked(path))
 
     def pid_problem(self, name: str, pid: int) -> str | None:
-        if pid <= 0 or not pid_alive(pid):
+        if not pid_alive(pid):
             return f"metadata records pid {pid}, which is not running"
         if not self.runtime_running(name):
             return f"metadata records pid {pid}, which does not hold the Pod's runtime lock"
