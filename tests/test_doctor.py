@@ -803,13 +803,14 @@ def test_state_subdirectory_that_is_a_file_blocks_every_repair(cli, state, sub):
     pods(state, "a", "b")
     set_peers(state, "a", "b")
     os.chmod(state.pod_dir("a"), 0o755)
+    os.chmod(state.root, 0o750)  # checked before the subdirectories: not repaired either
     path = state.root / sub
     if path.exists():
         for entry in path.iterdir():
             if entry.is_dir():
                 os.chmod(entry, 0o755)  # a file's mode is never "repaired"
         import shutil
-        saved = state.root / f"saved-{sub}"
+        saved = state.root.parent / f"saved-{sub}"
         shutil.move(path, saved)
     path.write_text("not a directory")
     os.chmod(path, 0o644)
@@ -821,6 +822,7 @@ def test_state_subdirectory_that_is_a_file_blocks_every_repair(cli, state, sub):
     assert not any(p["fixed"] for p in problems), r
     after = {p: (p.read_bytes(), p.stat().st_mode) for p in state.root.rglob("*") if p.is_file()}
     assert after == before
+    assert state.root.stat().st_mode & 0o777 == 0o750
     for p in problems:
         if p["code"] != "state-not-dir" and p["code"] != "state-permissions":
             assert p["message"].endswith(f"(not repaired: {path} is not a directory; "

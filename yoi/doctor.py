@@ -592,10 +592,17 @@ class _Doctor:
             foreign = sorted(set(os.listdir(root)) - set(STATE_SUBDIRS))
         except OSError:
             foreign = []
+        # The layout first: a bad directory blocks every repair, the first
+        # chmod included.
+        subdirs = {path: _lstat(path) for path in
+                   [root / sub for sub in STATE_SUBDIRS] + [self.state.short_run_dir()]}
+        for path, sub_st in subdirs.items():
+            if sub_st is not None and not stat.S_ISDIR(sub_st.st_mode):
+                self.bad_dir(path, sub_st)
         self.check_dir(root, st=st, foreign=foreign)
-        for sub in STATE_SUBDIRS:
-            self.check_dir(root / sub)
-        self.check_dir(self.state.short_run_dir())
+        for path, sub_st in subdirs.items():
+            if path not in self.bad_dirs:
+                self.check_dir(path, st=sub_st)
         if self.state.locks_dir in self.bad_dirs:
             return True
         try:
