@@ -772,7 +772,21 @@ cmd_close() {
 # leftovers DIR: report temp files an interrupted command left in DIR.
 leftovers() {
     for f in "$1"/.*.tmp-*; do
-        if [ -e "$f" ]; then printf 'leftover temporary file: %s\n' "$f"; fi
+        [ -e "$f" ] || continue
+        case ${f##*/} in
+            .lock.tmp-*)
+                # Held by a command waiting for the lock; it names its pid.
+                pid=$(cat "$f" 2>/dev/null || true)
+                if [ -z "$pid" ]; then
+                    # Just made, by a command about to write its pid: look again.
+                    sleep 0.1 2>/dev/null || sleep 1
+                    [ -e "$f" ] || continue
+                    pid=$(cat "$f" 2>/dev/null || true)
+                fi
+                if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then continue; fi
+                ;;
+        esac
+        printf 'leftover temporary file: %s\n' "$f"
     done
 }
 
@@ -780,15 +794,19 @@ cmd_doctor() {
     parse doctor "" 0 "$@"
     TMP_REPORT=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
     set --
+    for f in "$LOCK_FILE" "$BREAK_FILE"; do
+        [ -f "$f" ] || continue
+        holder=$(cat "$f" 2>/dev/null || true)
+        if [ -z "$holder" ] || ! kill -0 "$holder" 2>/dev/null; then
+            printf 'stale lock (process %s is gone): %s\n' "${holder:-?}" "$f"
+        fi
+    done >"$TMP_REPORT"
+    # Look at a still tree: under the lock no command is half-way through a
+    # create, a move or a rewrite (which would look like damage). A stale
+    # lock is reported, not broken: that is for a person to decide.
+    if [ ! -s "$TMP_REPORT" ] && [ -d "$W" ] && [ -w "$W" ]; then lock_acquire; fi
     {
         leftovers "$W"
-        for f in "$LOCK_FILE" "$BREAK_FILE"; do
-            [ -f "$f" ] || continue
-            holder=$(cat "$f" 2>/dev/null || true)
-            if [ -z "$holder" ] || ! kill -0 "$holder" 2>/dev/null; then
-                printf 'stale lock (process %s is gone): %s\n' "${holder:-?}" "$f"
-            fi
-        done
         for st in $STATUSES; do
             if [ ! -d "$W/$st" ]; then
                 printf 'missing directory: %s\n' "$W/$st"
@@ -849,7 +867,7 @@ cmd_doctor() {
                 }
             ' "$@"
         fi
-    } >"$TMP_REPORT"
+    } >>"$TMP_REPORT"
     problems=$(wc -l <"$TMP_REPORT" | tr -d ' ')
     if [ "$problems" = 0 ]; then
         printf 'doctor: ok\n'

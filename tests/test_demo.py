@@ -16,16 +16,23 @@ def test_demo_runs_every_step_and_removes_its_state(run_yoi):
     assert m, r
     from pathlib import Path
     assert not Path(m.group(1)).exists()
-    for command in ("yoi pod create reviewer", "yoi pod peer register reviewer coder",
-                    "yoi pod start coder", "yoi pod send --from reviewer coder",
-                    "yoi doctor", "yoi pod stop reviewer"):
-        assert f"$ {command}" in r.stdout, command
+    # The order of the issue: create, start, register, send, wait for the reply,
+    # doctor, stop.
+    commands = [re.sub(r" --exec .*", " --exec ...", line.split("$ ", 1)[1])
+                for line in r.stdout.splitlines() if re.match(r"\[\d+\] \$ ", line)]
+    assert commands == [
+        "yoi pod create reviewer", "yoi pod create coder --exec ...",
+        "yoi pod start reviewer", "yoi pod start coder",
+        "yoi pod peer register reviewer coder", "yoi pod list",
+        "yoi pod send --from reviewer coder 'please review PR 42'",
+        "yoi pod log reviewer --json   # waiting for the reply from coder",
+        "yoi pod log coder", "yoi doctor", "yoi pod stop coder", "yoi pod stop reviewer"], r
     assert 'pong from coder: got \\"please review PR 42\\"' in r.stdout
 
 
 def test_demo_json_in_a_kept_state_dir_leaves_stopped_pods_and_both_logs(run_yoi, tmp_path):
     state = tmp_path / "demo-state"
-    r = run_yoi("demo", "--state-dir", state, "--json", timeout=120)
+    r = run_yoi("demo", "--state-dir", state, "--keep", "--json", timeout=120)
     assert r.exit_code == 0, r
     doc = r.json
     assert doc["ok"] is True and doc["kept"] is True and doc["state_dir"] == str(state)
@@ -51,3 +58,16 @@ def test_demo_fails_with_the_step_that_failed(run_yoi, tmp_path):
     assert r.stderr.splitlines()[-1] == (
         "yoi: error: demo step `yoi pod create reviewer` exited 1: "
         "yoi: error: Pod 'reviewer' already exists")
+    # The Pod that was there before is not the demo's to remove.
+    assert run_yoi("pod", "show", "reviewer", "--state-dir", state).exit_code == 0
+
+
+def test_demo_in_an_existing_state_dir_removes_only_its_own_pods(run_yoi, tmp_path):
+    state = tmp_path / "mine"
+    assert run_yoi("pod", "create", "other", "--state-dir", state).exit_code == 0
+    r = run_yoi("demo", "--state-dir", state, timeout=120)
+    assert r.exit_code == 0, r
+    assert r.stdout.startswith(f"state directory: {state} (the demo's Pods are removed "
+                               "afterwards)\n"), r
+    assert r.stdout.endswith("[14] $ yoi pod rm reviewer\n    removed reviewer\n\ndemo: ok\n"), r
+    assert sorted(p.name for p in (state / "pods").iterdir()) == ["other"]

@@ -490,7 +490,7 @@ def test_corrupt_journal_is_left_in_place(cli, state):
     path = state.journal_dir / "1-2-abcd.toml"
     path.write_bytes(b"txid = [")
     p = check_found_and_fixed(cli, "journal-corrupt", None, path, fixable=False)
-    assert p["message"].startswith(f"{path}: journal does not parse")
+    assert p["message"].startswith("journal does not parse: ")
     assert path.read_bytes() == b"txid = ["
 
 
@@ -768,3 +768,155 @@ def test_real_command_fix_json(run_yoi, state):
     assert [(p["code"], p["fixed"]) for p in doc["problems"]] == [("peer-one-sided", True)]
     r = run_yoi("doctor")
     assert r.exit_code == 0, r
+
+
+# -- a broken layout, and findings that vanish on a second look ----------------------------
+
+def test_temp_file_beside_a_relation_repair_is_reported_too(cli, state):
+    """Repairing a relation takes the Pod's lock, which removes its temp files: still reported."""
+    pods(state, "a", "b")
+    set_peers(state, "a", "b")
+    tmp = state.pod_dir("a") / ".metadata.toml.tmp-0123456789ab"
+    tmp.write_text("half")
+    r, problems = doctor(cli, "--fix")
+    assert r.exit_code == 0, r
+    assert [(p["code"], p["path"], p["fixed"]) for p in problems] == [
+        ("peer-one-sided", str(meta_path(state, "a")), True), ("temp-file", str(tmp), True)]
+    assert not tmp.exists()
+
+
+def test_missing_locks_directory_is_no_reason_to_give_up(cli, state):
+    pods(state, "a", "b")
+    set_peers(state, "a", "b")
+    for lock in state.locks_dir.iterdir():
+        lock.unlink()
+    state.locks_dir.rmdir()
+    r, problems = doctor(cli)
+    assert [p["code"] for p in problems] == ["peer-one-sided"], r
+    assert not state.locks_dir.exists()  # a check writes nothing
+    r, problems = doctor(cli, "--fix")
+    assert (r.exit_code, [p["fixed"] for p in problems]) == (0, [True]), r
+
+
+@pytest.mark.parametrize("sub", ["locks", "journal", "pods", "run"])
+def test_state_subdirectory_that_is_a_file_blocks_every_repair(cli, state, sub):
+    pods(state, "a", "b")
+    set_peers(state, "a", "b")
+    os.chmod(state.pod_dir("a"), 0o755)
+    os.chmod(state.root, 0o750)  # checked before the subdirectories: not repaired either
+    path = state.root / sub
+    if path.exists():
+        for entry in path.iterdir():
+            if entry.is_dir():
+                os.chmod(entry, 0o755)  # a file's mode is never "repaired"
+        import shutil
+        saved = state.root.parent / f"saved-{sub}"
+        shutil.move(path, saved)
+    path.write_text("not a directory")
+    os.chmod(path, 0o644)
+    before = {p: (p.read_bytes(), p.stat().st_mode) for p in state.root.rglob("*") if p.is_file()}
+    r, problems = doctor(cli, "--fix")
+    assert r.exit_code == 1, r
+    first = [p for p in problems if p["code"] == "state-not-dir"]
+    assert [(p["path"], p["fixable"], p["fixed"]) for p in first] == [(str(path), False, False)]
+    assert not any(p["fixed"] for p in problems), r
+    after = {p: (p.read_bytes(), p.stat().st_mode) for p in state.root.rglob("*") if p.is_file()}
+    assert after == before
+    assert state.root.stat().st_mode & 0o777 == 0o750
+    for p in problems:
+        if p["code"] != "state-not-dir" and p["code"] != "state-permissions":
+            assert p["message"].endswith(f"(not repaired: {path} is not a directory; "
+                                         "repair that by hand first)"), p
+
+
+def test_symlinked_locks_directory_is_never_followed_by_a_repair(cli, state, tmp_path):
+    pods(state, "a", "b")
+    set_peers(state, "a", "b")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    import shutil
+    shutil.rmtree(state.locks_dir)
+    state.locks_dir.symlink_to(elsewhere)
+    r, problems = doctor(cli, "--fix")
+    assert r.exit_code == 1, r
+    assert [(p["code"], p["fixed"]) for p in problems] == [("symlink", False),
+                                                          ("peer-one-sided", False)], r
+    assert list(elsewhere.iterdir()) == []  # no lock was taken through the link
+    assert metadata.peer_names(read_doc(state, "a")) == ["b"]
+
+
+def test_root_that_is_not_a_directory(cli, tmp_path, monkeypatch):
+    path = tmp_path / "file"
+    path.write_text("x")
+    os.chmod(path, 0o644)
+    monkeypatch.setenv("YOI_HOME", str(path))
+    r, problems = doctor(cli, "--fix")
+    assert [(p["code"], p["path"], p["fixed"]) for p in problems] == [
+        ("state-not-dir", str(path), False)], r
+    assert (path.read_text(), path.stat().st_mode & 0o777) == ("x", 0o644)
+
+
+def test_root_mode_is_not_changed_when_it_holds_files_that_are_not_yois(cli, state, yoi_home):
+    """`--state-dir ~` by mistake must not make a home directory 0700."""
+    pods(state, "a")
+    os.chmod(yoi_home, 0o755)
+    (yoi_home / ".bashrc").write_text("")
+    r, problems = doctor(cli, "--fix")
+    assert r.exit_code == 1, r
+    p = only(problems, "state-permissions")
+    assert (p["fixable"], p["fixed"]) == (False, False)
+    assert p["message"] == ("mode 0755, expected 0700; not changed: it holds '.bashrc', which "
+                            "is not Yoi's (is it the right state directory?)")
+    assert yoi_home.stat().st_mode & 0o777 == 0o755
+
+
+def test_torn_tail_that_is_whole_on_a_second_look_is_not_reported(state):
+    """The scan may catch a Pod mid-append; the check looks again before it reports."""
+    pods(state, "a")
+    log = state.session_path("a")
+    log.write_bytes(GOOD)
+    d = lib._Doctor(state, True, set(lib.CHECKS), None)
+    d.check_torn("a", (0, len(GOOD) - 5, "no newline at the end (5 bytes)"))
+    assert d.problems == []
+    assert log.read_bytes() == GOOD
+
+
+def test_stale_socket_of_a_pod_started_meanwhile_is_no_problem(state, holder):
+    pods(state, "a")
+    sock = state.default_socket_path("a")
+    dead_socket(sock)
+    d = lib._Doctor(state, True, set(lib.CHECKS), None)
+    p = d.add("stale-socket", "a", sock, "socket file no process serves")
+    holder(state.runtime_lock_path("a"))  # the Pod has started since the probe
+    d.attempt(p, lambda: d.remove_socket(sock, "a"))
+    assert d.problems == []
+    assert sock.exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("pid", "4242", "runtime.pid must be an integer, not '4242'"),
+    ("pid", True, "runtime.pid must be an integer, not True"),
+    ("socket_path", 42, "runtime.socket_path must be a string, not 42"),
+    ("exec", ["my-agent"], "runtime.exec must be a string, not ['my-agent']"),
+])
+def test_runtime_hint_of_the_wrong_type_is_a_schema_problem(cli, state, key, value, message):
+    """Such a hint broke `yoi pod list` with a traceback; doctor names it."""
+    pods(state, "a")
+    store.update(state, "a", lambda d: d | {"runtime": {key: value}})
+    p = check_found_and_fixed(cli, "metadata-schema", "a", meta_path(state, "a"), fixable=False)
+    assert p["message"] == message
+
+
+def test_pid_that_cannot_be_a_pid_is_stale_not_a_crash(cli, state):
+    pods(state, "a")
+    store.update(state, "a", lambda d: d | {"runtime": {"pid": 2**40}})
+    p = check_found_and_fixed(cli, "stale-pid", "a", meta_path(state, "a"))
+    assert p["message"] == f"metadata records pid {2**40}, which is not running"
+
+
+def test_runtime_lock_that_is_a_directory(cli, state):
+    pods(state, "a")
+    state.runtime_lock_path("a").mkdir()
+    p = check_found_and_fixed(cli, "unreadable", "a", state.runtime_lock_path("a"),
+                              fixable=False)
+    assert p["message"] == "runtime.lock is not a regular file, so the Pod cannot start; remove it"

@@ -129,3 +129,41 @@ def test_fix_beside_registrations_removals_and_crashes(state, tmp_path, run_yoi)
     for a, b in itertools.combinations(PODS, 2):
         ab, ba = relation(state, a, b)
         assert ab == ba, (a, b)
+
+
+@pytest.mark.timeout(120)
+def test_fix_beside_a_live_pod_at_work_finds_nothing_and_changes_nothing(state, started_pod):
+    """A live Pod appending to its log, running its handler, holding its socket and pid."""
+    import threading
+    from yoi import client, doctor, peers
+    a = started_pod("a", exec="cat")
+    started_pod("b")
+    peers.register(state, "a", "b")
+    sent, errors = [], []
+
+    def traffic():
+        try:
+            for i in range(40):
+                client.notify(a.socket_path, f"message {i} " + "x" * 2000, f"m-{i}")
+                sent.append(i)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    reports = []
+    try:
+        while t.is_alive() or len(reports) < 3:
+            reports.append(doctor.run(state, fix=True))
+    finally:
+        t.join(60)
+    assert not errors and len(sent) == 40
+    for report in reports:
+        assert report.problems == [], report
+        assert report.checked["sockets"] == 2
+    doc = read_pod_file(state, "a").doc
+    assert doc["runtime"]["pid"] == a.pid and doc["runtime"]["socket_path"] == a.socket_path
+    entries = [json.loads(line) for line in state.session_path("a").read_text().splitlines()]
+    ids = [e["data"]["item"]["id"] for e in entries if e["event"] == "system_item"]
+    assert ids == [f"m-{i}" for i in range(40)]
+    assert list(state.pod_dir("a").glob("session.jsonl.torn-*")) == []

@@ -625,6 +625,46 @@ def test_doctor_accepts_empty_assignee_and_legacy_ticket(tickets):
     tickets.doctor_ok()
 
 
+def test_doctor_beside_busy_writers_reports_nothing(tmp_path):
+    """A create, a status move or a rewrite half-way is no finding: doctor waits for the lock."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    writer = Tickets("dash", tmp_path / "work-items", tmp)
+    writer.create("Seed")
+    loop = ('for i in 1 2 3 4 5 6 7 8 9 10; do '
+            'id=$("$0" "$1" create --title "busy $i") && "$0" "$1" status "$id" pending && '
+            '"$0" "$1" close "$id" --resolution done || exit 1; done')
+    proc = subprocess.Popen(["/usr/bin/dash", "-c", loop, "/usr/bin/dash", str(SCRIPT)],
+                            env=writer.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    bad, runs = [], 0
+    try:
+        while proc.poll() is None or runs < 4:
+            r = Tickets(SHELLS[runs % 2], writer.work, tmp)("doctor")
+            runs += 1
+            if (r.exit_code, r.stdout, r.stderr) != (0, "doctor: ok\n", ""):
+                bad.append(r)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, err) == (0, ""), err
+    assert not bad, bad[:3]
+    assert len(writer.rows("closed")) == 10
+
+
+def test_doctor_reports_the_lock_temp_file_of_a_gone_waiter_only(tickets):
+    tickets.create("Alpha")
+    waiting = tickets.work / ".lock.tmp-AbCd12"
+    waiting.write_text(f"{os.getpid()}\n")
+    tickets.doctor_ok()
+    gone = tickets.work / ".lock.tmp-XyZw34"
+    gone.write_text(f"{dead_pid()}\n")
+    r = tickets("doctor")
+    assert (r.exit_code, r.stdout) == (1, f"doctor: leftover temporary file: {gone}\n"), r
+
+
 def test_doctor_on_a_missing_tree_reports_the_status_directories(tickets):
     r = tickets("doctor")
     w = tickets.work

@@ -76,16 +76,20 @@ class Demo:
             time.sleep(0.1)
         raise Failed(f"no reply from {source} arrived in {pod}'s log within {self.timeout:g}s")
 
-    def run(self) -> None:
+    def run(self, remove_pods: bool = False) -> None:
+        """Every step; the Pods are stopped (and with REMOVE_PODS removed) also on failure."""
         handler = HANDLER.format(yoi=shlex.join(yoi_argv()))
-        started = []
+        created, started = [], []
         try:
             self.yoi("pod", "create", "reviewer")
+            created.append("reviewer")
             self.yoi("pod", "create", "coder", "--exec", handler)
-            self.yoi("pod", "peer", "register", "reviewer", "coder")
+            created.append("coder")
             for name in ("reviewer", "coder"):
                 self.yoi("pod", "start", name)
                 started.append(name)
+            # Introduced while they run: live Pods see a new relation at once.
+            self.yoi("pod", "peer", "register", "reviewer", "coder")
             self.yoi("pod", "list")
             self.yoi("pod", "send", "--from", "reviewer", "coder", "please review PR 42")
             self.wait_for_reply("reviewer", "coder")
@@ -94,17 +98,34 @@ class Demo:
         finally:
             for name in reversed(started):
                 self.yoi("pod", "stop", name, check=False)
+            # Only the Pods this demo created: never one that was there before.
+            for name in reversed(created if remove_pods else []):
+                self.yoi("pod", "rm", name, check=False)
 
 
 def run_demo(state_dir: str | None, keep: bool, echo: Callable[[str], None]
              ) -> tuple[Path, list[dict]]:
-    """Run the demo; return the state directory used (removed unless KEEP) and its steps."""
-    own = state_dir is None
-    state = Path(tempfile.mkdtemp(prefix="yoi-demo-")) if own else Path(state_dir).resolve()
-    echo(f"state directory: {state}" + ("" if keep or not own else " (removed afterwards)"))
+    """Run the demo; return the state directory used and its steps.
+
+    Unless KEEP, everything the demo made is removed afterwards: the state
+    directory if the demo made it (a temporary one, or a STATE_DIR that did
+    not exist), else the two Pods it created there.
+    """
+    if state_dir is None:
+        state, own = Path(tempfile.mkdtemp(prefix="yoi-demo-")), True
+    else:
+        state = Path(state_dir).resolve()
+        own = not os.path.lexists(state)
+    if keep:
+        note = ""
+    elif own:
+        note = " (removed afterwards)"
+    else:
+        note = " (the demo's Pods are removed afterwards)"
+    echo(f"state directory: {state}{note}")
     demo = Demo(state, echo)
     try:
-        demo.run()
+        demo.run(remove_pods=not keep and not own)
     finally:
         if own and not keep:
             shutil.rmtree(state, ignore_errors=True)

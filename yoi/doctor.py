@@ -12,13 +12,13 @@ its Pods' locks is held, a temp file is stale only when its owner's lock is
 free. Every repair runs under the same locks as normal commands
 (``yoi.txn.lock_pods``), so a doctor running beside other commands or a live
 Pod cannot corrupt anything. A metadata file that does not parse is never
-rewritten or deleted.
+rewritten or deleted, and while a state directory is a symlink or not a
+directory nothing at all is repaired (a repair would write through it).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -32,10 +32,11 @@ from typing import Callable, Iterable
 from yoi import metadata
 from yoi.atomic import fsync_dir, is_temp_name, read_bytes_nofollow
 from yoi.errors import CorruptMetadata, UsageError, YoiError
-from yoi.lock import FileLock, is_locked, lock_holder_pid
+from yoi.lock import FileLock, is_locked, lock_holder_pid, try_lock
 from yoi.names import is_valid_name
 from yoi.state import State
-from yoi.txn import REMOVED_MARK, Journal, list_journals, load_journal, lock_pods, pid_alive
+from yoi.txn import REMOVED_MARK, Journal, list_journals, load_journal, lock_pods
+from yoi.txn import pid_alive as _pid_alive
 
 # The one table of check codes (stable identifiers), with a one-line description
 # and whether ``--fix`` can repair such a finding.
@@ -43,6 +44,8 @@ CHECKS: dict[str, tuple[str, bool]] = {
     "state-permissions": ("a state directory (the root, pods/, locks/, journal/, run/, a Pod's "
                           "directory) is not mode 0700", True),
     "state-owner": ("a state directory is not owned by the current user", False),
+    "state-not-dir": ("the state directory, pods/, locks/, journal/ or run/ is not a directory "
+                      "(nothing is repaired until it is)", False),
     "pod-dir-name": ("an entry under pods/ whose name is not a valid Pod name", False),
     "pod-not-dir": ("an entry under pods/ with a Pod name that is not a directory", False),
     "symlink": ("a symlink where a file or directory is expected (never followed)", False),
@@ -74,6 +77,7 @@ TORN_MARK = ".torn-"
 PROBE_TIMEOUT = 0.2
 PEERS_PER_LOCK = 64  # how many peers of one Pod are re-checked under one set of locks
 STATE_SUBDIRS = ("pods", "locks", "journal", "run")
+GONE = "gone"  # what a repair returns when, under the locks, the problem is no longer there
 
 Progress = Callable[[str, int, int], None]
 
@@ -137,6 +141,13 @@ def _lstat(path: Path) -> os.stat_result | None:
         return None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process PID exists; False for what cannot be a pid (0, -1, 2**40)."""
+    if not 0 < pid < 2**31:
+        return False  # os.kill would signal a group, or raise OverflowError
+    return _pid_alive(pid)
+
+
 def _describe(e: BaseException) -> str:
     if isinstance(e, YoiError):
         return e.message
@@ -145,21 +156,10 @@ def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _try_runtime_lock(path: Path) -> int | None:
-    """Take a runtime lock without waiting: the fd, or None when the Pod is running."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
 @contextmanager
 def _runtime_lock_held(path: Path):
     """Yield True while holding PATH's runtime lock, False if a live Pod holds it."""
-    fd = _try_runtime_lock(path)
+    fd = try_lock(path)
     try:
         yield fd is not None
     finally:
@@ -362,6 +362,9 @@ def scan_pod(pods_dir: str, name: str) -> tuple[_Pod, list[Finding]]:
         st = _lstat(Path(lock))
         if st is not None and stat.S_ISLNK(st.st_mode):
             found.append(("symlink", name, lock, "runtime.lock is a symlink; never followed"))
+        elif st is not None and not stat.S_ISREG(st.st_mode):
+            found.append(("unreadable", name, lock, "runtime.lock is not a regular file, so "
+                          "the Pod cannot start; remove it"))
     if "session.jsonl" in files:
         pod.has_session = True
         session = os.path.join(path, "session.jsonl")
@@ -398,7 +401,7 @@ def scan_pod(pods_dir: str, name: str) -> tuple[_Pod, list[Finding]]:
         found.append(("metadata-parse", name, meta, e.message.removeprefix(f"{meta}: ")
                       + "; never rewritten by Yoi: repair or remove it by hand"))
         return pod, found
-    problem = metadata.schema_problem(doc)
+    problem = metadata.schema_problem(doc) or _runtime_problem(doc)
     if problem:
         found.append(("metadata-schema", name, meta, problem))
     elif doc["pod_name"] != name:
@@ -410,6 +413,21 @@ def scan_pod(pods_dir: str, name: str) -> tuple[_Pod, list[Finding]]:
         runtime = doc.get("runtime") or {}
         pod.pid, pod.socket_path = runtime.get("pid"), runtime.get("socket_path")
     return pod, found
+
+
+# The [runtime] hints and the types every reader of them expects.
+RUNTIME_TYPES = {"pid": (int, "an integer"), "socket_path": (str, "a string"),
+                 "exec": (str, "a string"), "cwd": (str, "a string")}
+
+
+def _runtime_problem(doc: dict) -> str | None:
+    """A [runtime] hint of the wrong type (it would break the commands that read it)."""
+    runtime = doc.get("runtime") or {}
+    for key, (kind, what) in RUNTIME_TYPES.items():
+        value = runtime.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"runtime.{key} must be {what}, not {value!r}"
+    return None
 
 
 def _scan_chunk(args: tuple[str, list[str]]) -> list[tuple[_Pod, list[Finding]]]:
@@ -451,6 +469,12 @@ class _Doctor:
         self.checked = {"pods": 0, "relations": 0, "journals": 0, "sessions": 0, "sockets": 0}
         self.pods: dict[str, _Pod] = {}
         self.leftover: list[Journal] = []
+        self.bad_dirs: set[Path] = set()  # state directories that are symlinks or not directories
+        self.blocked: str | None = None  # why no repair may run, if one may not
+
+    @property
+    def repairing(self) -> bool:
+        return self.fix and self.blocked is None
 
     def add(self, code: str, pod: str | None, path, message: str,
             fixable: bool | None = None) -> Problem | None:
@@ -466,15 +490,28 @@ class _Doctor:
         self.attempt_all([problem] if problem is not None else [], action)
 
     def attempt_all(self, problems: list[Problem], action: Callable[[], str | None]) -> None:
-        """One repair for several findings: they share its outcome."""
+        """One repair for several findings: they share its outcome.
+
+        The action returns None when done, GONE when under the locks the
+        problem turned out to be a passing state (the findings are dropped),
+        else why it could not repair.
+        """
         problems = [p for p in problems if p.fixable]
         if not problems or not self.fix:
+            return
+        if self.blocked:
+            for p in problems:
+                p.fixable = False
+                p.message += f" (not repaired: {self.blocked})"
             return
         try:
             why_not = action()
         except (YoiError, OSError) as e:
             for p in problems:
                 p.message += f" (fix failed: {_describe(e)})"
+            return
+        if why_not == GONE:
+            self.problems = [p for p in self.problems if all(p is not q for q in problems)]
             return
         for p in problems:
             if why_not:
@@ -487,11 +524,14 @@ class _Doctor:
         root = _lstat(self.state.root)
         if root is None:
             return Report(self.checked)  # a fresh install: nothing to check yet
-        self.check_dirs()
+        if not self.check_dirs():
+            return Report(self.checked, self.problems)
         self.check_journals()
         self.scan_pods()
-        self.check_relations()
+        # Temp files before relations: a relation repair takes the Pod's lock,
+        # which removes its temp files without a word.
         self.check_temps()
+        self.check_relations()
         self.check_runtime()
         self.check_sessions()
         self.problems.sort(key=lambda p: (p.pod or "", p.code, p.path))
@@ -499,30 +539,72 @@ class _Doctor:
 
     # -- directories ----------------------------------------------------------
     def check_dir(self, path: Path, pod: str | None = None,
-                  st: os.stat_result | None = None) -> None:
+                  st: os.stat_result | None = None, foreign: list[str] | None = None) -> None:
         st = st or _lstat(path)
         if st is None:
+            return
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            self.bad_dir(path, st)
             return
         if st.st_uid != os.getuid():
             self.add("state-owner", pod, path, f"owned by uid {st.st_uid}, not by the current "
                      f"user (uid {os.getuid()})")
             return
         mode = stat.S_IMODE(st.st_mode)
-        if mode != 0o700:
-            p = self.add("state-permissions", pod, path, f"mode {mode:04o}, expected 0700")
-            self.attempt(p, lambda: os.chmod(path, 0o700))
+        if mode == 0o700:
+            return
+        message = f"mode {mode:04o}, expected 0700"
+        if foreign:
+            # Pointed at the wrong directory (a home, a CI workspace) by mistake?
+            # Then making it private would hurt: leave that to a person.
+            self.add("state-permissions", pod, path, f"{message}; not changed: it holds "
+                     f"{foreign[0]!r}, which is not Yoi's (is it the right state directory?)",
+                     fixable=False)
+            return
+        p = self.add("state-permissions", pod, path, message)
+        self.attempt(p, lambda: os.chmod(path, 0o700))
 
-    def check_dirs(self) -> None:
-        self.check_dir(self.state.root, st=os.stat(self.state.root))
-        for sub in STATE_SUBDIRS:
-            path = self.state.root / sub
-            st = _lstat(path)
-            if st is not None and stat.S_ISLNK(st.st_mode):
-                self.add("symlink", None, path, "is a symlink; Yoi never follows symlinks in "
-                         "its state directory")
-            elif st is not None:
-                self.check_dir(path, st=st)
-        self.check_dir(self.state.short_run_dir())
+    def bad_dir(self, path: Path, st: os.stat_result) -> None:
+        """A state directory that is a symlink or not a directory: report it, block repairs."""
+        self.bad_dirs.add(path)
+        if stat.S_ISLNK(st.st_mode):
+            self.add("symlink", None, path, "is a symlink; Yoi never follows symlinks in "
+                     "its state directory")
+            what = "a symlink"
+        else:
+            self.add("state-not-dir", None, path, "is not a directory")
+            what = "not a directory"
+        if self.blocked is None:
+            self.blocked = f"{path} is {what}; repair that by hand first"
+
+    def check_dirs(self) -> bool:
+        """Check the state directories; False if the root itself is not a directory."""
+        root = self.state.root
+        try:
+            st = os.stat(root)  # the root may be a symlink (~/.yoi -> /data/yoi)
+        except OSError as e:
+            self.add("unreadable", None, root, f"cannot stat: {_describe(e)}")
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            self.bad_dir(root, st)
+            return False
+        try:
+            foreign = sorted(set(os.listdir(root)) - set(STATE_SUBDIRS))
+        except OSError:
+            foreign = []
+        # The layout first: a bad directory blocks every repair, the first
+        # chmod included.
+        subdirs = {path: _lstat(path) for path in
+                   [root / sub for sub in STATE_SUBDIRS] + [self.state.short_run_dir()]}
+        for path, sub_st in subdirs.items():
+            if sub_st is not None and not stat.S_ISDIR(sub_st.st_mode):
+                self.bad_dir(path, sub_st)
+        self.check_dir(root, st=st, foreign=foreign)
+        for path, sub_st in subdirs.items():
+            if path not in self.bad_dirs:
+                self.check_dir(path, st=sub_st)
+        if self.state.locks_dir in self.bad_dirs:
+            return True
         try:
             with os.scandir(self.state.locks_dir) as entries:
                 for entry in entries:
@@ -531,10 +613,13 @@ class _Doctor:
                                  else None, entry.path, "lock file is a symlink; never followed")
         except (FileNotFoundError, NotADirectoryError):
             pass
+        return True
 
     # -- journals -------------------------------------------------------------
     def check_journals(self) -> None:
         jdir = self.state.journal_dir
+        if jdir in self.bad_dirs:
+            return
         try:
             entries = sorted(os.listdir(jdir))
         except (FileNotFoundError, NotADirectoryError):
@@ -564,7 +649,7 @@ class _Doctor:
         except FileNotFoundError:
             return
         except CorruptMetadata as e:
-            self.add("journal-corrupt", None, path, e.message)
+            self.add("journal-corrupt", None, path, e.message.removeprefix(f"{path}: "))
             return
         except OSError as e:
             if e.errno == errno.ELOOP:
@@ -586,8 +671,7 @@ class _Doctor:
         p = self.add("journal-leftover", None, path,
                      f"interrupted change of Pods {names} (txid {journal.txid}); "
                      "rolling it back restores their prior metadata")
-        if p is not None and self.fix:
-            self.attempt(p, lambda: self.roll_back(journal))
+        self.attempt(p, lambda: self.roll_back(journal))
         if _lstat(path) is not None:
             self.leftover.append(journal)
 
@@ -599,6 +683,8 @@ class _Doctor:
     # -- Pods -----------------------------------------------------------------
     def scan_pods(self) -> None:
         pods_dir = self.state.pods_dir
+        if pods_dir in self.bad_dirs:
+            return
         try:
             entries = list(os.scandir(pods_dir))
         except (FileNotFoundError, NotADirectoryError):
@@ -690,16 +776,21 @@ class _Doctor:
     @contextmanager
     def locked_view(self, names: list[str]):
         """Hold the metadata locks of NAMES: lock_pods when fixing, else plain locks."""
-        if self.fix:
+        if self.repairing:
             with lock_pods(self.state, names) as locked:
                 yield _FixView(locked)
             return
         locks = []
+        # Without a locks/ directory nobody holds a lock to wait for (and a
+        # check creates no directory); through a symlink we take none.
+        use_locks = (self.state.locks_dir not in self.bad_dirs
+                     and _lstat(self.state.locks_dir) is not None)
         try:
-            for name in sorted(set(names)):
+            for name in sorted(set(names)) if use_locks else []:
                 locks.append(FileLock(self.state.lock_path(name), self.state.lock_timeout,
                                       label=f"Pod {name!r}").acquire())
-            journals = [j for j in list_journals(self.state) if set(names) & set(j.pods)]
+            journals = [] if self.state.journal_dir in self.bad_dirs else [
+                j for j in list_journals(self.state) if set(names) & set(j.pods)]
             yield _CheckView(self.state, journals)
         finally:
             for lock in reversed(locks):
@@ -744,9 +835,12 @@ class _Doctor:
                                               f"lists {other!r} as a peer {n} times"))
                         merge = merge or found[-1] is not None
             found = [p for p in found if p is not None]
-            if found and self.fix:
+
+            def repair():
                 doc["peers"] = _repaired_peers(doc.get("peers", []), drop, merge)
-                self.attempt_all(found, lambda: view.locked.write_one(name, doc))
+                view.locked.write_one(name, doc)
+
+            self.attempt_all(found, repair)
 
     # -- temp files and staging directories -----------------------------------
     def check_temps(self) -> None:
@@ -845,7 +939,7 @@ class _Doctor:
         return st is not None and stat.S_ISREG(st.st_mode) and bool(is_locked(path))
 
     def pid_problem(self, name: str, pid: int) -> str | None:
-        if pid <= 0 or not pid_alive(pid):
+        if not pid_alive(pid):
             return f"metadata records pid {pid}, which is not running"
         if not self.runtime_running(name):
             return f"metadata records pid {pid}, which does not hold the Pod's runtime lock"
@@ -876,7 +970,7 @@ class _Doctor:
                 # Holding the runtime lock ourselves: no Pod can start meanwhile.
                 with _runtime_lock_held(self.state.runtime_lock_path(name)) as held:
                     if not held:
-                        return "the Pod has started meanwhile"
+                        return GONE  # the Pod has started meanwhile: its socket now
                     if _socket_refused(path):
                         os.unlink(path)
             elif _socket_refused(path):
@@ -896,11 +990,15 @@ class _Doctor:
         if running:
             # A live Pod may be appending this very line: look again a moment later.
             time.sleep(0.05)
-            try:
-                if session_tail(path) != torn:
-                    return
-            except OSError:
-                return
+        try:
+            again = session_tail(path)
+        except OSError:
+            return
+        # Changed since the scan: it was being written (a Pod that has stopped
+        # since, or is still at it). What a stopped Pod left is what counts.
+        if again != torn and (running or again is None):
+            return
+        torn = again
         p = self.add("session-torn", name, path, f"last line is torn: {torn[2]}",
                      fixable=not running)
         if p is not None and running:

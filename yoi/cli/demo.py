@@ -10,7 +10,8 @@ from yoi.cli.common import YoiCommand, emit, json_option, say
 @click.command("demo", cls=YoiCommand)
 @click.option("--state-dir", type=click.Path(file_okay=False),
               help="Run in this state directory instead of a temporary one.")
-@click.option("--keep", is_flag=True, help="Keep the temporary state directory afterwards.")
+@click.option("--keep", is_flag=True,
+              help="Keep what the demo made (its state directory, or its Pods) afterwards.")
 @json_option
 def demo(state_dir, keep, as_json):
     """Show Yoi's main job end to end, printing each command it runs.
@@ -19,6 +20,7 @@ def demo(state_dir, keep, as_json):
     every message), starts them, registers them as peers, sends a message from
     reviewer to coder, waits for coder's reply to arrive in reviewer's log,
     runs `yoi doctor`, and stops both Pods. Exit 0 only if every step worked.
+    Everything it made is removed afterwards unless --keep.
 
     \b
     Examples:
@@ -29,6 +31,5 @@ def demo(state_dir, keep, as_json):
     from yoi.demo import run_demo
     # With --json the running commentary is talk (stderr); stdout gets the summary.
     state, steps = run_demo(state_dir, keep, say if as_json else click.echo)
-    kept = keep or state_dir is not None
-    emit(as_json, {"state_dir": str(state), "kept": kept, "steps": steps},
-         "\ndemo: ok" + (f" (state kept in {state})" if kept else ""))
+    emit(as_json, {"state_dir": str(state), "kept": keep, "steps": steps},
+         "\ndemo: ok" + (f" (state kept in {state})" if keep else ""))
