@@ -608,6 +608,15 @@ def test_leftover_staging_directory(cli, state, kind):
     assert "interrupted " + ("creation" if kind == "creating" else "removal") in p["message"]
 
 
+def test_staging_directory_is_attributed_to_the_pod_whose_name_contains_a_mark(cli, state):
+    """`.a.removed-1.creating-PID` is a create of Pod `a.removed-1`, not a removal of `a`."""
+    pods(state, "a")
+    staging = state.pods_dir / ".a.removed-1.creating-4242"
+    staging.mkdir()
+    p = check_found_and_fixed(cli, "staging-dir", "a.removed-1", staging)
+    assert "interrupted creation" in p["message"]
+
+
 # -- runtime hints ----------------------------------------------------------------------
 
 def dead_socket(path: Path) -> None:

@@ -368,3 +368,57 @@ def test_lock_whose_pid_cannot_be_written_is_still_taken_and_released(state):
     p = subprocess.run([sys.executable, "-c", LOCK_WITHOUT_ROOM, str(state.lock_path("a"))],
                        capture_output=True, text=True, timeout=60)
     assert (p.returncode, p.stdout, p.stderr) == (0, "acquired\nfree\n", "")
+
+
+def test_symlinked_locks_directory_is_refused(cli, state, tmp_path):
+    """Only the state directory itself may be a symlink; locks/ is never followed."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    state.root.mkdir(mode=0o700)
+    (state.root / "locks").symlink_to(elsewhere)
+    r = cli("pod", "create", "a")
+    assert r.exit_code == 1, r
+    assert "is a symlink; refusing to follow it" in r.stderr
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_runtime_hint_of_the_wrong_type_is_corrupt_metadata_not_a_crash(cli, state):
+    from yoi import store
+    store.create(state, "a")
+    store.update(state, "a", lambda d: d | {"runtime": {"socket_path": 42}})
+    r = cli("pod", "list", "--json")
+    assert r.exit_code == 0, r
+    (item,) = r.json["pods"]
+    assert item["state"] == "corrupt"
+    assert "runtime.socket_path must be a string, not 42" in item["error"]
+    r = cli("pod", "show", "a")
+    assert r.exit_code == 1 and "runtime.socket_path must be a string" in r.stderr, r
+
+
+def test_journal_temp_file_with_an_impossible_pid_does_not_crash_commands(cli, state):
+    from yoi import store
+    store.create(state, "a")
+    junk = state.journal_dir / ".1-99999999999999999999-ab.toml.tmp-x"
+    junk.write_text("")
+    r = cli("pod", "config", "a", "--no-accept-peers")
+    assert r.exit_code == 0, r
+    assert not junk.exists()  # no process can have that pid: the writer is gone
+
+
+def test_empty_state_dir_option_is_a_usage_error(cli, yoi_home):
+    r = cli("pod", "create", "a", "--state-dir", "")
+    assert (r.exit_code, r.stderr) == (2, "yoi: error: --state-dir must not be empty\n"), r
+    assert not yoi_home.exists()
+
+
+def test_closed_stdout_pipe_ends_quietly(state, yoi_home):
+    import subprocess
+    import sys
+    from yoi import store
+    store.create(state, "a")
+    # `true` exits without reading: the write meets a closed pipe.
+    p = subprocess.run(f"{sys.executable} -m yoi pod list --json | true; "
+                       "echo ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                       capture_output=True, text=True, timeout=60)
+    assert p.stderr == "", p.stderr
+    assert p.stdout.strip() == "141", p.stdout

@@ -35,7 +35,8 @@ from yoi.errors import CorruptMetadata, UsageError, YoiError
 from yoi.lock import FileLock, is_locked, lock_holder_pid, try_lock
 from yoi.names import is_valid_name
 from yoi.state import State
-from yoi.txn import REMOVED_MARK, Journal, list_journals, load_journal, lock_pods
+from yoi.txn import (CREATING_MARK, REMOVED_MARK, Journal, leftover_dir_owner, list_journals,
+                     load_journal, lock_pods)
 from yoi.txn import pid_alive as _pid_alive
 
 # The one table of check codes (stable identifiers), with a one-line description
@@ -72,7 +73,6 @@ CHECKS: dict[str, tuple[str, bool]] = {
                      "session.jsonl.torn-TIME)", True),
 }
 
-CREATING_MARK = ".creating-"
 TORN_MARK = ".torn-"
 PROBE_TIMEOUT = 0.2
 PEERS_PER_LOCK = 64  # how many peers of one Pod are re-checked under one set of locks
@@ -401,7 +401,7 @@ def scan_pod(pods_dir: str, name: str) -> tuple[_Pod, list[Finding]]:
         found.append(("metadata-parse", name, meta, e.message.removeprefix(f"{meta}: ")
                       + "; never rewritten by Yoi: repair or remove it by hand"))
         return pod, found
-    problem = metadata.schema_problem(doc) or _runtime_problem(doc)
+    problem = metadata.schema_problem(doc)
     if problem:
         found.append(("metadata-schema", name, meta, problem))
     elif doc["pod_name"] != name:
@@ -413,21 +413,6 @@ def scan_pod(pods_dir: str, name: str) -> tuple[_Pod, list[Finding]]:
         runtime = doc.get("runtime") or {}
         pod.pid, pod.socket_path = runtime.get("pid"), runtime.get("socket_path")
     return pod, found
-
-
-# The [runtime] hints and the types every reader of them expects.
-RUNTIME_TYPES = {"pid": (int, "an integer"), "socket_path": (str, "a string"),
-                 "exec": (str, "a string"), "cwd": (str, "a string")}
-
-
-def _runtime_problem(doc: dict) -> str | None:
-    """A [runtime] hint of the wrong type (it would break the commands that read it)."""
-    runtime = doc.get("runtime") or {}
-    for key, (kind, what) in RUNTIME_TYPES.items():
-        value = runtime.get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            return f"runtime.{key} must be {what}, not {value!r}"
-    return None
 
 
 def _scan_chunk(args: tuple[str, list[str]]) -> list[tuple[_Pod, list[Finding]]]:
@@ -718,11 +703,10 @@ class _Doctor:
 
     def check_odd_entry(self, entry: os.DirEntry) -> None:
         name, path = entry.name, Path(entry.path)
-        for mark in (REMOVED_MARK, CREATING_MARK):
-            pod, sep, tag = name[1:].rpartition(mark)
-            if name.startswith(".") and sep and is_valid_name(pod) and tag:
-                self.check_staging(path, pod, mark, tag)
-                return
+        owner = leftover_dir_owner(name)  # the same parsing as the code that made it
+        if owner is not None:
+            self.check_staging(path, *owner)
+            return
         self.add("pod-dir-name", None, path, f"{name!r} is not a valid Pod name")
 
     def effective_peers(self, name: str) -> tuple[str, list[str] | None]:

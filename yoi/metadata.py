@@ -69,6 +69,11 @@ def _line_col(message: str) -> dict:
     return {"line": int(m.group(1)), "column": int(m.group(2))} if m else {}
 
 
+# The [runtime] hints and the types every reader of them expects.
+RUNTIME_TYPES = {"pid": (int, "an integer"), "socket_path": (str, "a string"),
+                 "exec": (str, "a string"), "cwd": (str, "a string")}
+
+
 def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
     """Describe the first schema violation in DOC, or return None."""
     if doc.get("schema") != SCHEMA:
@@ -82,6 +87,10 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
         return "accept_peers must be true or false"
     if "runtime" in doc and not isinstance(doc["runtime"], dict):
         return "runtime must be a table"
+    for key, (kind, what) in RUNTIME_TYPES.items():
+        value = (doc.get("runtime") or {}).get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"runtime.{key} must be {what}, not {value!r}"
     peers = doc.get("peers", [])
     if not isinstance(peers, list):
         return "peers must be an array of tables"

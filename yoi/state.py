@@ -123,8 +123,14 @@ class State:
 
     # -- creation -----------------------------------------------------------
     def ensure(self) -> None:
-        """Create the state directory tree (0700) if it does not exist."""
-        for d in (self.root, self.pods_dir, self.locks_dir, self.journal_dir):
+        """Create the state directory tree (0700) if it does not exist.
+
+        The state directory itself may be a symlink; the directories inside it
+        are never followed.
+        """
+        make_private_dir(self.root)
+        for d in (self.pods_dir, self.locks_dir, self.journal_dir):
+            refuse_symlink(d, "state directory entry")
             make_private_dir(d)
 
     def exists(self) -> bool:

@@ -233,8 +233,8 @@ def _pid_of_txid(txid: str) -> int | None:
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False  # no such process, or a number no process can have
     except PermissionError:
         return True
     return True

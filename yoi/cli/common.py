@@ -65,6 +65,13 @@ class YoiCommand(HouseUsageErrors, click.Command):
         except YoiError as e:
             report_error(e, as_json)
             ctx.exit(e.exit_code)
+        except BrokenPipeError:
+            # Our reader went away (`yoi pod list | head -1`): stop quietly, as
+            # other tools do, and keep Python from complaining at exit.
+            import os
+            import sys
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
         except OSError as e:
             where = f": {e.filename}" if e.filename else ""
             report_error(StorageError(f"{e.strerror or e}{where}"), as_json)
@@ -134,6 +141,8 @@ def state_options(f):
     @functools.wraps(f)
     def wrapper(*args, state_dir, lock_timeout, **kwargs):
         from yoi.state import State
+        if state_dir == "":
+            raise UsageError("--state-dir must not be empty")
         return f(*args, state=State.resolve(state_dir, lock_timeout), **kwargs)
 
     return wrapper
