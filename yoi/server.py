@@ -87,7 +87,7 @@ def log(msg: str) -> None:
 
 class Client:
     __slots__ = ("sock", "fd", "inbuf", "discarding", "outq", "queued", "limit", "prelude_left",
-                 "events", "closed", "eof", "pending")
+                 "events", "closed", "eof", "hungup", "pending")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -101,6 +101,7 @@ class Client:
         self.events = 0
         self.closed = False
         self.eof = False
+        self.hungup = False  # writing to it failed: it gets nothing more, but is still read
         self.pending = 0  # answers still owed (commits, operations)
 
 
@@ -399,7 +400,7 @@ class Server:
             self._read(c)
 
     def send(self, c: Client, data: bytes) -> None:
-        if c.closed:
+        if c.closed or c.hungup:
             return
         if c.queued + len(data) > c.limit:
             log(f"client fd {c.fd} does not read its events; disconnecting it")
@@ -422,7 +423,7 @@ class Server:
             except BlockingIOError:
                 break
             except OSError:
-                self._close(c)
+                self._hang_up(c)
                 return
             c.queued -= n
             if c.prelude_left > 0:
@@ -434,6 +435,23 @@ class Server:
                 break
         self._maybe_close(c)
         self._set_events(c)  # (nothing if it was closed)
+
+    def _hang_up(self, c: Client) -> None:
+        """Writing to C failed (it closed, or shut down its reading side).
+
+        It gets nothing more, but every complete method line it wrote before
+        its EOF is still read and handled: a sender that writes a ``notify``
+        and closes at once (``yoi pod send --no-wait``) is not dropped just
+        because a broadcast found its socket closed before its line was read.
+        """
+        c.hungup = True
+        c.outq.clear()
+        c.queued = 0
+        c.prelude_left = 0
+        if c.eof:
+            self._close(c)
+        else:
+            self._set_events(c)
 
     def _set_events(self, c: Client, reading: bool | None = None) -> None:
         if c.closed:
@@ -474,12 +492,11 @@ class Server:
         except BlockingIOError:
             return
         except OSError:
-            self._close(c)
-            return
+            data = b""  # reset: the kernel reports it only once all data was read
         if not data:
             # The client closed its side: answer what it asked, then close.
             c.eof = True
-            if not c.outq and c.pending == 0:
+            if c.hungup or (not c.outq and c.pending == 0):
                 self._close(c)
             else:
                 self._set_events(c)
@@ -708,7 +725,7 @@ class Server:
             "internal", f"not committed: {err.strerror or err}; nothing was recorded"))
 
     def _maybe_close(self, c: Client) -> None:
-        if c.eof and c.pending == 0 and not c.outq:
+        if c.eof and (c.hungup or (c.pending == 0 and not c.outq)):
             self._close(c)
 
     # -- status and alerts ---------------------------------------------------
