@@ -12,6 +12,7 @@ import time
 import pytest
 
 from yoi import control, store
+from yoi.errors import Busy
 from yoi.lock import is_locked
 
 
@@ -250,3 +251,29 @@ def test_two_pods_fresh_install_plain_socket_client(state, run_yoi, started_pod)
     for pod in pods:
         assert run_yoi("pod", "stop", pod.name).exit_code == 0
         wait_gone(pod.pid)
+
+
+def test_a_start_is_not_refused_because_a_command_looked_at_the_lock(state, run_yoi):
+    """`status`, `list`, `stop` of a stopped Pod take the runtime lock for an
+    instant to test it; a Pod starting at that instant must still start."""
+    import fcntl
+    import threading
+    from yoi import server
+    run_yoi("pod", "create", "a")
+    path = state.runtime_lock_path("a")
+    looker = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    fcntl.flock(looker, fcntl.LOCK_SH)  # what is_locked() does, held a little longer
+    threading.Timer(0.3, os.close, [looker]).start()
+    held = server.hold_runtime_lock(state, "a")
+    try:
+        assert control.holder_pid(path) == os.getpid()
+    finally:
+        os.close(held)
+    # a Pod that really runs is still refused, after the grace period
+    running = os.open(path, os.O_RDWR)
+    fcntl.flock(running, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(Busy, match="already running"):
+            server.hold_runtime_lock(state, "a", grace=0.1)
+    finally:
+        os.close(running)

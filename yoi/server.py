@@ -72,6 +72,7 @@ MAX_PENDING_OPS = 64
 OPS_THREADS = 2
 FLUSH_AT_EXIT = 2.0            # seconds given to clients to read the final events
 HANDLER_KILL_GRACE = 2.0
+RUNTIME_LOCK_GRACE = 2.0       # a start waits this long for a momentary lock taker
 
 _PEERCRED = struct.Struct("3i")
 
@@ -894,15 +895,23 @@ class _Invalid(Exception):
 
 # -- helpers -------------------------------------------------------------------
 
-def hold_runtime_lock(state: State, name: str) -> int:
-    """Take pods/NAME/runtime.lock for the life of the process, or raise Busy."""
+def hold_runtime_lock(state: State, name: str, grace: float = RUNTIME_LOCK_GRACE) -> int:
+    """Take pods/NAME/runtime.lock for the life of the process, or raise Busy.
+
+    Commands that only look (``yoi pod status``, ``list``, ``stop`` of a
+    stopped Pod, ``doctor``) take this lock for an instant to see whether it
+    is held; a start that meets one of them tries again for up to GRACE
+    seconds instead of reporting a Pod that is not running as running.
+    """
     from yoi.lock import lock_holder_pid, try_lock
     path = state.runtime_lock_path(name)
-    fd = try_lock(path)
-    if fd is None:
-        pid = lock_holder_pid(path)
-        who = f" (pid {pid})" if pid else ""
-        raise Busy(f"Pod {name!r} is already running{who}", pod=name, pid=pid)
+    deadline = time.monotonic() + grace
+    while (fd := try_lock(path)) is None:
+        if time.monotonic() >= deadline:
+            pid = lock_holder_pid(path)
+            who = f" (pid {pid})" if pid else ""
+            raise Busy(f"Pod {name!r} is already running{who}", pod=name, pid=pid)
+        time.sleep(0.01)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
