@@ -277,3 +277,17 @@ def test_a_start_is_not_refused_because_a_command_looked_at_the_lock(state, run_
             server.hold_runtime_lock(state, "a", grace=0.1)
     finally:
         os.close(running)
+
+
+def test_stop_never_removes_a_file_that_is_not_a_socket(state, run_yoi):
+    run_yoi("pod", "create", "a")
+    (state.root / "run").mkdir(mode=0o700)
+    precious = state.root / "run" / "a.sock"
+    precious.write_text("not a socket\n")
+    r = run_yoi("pod", "stop", "a", "--json")
+    assert r.exit_code == 0, r
+    assert r.json["message"] == "not running" and r.json["stale_socket_removed"] is False
+    assert precious.read_text() == "not a socket\n"
+    r = run_yoi("pod", "send", "a", "hi")
+    assert (r.exit_code, r.stderr) == (
+        5, "yoi: error: a is not running; start it with `yoi pod restore a`\n"), r

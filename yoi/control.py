@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -269,8 +270,9 @@ def clean_stale(state: State, name: str) -> bool:
     try:
         path = state.default_socket_path(name)  # only what this state's runtime binds
         try:
-            os.unlink(path)
-            removed = True
+            if stat.S_ISSOCK(os.lstat(path).st_mode):  # never a file that is not ours
+                os.unlink(path)
+                removed = True
         except FileNotFoundError:
             pass
         doc = store.read(state, name)
