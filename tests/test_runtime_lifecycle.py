@@ -177,9 +177,10 @@ def test_start_that_fails_reports_the_pod_log_tail(state, run_yoi):
 
 def test_start_that_times_out_stops_the_child(state, run_yoi):
     run_yoi("pod", "create", "a")
-    r = run_yoi("pod", "start", "a", "--timeout", "0")
+    r = run_yoi("pod", "start", "a", "--timeout", "0.001")
     assert r.exit_code == 5, r
-    assert r.stderr.startswith("yoi: error: Pod 'a' did not answer within 0s and was stopped")
+    assert r.stderr.startswith("yoi: error: Pod 'a' did not answer within 0.001s and was "
+                               "stopped")
     assert released(state.runtime_lock_path("a"))
     assert run_yoi("pod", "status", "a").exit_code == 5
 
@@ -291,3 +292,11 @@ def test_stop_never_removes_a_file_that_is_not_a_socket(state, run_yoi):
     r = run_yoi("pod", "send", "a", "hi")
     assert (r.exit_code, r.stderr) == (
         5, "yoi: error: a is not running; start it with `yoi pod restore a`\n"), r
+
+
+@pytest.mark.parametrize("cmd", ["start", "stop", "restore", "status", "log"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_timeout_must_be_positive(cli, cmd, value):
+    r = cli("pod", cmd, "a", "--timeout", value)
+    assert r.exit_code == 2, r
+    assert r.stderr.startswith("yoi: error: Invalid value for '--timeout': "), r

@@ -9,8 +9,11 @@ import click
 from yoi.cli.common import (YoiCommand, check_names, emit, json_option, pod_argument,
                             say, state_options)
 
+# As for `yoi pod send`: 0 would mean "fail at once", not "do not wait".
+POSITIVE = click.FloatRange(min=0, min_open=True)
+
 timeout_option = click.option(
-    "--timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+    "--timeout", type=POSITIVE, default=10.0, show_default=True,
     metavar="SECONDS", help="How long to wait for the Pod.")
 
 
@@ -95,7 +98,7 @@ def restore_command(name, timeout, as_json, state):
 
 @click.command("status", cls=YoiCommand)
 @pod_argument()
-@click.option("--timeout", type=click.FloatRange(min=0), default=5.0, show_default=True,
+@click.option("--timeout", type=POSITIVE, default=5.0, show_default=True,
               metavar="SECONDS", help="How long to wait for the Pod's answer.")
 @json_option
 @state_options
