@@ -60,7 +60,7 @@ from pathlib import Path
 from yoi import metadata, protocol
 from yoi.errors import Busy, Failed, YoiError
 from yoi.names import is_valid_name
-from yoi.session import Committed, SessionLog
+from yoi.session import Committed, Recent, SessionLog
 from yoi.state import State, make_private_dir
 
 OUTBOUND_LIMIT = 16 << 20      # bytes queued to one client beyond its prelude
@@ -119,7 +119,7 @@ class Server:
         self.status = "idle"
         self.busy = 0                  # accepted runs/notifications not yet handled
         self.alerts: deque[bytes] = deque(maxlen=MAX_ALERTS)
-        self.recent: deque[bytes] = deque(maxlen=protocol.SNAPSHOT_ENTRIES)
+        self.recent = Recent()
         self.log_end = 0               # session offset covered by ``recent``
         self.snap: bytes | None = None
         self.pending_ids: dict[str, list[Client]] = {}
@@ -160,7 +160,7 @@ class Server:
         self.session = SessionLog(self.state.session_path(self.name))
         opened = self.session.open()
         try:
-            self.recent.extend(self.session.recent)
+            self.recent = self.session.recent
             self.log_end = self.session.size
             for problem in opened.problems(self.session.path):
                 self.alert("warn", problem)
@@ -378,8 +378,9 @@ class Server:
     def snapshot(self) -> bytes:
         """The ``snapshot`` event, rebuilt only when an entry or the status changed.
 
-        Entries are the committed lines themselves, so they are spliced in as
-        they are; ``entries`` comes last so that a reader who wants only the
+        Entries are the most recent committed lines (at most
+        ``protocol.SNAPSHOT_ENTRIES`` of them, and ``protocol.SNAPSHOT_BYTES``
+        bytes), spliced in as they are; ``entries`` comes last so that a reader who wants only the
         status can stop early. ``session_offset`` *(ours)* is the size of the
         log the entries reach up to (``yoi pod log --follow`` uses it).
         """

@@ -137,15 +137,44 @@ class Opened:
         return out
 
 
+class Recent:
+    """The most recent entries: at most COUNT lines and, beyond the newest, BUDGET bytes.
+
+    This is what a connect-time snapshot holds. Entries can be large (a
+    notification of 1 MiB, handler output), so a count alone would let the
+    snapshot, and the Pod's memory, grow to gigabytes.
+    """
+
+    def __init__(self, count: int = protocol.SNAPSHOT_ENTRIES,
+                 budget: int = protocol.SNAPSHOT_BYTES):
+        self.lines: deque[bytes] = deque()
+        self.count = count
+        self.budget = budget
+        self.size = 0
+
+    def append(self, line: bytes) -> None:
+        lines = self.lines
+        lines.append(line)
+        self.size += len(line)
+        while len(lines) > self.count or (self.size > self.budget and len(lines) > 1):
+            self.size -= len(lines.popleft())
+
+    def __iter__(self):
+        return iter(self.lines)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+
 Done = Callable[[Committed | None, OSError | None], None]
 
 
 class SessionLog:
     """The writer side of a session log (one per Pod process)."""
 
-    def __init__(self, path: Path, keep: int = protocol.SNAPSHOT_ENTRIES):
+    def __init__(self, path: Path):
         self.path = Path(path)
-        self.recent: deque[bytes] = deque(maxlen=keep)  # last entries, as opened
+        self.recent = Recent()  # the last entries, as opened
         self.size = 0
         self._ids: dict[str, tuple[int, int]] = {}
         self._fd: int | None = None
@@ -175,7 +204,7 @@ class SessionLog:
         found = Opened()
         offset = 0
         rest = b""
-        recent: deque[bytes] = deque(maxlen=self.recent.maxlen)
+        recent = Recent()  # lines, readable or not
         while True:
             chunk = os.read(self._rfd, READ_CHUNK)
             if not chunk:
