@@ -142,3 +142,21 @@ def test_idle_connections_cost_little_memory(started_pod):
             c.close()
     # generous bound: a shared snapshot and small per-client state, not 200 copies
     assert loaded < base + 20 * 1024, (base, loaded)
+
+
+def test_messages_waiting_for_a_slow_handler_are_not_held_in_memory(state, started_pod,
+                                                                    tmp_path):
+    from yoi.client import notify_pipelined
+    go = tmp_path / "go"
+    pod = started_pod("a", exec=f"cat >/dev/null; while [ ! -e {go} ]; do sleep 0.05; done")
+    notify(pod.socket_path, "first", "first")  # the handler is now busy with it
+    base = vm(pod.pid, "VmRSS")
+    ids = [f"big-{i}" for i in range(200)]
+    lines = [protocol.notify_method(f"{i}:" + "x" * 900_000, mid) for i, mid in enumerate(ids)]
+    batch = notify_pipelined(pod.socket_path, lines, ids, timeout=60)
+    assert batch.failure is None and batch.acked == 200
+    waiting = vm(pod.pid, "VmRSS")
+    go.touch()
+    # 170 MiB of messages wait for the handler: they are in the log, not in memory
+    # (what is held is the snapshot's share of them: 16 MiB)
+    assert waiting < base + 80 * 1024, (base, waiting)

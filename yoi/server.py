@@ -595,9 +595,8 @@ class Server:
             item["id"] = msg_id
         item["at"] = now_iso()
         line = protocol.event("system_item", {"item": item})
-        job = ("notify", message, source, msg_id) if self.exec_cmd else None
 
-        def after(err):
+        def after(res, err):
             waiting = self.pending_ids.pop(msg_id, []) if msg_id is not None else []
             for w in waiting:
                 w.pending -= 1
@@ -606,8 +605,8 @@ class Server:
                 else:
                     self._commit_failed(w, err)
                 self._maybe_close(w)
-            if err is None and job is not None:
-                self._queue_job(job)
+            if err is None and self.exec_cmd:
+                self._queue_job(("notify", res, source, msg_id))
 
         self._commit(c, line, after, msg_id)
 
@@ -619,14 +618,12 @@ class Server:
                 isinstance(s, dict) and isinstance(s.get("content", ""), str) for s in segments):
             raise _Invalid("run needs 'input': a list of segments "
                            '{"kind":"text","content":"..."}')
-        text = "".join(s.get("content", "") for s in segments
-                       if s.get("kind", "text") == "text")
         self._busy(+1)  # status running is announced before the user message
         line = protocol.event("user_message", {"segments": segments})
 
-        def after(err):
+        def after(res, err):
             if err is None:
-                self._queue_job(("run", text, None, None))
+                self._queue_job(("run", res, None, None))
             self._busy(-1)
 
         self._commit(c, line, after)
@@ -693,7 +690,7 @@ class Server:
 
     # -- commits -------------------------------------------------------------
     def _commit(self, c: Client | None, line: bytes, after=None, msg_id=None) -> None:
-        """Append LINE durably, then (on the loop) broadcast it and run AFTER(err)."""
+        """Append LINE durably, then (on the loop) broadcast it and run AFTER(committed, err)."""
         if c is not None:
             c.pending += 1
 
@@ -717,7 +714,7 @@ class Server:
             if c is not None:
                 self._commit_failed(c, err)
         if after is not None:
-            after(err)
+            after(res, err)
         if c is not None:
             c.pending -= 1
             self._maybe_close(c)
@@ -800,9 +797,10 @@ class Server:
                 log("internal error in the handler worker:\n" + traceback.format_exc())
             self.call_soon(self._busy, -1)
 
-    def _handle(self, kind: str, text: str, source: str | None, msg_id: str | None) -> None:
+    def _handle(self, kind: str, entry: Committed, source: str | None,
+                msg_id: str | None) -> None:
         if self.exec_cmd:
-            out, problem = self._run_handler(text, source, msg_id)
+            out, problem = self._run_handler(self._handler_input(kind, entry), source, msg_id)
             if self.stopping:
                 return
             if out:
@@ -812,6 +810,19 @@ class Server:
                 self.call_soon(self.alert, "error", problem)
         if kind == "run" and not self.stopping:
             self._commit_from_worker(protocol.event("run_end", {"result": "finished"}))
+
+    def _handler_input(self, kind: str, entry: Committed) -> str:
+        """The text a handler gets, read back from the committed entry.
+
+        Queued jobs hold only where their entry is, not its text: a handler
+        that takes its time while messages pour in costs a few bytes per
+        waiting message, not up to a mebibyte each.
+        """
+        data = json.loads(self.session.read(entry))["data"]
+        if kind == "notify":
+            return data["item"]["message"]
+        return "".join(s.get("content", "") for s in data["segments"]
+                       if s.get("kind", "text") == "text")
 
     def _commit_from_worker(self, line: bytes) -> None:
         def done(res, err):

@@ -250,6 +250,10 @@ class SessionLog:
             return None
         return os.pread(self._rfd, where[1], where[0])
 
+    def read(self, entry: Committed) -> bytes:
+        """The committed line at ENTRY (any thread)."""
+        return os.pread(self._rfd, entry.length, entry.offset)
+
     # -- appending ----------------------------------------------------------
     def submit(self, line: bytes, done: Done, msg_id: str | None = None) -> None:
         """Queue LINE (one JSON object + newline); DONE(committed, error) runs after fsync.
