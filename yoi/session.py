@@ -37,7 +37,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from yoi import protocol
 from yoi.faults import fault
@@ -80,6 +80,60 @@ def notification_id(obj: dict) -> str | None:
         if isinstance(msg_id, str):
             return msg_id
     return None
+
+
+def entries(path: Path | str, n: int | None = None,
+            end: int | None = None) -> "Iterator[tuple[bytes, dict | None]]":
+    """The lines of the last N entries (all if N is None) of PATH before END.
+
+    Yields ``(line, entry)`` in order; ``entry`` is None for a line that is
+    not an entry (a torn line), which does not count towards N. A whole log
+    is read forward in blocks, never all at once.
+    """
+    if n is None:
+        for line in _forward(path, end):
+            yield line, parse_entry(line)
+        return
+    want = n
+    while True:
+        lines = tail(path, want, end)
+        found = [(line, parse_entry(line)) for line in lines]
+        good = sum(1 for _, obj in found if obj is not None)
+        if good >= n or len(lines) < want:
+            break
+        want = max(2 * want, want + n - good)
+    keep: list[tuple[bytes, dict | None]] = []
+    kept = 0
+    for line, obj in reversed(found):  # newest first, until N entries are kept
+        if obj is not None:
+            if kept == n:
+                break
+            kept += 1
+        keep.append((line, obj))
+    while keep and keep[-1][1] is None:  # lines before the oldest entry kept
+        keep.pop()
+    yield from reversed(keep)
+
+
+def _forward(path: Path | str, end: int | None) -> "Iterator[bytes]":
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        stop = os.fstat(fd).st_size if end is None else end
+        pos, rest = 0, b""
+        while pos < stop:
+            chunk = os.pread(fd, min(READ_CHUNK, stop - pos), pos)
+            if not chunk:
+                break
+            pos += len(chunk)
+            *lines, rest = (rest + chunk).split(b"\n")
+            yield from (line for line in lines if line.strip())
+        if rest.strip():
+            yield rest
+    finally:
+        os.close(fd)
 
 
 def tail(path: Path | str, n: int | None = None, end: int | None = None) -> list[bytes]:

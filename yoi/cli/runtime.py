@@ -168,8 +168,7 @@ def log_command(name, count, follow, timeout, as_json, state):
             end = None
     try:
         skipped = 0
-        for raw in session.tail(path, count, end):
-            obj = session.parse_entry(raw)
+        for raw, obj in session.entries(path, count, end):
             if obj is None:
                 skipped += 1
                 continue
