@@ -160,3 +160,26 @@ def test_messages_waiting_for_a_slow_handler_are_not_held_in_memory(state, start
     # 170 MiB of messages wait for the handler: they are in the log, not in memory
     # (what is held is the snapshot's share of them: 16 MiB)
     assert waiting < base + 80 * 1024, (base, waiting)
+
+
+def test_idle_connections_share_the_prelude_when_there_are_alerts(state, run_yoi, started_pod):
+    """A replayed alert comes before the snapshot; neither is copied per client."""
+    run_yoi("pod", "create", "a")
+    entry = protocol.event("text_done", {"text": "x" * (1 << 20)})
+    state.session_path("a").write_bytes(entry * 8 + b'{"event":"text_do')  # torn: an alert
+    pod = started_pod("a")
+    base = vm(pod.pid, "VmRSS")
+    held = []
+    try:
+        for _ in range(40):  # each is owed 8 MiB it never reads
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(pod.socket_path)
+            held.append(s)
+        with Connection.open(pod.socket_path, 30) as c:
+            assert len(c.alerts) == 1 and "torn line" in c.alerts[0]["message"]
+        loaded = vm(pod.pid, "VmRSS")
+    finally:
+        for s in held:
+            s.close()
+    assert loaded < base + 40 * 1024, (base, loaded)  # not 40 copies of 8 MiB

@@ -119,6 +119,7 @@ class Server:
         self.status = "idle"
         self.busy = 0                  # accepted runs/notifications not yet handled
         self.alerts: deque[bytes] = deque(maxlen=MAX_ALERTS)
+        self._alerts_blob: bytes | None = None
         self.recent = Recent()
         self.log_end = 0               # session offset covered by ``recent``
         self.snap: bytes | None = None
@@ -368,20 +369,29 @@ class Server:
             sock.setblocking(False)
             c = Client(sock)
             self.clients[c.fd] = c
-            prelude = b"".join(self.alerts) + self.snapshot()
-            c.limit = OUTBOUND_LIMIT + len(prelude)
-            c.prelude_left = len(prelude)
+            # Shared objects, queued as they are: a client costs no copy of them.
+            alerts, snap = self.replayed_alerts(), self.snapshot()
+            c.limit = OUTBOUND_LIMIT + len(alerts) + len(snap)
+            c.prelude_left = len(alerts) + len(snap)
             self.sel.register(sock, selectors.EVENT_WRITE, lambda m, c=c: self._on_client(c, m))
             c.events = selectors.EVENT_WRITE
-            self.send(c, prelude)
+            if alerts:
+                self.send(c, alerts)
+            self.send(c, snap)
+
+    def replayed_alerts(self) -> bytes:
+        """The alerts a new client gets first, rebuilt only when one was raised."""
+        if self._alerts_blob is None:
+            self._alerts_blob = b"".join(self.alerts)
+        return self._alerts_blob
 
     def snapshot(self) -> bytes:
         """The ``snapshot`` event, rebuilt only when an entry or the status changed.
 
         Entries are the most recent committed lines (at most
         ``protocol.SNAPSHOT_ENTRIES`` of them, and ``protocol.SNAPSHOT_BYTES``
-        bytes), spliced in as they are; ``entries`` comes last so that a reader who wants only the
-        status can stop early. ``session_offset`` *(ours)* is the size of the
+        bytes), spliced in as they are; ``entries`` comes last so that a
+        reader who wants only the status can stop early. ``session_offset`` *(ours)* is the size of the
         log the entries reach up to (``yoi pod log --follow`` uses it).
         """
         if self.snap is None:
@@ -742,6 +752,7 @@ class Server:
         line = protocol.event("alert", {"level": level, "source": "pod", "message": message,
                                         "timestamp_ms": int(time.time() * 1000)})
         self.alerts.append(line)
+        self._alerts_blob = None
         self.broadcast(line)
 
     # -- operations on other threads -----------------------------------------
