@@ -300,3 +300,20 @@ def test_timeout_must_be_positive(cli, cmd, value):
     r = cli("pod", cmd, "a", "--timeout", value)
     assert r.exit_code == 2, r
     assert r.stderr.startswith("yoi: error: Invalid value for '--timeout': "), r
+
+
+def test_concurrent_starts_one_wins_the_others_name_it(state, run_yoi, started_pod):
+    from concurrent.futures import ThreadPoolExecutor
+    run_yoi("pod", "create", "a")
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda _: run_yoi("pod", "start", "a"), range(4)))
+        assert sorted(r.exit_code for r in results) == [0, 6, 6, 6], results
+        pid = control.holder_pid(state.runtime_lock_path("a"))
+        for r in results:
+            if r.exit_code == 6:
+                assert r.stderr == f"yoi: error: Pod 'a' is already running (pid {pid})\n", r
+        r = run_yoi("pod", "status", "a", "--json")
+        assert r.exit_code == 0 and r.json["pid"] == pid, r
+    finally:
+        assert run_yoi("pod", "stop", "a").exit_code == 0
