@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import threading
 
+import pytest
+
 from rawsock import Raw
 
 from yoi import protocol
@@ -183,3 +185,40 @@ def test_idle_connections_share_the_prelude_when_there_are_alerts(state, run_yoi
         for s in held:
             s.close()
     assert loaded < base + 40 * 1024, (base, loaded)  # not 40 copies of 8 MiB
+
+
+def test_clients_that_never_read_cannot_pile_up_old_snapshots(state, run_yoi, started_pod):
+    """Each connects after another commit, so each is owed a different 4 MiB snapshot:
+    beyond PINNED_LIMIT bytes of them, the clients owed the oldest are disconnected."""
+    from yoi import server
+    run_yoi("pod", "create", "a")
+    state.session_path("a").write_bytes(
+        protocol.event("text_done", {"text": "x" * (1 << 20)}) * 4)
+    pod = started_pod("a")
+    stuck = []
+    try:
+        with Raw(pod.socket_path) as writer:
+            writer.prelude()
+            for i in range(100):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(pod.socket_path)
+                stuck.append(s)
+                writer.send({"method": "notify", "params": {"message": "m", "id": f"m-{i}"}})
+                writer.until("system_item")
+        closed = []
+        for s in stuck:
+            s.settimeout(0.05)
+            try:
+                while s.recv(1 << 20):
+                    pass
+                closed.append(True)  # the Pod closed it
+            except socket.timeout:
+                closed.append(False)  # still waiting for the rest of its snapshot
+    finally:
+        for s in stuck:
+            s.close()
+    held = closed.count(False)
+    assert closed == [True] * (100 - held) + [False] * held
+    assert 0 < held * (4 << 20) <= server.PINNED_LIMIT
+    assert notify(pod.socket_path, "fine", "after")["item"]["id"] == "after"

@@ -12,8 +12,10 @@ Threads and who owns what:
   never blocks on a client: sockets are non-blocking, each client has a bounded
   outbound queue (a client that lets it overflow is disconnected) and a bounded
   inbound buffer (an over-long method line gets ``error`` and the rest of it is
-  read and dropped as it streams in). Broadcasts share one bytes object among
-  all clients, so many idle clients cost little.
+  read and dropped as it streams in). Broadcasts, replayed alerts and the
+  snapshot share one bytes object among all clients, so many idle clients
+  cost little; clients that do not read keep older snapshots alive, up to
+  ``PINNED_LIMIT`` bytes of them.
 * the **session writer** (``yoi.session``) appends and fsyncs in groups and
   reports each commit back to the loop, which then broadcasts it: nothing is
   broadcast before it is durable, and broadcasts follow commit order.
@@ -64,6 +66,7 @@ from yoi.session import Committed, Recent, SessionLog
 from yoi.state import State, make_private_dir
 
 OUTBOUND_LIMIT = 16 << 20      # bytes queued to one client beyond its prelude
+PINNED_LIMIT = 128 << 20       # bytes of older snapshots kept for clients not reading them
 RECV_CHUNK = 64 << 10
 ACCEPT_BATCH = 64
 MAX_ALERTS = 100               # alerts replayed to a new client
@@ -88,7 +91,7 @@ def log(msg: str) -> None:
 
 class Client:
     __slots__ = ("sock", "fd", "inbuf", "discarding", "outq", "queued", "limit", "prelude_left",
-                 "events", "closed", "eof", "hungup", "pending")
+                 "snap", "events", "closed", "eof", "hungup", "pending")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -99,6 +102,7 @@ class Client:
         self.queued = 0
         self.limit = OUTBOUND_LIMIT
         self.prelude_left = 0
+        self.snap: bytes | None = None  # the snapshot it is being sent, until it is sent
         self.events = 0
         self.closed = False
         self.eof = False
@@ -123,6 +127,9 @@ class Server:
         self.recent = Recent()
         self.log_end = 0               # session offset covered by ``recent``
         self.snap: bytes | None = None
+        # Snapshots still being sent, oldest first: id -> (snapshot, its clients).
+        self.pinned: dict[int, tuple[bytes, set[Client]]] = {}
+        self.pinned_bytes = 0
         self.pending_ids: dict[str, list[Client]] = {}
         self.jobs: queue.Queue = queue.Queue()
         self.ops: queue.Queue = queue.Queue()
@@ -375,9 +382,41 @@ class Server:
             c.prelude_left = len(alerts) + len(snap)
             self.sel.register(sock, selectors.EVENT_WRITE, lambda m, c=c: self._on_client(c, m))
             c.events = selectors.EVENT_WRITE
+            self._pin(c, snap)
             if alerts:
                 self.send(c, alerts)
             self.send(c, snap)
+
+    def _pin(self, c: Client, snap: bytes) -> None:
+        """Count SNAP as held for C until C has it; drop clients that hold old ones.
+
+        Clients share the current snapshot, but one that does not read keeps
+        the snapshot of the moment it connected: with commits in between,
+        every such client would keep another copy. Beyond PINNED_LIMIT bytes
+        of them, the clients holding the oldest are disconnected.
+        """
+        c.snap = snap
+        held = self.pinned.get(id(snap))
+        if held is None:
+            held = self.pinned[id(snap)] = (snap, set())
+            self.pinned_bytes += len(snap)
+        held[1].add(c)
+        while self.pinned_bytes > PINNED_LIMIT and len(self.pinned) > 1:
+            _, clients = next(iter(self.pinned.values()))
+            log(f"{len(clients)} client(s) did not read their snapshot while "
+                f"{self.pinned_bytes} bytes of snapshots waited; disconnecting them")
+            for old in list(clients):
+                self._close(old)
+
+    def _unpin(self, c: Client) -> None:
+        snap, c.snap = c.snap, None
+        if snap is None:
+            return
+        _, clients = self.pinned[id(snap)]
+        clients.discard(c)
+        if not clients:
+            del self.pinned[id(snap)]
+            self.pinned_bytes -= len(snap)
 
     def replayed_alerts(self) -> bytes:
         """The alerts a new client gets first, rebuilt only when one was raised."""
@@ -440,6 +479,8 @@ class Server:
             c.queued -= n
             if c.prelude_left > 0:
                 c.prelude_left -= n
+                if c.prelude_left <= 0:
+                    self._unpin(c)
             if n == len(view):
                 c.outq.popleft()
             else:
@@ -457,6 +498,7 @@ class Server:
         because a broadcast found its socket closed before its line was read.
         """
         c.hungup = True
+        self._unpin(c)
         c.outq.clear()
         c.queued = 0
         c.prelude_left = 0
@@ -491,6 +533,7 @@ class Server:
             self.sel.unregister(c.sock)
         c.events = 0
         self.clients.pop(c.fd, None)
+        self._unpin(c)
         c.outq.clear()
         c.inbuf = bytearray()
         try:
