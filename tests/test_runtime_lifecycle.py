@@ -294,9 +294,9 @@ def test_stop_never_removes_a_file_that_is_not_a_socket(state, run_yoi):
         5, "yoi: error: a is not running; start it with `yoi pod restore a`\n"), r
 
 
-@pytest.mark.parametrize("cmd", ["start", "stop", "restore", "status", "log"])
-@pytest.mark.parametrize("value", ["0", "-1"])
-def test_timeout_must_be_positive(cli, cmd, value):
+@pytest.mark.parametrize("cmd", ["start", "stop", "restore", "status", "log", "send"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e12"])
+def test_timeout_must_be_positive_and_finite(cli, cmd, value):
     r = cli("pod", cmd, "a", "--timeout", value)
     assert r.exit_code == 2, r
     assert r.stderr.startswith("yoi: error: Invalid value for '--timeout': "), r
