@@ -430,8 +430,9 @@ class Server:
         Entries are the most recent committed lines (at most
         ``protocol.SNAPSHOT_ENTRIES`` of them, and ``protocol.SNAPSHOT_BYTES``
         bytes), spliced in as they are; ``entries`` comes last so that a
-        reader who wants only the status can stop early. ``session_offset`` *(ours)* is the size of the
-        log the entries reach up to (``yoi pod log --follow`` uses it).
+        reader who wants only the status can stop early. ``session_offset``
+        *(ours)* is the size of the log the entries reach up to (``yoi pod
+        log --follow`` uses it).
         """
         if self.snap is None:
             head = json.dumps({"greeting": self.greeting, "status": self.status,

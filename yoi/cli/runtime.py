@@ -9,6 +9,7 @@ import click
 from yoi.cli.common import (YoiCommand, check_names, emit, json_option, pod_argument,
                             say, state_options)
 
+
 class Seconds(click.FloatRange):
     """A timeout: more than 0 (0 would mean "fail at once", not "do not wait") and
     at most a week (sockets and poll() cannot wait longer); not NaN."""
