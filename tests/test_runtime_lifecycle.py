@@ -317,3 +317,20 @@ def test_concurrent_starts_one_wins_the_others_name_it(state, run_yoi, started_p
         assert r.exit_code == 0 and r.json["pid"] == pid, r
     finally:
         assert run_yoi("pod", "stop", "a").exit_code == 0
+
+
+def test_start_runs_this_yoi_whatever_the_current_directory_holds(state, run_yoi, tmp_path):
+    """`yoi pod start` in a checkout or project with a `yoi` package of its own."""
+    other = tmp_path / "project"
+    (other / "yoi").mkdir(parents=True)
+    (other / "yoi" / "__init__.py").write_text("")
+    (other / "yoi" / "__main__.py").write_text("raise SystemExit('not this yoi')\n")
+    run_yoi("pod", "create", "a")
+    # -P: as the installed `yoi` script runs, without the current directory on sys.path
+    p = subprocess.run([sys.executable, "-P", "-m", "yoi", "pod", "start", "a"], cwd=other,
+                       capture_output=True, text=True, timeout=60)
+    try:
+        assert p.returncode == 0, p.stderr
+        assert run_yoi("pod", "status", "a").exit_code == 0
+    finally:
+        run_yoi("pod", "stop", "a", "--force")
