@@ -127,3 +127,29 @@ def test_cheap_commands_never_import_the_server(yoi_home):
             "print('yoi.server' in sys.modules, 'yoi.session' in sys.modules)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.stdout.splitlines()[-1] == "False False", p
+
+
+def test_log_last_n_counts_entries_not_torn_lines(state, run_yoi):
+    from yoi import session
+    run_yoi("pod", "create", "a")
+    good = [f'{{"event":"text_done","data":{{"text":"t{i}"}}}}\n'.encode() for i in range(5)]
+    path = state.session_path("a")
+    path.write_bytes(good[0] + good[1] + b"not an entry\n" + good[2] + good[3] + good[4]
+                     + b'{"event":"text_do\n' + b"[1]\n")
+    r = run_yoi("pod", "log", "a", "-n", "2")
+    assert r.exit_code == 0, r
+    assert r.stdout == "text: t3\ntext: t4\n"
+    assert r.stderr == f"yoi: note: skipped 2 line(s) of {path} that are not entries\n"
+    r = run_yoi("pod", "log", "a", "-n", "4")
+    assert r.stdout == "text: t1\ntext: t2\ntext: t3\ntext: t4\n"
+    assert r.stderr == f"yoi: note: skipped 3 line(s) of {path} that are not entries\n"
+    r = run_yoi("pod", "log", "a", "-n", "0")
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "", "")
+    r = run_yoi("pod", "log", "a")
+    assert r.stdout == "".join(f"text: t{i}\n" for i in range(5))
+    # a whole log is read in blocks: lines that cross a block boundary come out whole
+    big = [f'{{"event":"text_done","data":{{"text":"{i}{"x" * 100_000}"}}}}\n'.encode()
+           for i in range(30)]
+    path.write_bytes(b"".join(big))
+    assert [raw + b"\n" for raw, _ in session.entries(path)] == big
+    assert [raw + b"\n" for raw, _ in session.entries(path, 3)] == big[-3:]

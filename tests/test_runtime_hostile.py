@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import threading
 
+import pytest
+
 from rawsock import Raw
 
 from yoi import protocol
@@ -142,3 +144,81 @@ def test_idle_connections_cost_little_memory(started_pod):
             c.close()
     # generous bound: a shared snapshot and small per-client state, not 200 copies
     assert loaded < base + 20 * 1024, (base, loaded)
+
+
+def test_messages_waiting_for_a_slow_handler_are_not_held_in_memory(state, started_pod,
+                                                                    tmp_path):
+    from yoi.client import notify_pipelined
+    go = tmp_path / "go"
+    pod = started_pod("a", exec=f"cat >/dev/null; while [ ! -e {go} ]; do sleep 0.05; done")
+    notify(pod.socket_path, "first", "first")  # the handler is now busy with it
+    base = vm(pod.pid, "VmRSS")
+    ids = [f"big-{i}" for i in range(200)]
+    lines = [protocol.notify_method(f"{i}:" + "x" * 900_000, mid) for i, mid in enumerate(ids)]
+    batch = notify_pipelined(pod.socket_path, lines, ids, timeout=60)
+    assert batch.failure is None and batch.acked == 200
+    waiting = vm(pod.pid, "VmRSS")
+    go.touch()
+    # 170 MiB of messages wait for the handler: they are in the log, not in memory
+    # (what is held is the snapshot's share of them: 16 MiB)
+    assert waiting < base + 80 * 1024, (base, waiting)
+
+
+def test_idle_connections_share_the_prelude_when_there_are_alerts(state, run_yoi, started_pod):
+    """A replayed alert comes before the snapshot; neither is copied per client."""
+    run_yoi("pod", "create", "a")
+    entry = protocol.event("text_done", {"text": "x" * (1 << 20)})
+    state.session_path("a").write_bytes(entry * 8 + b'{"event":"text_do')  # torn: an alert
+    pod = started_pod("a")
+    base = vm(pod.pid, "VmRSS")
+    held = []
+    try:
+        for _ in range(40):  # each is owed 8 MiB it never reads
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(pod.socket_path)
+            held.append(s)
+        with Connection.open(pod.socket_path, 30) as c:
+            assert len(c.alerts) == 1 and "torn line" in c.alerts[0]["message"]
+        loaded = vm(pod.pid, "VmRSS")
+    finally:
+        for s in held:
+            s.close()
+    assert loaded < base + 40 * 1024, (base, loaded)  # not 40 copies of 8 MiB
+
+
+def test_clients_that_never_read_cannot_pile_up_old_snapshots(state, run_yoi, started_pod):
+    """Each connects after another commit, so each is owed a different 4 MiB snapshot:
+    beyond PINNED_LIMIT bytes of them, the clients owed the oldest are disconnected."""
+    from yoi import server
+    run_yoi("pod", "create", "a")
+    state.session_path("a").write_bytes(
+        protocol.event("text_done", {"text": "x" * (1 << 20)}) * 4)
+    pod = started_pod("a")
+    stuck = []
+    try:
+        with Raw(pod.socket_path) as writer:
+            writer.prelude()
+            for i in range(100):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(pod.socket_path)
+                stuck.append(s)
+                writer.send({"method": "notify", "params": {"message": "m", "id": f"m-{i}"}})
+                writer.until("system_item")
+        closed = []
+        for s in stuck:
+            s.settimeout(0.05)
+            try:
+                while s.recv(1 << 20):
+                    pass
+                closed.append(True)  # the Pod closed it
+            except socket.timeout:
+                closed.append(False)  # still waiting for the rest of its snapshot
+    finally:
+        for s in stuck:
+            s.close()
+    held = closed.count(False)
+    assert closed == [True] * (100 - held) + [False] * held
+    assert 0 < held * (4 << 20) <= server.PINNED_LIMIT
+    assert notify(pod.socket_path, "fine", "after")["item"]["id"] == "after"

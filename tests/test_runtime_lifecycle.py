@@ -12,6 +12,7 @@ import time
 import pytest
 
 from yoi import control, store
+from yoi.errors import Busy
 from yoi.lock import is_locked
 
 
@@ -176,9 +177,10 @@ def test_start_that_fails_reports_the_pod_log_tail(state, run_yoi):
 
 def test_start_that_times_out_stops_the_child(state, run_yoi):
     run_yoi("pod", "create", "a")
-    r = run_yoi("pod", "start", "a", "--timeout", "0")
+    r = run_yoi("pod", "start", "a", "--timeout", "0.001")
     assert r.exit_code == 5, r
-    assert r.stderr.startswith("yoi: error: Pod 'a' did not answer within 0s and was stopped")
+    assert r.stderr.startswith("yoi: error: Pod 'a' did not answer within 0.001s and was "
+                               "stopped")
     assert released(state.runtime_lock_path("a"))
     assert run_yoi("pod", "status", "a").exit_code == 5
 
@@ -250,3 +252,85 @@ def test_two_pods_fresh_install_plain_socket_client(state, run_yoi, started_pod)
     for pod in pods:
         assert run_yoi("pod", "stop", pod.name).exit_code == 0
         wait_gone(pod.pid)
+
+
+def test_a_start_is_not_refused_because_a_command_looked_at_the_lock(state, run_yoi):
+    """`status`, `list`, `stop` of a stopped Pod take the runtime lock for an
+    instant to test it; a Pod starting at that instant must still start."""
+    import fcntl
+    import threading
+    from yoi import server
+    run_yoi("pod", "create", "a")
+    path = state.runtime_lock_path("a")
+    looker = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    fcntl.flock(looker, fcntl.LOCK_SH)  # what is_locked() does, held a little longer
+    threading.Timer(0.3, os.close, [looker]).start()
+    held = server.hold_runtime_lock(state, "a")
+    try:
+        assert control.holder_pid(path) == os.getpid()
+    finally:
+        os.close(held)
+    # a Pod that really runs is still refused, after the grace period
+    running = os.open(path, os.O_RDWR)
+    fcntl.flock(running, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(Busy, match="already running"):
+            server.hold_runtime_lock(state, "a", grace=0.1)
+    finally:
+        os.close(running)
+
+
+def test_stop_never_removes_a_file_that_is_not_a_socket(state, run_yoi):
+    run_yoi("pod", "create", "a")
+    (state.root / "run").mkdir(mode=0o700)
+    precious = state.root / "run" / "a.sock"
+    precious.write_text("not a socket\n")
+    r = run_yoi("pod", "stop", "a", "--json")
+    assert r.exit_code == 0, r
+    assert r.json["message"] == "not running" and r.json["stale_socket_removed"] is False
+    assert precious.read_text() == "not a socket\n"
+    r = run_yoi("pod", "send", "a", "hi")
+    assert (r.exit_code, r.stderr) == (
+        5, "yoi: error: a is not running; start it with `yoi pod restore a`\n"), r
+
+
+@pytest.mark.parametrize("cmd", ["start", "stop", "restore", "status", "log", "send"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e12"])
+def test_timeout_must_be_positive_and_finite(cli, cmd, value):
+    r = cli("pod", cmd, "a", "--timeout", value)
+    assert r.exit_code == 2, r
+    assert r.stderr.startswith("yoi: error: Invalid value for '--timeout': "), r
+
+
+def test_concurrent_starts_one_wins_the_others_name_it(state, run_yoi, started_pod):
+    from concurrent.futures import ThreadPoolExecutor
+    run_yoi("pod", "create", "a")
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda _: run_yoi("pod", "start", "a"), range(4)))
+        assert sorted(r.exit_code for r in results) == [0, 6, 6, 6], results
+        pid = control.holder_pid(state.runtime_lock_path("a"))
+        for r in results:
+            if r.exit_code == 6:
+                assert r.stderr == f"yoi: error: Pod 'a' is already running (pid {pid})\n", r
+        r = run_yoi("pod", "status", "a", "--json")
+        assert r.exit_code == 0 and r.json["pid"] == pid, r
+    finally:
+        assert run_yoi("pod", "stop", "a").exit_code == 0
+
+
+def test_start_runs_this_yoi_whatever_the_current_directory_holds(state, run_yoi, tmp_path):
+    """`yoi pod start` in a checkout or project with a `yoi` package of its own."""
+    other = tmp_path / "project"
+    (other / "yoi").mkdir(parents=True)
+    (other / "yoi" / "__init__.py").write_text("")
+    (other / "yoi" / "__main__.py").write_text("raise SystemExit('not this yoi')\n")
+    run_yoi("pod", "create", "a")
+    # -P: as the installed `yoi` script runs, without the current directory on sys.path
+    p = subprocess.run([sys.executable, "-P", "-m", "yoi", "pod", "start", "a"], cwd=other,
+                       capture_output=True, text=True, timeout=60)
+    try:
+        assert p.returncode == 0, p.stderr
+        assert run_yoi("pod", "status", "a").exit_code == 0
+    finally:
+        run_yoi("pod", "stop", "a", "--force")

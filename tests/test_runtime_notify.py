@@ -172,3 +172,42 @@ def test_a_crash_in_the_middle_of_an_append_leaves_a_recoverable_log(state, star
     ack = notify(pod.socket_path, "lost in the crash", "c-1")
     assert state.session_path("a").read_bytes() == torn + b"\n" + protocol.event(
         "system_item", ack)
+
+
+def test_a_sender_that_closes_right_after_writing_is_still_heard(state, started_pod):
+    """`send --no-wait`: write the notify, close at once. Broadcasts that the Pod
+    can no longer write to that client must not make it drop what it received."""
+    import time
+    from yoi.client import notify_pipelined
+    pod = started_pod("a")
+    stop = threading.Event()
+    flowing = []
+
+    def broadcasts():  # a steady stream of system_items to every client
+        round_ = 0
+        while not stop.is_set():
+            ids = [f"flow-{round_}-{i}" for i in range(50)]
+            lines = [protocol.notify_method("flow", mid) for mid in ids]
+            batch = notify_pipelined(pod.socket_path, lines, ids, timeout=30)
+            flowing.append(batch.failure)
+            round_ += 1
+
+    flow = threading.Thread(target=broadcasts)
+    flow.start()
+    try:
+        sent = []
+        for i in range(300):
+            notify(pod.socket_path, f"fire {i}", f"fire-{i}", wait=False)
+            sent.append(f"fire-{i}")
+    finally:
+        stop.set()
+        flow.join(60)
+    assert flowing and not any(flowing)
+    deadline = time.monotonic() + 20
+    while True:
+        ids = {e["data"]["item"]["id"] for e in log_entries(state, "a")}
+        missing = [mid for mid in sent if mid not in ids]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert missing == []

@@ -288,3 +288,41 @@ def test_other_uids_are_refused(started_pod):
             c.prelude()
     finally:
         shutil.rmtree(open_dir, ignore_errors=True)
+
+
+def newest_within(lines: list[bytes], budget: int) -> list[bytes]:
+    """The longest run of newest LINES (without newlines) of at most BUDGET bytes."""
+    out, total = [], 0
+    for line in reversed(lines):
+        if out and total + len(line) - 1 > budget:
+            break
+        out.append(line)
+        total += len(line) - 1
+    return out[::-1]
+
+
+def test_snapshot_is_the_last_1000_entries_within_a_byte_budget(state, run_yoi, started_pod):
+    from yoi import protocol
+    from yoi.client import Connection, notify
+    run_yoi("pod", "create", "a")
+    small = [compact({"event": "text_done", "data": {"text": f"t{i}"}}) for i in range(1005)]
+    state.session_path("a").write_bytes(b"".join(small))
+    pod = started_pod("a")
+    with Connection.open(pod.socket_path, 30, keep_snapshot=True) as c:
+        assert c.snapshot["entries"] == [json.loads(x) for x in small[5:]]
+    assert run_yoi("pod", "stop", "a").exit_code == 0
+    # Large entries: 40 MiB of them are more than a snapshot may hold.
+    big = [compact({"event": "text_done", "data": {"text": f"{i}:" + "x" * (1 << 20)}})
+           for i in range(40)]
+    with open(state.session_path("a"), "ab") as f:
+        f.write(b"".join(big))
+    pod = started_pod("a")
+    with Connection.open(pod.socket_path, 30, keep_snapshot=True) as c:
+        assert c.snapshot["entries"] == [
+            json.loads(x) for x in newest_within(small + big, protocol.SNAPSHOT_BYTES)]
+    ack = notify(pod.socket_path, "y" * 500_000, "last")  # and while it runs
+    added = compact({"event": "system_item", "data": ack})
+    with Connection.open(pod.socket_path, 30, keep_snapshot=True) as c:
+        expected = newest_within(small + big + [added], protocol.SNAPSHOT_BYTES)
+        assert len(expected) < len(big)
+        assert c.snapshot["entries"] == [json.loads(x) for x in expected]

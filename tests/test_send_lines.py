@@ -183,3 +183,32 @@ def test_pipelined_library_call_reports_each_status(state, fake):
     assert batch.acked == 2
     assert batch.with_status(client.ACKED) == ["x-0", "x-1"]
     assert isinstance(batch.failure, client.Closed)
+
+
+def test_unacknowledged_bytes_in_flight_are_bounded(state, fake):
+    """A Pod echoes each message in its acknowledgement and disconnects a client that
+    lets 16 MiB of events pile up: the sender keeps at most 4 MiB unacknowledged."""
+    seen = []
+
+    def slow_to_answer(peer):  # reads everything it can for a while before answering
+        import time
+        peer.prelude()
+        got = []
+        deadline = time.monotonic() + 1.0
+        while True:
+            m = peer.read_method(timeout=max(0.01, deadline - time.monotonic()))
+            if m is None:
+                break
+            got.append(m)
+        seen.append(sum(len(protocol.notify_method(p["message"], p["id"])) for _, p in got))
+        for _, params in got:
+            peer.ack(params)
+        while (m := peer.read_method()) is not None:
+            peer.ack(m[1])
+
+    fake(slow_to_answer)
+    ids = [f"big-{i}" for i in range(40)]
+    lines = [protocol.notify_method("x" * 500_000, mid) for mid in ids]
+    batch = client.notify_pipelined(state.default_socket_path("B"), lines, ids, timeout=10)
+    assert batch.failure is None and batch.acked == 40
+    assert 0 < seen[0] <= client.MAX_IN_FLIGHT

@@ -33,6 +33,10 @@ from yoi import protocol
 from yoi.errors import Failed, Refused, Unreachable
 
 DRAIN_LINE_LIMIT = 64 << 10  # prelude lines longer than this are skipped, not kept
+# Bytes of notify lines written but not yet acknowledged, at most. Each
+# acknowledgement carries the message back (twice: message and body), and a
+# Pod disconnects a client that lets 16 MiB of events pile up unread.
+MAX_IN_FLIGHT = 4 << 20
 _EVENT_PREFIX_RE = re.compile(rb'^\s*\{\s*"event"\s*:\s*"([A-Za-z_]+)"')
 
 NOT_ACKNOWLEDGED = "not acknowledged: the message may or may not have been delivered"
@@ -340,7 +344,7 @@ class Batch:
 
 def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str],
                      timeout: float = protocol.DEFAULT_TIMEOUT,
-                     chunk_bytes: int = 256 << 10) -> Batch:
+                     chunk_bytes: int = 256 << 10, in_flight: int = MAX_IN_FLIGHT) -> Batch:
     """Send encoded ``notify`` LINES (ids IDS) over one connection, pipelined.
 
     One thread, one non-blocking socket, ``poll``: lines are written in chunks
@@ -351,7 +355,10 @@ def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str]
     counted: once acknowledgements plus errors cover every message written,
     the messages left unacknowledged are exactly the refused ones. The first
     error also stops further writing (a refusal here means the relation
-    changed; the rest would be refused too).
+    changed; the rest would be refused too). At most IN_FLIGHT bytes of
+    lines (but always at least one line) are written and not yet
+    acknowledged, so the echoed acknowledgements cannot pile up in the Pod
+    faster than they are read.
 
     The deadline is progress-based: ``TimedOut`` once TIMEOUT seconds pass
     with neither a byte written nor an answer received. A failure before the
@@ -369,6 +376,7 @@ def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str]
     parse = protocol.parse_event
     scanned = 0    # bytes of buf known to hold no newline
     queued = 0     # messages before this one are written or being written
+    unacked = 0    # bytes of the lines written (or being written) and not acknowledged
     view = None    # the rest of the chunk being written
     stop = False
     refusal = None
@@ -396,6 +404,7 @@ def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str]
                         if i is not None and status[i] == SENT:
                             status[i] = ACKED
                             batch.acked += 1
+                            unacked -= len(lines[i])
                             last = time.monotonic()
                     elif name == "error":
                         batch.refused += 1
@@ -407,14 +416,18 @@ def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str]
                 if scanned > protocol.MAX_EVENT_LINE:
                     raise conn._malformed(f"an event line over {protocol.MAX_EVENT_LINE} bytes")
 
-            if view is None and not stop and queued < n:
+            if view is None and not stop and queued < n and unacked < in_flight:
                 j, size = queued, 0
                 while j < n and size < chunk_bytes:
+                    if unacked + size + len(lines[j]) > in_flight and (j > queued or unacked):
+                        break  # (one line is written even if it alone is over the bound)
                     size += len(lines[j])
                     j += 1
-                view = memoryview(b"".join(lines[queued:j]))
-                status[queued:j] = bytes([SENT]) * (j - queued)
-                queued = j
+                if j > queued:
+                    view = memoryview(b"".join(lines[queued:j]))
+                    status[queued:j] = bytes([SENT]) * (j - queued)
+                    queued = j
+                    unacked += size
             if view is None and batch.acked + batch.refused >= queued and (stop or queued == n):
                 break
 

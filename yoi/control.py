@@ -5,7 +5,7 @@ flock-held by the live process for its whole life), never by a pid or socket
 file alone: those are hints. Whether it is *live* is decided by its socket
 answering with a snapshot.
 
-A detached start runs ``python -m yoi pod start NAME --foreground`` in a new
+A detached start runs ``python -P -m yoi pod start NAME --foreground`` in a new
 session with stdin from /dev/null and stdout/stderr appended to
 ``pods/NAME/pod.log``, then waits until the socket answers.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -115,7 +116,9 @@ def start(state: State, name: str, exec_cmd: str | None = None,
     log_path = state.pod_log_path(name)
     log_fd = _open_pod_log(log_path)
     log_start = os.fstat(log_fd).st_size
-    argv = [sys.executable, "-m", "yoi", "pod", "start", name, "--foreground",
+    # -P: not the current directory first on sys.path, where a `yoi` of
+    # someone else's (a checkout, a project's package) would be run instead.
+    argv = [sys.executable, "-P", "-m", "yoi", "pod", "start", name, "--foreground",
             "--state-dir", str(state.root), "--lock-timeout", f"{state.lock_timeout:g}"]
     if exec_cmd is not None:
         argv += ["--exec", exec_cmd]
@@ -269,8 +272,9 @@ def clean_stale(state: State, name: str) -> bool:
     try:
         path = state.default_socket_path(name)  # only what this state's runtime binds
         try:
-            os.unlink(path)
-            removed = True
+            if stat.S_ISSOCK(os.lstat(path).st_mode):  # never a file that is not ours
+                os.unlink(path)
+                removed = True
         except FileNotFoundError:
             pass
         doc = store.read(state, name)

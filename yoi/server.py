@@ -12,8 +12,10 @@ Threads and who owns what:
   never blocks on a client: sockets are non-blocking, each client has a bounded
   outbound queue (a client that lets it overflow is disconnected) and a bounded
   inbound buffer (an over-long method line gets ``error`` and the rest of it is
-  read and dropped as it streams in). Broadcasts share one bytes object among
-  all clients, so many idle clients cost little.
+  read and dropped as it streams in). Broadcasts, replayed alerts and the
+  snapshot share one bytes object among all clients, so many idle clients
+  cost little; clients that do not read keep older snapshots alive, up to
+  ``PINNED_LIMIT`` bytes of them.
 * the **session writer** (``yoi.session``) appends and fsyncs in groups and
   reports each commit back to the loop, which then broadcasts it: nothing is
   broadcast before it is durable, and broadcasts follow commit order.
@@ -60,10 +62,11 @@ from pathlib import Path
 from yoi import metadata, protocol
 from yoi.errors import Busy, Failed, YoiError
 from yoi.names import is_valid_name
-from yoi.session import Committed, SessionLog
+from yoi.session import Committed, Recent, SessionLog
 from yoi.state import State, make_private_dir
 
 OUTBOUND_LIMIT = 16 << 20      # bytes queued to one client beyond its prelude
+PINNED_LIMIT = 128 << 20       # bytes of older snapshots kept for clients not reading them
 RECV_CHUNK = 64 << 10
 ACCEPT_BATCH = 64
 MAX_ALERTS = 100               # alerts replayed to a new client
@@ -72,6 +75,7 @@ MAX_PENDING_OPS = 64
 OPS_THREADS = 2
 FLUSH_AT_EXIT = 2.0            # seconds given to clients to read the final events
 HANDLER_KILL_GRACE = 2.0
+RUNTIME_LOCK_GRACE = 2.0       # a start waits this long for a momentary lock taker
 
 _PEERCRED = struct.Struct("3i")
 
@@ -87,7 +91,7 @@ def log(msg: str) -> None:
 
 class Client:
     __slots__ = ("sock", "fd", "inbuf", "discarding", "outq", "queued", "limit", "prelude_left",
-                 "events", "closed", "eof", "pending")
+                 "snap", "events", "closed", "eof", "hungup", "pending")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -98,9 +102,11 @@ class Client:
         self.queued = 0
         self.limit = OUTBOUND_LIMIT
         self.prelude_left = 0
+        self.snap: bytes | None = None  # the snapshot it is being sent, until it is sent
         self.events = 0
         self.closed = False
         self.eof = False
+        self.hungup = False  # writing to it failed: it gets nothing more, but is still read
         self.pending = 0  # answers still owed (commits, operations)
 
 
@@ -117,9 +123,13 @@ class Server:
         self.status = "idle"
         self.busy = 0                  # accepted runs/notifications not yet handled
         self.alerts: deque[bytes] = deque(maxlen=MAX_ALERTS)
-        self.recent: deque[bytes] = deque(maxlen=protocol.SNAPSHOT_ENTRIES)
+        self._alerts_blob: bytes | None = None
+        self.recent = Recent()
         self.log_end = 0               # session offset covered by ``recent``
         self.snap: bytes | None = None
+        # Snapshots still being sent, oldest first: id -> (snapshot, its clients).
+        self.pinned: dict[int, tuple[bytes, set[Client]]] = {}
+        self.pinned_bytes = 0
         self.pending_ids: dict[str, list[Client]] = {}
         self.jobs: queue.Queue = queue.Queue()
         self.ops: queue.Queue = queue.Queue()
@@ -158,7 +168,7 @@ class Server:
         self.session = SessionLog(self.state.session_path(self.name))
         opened = self.session.open()
         try:
-            self.recent.extend(self.session.recent)
+            self.recent = self.session.recent
             self.log_end = self.session.size
             for problem in opened.problems(self.session.path):
                 self.alert("warn", problem)
@@ -366,20 +376,63 @@ class Server:
             sock.setblocking(False)
             c = Client(sock)
             self.clients[c.fd] = c
-            prelude = b"".join(self.alerts) + self.snapshot()
-            c.limit = OUTBOUND_LIMIT + len(prelude)
-            c.prelude_left = len(prelude)
+            # Shared objects, queued as they are: a client costs no copy of them.
+            alerts, snap = self.replayed_alerts(), self.snapshot()
+            c.limit = OUTBOUND_LIMIT + len(alerts) + len(snap)
+            c.prelude_left = len(alerts) + len(snap)
             self.sel.register(sock, selectors.EVENT_WRITE, lambda m, c=c: self._on_client(c, m))
             c.events = selectors.EVENT_WRITE
-            self.send(c, prelude)
+            self._pin(c, snap)
+            if alerts:
+                self.send(c, alerts)
+            self.send(c, snap)
+
+    def _pin(self, c: Client, snap: bytes) -> None:
+        """Count SNAP as held for C until C has it; drop clients that hold old ones.
+
+        Clients share the current snapshot, but one that does not read keeps
+        the snapshot of the moment it connected: with commits in between,
+        every such client would keep another copy. Beyond PINNED_LIMIT bytes
+        of them, the clients holding the oldest are disconnected.
+        """
+        c.snap = snap
+        held = self.pinned.get(id(snap))
+        if held is None:
+            held = self.pinned[id(snap)] = (snap, set())
+            self.pinned_bytes += len(snap)
+        held[1].add(c)
+        while self.pinned_bytes > PINNED_LIMIT and len(self.pinned) > 1:
+            _, clients = next(iter(self.pinned.values()))
+            log(f"{len(clients)} client(s) did not read their snapshot while "
+                f"{self.pinned_bytes} bytes of snapshots waited; disconnecting them")
+            for old in list(clients):
+                self._close(old)
+
+    def _unpin(self, c: Client) -> None:
+        snap, c.snap = c.snap, None
+        if snap is None:
+            return
+        _, clients = self.pinned[id(snap)]
+        clients.discard(c)
+        if not clients:
+            del self.pinned[id(snap)]
+            self.pinned_bytes -= len(snap)
+
+    def replayed_alerts(self) -> bytes:
+        """The alerts a new client gets first, rebuilt only when one was raised."""
+        if self._alerts_blob is None:
+            self._alerts_blob = b"".join(self.alerts)
+        return self._alerts_blob
 
     def snapshot(self) -> bytes:
         """The ``snapshot`` event, rebuilt only when an entry or the status changed.
 
-        Entries are the committed lines themselves, so they are spliced in as
-        they are; ``entries`` comes last so that a reader who wants only the
-        status can stop early. ``session_offset`` *(ours)* is the size of the
-        log the entries reach up to (``yoi pod log --follow`` uses it).
+        Entries are the most recent committed lines (at most
+        ``protocol.SNAPSHOT_ENTRIES`` of them, and ``protocol.SNAPSHOT_BYTES``
+        bytes), spliced in as they are; ``entries`` comes last so that a
+        reader who wants only the status can stop early. ``session_offset``
+        *(ours)* is the size of the log the entries reach up to (``yoi pod
+        log --follow`` uses it).
         """
         if self.snap is None:
             head = json.dumps({"greeting": self.greeting, "status": self.status,
@@ -399,7 +452,7 @@ class Server:
             self._read(c)
 
     def send(self, c: Client, data: bytes) -> None:
-        if c.closed:
+        if c.closed or c.hungup:
             return
         if c.queued + len(data) > c.limit:
             log(f"client fd {c.fd} does not read its events; disconnecting it")
@@ -422,11 +475,13 @@ class Server:
             except BlockingIOError:
                 break
             except OSError:
-                self._close(c)
+                self._hang_up(c)
                 return
             c.queued -= n
             if c.prelude_left > 0:
                 c.prelude_left -= n
+                if c.prelude_left <= 0:
+                    self._unpin(c)
             if n == len(view):
                 c.outq.popleft()
             else:
@@ -434,6 +489,24 @@ class Server:
                 break
         self._maybe_close(c)
         self._set_events(c)  # (nothing if it was closed)
+
+    def _hang_up(self, c: Client) -> None:
+        """Writing to C failed (it closed, or shut down its reading side).
+
+        It gets nothing more, but every complete method line it wrote before
+        its EOF is still read and handled: a sender that writes a ``notify``
+        and closes at once (``yoi pod send --no-wait``) is not dropped just
+        because a broadcast found its socket closed before its line was read.
+        """
+        c.hungup = True
+        self._unpin(c)
+        c.outq.clear()
+        c.queued = 0
+        c.prelude_left = 0
+        if c.eof:
+            self._close(c)
+        else:
+            self._set_events(c)
 
     def _set_events(self, c: Client, reading: bool | None = None) -> None:
         if c.closed:
@@ -461,6 +534,7 @@ class Server:
             self.sel.unregister(c.sock)
         c.events = 0
         self.clients.pop(c.fd, None)
+        self._unpin(c)
         c.outq.clear()
         c.inbuf = bytearray()
         try:
@@ -474,12 +548,11 @@ class Server:
         except BlockingIOError:
             return
         except OSError:
-            self._close(c)
-            return
+            data = b""  # reset: the kernel reports it only once all data was read
         if not data:
             # The client closed its side: answer what it asked, then close.
             c.eof = True
-            if not c.outq and c.pending == 0:
+            if c.hungup or (not c.outq and c.pending == 0):
                 self._close(c)
             else:
                 self._set_events(c)
@@ -576,9 +649,8 @@ class Server:
             item["id"] = msg_id
         item["at"] = now_iso()
         line = protocol.event("system_item", {"item": item})
-        job = ("notify", message, source, msg_id) if self.exec_cmd else None
 
-        def after(err):
+        def after(res, err):
             waiting = self.pending_ids.pop(msg_id, []) if msg_id is not None else []
             for w in waiting:
                 w.pending -= 1
@@ -587,8 +659,8 @@ class Server:
                 else:
                     self._commit_failed(w, err)
                 self._maybe_close(w)
-            if err is None and job is not None:
-                self._queue_job(job)
+            if err is None and self.exec_cmd:
+                self._queue_job(("notify", res, source, msg_id))
 
         self._commit(c, line, after, msg_id)
 
@@ -600,14 +672,12 @@ class Server:
                 isinstance(s, dict) and isinstance(s.get("content", ""), str) for s in segments):
             raise _Invalid("run needs 'input': a list of segments "
                            '{"kind":"text","content":"..."}')
-        text = "".join(s.get("content", "") for s in segments
-                       if s.get("kind", "text") == "text")
         self._busy(+1)  # status running is announced before the user message
         line = protocol.event("user_message", {"segments": segments})
 
-        def after(err):
+        def after(res, err):
             if err is None:
-                self._queue_job(("run", text, None, None))
+                self._queue_job(("run", res, None, None))
             self._busy(-1)
 
         self._commit(c, line, after)
@@ -674,7 +744,7 @@ class Server:
 
     # -- commits -------------------------------------------------------------
     def _commit(self, c: Client | None, line: bytes, after=None, msg_id=None) -> None:
-        """Append LINE durably, then (on the loop) broadcast it and run AFTER(err)."""
+        """Append LINE durably, then (on the loop) broadcast it and run AFTER(committed, err)."""
         if c is not None:
             c.pending += 1
 
@@ -698,7 +768,7 @@ class Server:
             if c is not None:
                 self._commit_failed(c, err)
         if after is not None:
-            after(err)
+            after(res, err)
         if c is not None:
             c.pending -= 1
             self._maybe_close(c)
@@ -708,7 +778,7 @@ class Server:
             "internal", f"not committed: {err.strerror or err}; nothing was recorded"))
 
     def _maybe_close(self, c: Client) -> None:
-        if c.eof and c.pending == 0 and not c.outq:
+        if c.eof and (c.hungup or (c.pending == 0 and not c.outq)):
             self._close(c)
 
     # -- status and alerts ---------------------------------------------------
@@ -726,6 +796,7 @@ class Server:
         line = protocol.event("alert", {"level": level, "source": "pod", "message": message,
                                         "timestamp_ms": int(time.time() * 1000)})
         self.alerts.append(line)
+        self._alerts_blob = None
         self.broadcast(line)
 
     # -- operations on other threads -----------------------------------------
@@ -781,9 +852,10 @@ class Server:
                 log("internal error in the handler worker:\n" + traceback.format_exc())
             self.call_soon(self._busy, -1)
 
-    def _handle(self, kind: str, text: str, source: str | None, msg_id: str | None) -> None:
+    def _handle(self, kind: str, entry: Committed, source: str | None,
+                msg_id: str | None) -> None:
         if self.exec_cmd:
-            out, problem = self._run_handler(text, source, msg_id)
+            out, problem = self._run_handler(self._handler_input(kind, entry), source, msg_id)
             if self.stopping:
                 return
             if out:
@@ -793,6 +865,19 @@ class Server:
                 self.call_soon(self.alert, "error", problem)
         if kind == "run" and not self.stopping:
             self._commit_from_worker(protocol.event("run_end", {"result": "finished"}))
+
+    def _handler_input(self, kind: str, entry: Committed) -> str:
+        """The text a handler gets, read back from the committed entry.
+
+        Queued jobs hold only where their entry is, not its text: a handler
+        that takes its time while messages pour in costs a few bytes per
+        waiting message, not up to a mebibyte each.
+        """
+        data = json.loads(self.session.read(entry))["data"]
+        if kind == "notify":
+            return data["item"]["message"]
+        return "".join(s.get("content", "") for s in data["segments"]
+                       if s.get("kind", "text") == "text")
 
     def _commit_from_worker(self, line: bytes) -> None:
         def done(res, err):
@@ -877,15 +962,23 @@ class _Invalid(Exception):
 
 # -- helpers -------------------------------------------------------------------
 
-def hold_runtime_lock(state: State, name: str) -> int:
-    """Take pods/NAME/runtime.lock for the life of the process, or raise Busy."""
+def hold_runtime_lock(state: State, name: str, grace: float = RUNTIME_LOCK_GRACE) -> int:
+    """Take pods/NAME/runtime.lock for the life of the process, or raise Busy.
+
+    Commands that only look (``yoi pod status``, ``list``, ``stop`` of a
+    stopped Pod, ``doctor``) take this lock for an instant to see whether it
+    is held; a start that meets one of them tries again for up to GRACE
+    seconds instead of reporting a Pod that is not running as running.
+    """
     from yoi.lock import lock_holder_pid, try_lock
     path = state.runtime_lock_path(name)
-    fd = try_lock(path)
-    if fd is None:
-        pid = lock_holder_pid(path)
-        who = f" (pid {pid})" if pid else ""
-        raise Busy(f"Pod {name!r} is already running{who}", pod=name, pid=pid)
+    deadline = time.monotonic() + grace
+    while (fd := try_lock(path)) is None:
+        if time.monotonic() >= deadline:
+            pid = lock_holder_pid(path)
+            who = f" (pid {pid})" if pid else ""
+            raise Busy(f"Pod {name!r} is already running{who}", pod=name, pid=pid)
+        time.sleep(0.01)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

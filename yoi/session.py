@@ -37,7 +37,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from yoi import protocol
 from yoi.faults import fault
@@ -80,6 +80,60 @@ def notification_id(obj: dict) -> str | None:
         if isinstance(msg_id, str):
             return msg_id
     return None
+
+
+def entries(path: Path | str, n: int | None = None,
+            end: int | None = None) -> "Iterator[tuple[bytes, dict | None]]":
+    """The lines of the last N entries (all if N is None) of PATH before END.
+
+    Yields ``(line, entry)`` in order; ``entry`` is None for a line that is
+    not an entry (a torn line), which does not count towards N. A whole log
+    is read forward in blocks, never all at once.
+    """
+    if n is None:
+        for line in _forward(path, end):
+            yield line, parse_entry(line)
+        return
+    want = n
+    while True:
+        lines = tail(path, want, end)
+        found = [(line, parse_entry(line)) for line in lines]
+        good = sum(1 for _, obj in found if obj is not None)
+        if good >= n or len(lines) < want:
+            break
+        want = max(2 * want, want + n - good)
+    keep: list[tuple[bytes, dict | None]] = []
+    kept = 0
+    for line, obj in reversed(found):  # newest first, until N entries are kept
+        if obj is not None:
+            if kept == n:
+                break
+            kept += 1
+        keep.append((line, obj))
+    while keep and keep[-1][1] is None:  # lines before the oldest entry kept
+        keep.pop()
+    yield from reversed(keep)
+
+
+def _forward(path: Path | str, end: int | None) -> "Iterator[bytes]":
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        stop = os.fstat(fd).st_size if end is None else end
+        pos, rest = 0, b""
+        while pos < stop:
+            chunk = os.pread(fd, min(READ_CHUNK, stop - pos), pos)
+            if not chunk:
+                break
+            pos += len(chunk)
+            *lines, rest = (rest + chunk).split(b"\n")
+            yield from (line for line in lines if line.strip())
+        if rest.strip():
+            yield rest
+    finally:
+        os.close(fd)
 
 
 def tail(path: Path | str, n: int | None = None, end: int | None = None) -> list[bytes]:
@@ -137,15 +191,44 @@ class Opened:
         return out
 
 
+class Recent:
+    """The most recent entries: at most COUNT lines and, beyond the newest, BUDGET bytes.
+
+    This is what a connect-time snapshot holds. Entries can be large (a
+    notification of 1 MiB, handler output), so a count alone would let the
+    snapshot, and the Pod's memory, grow to gigabytes.
+    """
+
+    def __init__(self, count: int = protocol.SNAPSHOT_ENTRIES,
+                 budget: int = protocol.SNAPSHOT_BYTES):
+        self.lines: deque[bytes] = deque()
+        self.count = count
+        self.budget = budget
+        self.size = 0
+
+    def append(self, line: bytes) -> None:
+        lines = self.lines
+        lines.append(line)
+        self.size += len(line)
+        while len(lines) > self.count or (self.size > self.budget and len(lines) > 1):
+            self.size -= len(lines.popleft())
+
+    def __iter__(self):
+        return iter(self.lines)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+
 Done = Callable[[Committed | None, OSError | None], None]
 
 
 class SessionLog:
     """The writer side of a session log (one per Pod process)."""
 
-    def __init__(self, path: Path, keep: int = protocol.SNAPSHOT_ENTRIES):
+    def __init__(self, path: Path):
         self.path = Path(path)
-        self.recent: deque[bytes] = deque(maxlen=keep)  # last entries, as opened
+        self.recent = Recent()  # the last entries, as opened
         self.size = 0
         self._ids: dict[str, tuple[int, int]] = {}
         self._fd: int | None = None
@@ -175,7 +258,7 @@ class SessionLog:
         found = Opened()
         offset = 0
         rest = b""
-        recent: deque[bytes] = deque(maxlen=self.recent.maxlen)
+        recent = Recent()  # lines, readable or not
         while True:
             chunk = os.read(self._rfd, READ_CHUNK)
             if not chunk:
@@ -220,6 +303,10 @@ class SessionLog:
         if where is None:
             return None
         return os.pread(self._rfd, where[1], where[0])
+
+    def read(self, entry: Committed) -> bytes:
+        """The committed line at ENTRY (any thread)."""
+        return os.pread(self._rfd, entry.length, entry.offset)
 
     # -- appending ----------------------------------------------------------
     def submit(self, line: bytes, done: Done, msg_id: str | None = None) -> None:

@@ -9,8 +9,27 @@ import click
 from yoi.cli.common import (YoiCommand, check_names, emit, json_option, pod_argument,
                             say, state_options)
 
+
+class Seconds(click.FloatRange):
+    """A timeout: more than 0 (0 would mean "fail at once", not "do not wait") and
+    at most a week (sockets and poll() cannot wait longer); not NaN."""
+
+    name = "seconds"
+
+    def __init__(self):
+        super().__init__(min=0, max=7 * 86400, min_open=True)
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if rv != rv:
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return rv
+
+
+SECONDS = Seconds()
+
 timeout_option = click.option(
-    "--timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+    "--timeout", type=SECONDS, default=10.0, show_default=True,
     metavar="SECONDS", help="How long to wait for the Pod.")
 
 
@@ -95,7 +114,7 @@ def restore_command(name, timeout, as_json, state):
 
 @click.command("status", cls=YoiCommand)
 @pod_argument()
-@click.option("--timeout", type=click.FloatRange(min=0), default=5.0, show_default=True,
+@click.option("--timeout", type=SECONDS, default=5.0, show_default=True,
               metavar="SECONDS", help="How long to wait for the Pod's answer.")
 @json_option
 @state_options
@@ -165,8 +184,7 @@ def log_command(name, count, follow, timeout, as_json, state):
             end = None
     try:
         skipped = 0
-        for raw in session.tail(path, count, end):
-            obj = session.parse_entry(raw)
+        for raw, obj in session.entries(path, count, end):
             if obj is None:
                 skipped += 1
                 continue

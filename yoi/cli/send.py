@@ -8,6 +8,7 @@ import sys
 import click
 
 from yoi.cli.common import POD, YoiCommand, emit, json_option, state_options
+from yoi.cli.runtime import SECONDS
 
 
 @click.command("send", cls=YoiCommand)
@@ -17,7 +18,7 @@ from yoi.cli.common import POD, YoiCommand, emit, json_option, state_options
 @click.option("--id", "msg_id", metavar="ID",
               help="Message id (default: a fresh random one); retrying with the same id "
                    "delivers at most once. With --lines: the prefix of ID-N, N the line number.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+@click.option("--timeout", type=SECONDS, default=10.0,
               show_default=True, metavar="SECONDS",
               help="Bound on every step: connect, prelude, write, acknowledgement.")
 @click.option("--no-wait", is_flag=True,
