@@ -296,8 +296,8 @@ def test_bad_lock_timeout_values_are_usage_errors(cli, yoi_home):
     one_error_line(r, "YOI_LOCK_TIMEOUT must be a number of seconds, not 'soon'")
     r = cli("pod", "create", "a", "--lock-timeout", "-1")
     assert r.exit_code == 2, r
-    one_error_line(r, "Invalid value for '--lock-timeout': -1.0 is not in the range x>=0 "
-                      "(see 'yoi pod create -h')")
+    one_error_line(r, "Invalid value for '--lock-timeout': -1.0 is not in the range "
+                      "0<=x<=604800 (see 'yoi pod create -h')")
     assert not yoi_home.exists()
 
 
@@ -311,9 +311,9 @@ def test_non_finite_lock_timeout_is_a_usage_error(cli, state, value):
     one_error_line(r, f"YOI_LOCK_TIMEOUT must be a finite number of seconds, not {value!r}")
     r = cli("pod", "config", "a", "--exec", "x", "--lock-timeout", value)
     assert r.exit_code == 2, r
-    shown = "nan" if value == "nan" else "inf"
-    one_error_line(r, f"Invalid value for '--lock-timeout': {shown} is not a finite number "
-                      "of seconds (see 'yoi pod config -h')")
+    shown = ("'nan' is not a number of seconds" if value == "nan"
+             else "inf is not in the range 0<=x<=604800")
+    one_error_line(r, f"Invalid value for '--lock-timeout': {shown} (see 'yoi pod config -h')")
     assert state.metadata_path("a").read_bytes() == before
 
 
@@ -395,3 +395,35 @@ def test_every_error_is_one_stderr_line_in_a_real_process(run_yoi, state):
         assert r.exit_code == code, r
         assert r.stderr.startswith("yoi: error: ") and r.stderr.count("\n") == 1, r
         assert json.loads(r.stdout)["ok"] is False
+
+
+def test_rm_is_not_fooled_by_commands_that_only_look(cli, state):
+    """status/list/doctor hold a stopped Pod's runtime lock for an instant: rm waits that out."""
+    import subprocess
+    import sys
+    names = [f"p{i}" for i in range(20)]
+    for n in names:
+        store.create(state, n)
+    looker = ("import sys, time\n"
+              "from yoi.lock import is_locked\n"
+              "paths = sys.argv[1:]\n"
+              "end = time.monotonic() + 30\n"
+              "print('go', flush=True)\n"
+              "while time.monotonic() < end:\n"
+              "    for p in paths:\n"
+              "        is_locked(p)\n")
+    paths = [str(state.runtime_lock_path(n)) for n in names]
+    for p in paths:
+        open(p, "a").close()
+    lookers = [subprocess.Popen([sys.executable, "-c", looker, *paths], stdout=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+    try:
+        for proc in lookers:
+            assert proc.stdout.readline() == "go\n"
+        results = [cli("pod", "rm", n) for n in names]
+    finally:
+        for proc in lookers:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+    assert [r.exit_code for r in results] == [0] * len(names), results

@@ -26,7 +26,7 @@ HANDLER = ('msg=$(cat); {yoi} pod send "$YOI_FROM" '
 
 
 def yoi_argv() -> list[str]:
-    return [sys.executable, "-m", "yoi"]
+    return [sys.executable, "-P", "-m", "yoi"]  # -P: never a yoi/ in the current directory
 
 
 class Demo:

@@ -80,19 +80,30 @@ def _read_pid(fd: int) -> int | None:
         return None
 
 
-def try_lock(path: Path) -> int | None:
-    """Take PATH's flock without waiting: the open descriptor (close it to release),
-    or None if another open file description holds it."""
+def try_lock(path: Path, grace: float = 0.0) -> int | None:
+    """Take PATH's flock without waiting (or for at most GRACE seconds): the open
+    descriptor (close it to release), or None if another open file description
+    holds it.
+
+    Commands that only look (``is_locked``: status, list, doctor) hold a lock
+    for an instant; a GRACE lets a taker that must not be fooled by them
+    (a Pod starting, a Pod being removed) tell them from a real holder.
+    """
+    deadline = time.monotonic() + grace
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.01)
     except BaseException:
         os.close(fd)
         raise
-    return fd
 
 
 def is_locked(path: Path) -> bool | None:

@@ -972,13 +972,11 @@ def hold_runtime_lock(state: State, name: str, grace: float = RUNTIME_LOCK_GRACE
     """
     from yoi.lock import lock_holder_pid, try_lock
     path = state.runtime_lock_path(name)
-    deadline = time.monotonic() + grace
-    while (fd := try_lock(path)) is None:
-        if time.monotonic() >= deadline:
-            pid = lock_holder_pid(path)
-            who = f" (pid {pid})" if pid else ""
-            raise Busy(f"Pod {name!r} is already running{who}", pod=name, pid=pid)
-        time.sleep(0.01)
+    fd = try_lock(path, grace)
+    if fd is None:
+        pid = lock_holder_pid(path)
+        who = f" (pid {pid})" if pid else ""
+        raise Busy(f"Pod {name!r} is already running{who}", pod=name, pid=pid)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

@@ -16,6 +16,8 @@ from yoi.names import check_name
 from yoi.state import State, make_private_dir, refuse_symlink
 from yoi.txn import CREATING_MARK, Change, Pod, lock_pods, read_pod_file, remove_trash
 
+RUNTIME_LOCK_GRACE = 1.0  # seconds; see _hold_runtime_lock
+
 _UNSET = object()
 
 
@@ -170,10 +172,14 @@ def remove(state: State, name: str) -> dict:
 
 
 def _hold_runtime_lock(state: State, name: str) -> int:
-    """Take NAME's runtime lock without waiting, so it cannot start while we remove it."""
+    """Take NAME's runtime lock, so it cannot start while we remove it.
+
+    A live Pod holds it for its whole life; a command that only looks holds it
+    for an instant, hence the short grace before calling the Pod running.
+    """
     path = state.runtime_lock_path(name)
     refuse_symlink(path, "runtime lock")
-    fd = try_lock(path)
+    fd = try_lock(path, grace=RUNTIME_LOCK_GRACE)
     if fd is None:
         pid = lock_holder_pid(path)
         who = f" (pid {pid})" if pid else ""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 
 import click
 
@@ -122,11 +121,24 @@ json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON document on stdout (also on failure).")
 
 
-def _finite_seconds(ctx, param, value):
-    # FloatRange lets nan and inf through; nan would make a lock wait spin for ever.
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number of seconds", ctx, param)
-    return value
+class Seconds(click.FloatRange):
+    """A duration: not NaN, at most a week (sockets and poll() cannot wait longer);
+    zero allowed only where it means "do not wait" (a lock timeout), not where
+    it would mean "fail at once" (a timeout for a Pod's answer)."""
+
+    name = "seconds"
+
+    def __init__(self, zero_ok: bool = False):
+        super().__init__(min=0, max=7 * 86400, min_open=not zero_ok)
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if rv != rv:  # FloatRange lets NaN through; a wait on it would never end
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return rv
+
+
+SECONDS = Seconds()
 
 
 def state_options(f):
@@ -134,8 +146,8 @@ def state_options(f):
 
     @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
                   help="State directory (default: $YOI_HOME, else ~/.yoi).")
-    @click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
-                  metavar="SECONDS", callback=_finite_seconds,
+    @click.option("--lock-timeout", type=Seconds(zero_ok=True), default=None,
+                  metavar="SECONDS",
                   help="Wait this long for a Pod's lock before failing with exit 6 "
                        "(default: $YOI_LOCK_TIMEOUT, else 10).")
     @functools.wraps(f)

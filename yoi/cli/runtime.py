@@ -6,27 +6,9 @@ import json
 
 import click
 
-from yoi.cli.common import (YoiCommand, check_names, emit, json_option, pod_argument,
-                            say, state_options)
+from yoi.cli.common import (SECONDS, YoiCommand, check_names, emit, json_option,
+                            pod_argument, say, state_options)
 
-
-class Seconds(click.FloatRange):
-    """A timeout: more than 0 (0 would mean "fail at once", not "do not wait") and
-    at most a week (sockets and poll() cannot wait longer); not NaN."""
-
-    name = "seconds"
-
-    def __init__(self):
-        super().__init__(min=0, max=7 * 86400, min_open=True)
-
-    def convert(self, value, param, ctx):
-        rv = super().convert(value, param, ctx)
-        if rv != rv:
-            self.fail(f"{value!r} is not a number of seconds", param, ctx)
-        return rv
-
-
-SECONDS = Seconds()
 
 timeout_option = click.option(
     "--timeout", type=SECONDS, default=10.0, show_default=True,

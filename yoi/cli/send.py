@@ -7,8 +7,7 @@ import sys
 
 import click
 
-from yoi.cli.common import POD, YoiCommand, emit, json_option, state_options
-from yoi.cli.runtime import SECONDS
+from yoi.cli.common import POD, SECONDS, YoiCommand, emit, json_option, state_options
 
 
 @click.command("send", cls=YoiCommand)
