@@ -101,6 +101,26 @@ def test_receiver_refuses_a_source_that_is_not_its_peer(state, run_yoi, started_
     assert state.session_path("a").read_bytes() == before
 
 
+def test_receiver_refuses_a_one_sided_relation_it_holds_itself(state, run_yoi, started_pod):
+    """The receiver lists the sender, but the sender does not list it back (a register
+    interrupted between its two writes): that is no relation, so nothing is committed."""
+    from yoi import store
+    run_yoi("pod", "create", "b")
+    pod = started_pod("a")
+    store.update(state, "a", lambda d: d | {"peers": [{"pod_name": "b"}]})
+    before = state.session_path("a").read_bytes()
+    with pytest.raises(Refused) as e:
+        notify(pod.socket_path, "half a relation", "o-1", source="b")
+    assert "'b' is not a peer of 'a'" in e.value.message
+    assert state.session_path("a").read_bytes() == before
+    # a corrupt sender record is refused with a reason, not an internal error
+    state.metadata_path("b").write_text("not = [toml")
+    with pytest.raises(Refused) as e:
+        notify(pod.socket_path, "half a relation", "o-2", source="b")
+    assert "cannot check the peer relation with 'b'" in e.value.message
+    assert state.session_path("a").read_bytes() == before
+
+
 def test_peer_changes_while_running_take_effect_at_once(state, run_yoi, started_pod):
     run_yoi("pod", "create", "b")
     pod = started_pod("a")

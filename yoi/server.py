@@ -136,8 +136,7 @@ class Server:
         self.ops_pending = 0
         self.handler_proc: subprocess.Popen | None = None
         self.accept_paused_until = 0.0
-        self._meta_key = None
-        self._meta_doc: dict | None = None
+        self._meta_cache: dict[str, tuple] = {}  # Pod name -> (stat key, record)
         self.runtime_fd: int | None = None
         self.listener: socket.socket | None = None
         self.socket_path: Path | None = None
@@ -729,18 +728,31 @@ class Server:
         return name
 
     def _is_peer(self, other: str) -> bool:
-        """Does this Pod's current metadata list OTHER? Re-read whenever the file changed."""
+        """Is OTHER a peer now? Both records must hold the relation: a one-sided entry
+        (a registration interrupted between its two writes, not yet recovered) is
+        not a relation, so the receiver's check does not trust its own file alone."""
+        try:
+            return (metadata.has_peer(self._record(self.name) or {}, other)
+                    and metadata.has_peer(self._record(other) or {}, self.name))
+        except YoiError as e:  # a corrupt or unreadable record: no relation can be shown
+            raise _Invalid(f"cannot check the peer relation with {other!r}: {e.message}")
+
+    def _record(self, name: str) -> dict | None:
+        """NAME's current metadata, re-read only when the file changed (None: no Pod)."""
         from yoi.txn import read_pod_file
-        path = self.state.metadata_path(self.name)
+        path = self.state.metadata_path(name)
         try:
             st = os.stat(path)
+        except FileNotFoundError:
+            return None
         except OSError as e:
             raise Failed(f"cannot read {path}: {e.strerror}")
         key = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
-        if key != self._meta_key or self._meta_doc is None:
-            doc = read_pod_file(self.state, self.name).doc
-            self._meta_key, self._meta_doc = key, doc
-        return metadata.has_peer(self._meta_doc or {}, other)
+        cached = self._meta_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, read_pod_file(self.state, name).doc)
+            self._meta_cache[name] = cached
+        return cached[1]
 
     # -- commits -------------------------------------------------------------
     def _commit(self, c: Client | None, line: bytes, after=None, msg_id=None) -> None:
