@@ -22,6 +22,14 @@ def _check_pair(source: str, target: str) -> None:
         raise Refused(f"a Pod cannot be its own peer ({source!r})", pod=source)
 
 
+def _read_pair(locked, source: str, target: str):
+    """Both records under the locks; SOURCE must exist (TARGET is the caller's call)."""
+    a = locked.read(source)
+    if not a.exists:
+        raise NotFound(f"no such Pod: {source} (source)", pod=source)
+    return a, locked.read(target)
+
+
 def register(state: State, source: str, target: str) -> dict:
     """Make SOURCE and TARGET mutual peers. Idempotent.
 
@@ -31,10 +39,7 @@ def register(state: State, source: str, target: str) -> dict:
     """
     _check_pair(source, target)
     with lock_pods(state, [source, target]) as locked:
-        a = locked.read(source)
-        if not a.exists:
-            raise NotFound(f"no such Pod: {source} (source)", pod=source)
-        b = locked.read(target)
+        a, b = _read_pair(locked, source, target)
         if not b.exists:
             raise NotFound(f"no such Pod: {target} (target)", pod=target)
         a_has, b_has = metadata.has_peer(a.doc, target), metadata.has_peer(b.doc, source)
@@ -60,10 +65,7 @@ def unregister(state: State, source: str, target: str) -> dict:
     """
     _check_pair(source, target)
     with lock_pods(state, [source, target]) as locked:
-        a = locked.read(source)
-        if not a.exists:
-            raise NotFound(f"no such Pod: {source} (source)", pod=source)
-        b = locked.read(target)
+        a, b = _read_pair(locked, source, target)
         a_has = metadata.has_peer(a.doc, target)
         b_has = b.exists and metadata.has_peer(b.doc, source)
         if not b.exists and not a_has:
