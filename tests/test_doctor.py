@@ -147,6 +147,14 @@ def test_healthy_directory_exits_0_with_no_findings(cli, state):
     assert r.json["checked"]["pods"] == 3
 
 
+def test_summary_counts_in_the_singular_when_there_is_one(cli, state):
+    pods(state, "a", "b")
+    peers.register(state, "a", "b")
+    r = cli("doctor")
+    assert r.stdout == ("no problems found (checked 2 Pods, 1 relation, 0 journals, "
+                        "2 session logs, 0 sockets)\n"), r
+
+
 # -- output, options, exit codes ------------------------------------------------------
 
 def test_human_output_is_one_line_per_finding_then_a_summary(cli, state):

@@ -44,10 +44,15 @@ def _line(p, fix: bool) -> str:
     return f"{p.code} {p.pod or '-'}: {p.message} ({p.path}) [{status}]"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _summary(report, fix: bool) -> str:
     c = report.checked
-    what = (f"{c['pods']} Pods, {c['relations']} relations, {c['journals']} journals, "
-            f"{c['sessions']} session logs, {c['sockets']} sockets")
+    what = ", ".join(_count(c[key], noun) for key, noun in (
+        ("pods", "Pod"), ("relations", "relation"), ("journals", "journal"),
+        ("sessions", "session log"), ("sockets", "socket")))
     if not report.problems:
         return f"no problems found (checked {what})"
     n = len(report.problems)
