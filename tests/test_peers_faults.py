@@ -313,7 +313,7 @@ class ReadOnlyTarget:
 @pytest.mark.parametrize("kind", ["chattr", "chmod"])
 @pytest.mark.parametrize("sc", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_target_write_failure_keeps_the_prior_relation(state, sc, kind):
-    """The seed's blocker 2: a failure on the target side never loses the source's entry."""
+    """A failure on the target side never loses the entry the source already had."""
     old = build(state, sc)
     with ReadOnlyTarget(kind, state, sc.target) as ro:
         r = run_cmd(state, op_args(sc), preexec_fn=ro.preexec_fn)

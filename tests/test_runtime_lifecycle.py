@@ -175,6 +175,19 @@ def test_start_that_fails_reports_the_pod_log_tail(state, run_yoi):
     assert stat.S_IMODE(os.stat(log).st_mode) == 0o600
 
 
+def test_start_blocked_by_a_metadata_lock_is_not_called_already_running(state, run_yoi):
+    """The child exits 6 because Pod a's metadata lock timed out: say that, not 'running'."""
+    from yoi.lock import FileLock
+    run_yoi("pod", "create", "a")
+    with FileLock(state.lock_path("a"), 1):
+        r = run_yoi("pod", "start", "a", "--lock-timeout", "0.3", "--timeout", "20")
+    assert r.exit_code == 6, r
+    assert r.stderr.startswith("yoi: error: Pod 'a' could not start: "), r
+    assert "already running" not in r.stderr
+    assert f"Pod 'a' is locked by pid {os.getpid()}" in r.stderr
+    assert is_locked(state.runtime_lock_path("a")) is False
+
+
 def test_start_that_times_out_stops_the_child(state, run_yoi):
     run_yoi("pod", "create", "a")
     r = run_yoi("pod", "start", "a", "--timeout", "0.001")

@@ -9,7 +9,7 @@ import time
 
 from rawsock import Raw
 
-from yoi import peers, store
+from yoi import peers
 from yoi.lock import is_locked
 
 OLD_ENTRY = b'{"event":"user_message","data":{"segments":[{"kind":"text","content":"old"}]}}\n'

@@ -25,7 +25,7 @@ def assert_failed(r, code: int, *fragments: str) -> None:
         assert f in r.stderr, (f, r)
 
 
-# -- the seed regression: drain the prelude before writing -----------------------
+# -- regression: drain the prelude before writing --------------------------------
 
 @pytest.mark.parametrize("script", [fake_pods.good, fake_pods.good_big_snapshot],
                          ids=["small-snapshot", "2MiB-snapshot"])

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from yoi import control, delivery, peers, protocol, store
+from yoi import control, delivery, peers, store
 from yoi.errors import YoiError
 
 

@@ -4,7 +4,8 @@ A one-shot exchange is: connect (bounded), drain the connect-time prelude (any
 number of ``alert`` events, then exactly one ``snapshot``; a snapshot of many
 MiB is read and dropped without holding more than a small prefix of it), write
 one method, then wait for the answer event, ignoring unrelated broadcasts.
-Writing before the prelude is drained was the reference's first review blocker.
+A method written before the prelude is drained can be dropped by a Pod that is
+still writing its snapshot, while the sender believes it was delivered.
 
 ``notify_pipelined`` is the high-throughput variant: many ``notify`` lines over
 one connection, written while the acknowledgements are read (the Pod

@@ -97,6 +97,12 @@ def probe_status(state: State, name: str, timeout: float) -> dict:
 
 # -- start ---------------------------------------------------------------------
 
+def _already_running(name: str, lock: Path) -> Busy:
+    pid = holder_pid(lock)
+    return Busy(f"Pod {name!r} is already running" + (f" (pid {pid})" if pid else ""),
+                pod=name, pid=pid)
+
+
 def start(state: State, name: str, exec_cmd: str | None = None,
           timeout: float = START_TIMEOUT) -> dict:
     """Start NAME detached; return once its socket answers.
@@ -110,9 +116,7 @@ def start(state: State, name: str, exec_cmd: str | None = None,
     store.read(state, name)
     lock = state.runtime_lock_path(name)
     if is_locked(lock):
-        pid = holder_pid(lock)
-        raise Busy(f"Pod {name!r} is already running" + (f" (pid {pid})" if pid else ""),
-                   pod=name, pid=pid)
+        raise _already_running(name, lock)
     log_path = state.pod_log_path(name)
     log_fd = _open_pod_log(log_path)
     log_start = os.fstat(log_fd).st_size
@@ -134,9 +138,11 @@ def start(state: State, name: str, exec_cmd: str | None = None,
         if code is not None:
             tail = _log_tail(log_path, log_start)
             if code == Busy.exit_code:
-                pid = holder_pid(lock)
-                raise Busy(f"Pod {name!r} is already running" + (f" (pid {pid})" if pid else ""),
-                           pod=name, pid=pid)
+                if is_locked(lock):  # another start won the race
+                    raise _already_running(name, lock)
+                # busy for another reason (its metadata lock timed out): say what it said
+                raise Busy(f"Pod {name!r} could not start" + (f": {tail}" if tail else ""),
+                           pod=name, log=str(log_path), log_tail=tail)
             raise Unreachable(f"Pod {name!r} exited with status {code} while starting"
                               + (f"; its log says: {tail}" if tail else ""),
                               pod=name, log=str(log_path), log_tail=tail)

@@ -35,9 +35,8 @@ from yoi.errors import CorruptMetadata, UsageError, YoiError
 from yoi.lock import FileLock, is_locked, lock_holder_pid, try_lock
 from yoi.names import is_valid_name
 from yoi.state import State
-from yoi.txn import (CREATING_MARK, REMOVED_MARK, Journal, leftover_dir_owner, list_journals,
-                     load_journal, lock_pods)
-from yoi.txn import pid_alive as _pid_alive
+from yoi.txn import (REMOVED_MARK, Journal, leftover_dir_owner, list_journals, load_journal,
+                     lock_pods, pid_alive)
 
 # The one table of check codes (stable identifiers), with a one-line description
 # and whether ``--fix`` can repair such a finding.
@@ -140,12 +139,6 @@ def _lstat(path: Path) -> os.stat_result | None:
     except FileNotFoundError:
         return None
 
-
-def pid_alive(pid: int) -> bool:
-    """Whether process PID exists; False for what cannot be a pid (0, -1, 2**40)."""
-    if not 0 < pid < 2**31:
-        return False  # os.kill would signal a group, or raise OverflowError
-    return _pid_alive(pid)
 
 
 def _describe(e: BaseException) -> str:

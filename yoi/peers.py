@@ -111,7 +111,14 @@ def list_peers(state: State, name: str) -> list[dict]:
         return out
 
 
-def is_peer(state: State, name: str, other: str) -> bool:
-    """Does NAME's current metadata list OTHER as a peer? (no lock; a fresh read)"""
-    pod = read_pod_file(state, name)
-    return pod.exists and metadata.has_peer(pod.doc, other)
+def is_peer(state: State, name: str, other: str, read=None) -> bool:
+    """Are NAME and OTHER peers now? Both records must list each other: a one-sided
+    entry (a registration interrupted between its two writes, not yet recovered)
+    is no relation. No lock is taken; READ(name) -> record or None may supply
+    cached records (the Pod runtime re-reads only files that changed).
+    """
+    if read is None:
+        def read(n):
+            return read_pod_file(state, n).doc
+    return (metadata.has_peer(read(name) or {}, other)
+            and metadata.has_peer(read(other) or {}, name))

@@ -22,8 +22,6 @@ MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z", re.ASCII)
 
 METHODS = ("run", "notify", "shutdown", "list_pods", "restore_pod", "register_peer",
            "unregister_peer")
-ERROR_CODES = ("already_running", "not_running", "not_paused", "provider_error",
-               "tool_error", "invalid_request", "internal")
 
 
 class ProtocolError(ValueError):

@@ -692,8 +692,8 @@ class Server:
         target = self._name_param(params)
 
         def op():
-            from yoi import control, peers
-            if target != self.name and not peers.is_peer(self.state, self.name, target):
+            from yoi import control
+            if target != self.name and not self._is_peer(target):
                 raise _Invalid(f"Pod {target!r} is not visible from {self.name!r}")
             if target == self.name:
                 return {"result": {"pod_name": target, "restored": False,
@@ -731,9 +731,9 @@ class Server:
         """Is OTHER a peer now? Both records must hold the relation: a one-sided entry
         (a registration interrupted between its two writes, not yet recovered) is
         not a relation, so the receiver's check does not trust its own file alone."""
+        from yoi import peers
         try:
-            return (metadata.has_peer(self._record(self.name) or {}, other)
-                    and metadata.has_peer(self._record(other) or {}, self.name))
+            return peers.is_peer(self.state, self.name, other, read=self._record)
         except YoiError as e:  # a corrupt or unreadable record: no relation can be shown
             raise _Invalid(f"cannot check the peer relation with {other!r}: {e.message}")
 

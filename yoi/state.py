@@ -118,8 +118,6 @@ class State:
             base = os.path.join(tempfile.gettempdir(), f"yoi-{os.getuid()}")
         return Path(base) / f"yoi-{digest}"
 
-    def socket_dir(self, name: str) -> Path:
-        return self.default_socket_path(name).parent
 
     # -- creation -----------------------------------------------------------
     def ensure(self) -> None:

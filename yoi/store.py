@@ -10,11 +10,11 @@ import os
 
 from yoi import metadata
 from yoi.atomic import atomic_write, fsync_dir
-from yoi.errors import AlreadyExists, Busy, CorruptMetadata, NotFound, StorageError, UsageError, YoiError
+from yoi.errors import AlreadyExists, Busy, NotFound, StorageError, UsageError, YoiError
 from yoi.lock import lock_holder_pid, try_lock
 from yoi.names import check_name
 from yoi.state import State, make_private_dir, refuse_symlink
-from yoi.txn import CREATING_MARK, Change, Pod, lock_pods, read_pod_file, remove_trash
+from yoi.txn import CREATING_MARK, Change, lock_pods, read_pod_file, remove_trash
 
 RUNTIME_LOCK_GRACE = 1.0  # seconds; see _hold_runtime_lock
 

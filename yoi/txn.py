@@ -30,6 +30,7 @@ journal first, then each metadata file; in a recovery: each restored file).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import time
@@ -109,7 +110,7 @@ def read_pod_file(state: State, name: str) -> Pod:
             raise CorruptMetadata(f"{path}: missing (the Pod directory exists)", path=str(path))
         return Pod(name, path, None, None)
     except OSError as e:
-        if e.errno == 40:  # ELOOP: a symlink
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
             raise CorruptMetadata(f"{path} is a symlink; refusing to follow it", path=str(path))
         raise StorageError(f"cannot read {path}: {e.strerror}", path=str(path))
     return Pod(name, path, raw, metadata.parse(raw, path, expect_name=name))
@@ -231,6 +232,9 @@ def _pid_of_txid(txid: str) -> int | None:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process PID exists; False for what cannot be a pid (0, -1, 2**40)."""
+    if not 0 < pid < 2**31:
+        return False  # os.kill would signal a process group, or overflow
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError, ValueError):

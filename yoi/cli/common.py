@@ -161,7 +161,6 @@ def state_options(f):
 
 
 def _complete_pod_names(ctx, param, incomplete):
-    import os
     from yoi.state import State
     try:
         state = State.resolve(ctx.params.get("state_dir"))
