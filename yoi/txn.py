@@ -118,12 +118,20 @@ def read_pod_file(state: State, name: str) -> Pod:
 
 # -- journals -----------------------------------------------------------------
 
-def list_journals(state: State) -> list[Journal]:
-    """Parsed journals (unparseable ones are left for ``yoi doctor``)."""
+def _journal_entries(state: State) -> list[str]:
     try:
-        entries = sorted(os.listdir(state.journal_dir))
+        return sorted(os.listdir(state.journal_dir))
     except FileNotFoundError:
         return []
+
+
+def list_journals(state: State, entries: list[str] | None = None) -> list[Journal]:
+    """Parsed journals (unparseable ones are left for ``yoi doctor``).
+
+    ENTRIES: the journal directory's listing, if the caller already has it.
+    """
+    if entries is None:
+        entries = _journal_entries(state)
     out = []
     for entry in entries:
         if entry.startswith(".") or not entry.endswith(".toml"):
@@ -206,12 +214,8 @@ def rollback(state: State, journal: Journal) -> None:
     fsync_dir(journal.path.parent)
 
 
-def _cleanup_journal_temps(state: State) -> None:
-    """Remove journal temp files left by writers that are no longer alive."""
-    try:
-        entries = os.listdir(state.journal_dir)
-    except FileNotFoundError:
-        return
+def _cleanup_journal_temps(state: State, entries: list[str]) -> None:
+    """Remove journal temp files (in the listing ENTRIES) of writers no longer alive."""
     for entry in entries:
         if not entry.startswith(".") or ".tmp-" not in entry:
             continue
@@ -256,10 +260,13 @@ class Locked:
     def __init__(self, state: State, names: set[str]):
         self.state = state
         self.names = names
+        self._raw: dict[str, bytes | None] = {}  # bytes read under the locks, until a write
 
     def read(self, name: str) -> Pod:
         assert name in self.names, f"{name} is not locked"
-        return read_pod_file(self.state, name)
+        pod = read_pod_file(self.state, name)
+        self._raw[name] = pod.raw
+        return pod
 
     def require(self, name: str) -> Pod:
         pod = self.read(name)
@@ -270,6 +277,7 @@ class Locked:
     def write_one(self, name: str, doc: dict) -> None:
         """Replace one Pod's metadata (a single-file change needs no journal)."""
         assert name in self.names
+        self._raw.pop(name, None)
         atomic_write(self.state.metadata_path(name), metadata.dumps(doc))
 
     def commit(self, changes: list[Change]) -> None:
@@ -284,12 +292,15 @@ class Locked:
         for ch in changes:
             entry = {"pod": ch.pod, "action": ch.action}
             if ch.action == "write":
-                prior = read_pod_file(state, ch.pod).raw
+                # What the caller read under these locks is still what is on disk.
+                prior = (self._raw[ch.pod] if ch.pod in self._raw
+                         else read_pod_file(state, ch.pod).raw)
                 if prior is None:
                     raise NotFound(f"no such Pod: {ch.pod}", pod=ch.pod)
                 entry["prior"] = prior.decode("utf-8")
                 entry["new"] = ch.new.decode("utf-8")
             entries.append(entry)
+        self._raw.clear()  # from here on the files change
         # The journal names every locked Pod, not only the changed ones: a
         # command that later locks any of them (e.g. the source of a register
         # that only had to write the target) must roll it back before reading.
@@ -366,13 +377,14 @@ def lock_pods(state: State, names, timeout: float | None = None):
                 locks.append(FileLock(state.lock_path(name), timeout,
                                       label=f"Pod {name!r}").acquire())
             fault("after-lock")
-            journals = [j for j in list_journals(state) if wanted & set(j.pods)]
+            listing = _journal_entries(state)  # one listing serves both uses below
+            journals = [j for j in list_journals(state, listing) if wanted & set(j.pods)]
             needed = set().union(*(j.pods for j in journals)) if journals else set()
             if needed <= wanted:
                 # Newest first: with several, the oldest prior bytes win.
                 for j in reversed(journals):
                     rollback(state, j)
-                _cleanup_journal_temps(state)
+                _cleanup_journal_temps(state, listing)
                 for name in wanted:
                     remove_temp_files(state.pods_dir / name)
                 break
