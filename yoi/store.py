@@ -66,13 +66,17 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
             os.fsync(fd)
             os.close(fd)
             os.rename(staging, state.pod_dir(name))
-            fsync_dir(state.pods_dir)
         except BaseException as e:
             import shutil
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(e, OSError):
                 raise StorageError(f"cannot create Pod {name!r}: {e.strerror} ({e.filename})")
             raise
+        try:
+            fsync_dir(state.pods_dir)
+        except OSError as e:  # the Pod exists: say so rather than "cannot create"
+            raise StorageError(f"created Pod {name!r}, but syncing {state.pods_dir} failed: "
+                               f"{e.strerror}; it may not survive a power cut") from e
         return record, True
 
 
