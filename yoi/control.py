@@ -13,9 +13,7 @@ session with stdin from /dev/null and stdout/stderr appended to
 from __future__ import annotations
 
 import os
-import signal
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -111,6 +109,8 @@ def start(state: State, name: str, exec_cmd: str | None = None,
     the tail of the Pod's log when it does not come up within TIMEOUT (the
     child is then stopped, so nothing half-started is left behind).
     """
+    import subprocess  # here, not at the top: status/stop/restore of a live Pod skip it
+
     from yoi import store
     from yoi.client import Connection
     store.read(state, name)
@@ -187,7 +187,10 @@ def _log_tail(path: Path, start: int) -> str:
     return " | ".join(lines[-8:])
 
 
-def _stop_child(child: subprocess.Popen) -> None:
+def _stop_child(child) -> None:
+    """Stop a child that did not come up: SIGTERM, then SIGKILL."""
+    import signal
+    import subprocess
     for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
         try:
             child.send_signal(sig)
@@ -210,6 +213,7 @@ def stop(state: State, name: str, timeout: float = STOP_TIMEOUT, force: bool = F
     unless FORCE, which sends SIGTERM and then SIGKILL to the process that
     holds the runtime lock.
     """
+    import signal
     from yoi import store
     from yoi.client import request
     doc = store.read(state, name)
