@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from yoi import metadata
-from yoi.atomic import fsync_dir, is_temp_name, read_bytes_nofollow
+from yoi.atomic import fsync_dir, is_temp_name, read_bytes_nofollow, write_all
 from yoi.errors import CorruptMetadata, UsageError, YoiError
 from yoi.lock import FileLock, is_locked, lock_holder_pid, try_lock
 from yoi.names import is_valid_name
@@ -243,9 +243,7 @@ def _create_exclusive(path: Path, data: bytes) -> Path:
             n += 1
             candidate = path.with_name(f"{path.name}-{n}")
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from yoi import protocol
+from yoi.atomic import write_all
 from yoi.faults import fault
 
 READ_CHUNK = 1 << 20
@@ -381,10 +382,7 @@ class SessionLog:
             done(res, None)
 
     def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        write_all(self._fd, data)
 
     def close(self) -> None:
         """Commit everything already submitted, stop the writer, close the file."""

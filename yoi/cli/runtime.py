@@ -158,9 +158,9 @@ def log_command(name, count, follow, timeout, as_json, state):
     conn = None
     end = None
     if follow:
-        from yoi import control
         from yoi.client import Connection
-        conn = Connection.open(control.socket_path(state, name, doc), timeout, keep_snapshot=True)
+        from yoi.discovery import socket_path_of
+        conn = Connection.open(socket_path_of(state, name, doc), timeout, keep_snapshot=True)
         end = (conn.snapshot or {}).get("session_offset")
         if not isinstance(end, int):
             end = None
