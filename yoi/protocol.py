@@ -16,7 +16,6 @@ MAX_EVENT_LINE = 64 << 20        # one event line read by a client
 SNAPSHOT_ENTRIES = 1000          # log entries in a connect-time snapshot
 SNAPSHOT_BYTES = 16 << 20        # (ours) and at most this many bytes of them, so that a
                                  # snapshot fits a client's line and the Pod's memory
-DEFAULT_TIMEOUT = 10.0           # each step of a one-shot client
 
 MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z", re.ASCII)
 

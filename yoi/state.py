@@ -6,32 +6,15 @@ Resolution: ``--state-dir`` > ``$YOI_HOME`` > ``~/.yoi``. Directories are create
 
 from __future__ import annotations
 
-import math
 import os
 import stat
 from pathlib import Path
 
-from yoi.errors import Failed, UsageError
-from yoi.names import check_name
+from yoi import timeouts
+from yoi.errors import Failed
+from yoi.names import check_name, is_valid_name
 
-DEFAULT_LOCK_TIMEOUT = 10.0
 SUN_PATH_MAX = 107  # bytes usable in sockaddr_un.sun_path, without the NUL
-
-
-def _env_lock_timeout() -> float:
-    raw = os.environ.get("YOI_LOCK_TIMEOUT")
-    if not raw:
-        return DEFAULT_LOCK_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        raise UsageError(f"YOI_LOCK_TIMEOUT must be a number of seconds, not {raw!r}")
-    if not math.isfinite(value):
-        # nan would make the lock wait spin for ever; inf would never report
-        raise UsageError(f"YOI_LOCK_TIMEOUT must be a finite number of seconds, not {raw!r}")
-    if value < 0:
-        raise UsageError("YOI_LOCK_TIMEOUT must not be negative")
-    return value
 
 
 class State:
@@ -39,7 +22,7 @@ class State:
 
     __slots__ = ("root", "lock_timeout")
 
-    def __init__(self, root: Path, lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
+    def __init__(self, root: Path, lock_timeout: float = timeouts.DEFAULT):
         object.__setattr__(self, "root", root)
         object.__setattr__(self, "lock_timeout", lock_timeout)
 
@@ -63,7 +46,9 @@ class State:
             state_dir = os.environ.get("YOI_HOME") or os.path.join(
                 os.path.expanduser("~"), ".yoi")
         if lock_timeout is None:
-            lock_timeout = _env_lock_timeout()
+            raw = os.environ.get("YOI_LOCK_TIMEOUT")
+            lock_timeout = (timeouts.parse(raw, "YOI_LOCK_TIMEOUT", zero_ok=True) if raw
+                            else timeouts.DEFAULT)
         return cls(Path(os.path.abspath(os.fspath(state_dir))), float(lock_timeout))
 
     # -- layout -------------------------------------------------------------
@@ -109,6 +94,16 @@ class State:
             return path
         return self.short_run_dir() / f"{name}.sock"
 
+    def socket_path(self, name: str, doc: dict | None = None) -> Path:
+        """Where to reach NAME: the socket path its runtime recorded in DOC (its
+        metadata), else where it would bind.
+
+        The recorded path wins because the short-path fallback depends on the
+        runtime's environment ($XDG_RUNTIME_DIR), which may differ from ours.
+        """
+        hint = ((doc or {}).get("runtime") or {}).get("socket_path")
+        return Path(hint) if hint else self.default_socket_path(name)
+
     def short_run_dir(self) -> Path:
         import hashlib
         import tempfile
@@ -117,7 +112,6 @@ class State:
         if not base or not os.path.isdir(base):
             base = os.path.join(tempfile.gettempdir(), f"yoi-{os.getuid()}")
         return Path(base) / f"yoi-{digest}"
-
 
     # -- creation -----------------------------------------------------------
     def ensure(self) -> None:
@@ -131,12 +125,8 @@ class State:
             refuse_symlink(d, "state directory entry")
             make_private_dir(d)
 
-    def exists(self) -> bool:
-        return self.root.is_dir()
-
     def pod_names(self) -> list[str]:
         """Names of the entries under pods/ that look like Pods (sorted)."""
-        from yoi.names import is_valid_name
         try:
             entries = os.listdir(self.pods_dir)
         except FileNotFoundError:
