@@ -14,12 +14,11 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 
-from bench.common import (env_for, median, rss_kib, run, state_dir, timed, write_pods, yoi,
+from bench.common import (env_for, median, rss_kib, state_dir, timed, write_pods, yoi,
                           yoi_argv)
 
 PY = sys.executable

@@ -86,11 +86,10 @@ def pod_pid(st: Path, name: str) -> int | None:
 
 
 def socket_of(st: Path, name: str) -> str:
-    from yoi.discovery import socket_path_of
     from yoi.state import State
     from yoi.store import read
     state = State.resolve(st)
-    return str(socket_path_of(state, name, read(state, name)))
+    return str(state.socket_path(name, read(state, name)))
 
 
 def log_ids(st: Path, name: str) -> list[str]:

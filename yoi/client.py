@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import time
 
 # The C socket type itself: the ``socket`` module's Python layer (and the
@@ -32,6 +33,7 @@ import _socket
 
 from yoi import protocol
 from yoi.errors import Failed, Refused, Unreachable
+from yoi.timeouts import DEFAULT, POLL_CHUNK
 
 DRAIN_LINE_LIMIT = 64 << 10  # prelude lines longer than this are skipped, not kept
 # Bytes of notify lines written but not yet acknowledged, at most. Each
@@ -73,6 +75,23 @@ class OverLong:
         return m.group(1).decode() if m else None
 
 
+def _connect_error(e: OSError, path: str, timeout: float) -> Unreachable:
+    if isinstance(e, FileNotFoundError):
+        err, reason = NotRunning(f"no socket at {path}: the Pod is not running",
+                                 socket_path=path), "no socket"
+    elif isinstance(e, ConnectionRefusedError):
+        err, reason = NotRunning(f"connection refused at {path}: the Pod is not running "
+                                 "(stale socket)", socket_path=path), "connection refused"
+    elif isinstance(e, TimeoutError):
+        err, reason = TimedOut(f"timed out after {timeout:g}s connecting to {path}",
+                               socket_path=path), "timed out connecting"
+    else:
+        reason = e.strerror or str(e)
+        err = Unreachable(f"cannot connect to {path}: {reason}", socket_path=path)
+    err.reason = reason
+    return err
+
+
 def _refusal(data: dict) -> Refused:
     code = data.get("code", "error")
     message = data.get("message", "")
@@ -93,7 +112,7 @@ class Connection:
 
     # -- lifecycle --------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike, timeout: float = protocol.DEFAULT_TIMEOUT,
+    def open(cls, path: str | os.PathLike, timeout: float = DEFAULT,
              keep_snapshot: bool = False) -> "Connection":
         """Connect and drain the prelude; the connection is then ready for a method."""
         conn = cls.connect(path, timeout)
@@ -105,27 +124,16 @@ class Connection:
         return conn
 
     @classmethod
-    def connect(cls, path: str | os.PathLike, timeout: float = protocol.DEFAULT_TIMEOUT
-                ) -> "Connection":
+    def connect(cls, path: str | os.PathLike, timeout: float = DEFAULT) -> "Connection":
+        """Connect to PATH; a failure's ``reason`` says briefly why (for probes)."""
         path = os.fspath(path)
         s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         s.settimeout(timeout)
         try:
             s.connect(path)
-        except FileNotFoundError:
-            s.close()
-            raise NotRunning(f"no socket at {path}: the Pod is not running", socket_path=path)
-        except ConnectionRefusedError:
-            s.close()
-            raise NotRunning(f"connection refused at {path}: the Pod is not running "
-                             "(stale socket)", socket_path=path)
-        except TimeoutError:
-            s.close()
-            raise TimedOut(f"timed out after {timeout:g}s connecting to {path}",
-                           socket_path=path)
         except OSError as e:
             s.close()
-            raise Unreachable(f"cannot connect to {path}: {e.strerror or e}", socket_path=path)
+            raise _connect_error(e, path, timeout) from None
         return cls(s, path)
 
     def close(self) -> None:
@@ -253,7 +261,7 @@ class Connection:
 
 
 def request(path: str | os.PathLike, method_line: bytes, answers: set[str],
-            timeout: float = protocol.DEFAULT_TIMEOUT, what: str = "the answer",
+            timeout: float = DEFAULT, what: str = "the answer",
             match=None) -> tuple[str, dict]:
     """One-shot: connect, drain, write METHOD_LINE, return the first answer event."""
     with Connection.open(path, timeout) as conn:
@@ -275,7 +283,7 @@ def notify_ack_matches(msg_id: str):
 
 
 def notify(path: str | os.PathLike, message: str, msg_id: str, source: str | None = None,
-           timeout: float = protocol.DEFAULT_TIMEOUT, wait: bool = True) -> dict | None:
+           timeout: float = DEFAULT, wait: bool = True) -> dict | None:
     """Send a ``notify`` and, if WAIT, return the acknowledging ``system_item`` data."""
     return deliver(path, protocol.notify_method(message, msg_id, source), msg_id,
                    timeout, wait)
@@ -292,7 +300,7 @@ def open_for_sending(path: str | os.PathLike, timeout: float) -> Connection:
 
 
 def deliver(path: str | os.PathLike, line: bytes, msg_id: str,
-            timeout: float = protocol.DEFAULT_TIMEOUT, wait: bool = True) -> dict | None:
+            timeout: float = DEFAULT, wait: bool = True) -> dict | None:
     """Write one encoded ``notify`` LINE and, if WAIT, return its acknowledgement's data.
 
     The acknowledgement is the broadcast ``system_item`` carrying MSG_ID, which
@@ -344,7 +352,7 @@ class Batch:
 
 
 def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str],
-                     timeout: float = protocol.DEFAULT_TIMEOUT,
+                     timeout: float = DEFAULT,
                      chunk_bytes: int = 256 << 10, in_flight: int = MAX_IN_FLIGHT) -> Batch:
     """Send encoded ``notify`` LINES (ids IDS) over one connection, pipelined.
 
@@ -366,105 +374,11 @@ def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str]
     first write raises; later ones end up in ``Batch.failure``, with the
     messages in doubt left in status SENT.
     """
-    import select
-
     batch = Batch(ids)
-    n = len(lines)
-    index = {mid: i for i, mid in enumerate(ids)}
-    status = batch.status
     conn = open_for_sending(path, timeout)
-    sock, buf = conn.sock, conn.buf  # buf may already hold broadcasts
-    parse = protocol.parse_event
-    scanned = 0    # bytes of buf known to hold no newline
-    queued = 0     # messages before this one are written or being written
-    unacked = 0    # bytes of the lines written (or being written) and not acknowledged
-    view = None    # the rest of the chunk being written
-    stop = False
-    refusal = None
-    last = time.monotonic()
+    pipe = _Pipeline(conn, lines, batch, timeout, chunk_bytes, in_flight)
     try:
-        sock.setblocking(False)
-        poller = select.poll()
-        fd = sock.fileno()
-        while True:
-            # Handle every complete line received so far.
-            end = buf.rfind(b"\n", scanned)
-            if end >= 0:
-                block = bytes(buf[:end])
-                del buf[:end + 1]
-                scanned = 0
-                for line in block.split(b"\n"):
-                    if not line or line.isspace():
-                        continue
-                    try:
-                        name, data = parse(line)
-                    except protocol.ProtocolError as e:
-                        raise conn._malformed(str(e))
-                    if name == "system_item":
-                        i = index.get(ack_id(data))
-                        if i is not None and status[i] == SENT:
-                            status[i] = ACKED
-                            batch.acked += 1
-                            unacked -= len(lines[i])
-                            last = time.monotonic()
-                    elif name == "error":
-                        batch.refused += 1
-                        refusal = refusal or _refusal(data)
-                        stop = True
-                        last = time.monotonic()
-            else:
-                scanned = len(buf)  # a long line arrives in pieces: scan each piece once
-                if scanned > protocol.MAX_EVENT_LINE:
-                    raise conn._malformed(f"an event line over {protocol.MAX_EVENT_LINE} bytes")
-
-            if view is None and not stop and queued < n and unacked < in_flight:
-                j, size = queued, 0
-                while j < n and size < chunk_bytes:
-                    if unacked + size + len(lines[j]) > in_flight and (j > queued or unacked):
-                        break  # (one line is written even if it alone is over the bound)
-                    size += len(lines[j])
-                    j += 1
-                if j > queued:
-                    view = memoryview(b"".join(lines[queued:j]))
-                    status[queued:j] = bytes([SENT]) * (j - queued)
-                    queued = j
-                    unacked += size
-            if view is None and batch.acked + batch.refused >= queued and (stop or queued == n):
-                break
-
-            remaining = last + timeout - time.monotonic()
-            if remaining <= 0:
-                pending = queued - batch.acked - batch.refused
-                raise TimedOut(f"timed out after {timeout:g}s without progress sending to "
-                               f"{conn.path} ({pending} in flight, {n - queued} not sent)")
-            poller.register(fd, select.POLLIN | (select.POLLOUT if view is not None else 0))
-            ready = poller.poll(remaining * 1000 + 1)
-            if not ready:
-                continue
-            events = ready[0][1]
-            if events & select.POLLOUT and view is not None:
-                try:
-                    sent = sock.send(view)
-                except BlockingIOError:
-                    sent = 0
-                except (BrokenPipeError, ConnectionResetError):
-                    raise Closed(f"the Pod closed the connection ({conn.path})")
-                if sent:
-                    view = view[sent:] if sent < len(view) else None
-                    last = time.monotonic()
-            if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                try:
-                    chunk = sock.recv(1 << 18)
-                except BlockingIOError:
-                    continue
-                except ConnectionResetError:
-                    chunk = b""
-                if not chunk:
-                    raise Closed(f"the Pod closed the connection ({conn.path})")
-                buf += chunk
-        if refusal is not None:
-            status[:queued] = status[:queued].replace(bytes([SENT]), bytes([REFUSED]))
-            batch.fail(refusal)
+        pipe.run()
     except (Failed, Unreachable) as e:
         batch.fail(e)
     except OSError as e:
@@ -472,3 +386,120 @@ def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str]
     finally:
         conn.close()
     return batch
+
+
+class _Pipeline:
+    """The state of one ``notify_pipelined`` run (see there)."""
+
+    def __init__(self, conn: Connection, lines: list[bytes], batch: Batch, timeout: float,
+                 chunk_bytes: int, in_flight: int):
+        self.conn, self.lines, self.batch = conn, lines, batch
+        self.timeout, self.chunk_bytes, self.in_flight = timeout, chunk_bytes, in_flight
+        self.index = {mid: i for i, mid in enumerate(batch.ids)}
+        self.scanned = 0    # bytes of conn.buf known to hold no newline
+        self.queued = 0     # messages before this one are written or being written
+        self.unacked = 0    # bytes of the lines written (or being written), not acknowledged
+        self.view = None    # the rest of the chunk being written
+        self.stop = False
+        self.refusal = None
+        self.last = time.monotonic()  # the last progress
+
+    def run(self) -> None:
+        batch, n = self.batch, len(self.lines)
+        self.conn.sock.setblocking(False)
+        poller = select.poll()
+        fd = self.conn.sock.fileno()
+        while True:
+            self._read_answers()
+            if self.view is None:
+                self._next_chunk()
+            if (self.view is None and batch.acked + batch.refused >= self.queued
+                    and (self.stop or self.queued == n)):
+                break
+            remaining = self.last + self.timeout - time.monotonic()
+            if remaining <= 0:
+                pending = self.queued - batch.acked - batch.refused
+                raise TimedOut(f"timed out after {self.timeout:g}s without progress sending to "
+                               f"{self.conn.path} ({pending} in flight, {n - self.queued} "
+                               "not sent)")
+            poller.register(fd, select.POLLIN | (select.POLLOUT if self.view is not None else 0))
+            ready = poller.poll(min(remaining, POLL_CHUNK) * 1000 + 1)
+            if ready:
+                self._io(ready[0][1])
+        if self.refusal is not None:
+            status, q = batch.status, self.queued
+            status[:q] = status[:q].replace(bytes([SENT]), bytes([REFUSED]))
+            batch.fail(self.refusal)
+
+    def _read_answers(self) -> None:
+        """Handle every complete line received so far."""
+        buf = self.conn.buf
+        end = buf.rfind(b"\n", self.scanned)
+        if end < 0:
+            self.scanned = len(buf)  # a long line arrives in pieces: scan each piece once
+            if self.scanned > protocol.MAX_EVENT_LINE:
+                raise self.conn._malformed(f"an event line over {protocol.MAX_EVENT_LINE} bytes")
+            return
+        block = bytes(buf[:end])
+        del buf[:end + 1]
+        self.scanned = 0
+        batch, status = self.batch, self.batch.status
+        for line in block.split(b"\n"):
+            if not line or line.isspace():
+                continue
+            try:
+                name, data = protocol.parse_event(line)
+            except protocol.ProtocolError as e:
+                raise self.conn._malformed(str(e))
+            if name == "system_item":
+                i = self.index.get(ack_id(data))
+                if i is not None and status[i] == SENT:
+                    status[i] = ACKED
+                    batch.acked += 1
+                    self.unacked -= len(self.lines[i])
+                    self.last = time.monotonic()
+            elif name == "error":
+                batch.refused += 1
+                self.refusal = self.refusal or _refusal(data)
+                self.stop = True
+                self.last = time.monotonic()
+
+    def _next_chunk(self) -> None:
+        """Take the next lines to write, within the chunk size and the in-flight bound."""
+        lines, q, n = self.lines, self.queued, len(self.lines)
+        if self.stop or q >= n or self.unacked >= self.in_flight:
+            return
+        j, size = q, 0
+        while j < n and size < self.chunk_bytes:
+            if self.unacked + size + len(lines[j]) > self.in_flight and (j > q or self.unacked):
+                break  # (one line is written even if it alone is over the bound)
+            size += len(lines[j])
+            j += 1
+        if j > q:
+            self.view = memoryview(b"".join(lines[q:j]))
+            self.batch.status[q:j] = bytes([SENT]) * (j - q)
+            self.queued = j
+            self.unacked += size
+
+    def _io(self, events: int) -> None:
+        sock = self.conn.sock
+        if events & select.POLLOUT and self.view is not None:
+            try:
+                sent = sock.send(self.view)
+            except BlockingIOError:
+                sent = 0
+            except (BrokenPipeError, ConnectionResetError):
+                raise Closed(f"the Pod closed the connection ({self.conn.path})")
+            if sent:
+                self.view = self.view[sent:] if sent < len(self.view) else None
+                self.last = time.monotonic()
+        if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            try:
+                chunk = sock.recv(1 << 18)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                raise Closed(f"the Pod closed the connection ({self.conn.path})")
+            self.conn.buf += chunk

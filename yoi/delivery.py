@@ -21,8 +21,11 @@ import os
 
 from yoi import client, protocol
 from yoi.errors import NotFound, Refused, Unreachable, UsageError, YoiError
+from yoi.metadata import has_peer
 from yoi.names import check_name
 from yoi.state import State
+from yoi.timeouts import DEFAULT
+from yoi.txn import read_pod_file
 
 _ID_RULE = "use 1-128 characters of [A-Za-z0-9._:-]"
 
@@ -85,10 +88,6 @@ def resolve_target(state: State, target: str, source: str | None):
 
     Returns TARGET's socket path (a hint: connecting tells whether it is live).
     """
-    from yoi.discovery import socket_path_of
-    from yoi.metadata import has_peer
-    from yoi.txn import read_pod_file
-
     pod = read_pod_file(state, target)
     if not pod.exists:
         raise NotFound(f"no such Pod: {target}", pod=target)
@@ -100,7 +99,7 @@ def resolve_target(state: State, target: str, source: str | None):
             raise Refused(f"not a peer: {source} does not list {target} as a peer "
                           f"(introduce them with `yoi pod peer register {source} {target}`)",
                           source=source, target=target)
-    return socket_path_of(state, target, pod.doc)
+    return state.socket_path(target, pod.doc)
 
 
 def _not_running(target: str, err: YoiError) -> Unreachable:
@@ -114,7 +113,7 @@ def _refused(target: str, err: Refused, what: str = "the message") -> Refused:
 
 
 def send(state: State, target: str, message: str, *, source: str | None = None,
-         msg_id: str | None = None, timeout: float = protocol.DEFAULT_TIMEOUT,
+         msg_id: str | None = None, timeout: float = DEFAULT,
          wait: bool = True) -> dict:
     """Send one message; with WAIT, return only once TARGET acknowledged it.
 
@@ -142,7 +141,7 @@ def _abbrev(ids: list[str], most: int = 5) -> str:
 
 def send_lines(state: State, target: str, lines: list[str], *, source: str | None = None,
                id_prefix: str | None = None,
-               timeout: float = protocol.DEFAULT_TIMEOUT) -> dict:
+               timeout: float = DEFAULT) -> dict:
     """Send every non-blank line as one message over one connection, pipelined.
 
     The message on input line N gets the id ``PREFIX-N`` (blank lines are
@@ -177,10 +176,15 @@ def send_lines(state: State, target: str, lines: list[str], *, source: str | Non
                "messages": len(ids), "first_id": ids[0], "last_id": ids[-1],
                "skipped_blank": len(lines) - len(ids), "acknowledged": False,
                "acknowledged_count": batch.acked}
-    failure = batch.failure
-    if failure is None:
+    if batch.failure is None:
         summary["acknowledged"] = True
         return summary
+    raise _batch_failure(target, batch, summary, id_prefix)
+
+
+def _batch_failure(target: str, batch, summary: dict, id_prefix: str) -> YoiError:
+    """The error for a batch that was not all acknowledged: what happened to which ids."""
+    failure, ids = batch.failure, batch.ids
     refused = batch.with_status(client.REFUSED)
     in_doubt = batch.with_status(client.SENT)
     not_sent = batch.with_status(client.UNSENT)
@@ -200,4 +204,4 @@ def send_lines(state: State, target: str, lines: list[str], *, source: str | Non
         parts.append(f"not sent: {_abbrev(not_sent)}")
     parts.append(f"retry with --id {id_prefix}")
     details = {k: v for k, v in failure.details.items() if k not in summary}
-    raise type(failure)("; ".join(parts), **details, **summary)
+    return type(failure)("; ".join(parts), **details, **summary)

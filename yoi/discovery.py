@@ -1,12 +1,13 @@
-"""Liveness probing and visibility (DESIGN.md "Visibility").
+"""Liveness probing, listing and visibility (DESIGN.md "Visibility").
 
 A probe connects to a Pod's socket and drains the connect-time prelude,
 keeping the snapshot to read the Pod's status; the whole probe is bounded by
 one short timeout, and many probes run concurrently, so a hung Pod costs one
 timeout, not one per Pod.
 
-From Pod P's point of view the visible set is P itself (``self``) and P's
-peers (``peer``), each reported with ``pod_name``, ``visibility``, ``state``
+``list_pods`` is the operator's view (every Pod of the state directory);
+``visible`` is what one Pod P sees: P itself (``self``) and P's peers
+(``peer``), each reported with ``pod_name``, ``visibility``, ``state``
 (``ok``/``missing``/``corrupt``), ``live`` (``socket_path``, ``reachable``,
 ``status``, ``error``) and ``restore`` (``possible``, ``reason``).
 """
@@ -14,58 +15,47 @@ peers (``peer``), each reported with ``pod_name``, ``visibility``, ``state``
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
+from yoi import store
+from yoi.client import Connection, TimedOut
+from yoi.errors import YoiError
+from yoi.lock import is_locked
+from yoi.metadata import peer_names
 from yoi.state import State
+from yoi.txn import read_pod_file
 
 PROBE_TIMEOUT = 1.0
 
 
-def socket_path_of(state: State, name: str, doc: dict | None) -> Path:
-    hint = ((doc or {}).get("runtime") or {}).get("socket_path")
-    return Path(hint) if hint else state.default_socket_path(name)
+def probe_result(path: Path | str | None, reachable: bool = False, status: str | None = None,
+                 error: str | None = None) -> dict:
+    """The ``live`` object every listing reports for a Pod."""
+    return {"socket_path": None if path is None else str(path), "reachable": reachable,
+            "status": status, "error": error}
 
 
 def probe(path: Path, timeout: float = PROBE_TIMEOUT) -> dict:
     """Connect to PATH and read its snapshot: {"socket_path", "reachable", "status", "error"}."""
-    import socket  # here: `yoi pod send` imports this module only for socket_path_of
-
-    from yoi.client import Connection
-    from yoi.errors import YoiError
-    out = {"socket_path": str(path), "reachable": False, "status": None, "error": None}
     deadline = time.monotonic() + timeout
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
     try:
-        s.connect(os.fspath(path))
-    except FileNotFoundError:
-        out["error"] = "no socket"
-    except ConnectionRefusedError:
-        out["error"] = "connection refused"
-    except socket.timeout:
-        out["error"] = "timed out connecting"
-    except OSError as e:
-        out["error"] = e.strerror or str(e)
-    if out["error"] is not None:
-        s.close()
-        return out
-    conn = Connection(s, os.fspath(path))
+        conn = Connection.connect(path, timeout)
+    except YoiError as e:
+        return probe_result(path, error=getattr(e, "reason", e.message))
     try:
         conn.drain_prelude(max(0.001, deadline - time.monotonic()), keep_snapshot=True)
+    except TimedOut:
+        return probe_result(path, error="timed out waiting for the snapshot")
     except YoiError as e:
-        out["error"] = ("timed out waiting for the snapshot" if e.exit_code == 5
-                        else e.message)
-        return out
+        return probe_result(path, error=e.message)
     finally:
         conn.close()
-    snap = conn.snapshot or {}
-    status = snap.get("status")
+    status = (conn.snapshot or {}).get("status")
     if isinstance(status, dict):  # tolerate {"status": "..."} as well as "..."
         status = status.get("status")
-    out["reachable"] = True
-    out["status"] = status if isinstance(status, str) else None
-    return out
+    return probe_result(path, True, status if isinstance(status, str) else None)
 
 
 def probe_many(paths: list[Path], timeout: float = PROBE_TIMEOUT) -> list[dict]:
@@ -74,15 +64,13 @@ def probe_many(paths: list[Path], timeout: float = PROBE_TIMEOUT) -> list[dict]:
     pending = []
     for i, p in enumerate(paths):
         if not os.path.exists(p):
-            results[i] = {"socket_path": str(p), "reachable": False, "status": None,
-                          "error": "no socket"}
+            results[i] = probe_result(p, error="no socket")
         else:
             pending.append(i)
     if len(pending) <= 1:
         for i in pending:
             results[i] = probe(paths[i], timeout)
         return results  # type: ignore[return-value]
-    import threading
 
     def work(i):
         results[i] = probe(paths[i], timeout)
@@ -95,21 +83,24 @@ def probe_many(paths: list[Path], timeout: float = PROBE_TIMEOUT) -> list[dict]:
     return results  # type: ignore[return-value]
 
 
-def visible(state: State, name: str, timeout: float = PROBE_TIMEOUT,
-            self_live: dict | None = None) -> list[dict]:
-    """NAME's visibility set: itself, then its peers (sorted), each probed concurrently.
+def list_pods(state: State) -> list[dict]:
+    """Every Pod of the state directory with its peer count, probed concurrently."""
+    listed = store.list_all(state)
+    probes = probe_many([state.socket_path(p.name, p.doc) for p in listed])
+    return [{"pod_name": p.name, "state": p.state,
+             "peers": len(peer_names(p.doc)) if p.doc else None, "live": live,
+             "error": p.error.message if p.error else None}
+            for p, live in zip(listed, probes)]
 
-    SELF_LIVE, if given, is used for NAME instead of probing it (a running Pod
-    answering ``list_pods`` describes itself). Raises NotFound for an unknown
-    NAME and CorruptMetadata if NAME's own record does not parse.
-    """
-    from yoi import store
-    from yoi.errors import YoiError
-    from yoi.lock import is_locked
-    from yoi.metadata import peer_names
-    from yoi.txn import read_pod_file
+
+def show(state: State, name: str) -> tuple[dict, dict]:
+    """NAME's record and its ``live`` object."""
     doc = store.read(state, name)
-    rows: list[dict] = [{"pod_name": name, "visibility": "self", "state": "ok", "doc": doc}]
+    return doc, probe(state.socket_path(name, doc))
+
+
+def _peer_rows(state: State, doc: dict, name: str) -> list[dict]:
+    rows = []
     for peer in sorted(set(peer_names(doc)) - {name}):
         row = {"pod_name": peer, "visibility": "peer", "state": "ok", "doc": None, "why": None}
         try:
@@ -121,9 +112,35 @@ def visible(state: State, name: str, timeout: float = PROBE_TIMEOUT,
         except YoiError as e:
             row["state"], row["why"] = "corrupt", e.message
         rows.append(row)
+    return rows
+
+
+def _restore(state: State, row: dict, live: dict) -> dict:
+    if row["state"] == "missing":
+        return {"possible": False, "reason": "no such Pod"}
+    if row["state"] == "corrupt":
+        return {"possible": False, "reason": f"metadata is corrupt: {row['why']}"}
+    if live["reachable"]:
+        return {"possible": False, "reason": "already live"}
+    if is_locked(state.runtime_lock_path(row["pod_name"])):
+        return {"possible": False, "reason": "running but not answering"}
+    return {"possible": True, "reason": "not running"}
+
+
+def visible(state: State, name: str, timeout: float = PROBE_TIMEOUT,
+            self_live: dict | None = None) -> list[dict]:
+    """NAME's visibility set: itself, then its peers (sorted), each probed concurrently.
+
+    SELF_LIVE, if given, is used for NAME instead of probing it (a running Pod
+    answering ``list_pods`` describes itself). Raises NotFound for an unknown
+    NAME and CorruptMetadata if NAME's own record does not parse.
+    """
+    doc = store.read(state, name)
+    rows = [{"pod_name": name, "visibility": "self", "state": "ok", "doc": doc, "why": None}]
+    rows += _peer_rows(state, doc, name)
     to_probe = [r for r in rows if r["state"] == "ok" and not (
         self_live is not None and r["visibility"] == "self")]
-    probes = probe_many([socket_path_of(state, r["pod_name"], r["doc"]) for r in to_probe],
+    probes = probe_many([state.socket_path(r["pod_name"], r["doc"]) for r in to_probe],
                         timeout)
     for r, live in zip(to_probe, probes):
         r["live"] = live
@@ -133,18 +150,7 @@ def visible(state: State, name: str, timeout: float = PROBE_TIMEOUT,
         if r["visibility"] == "self" and self_live is not None:
             live = dict(self_live)
         if live is None:
-            live = {"socket_path": None, "reachable": False, "status": None,
-                    "error": r["state"]}
-        if r["state"] == "missing":
-            restore = {"possible": False, "reason": "no such Pod"}
-        elif r["state"] == "corrupt":
-            restore = {"possible": False, "reason": f"metadata is corrupt: {r['why']}"}
-        elif live["reachable"]:
-            restore = {"possible": False, "reason": "already live"}
-        elif is_locked(state.runtime_lock_path(r["pod_name"])):
-            restore = {"possible": False, "reason": "running but not answering"}
-        else:
-            restore = {"possible": True, "reason": "not running"}
+            live = probe_result(None, error=r["state"])
         out.append({"pod_name": r["pod_name"], "visibility": r["visibility"],
-                    "state": r["state"], "live": live, "restore": restore})
+                    "state": r["state"], "live": live, "restore": _restore(state, r, live)})
     return out

@@ -11,12 +11,71 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from yoi.errors import Busy
 
 
+RUNTIME_LOCK_GRACE = 2.0  # seconds a runtime-lock taker waits out a momentary looker
+
+
+def _open(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _flock_until(fd: int, deadline: float) -> bool:
+    """Take FD's exclusive flock, polling until DEADLINE; False if it stayed taken."""
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.05)
+
+
+def try_lock(path: Path, grace: float = 0.0) -> int | None:
+    """Take PATH's flock without waiting (or for at most GRACE seconds): the open
+    descriptor (close it to release), or None if another open file description
+    holds it.
+
+    Commands that only look (``is_locked``: status, list, doctor) hold a lock
+    for an instant; a GRACE lets a taker that must not be fooled by them
+    (a Pod starting, a Pod being removed) tell them from a real holder.
+    """
+    fd = _open(path)
+    try:
+        if _flock_until(fd, time.monotonic() + grace):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def write_pid(fd: int) -> None:
+    """Record our pid in a lock we hold, so that a waiter can name us.
+
+    Never raises: the pid only names the holder, and failing here (a full
+    disk) would leave a flock held by a descriptor nobody can release.
+    """
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass
+
+
 class FileLock:
+    """A metadata lock: wait up to TIMEOUT seconds, else Busy naming the holder's pid."""
+
     def __init__(self, path: Path, timeout: float, label: str | None = None):
         self.path = path
         self.timeout = timeout
@@ -24,33 +83,13 @@ class FileLock:
         self.fd: int | None = None
 
     def acquire(self) -> "FileLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + self.timeout
-        delay = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = _read_pid(fd)
-                    os.close(fd)
-                    who = f"pid {holder}" if holder else "another process"
-                    raise Busy(f"{self.label} is locked by {who} "
-                               f"(waited {self.timeout:g}s)", holder_pid=holder)
-                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, 0.05)
-            except BaseException:
-                os.close(fd)
-                raise
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError:
-            # The pid only lets a waiter name the holder. Raising here would
-            # leave the flock held by a descriptor nobody can release (for the
-            # whole life of a Pod process) when the disk is full.
-            pass
+        fd = try_lock(self.path, self.timeout)
+        if fd is None:
+            holder = lock_holder_pid(self.path)
+            who = f"pid {holder}" if holder else "another process"
+            raise Busy(f"{self.label} is locked by {who} (waited {self.timeout:g}s)",
+                       holder_pid=holder)
+        write_pid(fd)
         self.fd = fd
         return self
 
@@ -80,30 +119,18 @@ def _read_pid(fd: int) -> int | None:
         return None
 
 
-def try_lock(path: Path, grace: float = 0.0) -> int | None:
-    """Take PATH's flock without waiting (or for at most GRACE seconds): the open
-    descriptor (close it to release), or None if another open file description
-    holds it.
+@contextmanager
+def if_free(path: Path) -> Iterator[bool]:
+    """Hold PATH's lock inside the block if nobody holds it; yield whether we do.
 
-    Commands that only look (``is_locked``: status, list, doctor) hold a lock
-    for an instant; a GRACE lets a taker that must not be fooled by them
-    (a Pod starting, a Pod being removed) tell them from a real holder.
+    For a repair that must not run beside a live Pod (its runtime lock).
     """
-    deadline = time.monotonic() + grace
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = try_lock(path)
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    return None
-                time.sleep(0.01)
-    except BaseException:
-        os.close(fd)
-        raise
+        yield fd is not None
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def is_locked(path: Path) -> bool | None:

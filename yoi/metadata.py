@@ -113,6 +113,11 @@ def has_peer(doc: dict, name: str) -> bool:
     return any(p.get("pod_name") == name for p in doc.get("peers", []))
 
 
+def drop_peer(doc: dict, name: str) -> None:
+    """Remove every entry for NAME from DOC's peer list."""
+    doc["peers"] = [p for p in doc.get("peers", []) if p.get("pod_name") != name]
+
+
 def accepts_peers(doc: dict) -> bool:
     return doc.get("accept_peers", True) is True
 

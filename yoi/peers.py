@@ -73,8 +73,7 @@ def unregister(state: State, source: str, target: str) -> dict:
         changes = []
         for pod, other, has in ((a, target, a_has), (b, source, b_has)):
             if has:
-                pod.doc["peers"] = [p for p in pod.doc.get("peers", [])
-                                    if p.get("pod_name") != other]
+                metadata.drop_peer(pod.doc, other)
                 changes.append(Change(pod.name, "write", metadata.dumps(pod.doc)))
         locked.commit(changes)
         return {"source": source, "peer": target, "changed": bool(changes)}

@@ -11,12 +11,10 @@ import os
 from yoi import metadata
 from yoi.atomic import atomic_write, fsync_dir
 from yoi.errors import AlreadyExists, Busy, NotFound, StorageError, UsageError, YoiError
-from yoi.lock import lock_holder_pid, try_lock
+from yoi.lock import RUNTIME_LOCK_GRACE, lock_holder_pid, try_lock, write_pid
 from yoi.names import check_name
 from yoi.state import State, make_private_dir, refuse_symlink
 from yoi.txn import CREATING_MARK, Change, lock_pods, read_pod_file, remove_trash
-
-RUNTIME_LOCK_GRACE = 1.0  # seconds; see _hold_runtime_lock
 
 _UNSET = object()
 
@@ -156,7 +154,12 @@ def remove(state: State, name: str) -> dict:
             if not peers <= locked.names:
                 names = locked.names | peers
                 continue  # relock with the peers included, in sorted order
-            runtime_fd = _hold_runtime_lock(state, name)
+            try:
+                runtime_fd = hold_runtime_lock(state, name)
+            except Busy as e:
+                who = f" (pid {e.details['pid']})" if e.details["pid"] else ""
+                raise Busy(f"Pod {name!r} is running{who}; stop it first with "
+                           f"`yoi pod stop {name}`", pod=name) from None
             try:
                 changes = []
                 updated = []
@@ -164,9 +167,8 @@ def remove(state: State, name: str) -> dict:
                     pod = locked.read(peer)
                     if not pod.exists:
                         continue  # dangling entry: nothing to update on that side
-                    pdoc = pod.doc
-                    pdoc["peers"] = [p for p in pdoc.get("peers", []) if p.get("pod_name") != name]
-                    changes.append(Change(peer, "write", metadata.dumps(pdoc)))
+                    metadata.drop_peer(pod.doc, name)
+                    changes.append(Change(peer, "write", metadata.dumps(pod.doc)))
                     updated.append(peer)
                 changes.append(Change(name, "remove"))
                 locked.commit(changes)
@@ -175,18 +177,21 @@ def remove(state: State, name: str) -> dict:
             return {"pod": name, "peers_updated": updated}
 
 
-def _hold_runtime_lock(state: State, name: str) -> int:
-    """Take NAME's runtime lock, so it cannot start while we remove it.
+def hold_runtime_lock(state: State, name: str, grace: float = RUNTIME_LOCK_GRACE) -> int:
+    """Take pods/NAME/runtime.lock and record our pid in it; raise Busy if NAME runs.
 
-    A live Pod holds it for its whole life; a command that only looks holds it
-    for an instant, hence the short grace before calling the Pod running.
+    A live Pod holds this lock for its whole life; a Pod being removed holds
+    it so that it cannot start meanwhile. Commands that only look (``yoi pod
+    status``, ``list``, ``doctor``) hold it for an instant, hence GRACE
+    seconds before calling the Pod running. Returns the descriptor: closing
+    it releases the lock.
     """
     path = state.runtime_lock_path(name)
     refuse_symlink(path, "runtime lock")
-    fd = try_lock(path, grace=RUNTIME_LOCK_GRACE)
+    fd = try_lock(path, grace)
     if fd is None:
         pid = lock_holder_pid(path)
         who = f" (pid {pid})" if pid else ""
-        raise Busy(f"Pod {name!r} is running{who}; stop it first with `yoi pod stop {name}`",
-                   pod=name)
+        raise Busy(f"Pod {name!r} is already running{who}", pod=name, pid=pid)
+    write_pid(fd)
     return fd
