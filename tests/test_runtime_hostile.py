@@ -99,7 +99,7 @@ def test_hostile_crowd_does_not_stop_acknowledgements(state, started_pod):
 
 
 def test_a_client_that_never_reads_is_disconnected_not_waited_for(state, started_pod):
-    from yoi import server
+    from yoi.server import connection as server
     pod = started_pod("a")
     stuck = connect(pod.socket_path)
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -189,7 +189,7 @@ def test_idle_connections_share_the_prelude_when_there_are_alerts(state, run_yoi
 def test_clients_that_never_read_cannot_pile_up_old_snapshots(state, run_yoi, started_pod):
     """Each connects after another commit, so each is owed a different 4 MiB snapshot:
     beyond PINNED_LIMIT bytes of them, the clients owed the oldest are disconnected."""
-    from yoi import server
+    from yoi.server import connection as server
     run_yoi("pod", "create", "a")
     state.session_path("a").write_bytes(
         protocol.event("text_done", {"text": "x" * (1 << 20)}) * 4)

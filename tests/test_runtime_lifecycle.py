@@ -272,13 +272,12 @@ def test_a_start_is_not_refused_because_a_command_looked_at_the_lock(state, run_
     instant to test it; a Pod starting at that instant must still start."""
     import fcntl
     import threading
-    from yoi import server
     run_yoi("pod", "create", "a")
     path = state.runtime_lock_path("a")
     looker = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
     fcntl.flock(looker, fcntl.LOCK_SH)  # what is_locked() does, held a little longer
     threading.Timer(0.3, os.close, [looker]).start()
-    held = server.hold_runtime_lock(state, "a")
+    held = store.hold_runtime_lock(state, "a")
     try:
         assert control.holder_pid(path) == os.getpid()
     finally:
@@ -288,7 +287,7 @@ def test_a_start_is_not_refused_because_a_command_looked_at_the_lock(state, run_
     fcntl.flock(running, fcntl.LOCK_EX)
     try:
         with pytest.raises(Busy, match="already running"):
-            server.hold_runtime_lock(state, "a", grace=0.1)
+            store.hold_runtime_lock(state, "a", grace=0.1)
     finally:
         os.close(running)
 

@@ -1,0 +1,139 @@
+"""The event loop of a Pod process: readiness callbacks, timers, calls from other threads.
+
+One thread (the main one) runs ``Loop.run``; it owns every socket and all the
+Pod's in-memory state. Other threads (the session writer, the handler worker,
+the operation threads) and signal handlers reach it only through
+``call_soon`` and ``request_stop``, which append to a queue and write a byte
+to a wake-up socket pair.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import selectors
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Callable
+
+from yoi.server.log import log
+
+
+class Loop:
+    def __init__(self):
+        self.sel = selectors.DefaultSelector()
+        self.calls: deque = deque()
+        self.timers: list = []  # heap of (when, n, fn, args)
+        self._n = itertools.count()
+        self.stopping = False
+        self.stop_reason = ""
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+
+    # -- registration ---------------------------------------------------------
+    def register(self, fileobj, events: int, callback: Callable[[int], None]) -> None:
+        self.sel.register(fileobj, events, callback)
+
+    def modify(self, fileobj, events: int, callback: Callable[[int], None]) -> None:
+        self.sel.modify(fileobj, events, callback)
+
+    def unregister(self, fileobj) -> None:
+        self.sel.unregister(fileobj)
+
+    # -- calls and timers -----------------------------------------------------
+    def call_soon(self, fn: Callable, *args) -> None:
+        """Run FN(*ARGS) on the loop thread (callable from any thread)."""
+        self.calls.append((fn, args))
+        self._wake()
+
+    def call_later(self, delay: float, fn: Callable, *args) -> None:
+        """Run FN(*ARGS) on the loop thread in DELAY seconds (loop thread only)."""
+        heapq.heappush(self.timers, (time.monotonic() + delay, next(self._n), fn, args))
+
+    def request_stop(self, reason: str) -> None:
+        """Thread- and signal-safe: ask the loop to stop; the first reason is kept."""
+        if not self.stopping:
+            self.stop_reason = reason
+        self.stopping = True
+        self._wake()
+
+    def install_signals(self) -> None:
+        """SIGTERM and SIGINT stop the loop (only possible on the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_signal(signum, frame):
+            self.request_stop(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    # -- running --------------------------------------------------------------
+    def run(self) -> None:
+        """Dispatch until ``request_stop``."""
+        while not self.stopping:
+            self.run_once(self._next_timeout())
+
+    def run_once(self, timeout: float | None) -> None:
+        for key, mask in self.sel.select(timeout):
+            key.data(mask)
+            if self.stopping:
+                break
+        self._run_timers()
+        self.run_calls()
+
+    def pump(self, busy: Callable[[], bool], seconds: float) -> None:
+        """Keep dispatching while BUSY() holds, for at most SECONDS (used at shut-down)."""
+        deadline = time.monotonic() + seconds
+        while busy() and time.monotonic() < deadline:
+            for key, mask in self.sel.select(max(0.0, deadline - time.monotonic())):
+                key.data(mask)
+
+    def run_calls(self) -> None:
+        while self.calls:
+            fn, args = self.calls.popleft()
+            _guarded(fn, args)
+
+    def _next_timeout(self) -> float | None:
+        if not self.timers:
+            return None
+        return max(0.0, self.timers[0][0] - time.monotonic())
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, fn, args = heapq.heappop(self.timers)
+            _guarded(fn, args)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass  # the buffer is full: the loop is awake already
+
+    def _on_wake(self, mask: int) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        self.run_calls()
+
+    def close(self) -> None:
+        self.sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def _guarded(fn: Callable, args: tuple) -> None:
+    """A failing callback is logged; it never ends the loop."""
+    try:
+        fn(*args)
+    except Exception:
+        log("internal error in the loop:\n" + traceback.format_exc())

@@ -1,0 +1,170 @@
+"""The protocol methods a Pod answers (PROTOCOL.md), one function each.
+
+``METHODS`` maps a method name to ``fn(pod, client, params)``; a new method
+is one function and one row. Methods run on the loop thread and must not
+block: anything that takes a lock or talks to another Pod is offloaded to
+the operation threads (``pod.ops.offload``). A method refuses a request by
+raising ``Invalid`` (answered with ``error invalid_request``).
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+from yoi import control, discovery, peers, protocol
+from yoi.names import is_valid_name
+from yoi.server.connection import Client
+from yoi.server.log import log, now_iso
+from yoi.server.operations import Invalid
+from yoi.server.worker import Job
+
+
+def handle_line(pod, c: Client, line: bytes) -> None:
+    """Parse one method line from C and run its method; errors are answered, never raised."""
+    try:
+        name, params = protocol.parse_method(line)
+    except protocol.ProtocolError as e:
+        pod.hub.send(c, protocol.error_event("invalid_request", f"bad method line: {e}"))
+        return
+    method = METHODS.get(name)
+    if method is None:
+        pod.hub.send(c, protocol.error_event("invalid_request", f"unknown method {name!r}"))
+        return
+    try:
+        method(pod, c, params)
+    except Invalid as e:
+        pod.hub.send(c, protocol.error_event("invalid_request", str(e)))
+    except Exception:
+        log(f"internal error in {name}:\n" + traceback.format_exc())
+        pod.hub.send(c, protocol.error_event("internal", f"internal error in {name}"))
+
+
+def shutdown(pod, c: Client, params: dict) -> None:
+    pod.loop.request_stop("shutdown method")
+
+
+def notify(pod, c: Client, params: dict) -> None:
+    message = params.get("message")
+    if not isinstance(message, str):
+        raise Invalid("notify needs a string 'message'")
+    source = params.get("source")
+    msg_id = params.get("id")
+    if source is not None and not (isinstance(source, str) and is_valid_name(source)):
+        raise Invalid("'source' must be a Pod name")
+    if msg_id is not None and not protocol.is_valid_message_id(msg_id):
+        raise Invalid("'id' must be 1-128 characters of [A-Za-z0-9._:-]")
+    if source is not None and not pod.is_peer(source):
+        raise Invalid(f"{source!r} is not a peer of {pod.name!r}; message refused")
+    if msg_id is not None and _answered_by_id(pod, c, msg_id):
+        return
+    item = {"kind": "notification", "message": message,
+            "body": protocol.peer_body(source, message) if source is not None else message}
+    if source is not None:
+        item["source"] = source
+    if msg_id is not None:
+        item["id"] = msg_id
+    item["at"] = now_iso()
+    line = protocol.event("system_item", {"item": item})
+
+    def after(res, err):
+        waiting = pod.pending_ids.pop(msg_id, []) if msg_id is not None else []
+        for w in waiting:
+            if err is None:
+                pod.hub.send(w, line)
+            else:
+                pod.commit_failed(w, err)
+            pod.hub.paid(w)
+        if err is None and pod.exec_cmd:
+            pod.worker.submit(Job("notify", res, source, msg_id))
+
+    pod.commit(c, line, after, msg_id)
+
+
+def _answered_by_id(pod, c: Client, msg_id: str) -> bool:
+    """A retry of MSG_ID: acknowledge again (or once its commit lands), commit nothing."""
+    original = pod.session.committed_line(msg_id)
+    if original is not None:
+        pod.hub.send(c, original)
+        return True
+    waiting = pod.pending_ids.get(msg_id)
+    if waiting is not None:
+        waiting.append(c)
+        pod.hub.owe(c)
+        return True
+    pod.pending_ids[msg_id] = []
+    return False
+
+
+def run(pod, c: Client, params: dict) -> None:
+    segments = params.get("input")
+    if isinstance(segments, str):
+        segments = [{"kind": "text", "content": segments}]
+    if not isinstance(segments, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("content", ""), str) for s in segments):
+        raise Invalid("run needs 'input': a list of segments "
+                      '{"kind":"text","content":"..."}')
+    pod.busy(+1)  # status running is announced before the user message
+    line = protocol.event("user_message", {"segments": segments})
+
+    def after(res, err):
+        if err is None:
+            pod.worker.submit(Job("run", res, None, None))
+        pod.busy(-1)
+
+    pod.commit(c, line, after)
+
+
+def list_pods(pod, c: Client, params: dict) -> None:
+    live = discovery.probe_result(pod.socket_path, True, pod.status)
+    pod.ops.offload(c, "pods_listed", lambda: {
+        "pods": discovery.visible(pod.state, pod.name, self_live=live)})
+
+
+def restore_pod(pod, c: Client, params: dict) -> None:
+    target = name_param(params)
+
+    def op():
+        if target != pod.name and not pod.is_peer(target):
+            raise Invalid(f"Pod {target!r} is not visible from {pod.name!r}")
+        if target == pod.name:
+            return {"result": {"pod_name": target, "restored": False,
+                               "message": "already live", "pid": os.getpid(),
+                               "socket_path": str(pod.socket_path)}}
+        return {"result": control.restore(pod.state, target)}
+
+    pod.ops.offload(c, "pod_restored", op)
+
+
+def _peer_change(action):
+    """A method running ``peers.ACTION`` with this Pod as the source (the CLI's routine)."""
+    answer = {"register": "peer_registered", "unregister": "peer_unregistered"}[action]
+
+    def method(pod, c: Client, params: dict) -> None:
+        target = name_param(params)
+
+        def op():
+            res = getattr(peers, action)(pod.state, pod.name, target)
+            return {"result": {"source": res["source"], "peer": res["peer"]}}
+
+        pod.ops.offload(c, answer, op)
+
+    return method
+
+
+def name_param(params: dict) -> str:
+    name = params.get("name")
+    if not isinstance(name, str) or not is_valid_name(name):
+        raise Invalid("'name' must be a Pod name")
+    return name
+
+
+METHODS = {
+    "run": run,
+    "notify": notify,
+    "shutdown": shutdown,
+    "list_pods": list_pods,
+    "restore_pod": restore_pod,
+    "register_peer": _peer_change("register"),
+    "unregister_peer": _peer_change("unregister"),
+}

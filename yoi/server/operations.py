@@ -1,0 +1,80 @@
+"""Operation threads: methods that take metadata locks or probe other Pods.
+
+``list_pods``, ``restore_pod``, ``register_peer`` and ``unregister_peer`` can
+wait on a lock or a hung peer, so they run here, never on the loop. Each
+operation is a function returning the answer's data; its event line goes
+back to the requesting client through the loop.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import traceback
+from typing import Callable
+
+from yoi import metadata, protocol
+from yoi.errors import NotFound, Refused, UsageError, YoiError
+from yoi.server.connection import Client, Hub
+from yoi.server.log import log
+from yoi.server.loop import Loop
+
+OPS_THREADS = 2
+MAX_PENDING_OPS = 64
+
+
+class Invalid(Exception):
+    """A request the Pod refuses with ``invalid_request``."""
+
+
+def answer_line(answer: str, fn: Callable[[], dict]) -> bytes:
+    """FN's result as the event ANSWER, or the ``error`` event its failure maps to."""
+    try:
+        return protocol.event(answer, metadata.to_jsonable(fn()))
+    except Invalid as e:
+        return protocol.error_event("invalid_request", str(e))
+    except (UsageError, NotFound, Refused) as e:
+        return protocol.error_event("invalid_request", e.message)
+    except YoiError as e:
+        return protocol.error_event("internal", e.message)
+    except Exception:
+        log(f"internal error in {answer}:\n" + traceback.format_exc())
+        return protocol.error_event("internal", f"internal error ({answer})")
+
+
+class Operations:
+    def __init__(self, loop: Loop, hub: Hub):
+        self.loop = loop
+        self.hub = hub
+        self.queue: queue.Queue = queue.Queue()
+        self.pending = 0
+
+    def start(self) -> None:
+        for i in range(OPS_THREADS):
+            threading.Thread(target=self._operate, name=f"ops-{i}", daemon=True).start()
+
+    def stop(self) -> None:
+        for _ in range(OPS_THREADS):
+            self.queue.put(None)
+
+    def offload(self, c: Client, answer: str, fn: Callable[[], dict]) -> None:
+        """Run FN on an operation thread and send C its answer (loop thread)."""
+        if self.pending >= MAX_PENDING_OPS:
+            self.hub.send(c, protocol.error_event("internal", "too many operations in progress"))
+            return
+        self.pending += 1
+        self.hub.owe(c)
+        self.queue.put((c, answer, fn))
+
+    def _operate(self) -> None:
+        while True:
+            task = self.queue.get()
+            if task is None:
+                return
+            c, answer, fn = task
+            self.loop.call_soon(self._answered, c, answer_line(answer, fn))
+
+    def _answered(self, c: Client, line: bytes) -> None:
+        self.pending -= 1
+        self.hub.send(c, line)
+        self.hub.paid(c)

@@ -1,0 +1,311 @@
+"""One Pod process: start-up, shut-down, commits, the snapshot and alerts.
+
+``Pod`` ties the parts together and owns the in-memory state, all of it on
+the loop thread: the recent entries and the snapshot built from them, the
+status, the alerts replayed to new clients and the notifications still
+being committed (by id). Commits go through the session writer
+(``yoi.session``), which appends and fsyncs in groups and reports each
+commit back through the loop; only then is the entry broadcast, so nothing
+is broadcast before it is durable, and broadcasts follow commit order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import stat
+import time
+from collections import deque
+from pathlib import Path
+
+from yoi import peers, protocol, store
+from yoi.errors import Failed, YoiError
+from yoi.server import methods
+from yoi.server.connection import Client, Hub, flush_then_close
+from yoi.server.log import log
+from yoi.server.loop import Loop
+from yoi.server.operations import Invalid, Operations
+from yoi.server.worker import HandlerWorker
+from yoi.session import Committed, Recent, SessionLog
+from yoi.state import State, make_private_dir
+from yoi.txn import read_pod_file
+
+MAX_ALERTS = 100               # alerts replayed to a new client
+FLUSH_AT_EXIT = 2.0            # seconds given to clients to read the final events
+
+
+class Pod:
+    def __init__(self, state: State, name: str, exec_cmd: str | None = None):
+        self.state = state
+        self.name = name
+        self.exec_override = exec_cmd
+        self.exec_cmd: str | None = None
+        self.cwd: str | None = None
+        self.greeting: dict = {}
+        self.status = "idle"
+        self.running = 0               # accepted runs/notifications not yet handled
+        self.alerts: deque[bytes] = deque(maxlen=MAX_ALERTS)
+        self._alerts_blob: bytes | None = None
+        self.recent = Recent()
+        self.log_end = 0               # session offset covered by ``recent``
+        self.snap: bytes | None = None
+        self.pending_ids: dict[str, list[Client]] = {}
+        self._meta_cache: dict[str, tuple] = {}  # Pod name -> (stat key, record)
+        self.socket_path: Path | None = None
+        self.loop = Loop()
+        self.session: SessionLog | None = None
+        self.hub: Hub | None = None
+        self.ops: Operations | None = None
+        self.worker = HandlerWorker(self)
+
+    # -- start-up and shut-down ------------------------------------------------
+    def serve(self, ready=None) -> int:
+        """Serve until shutdown; READY(socket_path) is called once clients can connect."""
+        doc = store.read(self.state, self.name)  # NotFound before anything else
+        runtime_fd = store.hold_runtime_lock(self.state, self.name)
+        try:
+            self._configure(doc)
+            raise_fd_limit()
+            self.session = SessionLog(self.state.session_path(self.name))
+            opened = self.session.open()
+            try:
+                self.recent = self.session.recent
+                self.log_end = self.session.size
+                for problem in opened.problems(self.session.path):
+                    self.alert("warn", problem)
+                self._serve_socket(ready)
+            finally:
+                self.session.close()
+        finally:
+            os.close(runtime_fd)  # releases the runtime lock: the last thing we do
+        log(f"Pod {self.name} stopped ({self.loop.stop_reason})")
+        return 0
+
+    def _configure(self, doc: dict) -> None:
+        runtime = doc.get("runtime") or {}
+        self.exec_cmd = self.exec_override or runtime.get("exec") or None
+        self.cwd = runtime.get("cwd") or None
+        self.greeting = {
+            "pod_name": self.name, "cwd": self.cwd or os.getcwd(),
+            "provider": "exec" if self.exec_cmd else "none", "model": self.exec_cmd or "",
+            "scope_summary": "", "tools": [], "context_window": 0, "context_tokens": 0,
+        }
+
+    def _serve_socket(self, ready) -> None:
+        self.socket_path = self.state.default_socket_path(self.name)
+        listener = bind(self.socket_path, self.state)
+        try:
+            self._record_runtime(pid=os.getpid())
+            listener.listen(512)
+            self.hub = Hub(self.loop, listener, self._on_line, self._prelude)
+            self.ops = Operations(self.loop, self.hub)
+            self.hub.start_accepting()
+            self.loop.install_signals()
+            self.worker.start()
+            self.ops.start()
+            log(f"Pod {self.name} serving on {self.socket_path} (pid {os.getpid()})")
+            if ready is not None:
+                ready(self.socket_path)
+            self.loop.run()
+            self._shutdown()
+        finally:
+            listener.close()
+            self._remove_socket()
+            try:
+                self._record_runtime(pid=None)
+            except YoiError as e:
+                log(f"could not clear the pid in the metadata: {e.message}")
+
+    def _shutdown(self) -> None:
+        self.hub.stop()                  # 1. accept and read nothing more
+        self.worker.stop()               # 2. end the handler run in progress
+        self.session.close()             # 3. finish the commits in progress ...
+        self.loop.run_calls()            #    ... and deliver their broadcasts
+        self.hub.broadcast(protocol.event("shutdown"))   # 4. tell everyone,
+        self._remove_socket()            #    remove the socket, let clients read, close
+        flush_then_close(self.hub, self.loop, FLUSH_AT_EXIT)
+        self.ops.stop()
+
+    def _record_runtime(self, pid: int | None) -> None:
+        def change(doc):
+            runtime = doc.setdefault("runtime", {})
+            runtime["socket_path"] = str(self.socket_path)
+            if pid is None:
+                runtime.pop("pid", None)
+            else:
+                runtime["pid"] = pid
+                if self.exec_override:
+                    runtime["exec"] = self.exec_override
+            return doc
+
+        store.update(self.state, self.name, change)
+
+    def _remove_socket(self) -> None:
+        if self.socket_path is None:
+            return
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log(f"could not remove {self.socket_path}: {e.strerror}")
+
+    # -- what clients get ---------------------------------------------------------
+    def _on_line(self, c: Client, line: bytes) -> None:
+        methods.handle_line(self, c, line)
+
+    def _prelude(self) -> tuple[bytes, bytes]:
+        if self._alerts_blob is None:
+            self._alerts_blob = b"".join(self.alerts)
+        return self._alerts_blob, self.snapshot()
+
+    def snapshot(self) -> bytes:
+        """The ``snapshot`` event, rebuilt only when an entry or the status changed.
+
+        Entries are the most recent committed lines (at most
+        ``protocol.SNAPSHOT_ENTRIES`` of them, and ``protocol.SNAPSHOT_BYTES``
+        bytes), spliced in as they are; ``entries`` comes last so that a
+        reader who wants only the status can stop early. ``session_offset``
+        *(ours)* is the size of the log the entries reach up to (``yoi pod
+        log --follow`` uses it).
+        """
+        if self.snap is None:
+            head = json.dumps({"greeting": self.greeting, "status": self.status,
+                               "session_offset": self.log_end},
+                              ensure_ascii=False, separators=(",", ":"))
+            self.snap = b"".join([b'{"event":"snapshot","data":', head[:-1].encode(),
+                                  b',"entries":[', b",".join(self.recent), b"]}}\n"])
+        return self.snap
+
+    def busy(self, delta: int) -> None:
+        """Count work in progress up or down; broadcast the status when it flips."""
+        self.running += delta
+        status = "running" if self.running > 0 else "idle"
+        if status != self.status:
+            self.status = status
+            self.snap = None
+            self.hub.broadcast(protocol.event("status", {"status": status}))
+
+    def alert(self, level: str, message: str) -> None:
+        """Record (for replay to later clients) and broadcast an alert. Loop thread."""
+        log(f"alert ({level}): {message}")
+        line = protocol.event("alert", {"level": level, "source": "pod", "message": message,
+                                        "timestamp_ms": int(time.time() * 1000)})
+        self.alerts.append(line)
+        self._alerts_blob = None
+        if self.hub is not None:
+            self.hub.broadcast(line)
+
+    # -- commits ------------------------------------------------------------------
+    def commit(self, c: Client | None, line: bytes, after=None, msg_id=None) -> None:
+        """Append LINE durably, then (on the loop) broadcast it and run AFTER(committed, err)."""
+        if c is not None:
+            self.hub.owe(c)
+
+        def done(res, err):
+            self.loop.call_soon(self.committed, c, line, res, err, after)
+
+        try:
+            self.session.submit(line, done, msg_id)
+        except OSError as e:
+            self.committed(c, line, None, e, after)
+
+    def committed(self, c: Client | None, line: bytes, res: Committed | None,
+                  err: OSError | None, after) -> None:
+        if err is None:
+            self.recent.append(line[:-1])
+            self.log_end = max(self.log_end, res.end)
+            self.snap = None
+            self.hub.broadcast(line)
+        else:
+            self.alert("error", f"could not commit to the session log: {err.strerror or err}")
+            if c is not None:
+                self.commit_failed(c, err)
+        if after is not None:
+            after(res, err)
+        if c is not None:
+            self.hub.paid(c)
+
+    def commit_failed(self, c: Client, err: OSError) -> None:
+        self.hub.send(c, protocol.error_event(
+            "internal", f"not committed: {err.strerror or err}; nothing was recorded"))
+
+    # -- peers ----------------------------------------------------------------------
+    def is_peer(self, other: str) -> bool:
+        """Is OTHER a peer now? Both records must hold the relation: a one-sided entry
+        (a registration interrupted between its two writes, not yet recovered) is
+        not a relation, so the receiver's check does not trust its own file alone."""
+        try:
+            return peers.is_peer(self.state, self.name, other, read=self._record)
+        except YoiError as e:  # a corrupt or unreadable record: no relation can be shown
+            raise Invalid(f"cannot check the peer relation with {other!r}: {e.message}")
+
+    def _record(self, name: str) -> dict | None:
+        """NAME's current metadata, re-read only when the file changed (None: no Pod)."""
+        path = self.state.metadata_path(name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise Failed(f"cannot read {path}: {e.strerror}")
+        key = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
+        cached = self._meta_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, read_pod_file(self.state, name).doc)
+            self._meta_cache[name] = cached
+        return cached[1]
+
+
+# -- the socket ---------------------------------------------------------------------
+
+def bind(path: Path, state: State) -> socket.socket:
+    """Bind a listening socket at PATH, 0600, in a private directory of ours.
+
+    The caller holds the runtime lock, so a socket file already at PATH is a
+    leftover of a dead Pod; anything else there is refused, never removed.
+    """
+    prepare_socket_dir(path.parent, state)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not (stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            raise Failed(f"{path} exists and is not a socket; refusing to remove it")
+        os.unlink(path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        s.bind(os.fspath(path))
+    except OSError as e:
+        s.close()
+        raise Failed(f"cannot bind {path}: {e.strerror or e}")
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return s
+
+
+def prepare_socket_dir(path: Path, state: State) -> None:
+    """Create the socket's directory 0700 and make sure it is ours and private."""
+    make_private_dir(path)
+    dirs = [path] if path.parent == state.root else [path, path.parent]
+    for d in dirs:
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise Failed(f"socket directory {d} is not a directory owned by this user")
+        if d == path and st.st_mode & 0o077:
+            os.chmod(d, 0o700)
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
