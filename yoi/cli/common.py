@@ -1,8 +1,19 @@
 """Shared CLI machinery: lazy groups, shared options, output and error rendering.
 
 This package is the only place that knows Click. Commands parse, call the
-library, render; every ``YoiError`` becomes ``yoi: error: ...`` on stderr (and
-``{"ok": false, ...}`` on stdout with ``--json``) and its own exit code.
+library, render. Errors leave by one path: every ``YoiError`` -- raised by
+the library, by a parameter type, or by a command that reports a failure --
+becomes ``yoi: error: ...`` on stderr (and ``{"ok": false, ..., "error":
+{...}}`` on stdout with ``--json``) and its own exit code, in
+``report_error``; Click's own usage errors are rendered the same way.
+
+Imports: every ``yoi`` run pays for what it imports, and ``import click``
+already dominates start-up, so command groups are loaded lazily (only the
+command that runs is imported) and a command imports the library modules it
+needs inside its function. Library modules themselves import at the top,
+unless a measurement shows a path that must avoid one (see
+``tests/test_cli_help.py``, which pins what ``yoi --version`` and ``yoi pod
+send`` import).
 """
 
 from __future__ import annotations
@@ -12,17 +23,20 @@ import importlib
 
 import click
 
+from yoi import timeouts
 from yoi.errors import StorageError, UsageError, YoiError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def report_error(err: YoiError, as_json: bool) -> None:
+    """The one way an error leaves: a line on stderr, a failure document with --json."""
     message = " ".join(str(err.message).split("\n"))
     click.echo(f"yoi: error: {message}", err=True)
     if as_json:
         import json  # only --json pays for it
-        click.echo(json.dumps({"ok": False, "error": err.to_json()}))
+        click.echo(json.dumps({"ok": False, **(err.data or {}), "error": err.to_json()},
+                              default=str))
 
 
 class HouseUsageErrors:
@@ -38,6 +52,9 @@ class HouseUsageErrors:
             raise
         except click.UsageError as e:
             _usage_exit(ctx, e, given)
+        except YoiError as e:  # a parameter type's check (a Pod name, $YOI_LOCK_TIMEOUT)
+            report_error(e, "--json" in given)
+            ctx.exit(e.exit_code)
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         given = list(args)
@@ -121,24 +138,30 @@ json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON document on stdout (also on failure).")
 
 
-class Seconds(click.FloatRange):
-    """A duration: not NaN, at most a week (sockets and poll() cannot wait longer);
-    zero allowed only where it means "do not wait" (a lock timeout), not where
-    it would mean "fail at once" (a timeout for a Pod's answer)."""
+class Seconds(click.ParamType):
+    """A duration in seconds, checked by ``yoi.timeouts.parse`` (one rule for flags
+    and for $YOI_LOCK_TIMEOUT); ZERO_OK where 0 means "do not wait"."""
 
     name = "seconds"
 
     def __init__(self, zero_ok: bool = False):
-        super().__init__(min=0, max=7 * 86400, min_open=not zero_ok)
+        self.zero_ok = zero_ok
 
     def convert(self, value, param, ctx):
-        rv = super().convert(value, param, ctx)
-        if rv != rv:  # FloatRange lets NaN through; a wait on it would never end
-            self.fail(f"{value!r} is not a number of seconds", param, ctx)
-        return rv
+        if isinstance(value, float):
+            return value
+        try:
+            return timeouts.parse(value, "", self.zero_ok)
+        except UsageError as e:
+            self.fail(e.message, param, ctx)
 
 
 SECONDS = Seconds()
+
+
+def timeout_option(default: float = timeouts.DEFAULT, help: str = "How long to wait."):
+    return click.option("--timeout", type=SECONDS, default=default, show_default=True,
+                        metavar="SECONDS", help=help)
 
 
 def state_options(f):
@@ -149,7 +172,7 @@ def state_options(f):
     @click.option("--lock-timeout", type=Seconds(zero_ok=True), default=None,
                   metavar="SECONDS",
                   help="Wait this long for a Pod's lock before failing with exit 6 "
-                       "(default: $YOI_LOCK_TIMEOUT, else 10).")
+                       f"(default: $YOI_LOCK_TIMEOUT, else {timeouts.DEFAULT:g}).")
     @functools.wraps(f)
     def wrapper(*args, state_dir, lock_timeout, **kwargs):
         from yoi.state import State
@@ -170,9 +193,20 @@ def _complete_pod_names(ctx, param, incomplete):
 
 
 class PodNameType(click.ParamType):
-    """A Pod name; validated by the library (exit 2), completed from the state dir."""
+    """A Pod name, checked once here by ``yoi.names.check_name`` (exit 2 with the
+    library's message), completed from the state directory."""
 
     name = "NAME"
+
+    def __init__(self, what: str = "Pod name", empty_ok: bool = False):
+        self.what = what
+        self.empty_ok = empty_ok  # '' passes: an option that means "none" when empty
+
+    def convert(self, value, param, ctx):
+        from yoi.names import check_name
+        if value == "" and self.empty_ok:
+            return value
+        return check_name(value, self.what)
 
     def shell_complete(self, ctx, param, incomplete):
         from click.shell_completion import CompletionItem
@@ -182,12 +216,6 @@ class PodNameType(click.ParamType):
 POD = PodNameType()
 
 
-def pod_argument(name: str = "name", **kwargs):
-    return click.argument(name, type=POD, metavar=kwargs.pop("metavar", name.upper()), **kwargs)
-
-
-def check_names(*names: str) -> None:
-    """Validate names before anything is touched (exit 2, nothing written)."""
-    from yoi.names import check_name
-    for n in names:
-        check_name(n)
+def pod_argument(name: str = "name", what: str = "Pod name", **kwargs):
+    metavar = kwargs.pop("metavar", name.upper())
+    return click.argument(name, type=PodNameType(what), metavar=metavar, **kwargs)

@@ -104,12 +104,12 @@ def doctor(fix, codes, list_checks, as_json, state):
     finally:
         if progress is not None:
             progress.clear()
-    if as_json:
-        import json
-        click.echo(json.dumps(report.to_json()))
-    else:
-        for p in report.problems:
-            click.echo(_line(p, fix))
-        click.echo(_summary(report, fix))
-    if not report.ok:
-        sys.exit(1)
+    summary = _summary(report, fix)
+    text = "\n".join([*(_line(p, fix) for p in report.problems), summary])
+    if report.ok:
+        emit(as_json, report.to_json(), text)
+        return
+    if not as_json:
+        click.echo(text)
+    from yoi.errors import Failed
+    raise Failed(summary, data=report.to_json())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from yoi.cli.common import LazyGroup, check_names, emit, json_option, pod_argument, state_options
+from yoi.cli.common import LazyGroup, emit, json_option, pod_argument, state_options
 
 
 @click.group(cls=LazyGroup)
@@ -28,7 +28,6 @@ def _run_pair(operation: str, source: str, target: str, as_json: bool, state,
               changed: str, unchanged: str) -> None:
     """Call ``yoi.peers.OPERATION`` on the pair and report it."""
     from yoi import peers
-    check_names(source, target)
     result = getattr(peers, operation)(state, source, target)
     data = {"source": result["source"], "peer": result["peer"], "changed": result["changed"]}
     emit(as_json, data, f"{changed if data['changed'] else unchanged} {source} <-> {target}")
@@ -89,7 +88,6 @@ def list_command(name, as_json, state):
     """
     from yoi import peers
     from yoi.metadata import to_jsonable
-    check_names(name)
     items = to_jsonable(peers.list_peers(state, name))
     if as_json:
         emit(True, {"pod": name, "peers": items})

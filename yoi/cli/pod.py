@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from yoi.cli.common import (POD, LazyGroup, check_names, emit, json_option, pod_argument,
-                            say, state_options)
+from yoi.cli.common import POD, LazyGroup, emit, json_option, pod_argument, say, state_options
 
 POD_SUBCOMMANDS: dict[str, str] = {
     "peer": "yoi.cli.peer:peer",
@@ -76,7 +75,6 @@ def create_command(name, exec_cmd, cwd, no_accept_peers, exist_ok, as_json, stat
       yoi pod create coder --exec 'my-agent --stdin' --cwd ~/project
     """
     from yoi import store
-    check_names(name)
     doc, created = store.create(state, name, exec_cmd=exec_cmd, cwd=cwd,
                                 accept_peers=not no_accept_peers, exist_ok=exist_ok)
     if not created and not as_json:
@@ -103,7 +101,6 @@ def config_command(name, exec_cmd, no_exec, accept_peers, cwd, as_json, state):
     """
     from yoi import store
     from yoi.errors import UsageError
-    check_names(name)
     if exec_cmd is not None and no_exec:
         raise UsageError("--exec and --no-exec are mutually exclusive")
     kwargs = {}
@@ -143,17 +140,8 @@ def list_command(as_name, as_json, state):
     if as_name is not None:
         _list_visible(as_name, as_json, state)
         return
-    from yoi import store
-    from yoi.discovery import probe_many, socket_path_of
-    from yoi.metadata import peer_names
-    listed = store.list_all(state)
-    probes = probe_many([socket_path_of(state, p.name, p.doc) for p in listed])
-    items = []
-    for p, live in zip(listed, probes):
-        items.append({"pod_name": p.name, "state": p.state,
-                      "peers": len(peer_names(p.doc)) if p.doc else None,
-                      "live": live,
-                      "error": p.error.message if p.error else None})
+    from yoi.discovery import list_pods
+    items = list_pods(state)
     if as_json:
         emit(True, {"pods": items})
         return
@@ -171,7 +159,6 @@ def list_command(as_name, as_json, state):
 
 def _list_visible(name: str, as_json: bool, state) -> None:
     from yoi.discovery import visible
-    check_names(name)
     items = visible(state, name)
     if as_json:
         emit(True, {"as": name, "pods": items})
@@ -200,11 +187,8 @@ def show_command(name, as_json, state):
       yoi pod show reviewer
       yoi pod show reviewer --json
     """
-    from yoi import store
-    from yoi.discovery import probe, socket_path_of
-    check_names(name)
-    doc = store.read(state, name)
-    live = probe(socket_path_of(state, name, doc))
+    from yoi.discovery import show
+    doc, live = show(state, name)
     emit(as_json, {"pod": _record_json(name, doc, live)}, _record_text(name, doc, live))
 
 
@@ -222,6 +206,5 @@ def rm_command(name, as_json, state):
       yoi pod rm old-reviewer
     """
     from yoi import store
-    check_names(name)
     result = store.remove(state, name)
     emit(as_json, result, f"removed {name}")

@@ -6,13 +6,8 @@ import json
 
 import click
 
-from yoi.cli.common import (SECONDS, YoiCommand, check_names, emit, json_option,
-                            pod_argument, say, state_options)
-
-
-timeout_option = click.option(
-    "--timeout", type=SECONDS, default=10.0, show_default=True,
-    metavar="SECONDS", help="How long to wait for the Pod.")
+from yoi.cli.common import (YoiCommand, emit, json_option, pod_argument, say, state_options,
+                            timeout_option)
 
 
 @click.command("start", cls=YoiCommand)
@@ -22,7 +17,7 @@ timeout_option = click.option(
 @click.option("--foreground", is_flag=True,
               help="Serve in this process until SIGTERM/SIGINT or `shutdown` "
                    "(for supervisors such as systemd).")
-@timeout_option
+@timeout_option(help="How long to wait for the Pod.")
 @json_option
 @state_options
 def start_command(name, exec_cmd, foreground, timeout, as_json, state):
@@ -38,14 +33,14 @@ def start_command(name, exec_cmd, foreground, timeout, as_json, state):
       yoi pod start coder --exec 'my-agent --stdin'
       yoi pod start reviewer --foreground     # e.g. ExecStart= of a systemd unit
     """
-    check_names(name)
     if foreground:
         from yoi import server
 
         def ready(path):
             emit(as_json, {"pod_name": name, "socket_path": str(path)}, str(path))
 
-        raise SystemExit(server.serve(state, name, exec_cmd, ready=ready))
+        server.serve(state, name, exec_cmd, ready=ready)
+        return
     from yoi import control
     res = control.start(state, name, exec_cmd=exec_cmd, timeout=timeout)
     emit(as_json, res, res["socket_path"])
@@ -53,7 +48,7 @@ def start_command(name, exec_cmd, foreground, timeout, as_json, state):
 
 @click.command("stop", cls=YoiCommand)
 @pod_argument()
-@timeout_option
+@timeout_option(help="How long to wait for the Pod.")
 @click.option("--force", is_flag=True,
               help="If it does not stop in time, SIGTERM then SIGKILL the process "
                    "holding its runtime lock.")
@@ -71,14 +66,13 @@ def stop_command(name, timeout, force, as_json, state):
       yoi pod stop reviewer --timeout 3 --force
     """
     from yoi import control
-    check_names(name)
     res = control.stop(state, name, timeout=timeout, force=force)
     emit(as_json, res, res["message"] if res["stopped"] else f"{name}: not running")
 
 
 @click.command("restore", cls=YoiCommand)
 @pod_argument()
-@timeout_option
+@timeout_option(help="How long to wait for the Pod.")
 @json_option
 @state_options
 def restore_command(name, timeout, as_json, state):
@@ -89,15 +83,13 @@ def restore_command(name, timeout, as_json, state):
       yoi pod restore reviewer
     """
     from yoi import control
-    check_names(name)
     res = control.restore(state, name, timeout=timeout)
     emit(as_json, res, f"{name}: already live" if not res["restored"] else res["socket_path"])
 
 
 @click.command("status", cls=YoiCommand)
 @pod_argument()
-@click.option("--timeout", type=SECONDS, default=5.0, show_default=True,
-              metavar="SECONDS", help="How long to wait for the Pod's answer.")
+@timeout_option(5.0, help="How long to wait for the Pod's answer.")
 @json_option
 @state_options
 def status_command(name, timeout, as_json, state):
@@ -112,7 +104,6 @@ def status_command(name, timeout, as_json, state):
       yoi pod status reviewer --json | jq .status
     """
     from yoi import control
-    check_names(name)
     st = control.probe_status(state, name, timeout)
     if st["live"]:
         emit(as_json, st, f"{name}: live, {st['status']}, pid {st['pid']}, "
@@ -120,13 +111,9 @@ def status_command(name, timeout, as_json, state):
         return
     from yoi.errors import Unreachable
     why = "not running" if not st["running"] else f"running but not answering ({st['error']})"
-    err = Unreachable(f"Pod {name!r} is not live: {why}", pod=name)
-    if as_json:
-        click.echo(json.dumps({"ok": False, **st, "error": err.to_json()}))
-    else:
+    if not as_json:
         click.echo(f"{name}: {why}")
-    say(f"yoi: error: {err.message}")
-    raise SystemExit(err.exit_code)
+    raise Unreachable(f"Pod {name!r} is not live: {why}", data=st, pod=name)
 
 
 @click.command("log", cls=YoiCommand)
@@ -135,7 +122,7 @@ def status_command(name, timeout, as_json, state):
               help="Only the last N entries (default: all).")
 @click.option("--follow", "-f", is_flag=True,
               help="Then stream live events from the Pod's socket until interrupted.")
-@timeout_option
+@timeout_option(help="How long to wait for the Pod.")
 @json_option
 @state_options
 def log_command(name, count, follow, timeout, as_json, state):
@@ -151,51 +138,26 @@ def log_command(name, count, follow, timeout, as_json, state):
       yoi pod log reviewer --follow
       yoi pod log reviewer --json | jq -r '.data.item.body? // empty'
     """
-    from yoi import session, store
-    check_names(name)
-    doc = store.read(state, name)
-    path = state.session_path(name)
-    conn = None
-    end = None
-    if follow:
-        from yoi.client import Connection
-        from yoi.discovery import socket_path_of
-        conn = Connection.open(socket_path_of(state, name, doc), timeout, keep_snapshot=True)
-        end = (conn.snapshot or {}).get("session_offset")
-        if not isinstance(end, int):
-            end = None
-    try:
-        skipped = 0
-        for raw, obj in session.entries(path, count, end):
-            if obj is None:
-                skipped += 1
-                continue
+    from yoi import history
+    skipped, in_file = 0, True
+    for raw, obj in history.entries(state, name, count, follow, timeout):
+        if raw is None and in_file:  # the first live event: the log file is done
+            in_file = False
+            _note_skipped(state.session_path(name), skipped)
+        if obj is None:
+            skipped += 1
+        elif raw is not None:
             click.echo(raw.decode("utf-8") if as_json else render(obj))
-        if skipped:
-            say(f"yoi: note: skipped {skipped} line(s) of {path} that are not entries")
-        if conn is not None:
-            _follow(conn, as_json)
-    finally:
-        if conn is not None:
-            conn.close()
+        else:
+            click.echo(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) if as_json
+                       else render(obj))
+    if in_file:
+        _note_skipped(state.session_path(name), skipped)
 
 
-def _follow(conn, as_json: bool) -> None:
-    import time
-    from yoi.client import Closed
-    from yoi.errors import Unreachable
-    while True:
-        try:
-            name, data = conn.read_event(time.monotonic() + 3600, what="an event")
-        except Unreachable:
-            continue  # an hour without events: keep waiting
-        except Closed:
-            raise Unreachable("the Pod closed the connection")
-        obj = {"event": name, **({"data": data} if data else {})}
-        click.echo(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) if as_json
-                   else render(obj))
-        if name == "shutdown":
-            return
+def _note_skipped(path, skipped: int) -> None:
+    if skipped:
+        say(f"yoi: note: skipped {skipped} line(s) of {path} that are not entries")
 
 
 def _one_line(text) -> str:

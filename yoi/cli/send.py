@@ -7,24 +7,24 @@ import sys
 
 import click
 
-from yoi.cli.common import POD, SECONDS, YoiCommand, emit, json_option, state_options
+from yoi.cli.common import (PodNameType, YoiCommand, emit, json_option, state_options,
+                            timeout_option)
 
 
 @click.command("send", cls=YoiCommand)
 @click.option("--from", "source", metavar="SOURCE", default=None,
+              type=PodNameType("source Pod name", empty_ok=True),
               help="Send as a peer message from this Pod (default: $YOI_POD if set; "
                    "--from '' sends an operator notification).")
 @click.option("--id", "msg_id", metavar="ID",
               help="Message id (default: a fresh random one); retrying with the same id "
                    "delivers at most once. With --lines: the prefix of ID-N, N the line number.")
-@click.option("--timeout", type=SECONDS, default=10.0,
-              show_default=True, metavar="SECONDS",
-              help="Bound on every step: connect, prelude, write, acknowledgement.")
+@timeout_option(help="Bound on every step: connect, prelude, write, acknowledgement.")
 @click.option("--no-wait", is_flag=True,
               help="Return after the write without waiting for the acknowledgement.")
 @click.option("--lines", is_flag=True,
               help="Send every line of stdin as one message over one connection.")
-@click.argument("target", type=POD, metavar="TARGET")
+@click.argument("target", type=PodNameType("target Pod name"), metavar="TARGET")
 @click.argument("message", required=False, metavar="MESSAGE")
 @json_option
 @state_options
@@ -36,9 +36,9 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
     running (exit 5; it is never started for you). Without a source it is an
     operator notification, accepted by any running Pod.
 
-    Inside a Pod's handler, $YOI_POD and $YOI_STATE_DIR (set by the Pod) are
-    the defaults for --from and --state-dir, so a handler replies with just
-    `yoi pod send "$YOI_FROM" TEXT`.
+    Inside a Pod's handler, $YOI_POD and $YOI_HOME (set by the Pod) are the
+    defaults for --from and the state directory, so a handler replies with
+    just `yoi pod send "$YOI_FROM" TEXT`.
 
     MESSAGE `-` reads the message from stdin (without its trailing newline).
     Success means the Pod wrote the message to its session log and
@@ -70,12 +70,6 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
         source = os.environ.get("YOI_POD") or None
     elif source == "":
         source = None
-    handler_state = os.environ.get("YOI_STATE_DIR")
-    if handler_state and click.get_current_context().params.get("state_dir") is None:
-        # Inside a handler: the Pod's own state directory, even if it was
-        # started with --state-dir and $YOI_HOME points elsewhere.
-        from yoi.state import State
-        state = State.resolve(handler_state, state.lock_timeout)
     if lines:
         if message not in (None, "-"):
             raise UsageError("--lines reads the messages from stdin: give - or no MESSAGE")
