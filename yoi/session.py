@@ -34,13 +34,14 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from yoi import protocol
-from yoi.atomic import write_all
+from yoi.atomic import fsync_dir, write_all
 from yoi.faults import fault
 
 READ_CHUNK = 1 << 20
@@ -395,3 +396,90 @@ class SessionLog:
             if fd is not None:
                 os.close(fd)
         self._fd = self._rfd = None
+
+
+# -- a torn last line (``yoi doctor``) ---------------------------------------------
+
+TORN_MARK = ".torn-"
+
+
+def torn_tail(path: Path | str) -> tuple[int, int, str] | None:
+    """Find a torn last line of a JSON Lines log: (good_end, size, why) or None.
+
+    ``good_end`` is the offset just past the last good line. Reads only the
+    tail of the file, backwards, until the last line is whole.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return None
+        chunk = 8192
+        pos = max(0, size - chunk)
+        buf = os.pread(fd, size - pos, pos)
+        complete = buf.endswith(b"\n")
+        body_end = len(buf) - 1 if complete else len(buf)
+        while True:
+            start = buf.rfind(b"\n", 0, body_end)
+            if start >= 0 or pos == 0:
+                break
+            step = min(pos, chunk * 8)
+            buf = os.pread(fd, step, pos - step) + buf
+            body_end += step
+            pos -= step
+    finally:
+        os.close(fd)
+    good_end = pos + start + 1
+    if not complete:
+        return good_end, size, f"no newline at the end ({size - good_end} bytes)"
+    line = buf[start + 1:body_end]
+    if not line.strip():
+        return None  # blank lines are ignored by readers
+    try:
+        json.loads(line)
+    except ValueError:
+        return good_end, size, f"not valid JSON ({size - good_end} bytes)"
+    return None
+
+
+def set_aside_torn_tail(path: Path) -> Path | None:
+    """Move a torn last line of PATH into PATH.torn-TIME (fsynced) and cut it off.
+
+    Only with the Pod stopped (the caller holds its runtime lock). Returns the
+    file the bytes went to, or None if the tail is whole.
+    """
+    torn = torn_tail(path)
+    if torn is None:
+        return None
+    good_end, size, _ = torn
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        tail = os.pread(fd, size - good_end, good_end)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        backup = _create_exclusive(path.with_name(f"{path.name}{TORN_MARK}{stamp}"), tail)
+        os.ftruncate(fd, good_end)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(backup.parent)
+    return backup
+
+
+def _create_exclusive(path: Path, data: bytes) -> Path:
+    """Write DATA to a new file PATH (or PATH-2, PATH-3 ...), fsynced; return it."""
+    n = 1
+    candidate = path
+    while True:
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            break
+        except FileExistsError:
+            n += 1
+            candidate = path.with_name(f"{path.name}-{n}")
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return candidate
