@@ -143,6 +143,29 @@ def test_version_imports_nothing_it_does_not_use(click_itself, tmp_path):
     assert not [m for m in mods if m.startswith(("yoi.runtime", "yoi.server", "yoi.client"))]
 
 
+# What the two commands CI runs most import, pinned: a new import on these paths
+# must be a decision (measure it with `python -X importtime`), not an accident.
+VERSION_MODULES = {"yoi", "yoi.cli", "yoi.cli.common", "yoi.errors", "yoi.timeouts"}
+SEND_MODULES = VERSION_MODULES | {
+    "yoi.cli.pod", "yoi.cli.send", "yoi.delivery", "yoi.client", "yoi.protocol",
+    "yoi.state", "yoi.names", "yoi.txn", "yoi.metadata", "yoi.atomic", "yoi.lock",
+    "yoi.faults"}
+
+
+def test_version_and_send_import_exactly_the_pinned_modules(click_itself, state, tmp_path):
+    from yoi import store
+    store.create(state, "B")
+    mods = imported(tmp_path, run_yoi_with("--version"))
+    assert {m for m in mods if m.split(".")[0] == "yoi"} == VERSION_MODULES
+    mods = imported(tmp_path, f"import os\nos.environ['YOI_HOME'] = {str(state.root)!r}\n"
+                              "try:\n    " + run_yoi_with("pod", "send", "B", "hi")
+                    .replace("\n", "\n    ") + "\nexcept SystemExit:\n    pass")
+    assert {m for m in mods if m.split(".")[0] == "yoi"} == SEND_MODULES
+    # and from the standard library only what a one-shot exchange needs
+    assert (mods - click_itself) & {"threading", "socket", "selectors", "subprocess",
+                                    "tomli_w", "shutil", "dataclasses", "tempfile"} == set()
+
+
 def test_pod_list_does_not_import_the_runtime_or_writers(click_itself, state, tmp_path):
     from yoi import store
     store.create(state, "a")

@@ -83,11 +83,15 @@ def test_peer_message_carries_source_and_yoi_pod_is_the_default(cli, fake, state
 
 
 def test_inside_a_handler_the_pods_state_dir_is_the_default(cli, fake, state, tmp_path):
+    """A Pod sets $YOI_HOME (and $YOI_STATE_DIR, for information) for its handler:
+    $YOI_STATE_DIR alone decides nothing, so every command agrees on the directory."""
     store.create(state, "A")
     pod = fake(fake_pods.good)
     peers.register(state, "A", "B")
-    env = {"YOI_POD": "A", "YOI_STATE_DIR": str(state.root),
-           "YOI_HOME": str(tmp_path / "elsewhere")}
+    r = cli("pod", "send", "B", "x", env={"YOI_POD": "A", "YOI_STATE_DIR": str(state.root),
+                                          "YOI_HOME": str(tmp_path / "elsewhere")})
+    assert r.exit_code == 3, r  # no Pod A in $YOI_HOME, whatever $YOI_STATE_DIR says
+    env = {"YOI_POD": "A", "YOI_HOME": str(state.root)}
     r = cli("pod", "send", "--id", "h-1", "B", "reply", env=env)
     assert r.exit_code == 0, r
     assert pod.methods == [("notify", {"message": "reply", "id": "h-1", "source": "A"})]

@@ -13,10 +13,13 @@ class YoiError(Exception):
     exit_code = 1
     code = "failed"
 
-    def __init__(self, message: str, **details):
+    def __init__(self, message: str, *, data: dict | None = None, **details):
+        """DETAILS go into the error object; DATA (a command's report, e.g. the
+        status it found) into the top level of the ``--json`` failure document."""
         super().__init__(message)
         self.message = message
         self.details = details
+        self.data = data
 
     def to_json(self) -> dict:
         err = {"code": self.code, "message": self.message, "exit_code": self.exit_code}
