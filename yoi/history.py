@@ -1,10 +1,9 @@
 """A Pod's history as a reader sees it: its session log, then what it commits live.
 
-``entries`` reads the log file (no lock: the log is append-only) and, with
-``follow``, goes on with the events the live Pod broadcasts. It connects
-*before* reading the file and reads the file only up to the offset the
-Pod's snapshot names, so nothing committed in between is missed or shown
-twice.
+``Log(state, name, follow=...)`` checks that the Pod exists and, to follow
+it, connects *before* the log file is read: the file is then read only up to
+the offset the Pod's snapshot names, and everything after comes over the
+socket, so nothing committed in between is missed or shown twice.
 """
 
 from __future__ import annotations
@@ -21,36 +20,50 @@ from yoi.timeouts import DEFAULT
 IDLE_WAIT = 3600.0  # seconds one read of a followed socket waits before waiting again
 
 
-def entries(state: State, name: str, count: int | None = None, follow: bool = False,
-            timeout: float = DEFAULT) -> Iterator[tuple[bytes | None, dict | None]]:
-    """NAME's last COUNT entries (all if None) as ``(line, entry)``; ``entry`` is None
-    for a line that is not an entry (a torn line). With FOLLOW, then the live
-    events as ``(None, event)``, until the Pod shuts down (Unreachable if it
-    goes away without saying so)."""
-    doc = store.read(state, name)
-    conn = end = None
-    if follow:
-        conn = Connection.open(state.socket_path(name, doc), timeout, keep_snapshot=True)
-        end = (conn.snapshot or {}).get("session_offset")
-        if not isinstance(end, int):
-            end = None
-    try:
-        yield from session.entries(state.session_path(name), count, end)
-        if conn is not None:
-            yield from _live(conn)
-    finally:
-        if conn is not None:
-            conn.close()
+class Log:
+    def __init__(self, state: State, name: str, follow: bool = False,
+                 timeout: float = DEFAULT):
+        doc = store.read(state, name)
+        self.path = state.session_path(name)
+        self.conn: Connection | None = None
+        self.end: int | None = None
+        if follow:
+            self.conn = Connection.open(state.socket_path(name, doc), timeout,
+                                        keep_snapshot=True)
+            end = (self.conn.snapshot or {}).get("session_offset")
+            self.end = end if isinstance(end, int) else None
 
+    def entries(self, count: int | None = None,
+                after: int | None = None) -> Iterator[tuple[bytes, dict | None]]:
+        """The last COUNT entries (all if None) as ``(line, entry)``, only those after
+        seq AFTER if given; ``entry`` is None for a line that is not an entry."""
+        return session.entries(self.path, count, self.end, after)
 
-def _live(conn: Connection) -> Iterator[tuple[None, dict]]:
-    while True:
-        try:
-            name, data = conn.read_event(time.monotonic() + IDLE_WAIT, what="an event")
-        except TimedOut:
-            continue  # a long quiet spell: keep waiting
-        except Closed:
-            raise Unreachable("the Pod closed the connection")
-        yield None, {"event": name, **({"data": data} if data else {})}
-        if name == "shutdown":
-            return
+    def live(self) -> Iterator[dict]:
+        """What the followed Pod broadcasts: each entry it commits (an entry dict, as
+        in the log) and its other events (``{"event": ..., "data": ...}``: status,
+        alert, shutdown), until it shuts down (Unreachable if it goes away without
+        saying so)."""
+        while self.conn is not None:
+            try:
+                name, data = self.conn.read_event(time.monotonic() + IDLE_WAIT, what="an event")
+            except TimedOut:
+                continue  # a long quiet spell: keep waiting
+            except Closed:
+                raise Unreachable("the Pod closed the connection")
+            if isinstance(data.get("seq"), int) and data.get("kind") == name:
+                yield data  # a committed entry
+            else:
+                yield {"event": name, **({"data": data} if data else {})}
+            if name == "shutdown":
+                return
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    def __enter__(self) -> "Log":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

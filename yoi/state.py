@@ -77,6 +77,10 @@ class State:
     def session_path(self, name: str) -> Path:
         return self.pod_dir(name) / "session.jsonl"
 
+    def session_index_path(self, name: str) -> Path:
+        """The id index of the session log (a cache of it; see yoi.session.index)."""
+        return self.pod_dir(name) / "session.index"
+
     def runtime_lock_path(self, name: str) -> Path:
         return self.pod_dir(name) / "runtime.lock"
 
@@ -105,6 +109,7 @@ class State:
         return Path(hint) if hint else self.default_socket_path(name)
 
     def short_run_dir(self) -> Path:
+        # measured: tempfile costs ~5 ms, and `yoi pod send` needs neither module
         import hashlib
         import tempfile
         digest = hashlib.sha256(os.fsencode(str(self.root))).hexdigest()[:16]

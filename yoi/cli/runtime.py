@@ -120,44 +120,43 @@ def status_command(name, timeout, as_json, state):
 @pod_argument()
 @click.option("-n", "--lines", "count", type=click.IntRange(min=0), default=None, metavar="N",
               help="Only the last N entries (default: all).")
+@click.option("--after", type=click.IntRange(min=0), default=None, metavar="SEQ",
+              help="Only entries with a sequence number above SEQ.")
 @click.option("--follow", "-f", is_flag=True,
               help="Then stream live events from the Pod's socket until interrupted.")
 @timeout_option(help="How long to wait for the Pod.")
 @json_option
 @state_options
-def log_command(name, count, follow, timeout, as_json, state):
-    """Print a Pod's session log, one line per entry.
+def log_command(name, count, after, follow, timeout, as_json, state):
+    """Print a Pod's session log, one line per entry: `#SEQ TIME what`.
 
-    With --json, one JSON object per line: the entries exactly as stored (and,
-    with --follow, the live events as received, compact). Lines that are not entries
-    (e.g. a torn line left by a crash) are skipped with a note on stderr.
+    Every entry has a sequence number, strictly increasing and never reused;
+    --after SEQ prints only the entries after it (found without reading the
+    whole log). With --json, one JSON object per line: the entries exactly as
+    stored (and, with --follow, each entry committed live, then the Pod's
+    other events as received). Lines that are not entries (e.g. damaged ones)
+    are skipped with a note on stderr.
 
     \b
     Examples:
       yoi pod log reviewer -n 20
+      yoi pod log reviewer --after 120 --json
       yoi pod log reviewer --follow
-      yoi pod log reviewer --json | jq -r '.data.item.body? // empty'
+      yoi pod log reviewer --json | jq -r '.item.body? // empty'
     """
     from yoi import history
-    skipped, in_file = 0, True
-    for raw, obj in history.entries(state, name, count, follow, timeout):
-        if raw is None and in_file:  # the first live event: the log file is done
-            in_file = False
-            _note_skipped(state.session_path(name), skipped)
-        if obj is None:
-            skipped += 1
-        elif raw is not None:
-            click.echo(raw.decode("utf-8") if as_json else render(obj))
-        else:
+    with history.Log(state, name, follow, timeout) as log:
+        skipped = 0
+        for raw, entry in log.entries(count, after):
+            if entry is None:
+                skipped += 1
+            else:
+                click.echo(raw.decode("utf-8") if as_json else render(entry))
+        if skipped:
+            say(f"yoi: note: skipped {skipped} line(s) of {log.path} that are not entries")
+        for obj in log.live():
             click.echo(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) if as_json
                        else render(obj))
-    if in_file:
-        _note_skipped(state.session_path(name), skipped)
-
-
-def _note_skipped(path, skipped: int) -> None:
-    if skipped:
-        say(f"yoi: note: skipped {skipped} line(s) of {path} that are not entries")
 
 
 def _one_line(text) -> str:
@@ -165,23 +164,34 @@ def _one_line(text) -> str:
 
 
 def render(obj: dict) -> str:
-    """One readable line for a log entry or event."""
-    name = obj.get("event")
-    data = obj.get("data") or {}
-    if name == "system_item":
-        item = data.get("item") or {}
+    """One readable line for a log entry (``#SEQ AT what``) or another event."""
+    if "event" in obj:
+        return _render_event(obj["event"], obj.get("data") or {})
+    seq = f"#{obj['seq']} " if isinstance(obj.get("seq"), int) else ""
+    at = f"{obj['at']} " if isinstance(obj.get("at"), str) else ""
+    return f"{seq}{at}{_render_entry(obj)}"
+
+
+def _render_entry(entry: dict) -> str:
+    kind = entry.get("kind")
+    if kind == "system_item":
+        item = entry.get("item") or {}
         who = f"from {item['source']}" if item.get("source") else "from operator"
         ident = f" [{item['id']}]" if item.get("id") else ""
-        at = f"{item['at']} " if item.get("at") else ""
-        return f"{at}{item.get('kind', 'item')} {who}{ident}: {_one_line(item.get('message', ''))}"
-    if name == "user_message":
-        text = "".join(s.get("content", "") for s in data.get("segments", [])
+        return f"{item.get('kind', 'item')} {who}{ident}: {_one_line(item.get('message', ''))}"
+    if kind == "user_message":
+        text = "".join(s.get("content", "") for s in entry.get("segments", [])
                        if isinstance(s, dict))
         return f"user: {_one_line(text)}"
-    if name == "text_done":
-        return f"text: {_one_line(str(data.get('text', '')).rstrip(chr(10)))}"
-    if name == "run_end":
-        return f"run_end: {data.get('result')}"
+    if kind == "text_done":
+        return f"text: {_one_line(str(entry.get('text', '')).rstrip(chr(10)))}"
+    if kind == "run_end":
+        return f"run_end: {entry.get('result')}"
+    rest = {k: v for k, v in entry.items() if k not in ("seq", "kind", "ts", "at")}
+    return f"{kind}: {json.dumps(rest, ensure_ascii=False)}"
+
+
+def _render_event(name: str, data: dict) -> str:
     if name == "status":
         return f"status: {data.get('status')}"
     if name == "alert":

@@ -309,9 +309,9 @@ class Hub:
             self.loop.modify(c.sock, events, lambda m, c=c: self._on_client(c, m))
         c.events = events
 
-    def owe(self, c: Client, n: int = 1) -> None:
-        """C is owed N more answers (a commit, an operation): it stays open for them."""
-        c.pending += n
+    def owe(self, c: Client) -> None:
+        """C is owed one more answer (a commit, an operation): it stays open for it."""
+        c.pending += 1
 
     def paid(self, c: Client) -> None:
         """One answer owed to C was sent (or cannot be); close C if it is done."""

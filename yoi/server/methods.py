@@ -16,6 +16,7 @@ from yoi import control, discovery, peers, protocol
 from yoi.names import is_valid_name
 from yoi.server.connection import Client
 from yoi.server.log import log, now_iso
+from yoi.session import Entry, event_of
 from yoi.server.operations import Invalid
 from yoi.server.worker import Job
 
@@ -64,28 +65,28 @@ def notify(pod, c: Client, params: dict) -> None:
         item["source"] = source
     if msg_id is not None:
         item["id"] = msg_id
-    item["at"] = now_iso()
-    line = protocol.event("system_item", {"item": item})
+    item["at"] = at = now_iso()
+    entry = Entry("system_item", {"item": item}, msg_id, at=at)
 
     def after(res, err):
         waiting = pod.pending_ids.pop(msg_id, []) if msg_id is not None else []
         for w in waiting:
             if err is None:
-                pod.hub.send(w, line)
+                pod.hub.send(w, entry.event(res.seq))
             else:
                 pod.commit_failed(w, err)
             pod.hub.paid(w)
         if err is None and pod.exec_cmd:
             pod.worker.submit(Job("notify", res, source, msg_id))
 
-    pod.commit(c, line, after, msg_id)
+    pod.commit(c, entry, after)
 
 
 def _answered_by_id(pod, c: Client, msg_id: str) -> bool:
     """A retry of MSG_ID: acknowledge again (or once its commit lands), commit nothing."""
     original = pod.session.committed_line(msg_id)
     if original is not None:
-        pod.hub.send(c, original)
+        pod.hub.send(c, event_of(original, "system_item"))
         return True
     waiting = pod.pending_ids.get(msg_id)
     if waiting is not None:
@@ -105,14 +106,14 @@ def run(pod, c: Client, params: dict) -> None:
         raise Invalid("run needs 'input': a list of segments "
                       '{"kind":"text","content":"..."}')
     pod.busy(+1)  # status running is announced before the user message
-    line = protocol.event("user_message", {"segments": segments})
+    entry = Entry("user_message", {"segments": segments})
 
     def after(res, err):
         if err is None:
             pod.worker.submit(Job("run", res, None, None))
         pod.busy(-1)
 
-    pod.commit(c, line, after)
+    pod.commit(c, entry, after)
 
 
 def list_pods(pod, c: Client, params: dict) -> None:

@@ -28,7 +28,8 @@ from yoi.server.log import log
 from yoi.server.loop import Loop
 from yoi.server.operations import Invalid, Operations
 from yoi.server.worker import HandlerWorker
-from yoi.session import Committed, Recent, SessionLog
+from yoi.session import Entry, Recent, event_of
+from yoi.session.writer import Committed, SessionLog
 from yoi.state import State, make_private_dir
 from yoi.txn import read_pod_file
 
@@ -68,19 +69,22 @@ class Pod:
         try:
             self._configure(doc)
             raise_fd_limit()
-            self.session = SessionLog(self.state.session_path(self.name))
-            opened = self.session.open()
+            self.session = SessionLog(self.state.session_path(self.name),
+                                      self.state.session_index_path(self.name),
+                                      on_problem=self._alert_soon)
+            problems = self.session.open()
             try:
                 self.recent = self.session.recent
                 self.log_end = self.session.size
-                for problem in opened.problems(self.session.path):
+                for problem in problems:
                     self.alert("warn", problem)
                 self._serve_socket(ready)
             finally:
                 self.session.close()
+            log(f"Pod {self.name} stopped ({self.loop.stop_reason})")
         finally:
+            self.loop.close()
             os.close(runtime_fd)  # releases the runtime lock: the last thing we do
-        log(f"Pod {self.name} stopped ({self.loop.stop_reason})")
         return 0
 
     def _configure(self, doc: dict) -> None:
@@ -188,6 +192,10 @@ class Pod:
             self.snap = None
             self.hub.broadcast(protocol.event("status", {"status": status}))
 
+    def _alert_soon(self, message: str) -> None:
+        """An error alert from another thread."""
+        self.loop.call_soon(self.alert, "error", message)
+
     def alert(self, level: str, message: str) -> None:
         """Record (for replay to later clients) and broadcast an alert. Loop thread."""
         log(f"alert ({level}): {message}")
@@ -199,26 +207,27 @@ class Pod:
             self.hub.broadcast(line)
 
     # -- commits ------------------------------------------------------------------
-    def commit(self, c: Client | None, line: bytes, after=None, msg_id=None) -> None:
-        """Append LINE durably, then (on the loop) broadcast it and run AFTER(committed, err)."""
+    def commit(self, c: Client | None, entry: Entry, after=None) -> None:
+        """Append ENTRY durably, then (on the loop) broadcast it and run AFTER(committed, err)."""
         if c is not None:
             self.hub.owe(c)
 
         def done(res, err):
-            self.loop.call_soon(self.committed, c, line, res, err, after)
+            self.loop.call_soon(self.committed, c, entry, res, err, after)
 
         try:
-            self.session.submit(line, done, msg_id)
+            self.session.submit(entry, done)
         except OSError as e:
-            self.committed(c, line, None, e, after)
+            self.committed(c, entry, None, e, after)
 
-    def committed(self, c: Client | None, line: bytes, res: Committed | None,
+    def committed(self, c: Client | None, entry: Entry, res: Committed | None,
                   err: OSError | None, after) -> None:
         if err is None:
+            line = entry.line(res.seq)
             self.recent.append(line[:-1])
             self.log_end = max(self.log_end, res.end)
             self.snap = None
-            self.hub.broadcast(line)
+            self.hub.broadcast(event_of(line, entry.kind))
         else:
             self.alert("error", f"could not commit to the session log: {err.strerror or err}")
             if c is not None:

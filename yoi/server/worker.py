@@ -24,10 +24,10 @@ import subprocess
 import threading
 import traceback
 
-from yoi import protocol
 from yoi.procs import StillThere, popen_gone, terminate
 from yoi.server.log import log
-from yoi.session import Committed
+from yoi.session import Entry
+from yoi.session.writer import Committed
 
 MAX_HANDLER_OUTPUT = 1 << 20
 READ_CHUNK = 64 << 10
@@ -90,28 +90,28 @@ class HandlerWorker:
             if pod.loop.stopping:
                 return
             if out:
-                self._commit(protocol.event("text_done", {"text": out.decode("utf-8", "replace")}))
+                self._commit(Entry("text_done", {"text": out.decode("utf-8", "replace")}))
             if problem:
                 pod.loop.call_soon(pod.alert, "error", problem)
         if job.kind == "run" and not pod.loop.stopping:
-            self._commit(protocol.event("run_end", {"result": "finished"}))
+            self._commit(Entry("run_end", {"result": "finished"}))
 
     def _input(self, job: Job) -> str:
         """The text a handler gets, read back from the committed entry."""
-        data = json.loads(self.pod.session.read(job.entry))["data"]
+        entry = json.loads(self.pod.session.read(job.entry))
         if job.kind == "notify":
-            return data["item"]["message"]
-        return "".join(s.get("content", "") for s in data["segments"]
+            return entry["item"]["message"]
+        return "".join(s.get("content", "") for s in entry["segments"]
                        if s.get("kind", "text") == "text")
 
-    def _commit(self, line: bytes) -> None:
+    def _commit(self, entry: Entry) -> None:
         pod = self.pod
 
         def done(res, err):
-            pod.loop.call_soon(pod.committed, None, line, res, err, None)
+            pod.loop.call_soon(pod.committed, None, entry, res, err, None)
 
         try:
-            pod.session.append(line, done)
+            pod.session.append(entry, done)
         except OSError:
             pass  # already reported by ``committed``
 

@@ -1,0 +1,390 @@
+"""The writer side of a session log: one per Pod process, which holds the runtime lock.
+
+Appends go through one writer thread. Everything submitted while the previous
+batch was being written is written with one ``write`` and made durable with
+one ``fsync`` (group commit). Each entry gets its ``seq`` in that order; its
+submitter is told where it landed only after the fsync, and after its id is
+in the index (``yoi.session.index``), so a retry of the same id always finds
+it. A failed write is truncated away (its ``seq`` numbers were never
+committed and are used again) and reported to every submitter of the batch.
+
+Opening recovers from whatever a crash left:
+
+* a last line without its newline: if it is a whole entry (the crash came
+  between its last byte and its newline) it is kept and ended; otherwise the
+  fragment is moved aside into ``session.jsonl.torn-TIME`` (never deleted)
+  and cut off. Either way every entry the log keeps is indexed below, so an
+  id is never committed twice;
+* a log of the format before sequence numbers is converted once;
+* the index catches up with the log: the lines after the offset it covers.
+
+Fault-injection points (``yoi.faults``): ``session-mid-write`` (between the
+two halves of a batch's write), ``session-before-fsync``,
+``session-before-index`` (durable in the log, not yet indexed).
+"""
+
+from __future__ import annotations
+
+import calendar
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from yoi import protocol
+from yoi.atomic import fsync_dir, write_all
+from yoi.faults import fault
+from yoi.session import (READ_CHUNK, Entry, Recent, entry_id, last_seq, line_seq, parse_entry,
+                         set_aside_torn_tail, tail)
+from yoi.session.index import IdIndex, tail_check
+
+INDEX_BATCH = 10_000  # rows per index transaction while catching up
+MIGRATING = ".migrating"
+
+
+class Committed:
+    """Where a committed line lives in the file (length includes the newline), its seq."""
+
+    __slots__ = ("offset", "length", "seq")
+
+    def __init__(self, offset: int, length: int, seq: int):
+        self.offset, self.length, self.seq = offset, length, seq
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+Done = Callable[[Committed | None, OSError | None], None]
+
+
+class SessionLog:
+    def __init__(self, path: Path, index_path: Path,
+                 on_problem: Callable[[str], None] | None = None):
+        self.path = Path(path)
+        self.index = IdIndex(index_path)
+        self.on_problem = on_problem or (lambda message: None)
+        self.recent = Recent()  # the last entries, as opened
+        self.size = 0
+        self.seq = 0                # the last seq committed
+        self._fd: int | None = None
+        self._rfd: int | None = None
+        self._queue: list[tuple[Entry, Done]] = []
+        self._unindexed: dict[str, tuple[int, int]] = {}  # while the index cannot be written
+        self._broken: OSError | None = None
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    # -- opening ------------------------------------------------------------------
+    def open(self) -> list[str]:
+        """Recover (see the module docstring), then start the writer; the problems found."""
+        problems: list[str] = []
+        _remove_quiet(self.path.with_name(self.path.name + MIGRATING))
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                           | os.O_CLOEXEC, 0o600)
+        self._settle_torn_tail(problems)
+        if _needs_migration(self.path):
+            self._migrate(problems)
+        self._rfd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self.size = os.fstat(self._fd).st_size
+        self.seq = last_seq(self.path, self.size)
+        for line in tail(self.path, protocol.SNAPSHOT_ENTRIES, self.size):
+            if parse_entry(line) is not None:
+                self.recent.append(line)
+        self._catch_up_index(problems)
+        self._thread = threading.Thread(target=self._writer, name="session-writer",
+                                        daemon=True)
+        self._thread.start()
+        return problems
+
+    def _settle_torn_tail(self, problems: list[str]) -> None:
+        size = os.fstat(self._fd).st_size
+        if size == 0 or _pread(self.path, 1, size - 1) == b"\n":
+            return
+        start = _line_start_before(self.path, size)
+        fragment = _pread(self.path, size - start, start)
+        if line_seq(fragment) is not None and parse_entry(fragment) is not None:
+            # A whole entry: only its newline is missing. Keep it (and index it below).
+            write_all(self._fd, b"\n")
+            os.fsync(self._fd)
+            problems.append(f"{self.path}: the last entry had no newline (a crash during an "
+                            "append); it is kept")
+            return
+        moved = set_aside_torn_tail(self.path)
+        problems.append(f"{self.path} ended with a torn line ({size - start} bytes, from a "
+                        f"crash during an append); it was moved to {moved}")
+
+    def _migrate(self, problems: list[str]) -> None:
+        """Rewrite a log of the format before sequence numbers, atomically."""
+        tmp = self.path.with_name(self.path.name + MIGRATING)
+        count = 0
+        # An old entry without a time (only notifications had one) gets the time of
+        # the last one before it that had, or else the log's last change.
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(os.stat(self.path).st_mtime))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            out = []
+            for line in _lines(self.path):
+                obj = parse_entry(line)
+                if obj is not None and obj.get("seq") is None:
+                    count += 1
+                    at = obj["at"] if isinstance(obj.get("at"), str) else at
+                    line = _legacy_entry(obj, at).line(count).rstrip(b"\n")
+                out.append(line + b"\n")
+                if len(out) >= 4096:
+                    write_all(fd, b"".join(out))
+                    out.clear()
+            write_all(fd, b"".join(out))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        problems.append(f"{self.path}: converted {count} entries of the format before sequence "
+                        "numbers")
+
+    def _catch_up_index(self, problems: list[str]) -> None:
+        index = self.index
+        index.open()
+        end, inode, check = index.covers()
+        ino = os.fstat(self._rfd).st_ino
+        if (inode != ino or end > self.size
+                or (end > 0 and os.pread(self._rfd, 1, end - 1) != b"\n")
+                or tail_check(self._rfd, end) != check):
+            index.reset(ino)
+            end = 0
+        rows: list[tuple[str, int, int]] = []
+        unreadable = 0
+        for line, offset in _lines_at(self._rfd, end, self.size):
+            if b'"id"' in line:
+                obj = parse_entry(line)
+                msg_id = entry_id(obj) if obj is not None else None
+                if msg_id is not None:
+                    rows.append((msg_id, offset, len(line) + 1))
+            elif not _looks_whole(line) and line.strip() and parse_entry(line) is None:
+                unreadable += 1
+            if len(rows) >= INDEX_BATCH:
+                upto = offset + len(line) + 1
+                index.add(rows, upto, tail_check(self._rfd, upto))
+                rows = []
+        index.add(rows, self.size, tail_check(self._rfd, self.size))
+        if unreadable:
+            problems.append(f"{self.path}: skipped {unreadable} line(s) that are not entries "
+                            "(kept in the log)")
+
+    # -- looking up ------------------------------------------------------------------
+    def committed_line(self, msg_id: str) -> bytes | None:
+        """The committed line (with newline) of the entry with MSG_ID, if any."""
+        with self._cond:
+            where = self._unindexed.get(msg_id)
+        if where is None:
+            where = self.index.get(msg_id)
+        if where is None:
+            return None
+        return os.pread(self._rfd, where[1], where[0])
+
+    def read(self, entry: Committed) -> bytes:
+        """The committed line at ENTRY (any thread)."""
+        return os.pread(self._rfd, entry.length, entry.offset)
+
+    # -- appending ---------------------------------------------------------------------
+    def submit(self, entry: Entry, done: Done) -> None:
+        """Queue ENTRY; DONE(committed, error) runs after its fsync, on the writer
+        thread, in submission order."""
+        with self._cond:
+            if self._closing:
+                raise OSError("the session log is closed")
+            if self._broken is not None:
+                raise self._broken
+            self._queue.append((entry, done))
+            self._cond.notify()
+
+    def append(self, entry: Entry, done: Done | None = None) -> Committed:
+        """Submit ENTRY and wait until it is durable; raise OSError on failure."""
+        ev = threading.Event()
+        box: list = []
+
+        def finished(res, err):
+            if done is not None:
+                done(res, err)
+            box.append((res, err))
+            ev.set()
+
+        self.submit(entry, finished)
+        ev.wait()
+        res, err = box[0]
+        if err is not None:
+            raise err
+        return res
+
+    def _writer(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                batch, self._queue = self._queue, []
+            if not batch:
+                return
+            self._write_batch(batch)
+
+    def _write_batch(self, batch: list[tuple[Entry, Done]]) -> None:
+        start, seq = self.size, self.seq
+        lines = [entry.line(seq + i) for i, (entry, _) in enumerate(batch, 1)]
+        data = b"".join(lines)
+        try:
+            half = len(data) // 2
+            write_all(self._fd, data[:half])
+            fault("session-mid-write")  # a crash here leaves a torn line
+            write_all(self._fd, data[half:])
+            fault("session-before-fsync")
+            os.fsync(self._fd)
+        except OSError as e:
+            self._undo(start, e)
+            for _, done in batch:
+                done(None, e)
+            return
+        self.size, self.seq = start + len(data), seq + len(batch)
+        results, rows, offset = [], [], start
+        for (entry, _), line in zip(batch, lines):
+            results.append(Committed(offset, len(line), seq + len(results) + 1))
+            if entry.msg_id is not None:
+                rows.append((entry.msg_id, offset, len(line)))
+            offset += len(line)
+        fault("session-before-index")
+        self._index(rows)
+        for (_, done), res in zip(batch, results):
+            done(res, None)
+
+    def _undo(self, start: int, err: OSError) -> None:
+        """Cut a failed write away; if even that fails, take no more entries."""
+        try:
+            os.ftruncate(self._fd, start)
+        except OSError as e:
+            with self._cond:
+                self._broken = e
+            self.on_problem(f"could not cut a failed write out of {self.path} "
+                            f"({e.strerror or e}); no more entries are accepted")
+
+    def _index(self, rows: list[tuple[str, int, int]]) -> None:
+        """Index a committed batch; on failure keep the ids in memory and retry later."""
+        with self._cond:
+            pending = list(self._unindexed.items())
+        try:
+            self.index.add([(i, o, n) for i, (o, n) in pending] + rows, self.size,
+                           tail_check(self._rfd, self.size))
+        except (sqlite3.Error, OSError) as e:
+            with self._cond:
+                for msg_id, offset, length in rows:
+                    self._unindexed.setdefault(msg_id, (offset, length))
+            self.on_problem(f"could not update the index of {self.path}: {e}; "
+                            f"{len(self._unindexed)} id(s) are kept in memory")
+            return
+        if pending:
+            with self._cond:
+                for msg_id, _ in pending:
+                    self._unindexed.pop(msg_id, None)
+
+    def close(self) -> None:
+        """Commit everything already submitted, stop the writer, close the files."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for fd in (self._fd, self._rfd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._rfd = None
+        self.index.close()
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+def _pread(path: Path, n: int, offset: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, n, offset)
+    finally:
+        os.close(fd)
+
+
+def _line_start_before(path: Path, size: int) -> int:
+    """The offset just after the last newline before SIZE (0 if none)."""
+    pos = size
+    while pos > 0:
+        step = min(READ_CHUNK, pos)
+        chunk = _pread(path, step, pos - step)
+        nl = chunk.rfind(b"\n")
+        if nl >= 0:
+            return pos - step + nl + 1
+        pos -= step
+    return 0
+
+
+def _lines_at(fd: int, start: int, stop: int):
+    """(line without newline, its offset) for every whole line in [START, STOP)."""
+    pos, rest, rest_at = start, b"", start
+    while pos < stop:
+        chunk = os.pread(fd, min(READ_CHUNK, stop - pos), pos)
+        if not chunk:
+            break
+        pos += len(chunk)
+        data = rest + chunk
+        at = 0
+        while True:
+            nl = data.find(b"\n", at)
+            if nl < 0:
+                break
+            yield data[at:nl], rest_at + at
+            at = nl + 1
+        rest, rest_at = data[at:], rest_at + at
+
+
+def _lines(path: Path):
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for line, _ in _lines_at(fd, 0, os.fstat(fd).st_size):
+            yield line
+    finally:
+        os.close(fd)
+
+
+def _needs_migration(path: Path, look: int = 100) -> bool:
+    """Whether the log's first entries are of the format before sequence numbers."""
+    for i, line in enumerate(_lines(path)):
+        if i >= look:
+            return False
+        obj = parse_entry(line)
+        if obj is not None:
+            return obj.get("seq") is None
+    return False
+
+
+def _legacy_entry(obj: dict, at: str) -> Entry:
+    fields = {k: v for k, v in obj.items() if k not in ("seq", "kind", "id", "at")}
+    return Entry(obj["kind"], fields, entry_id(obj), at=at, ts=_ms(at))
+
+
+def _looks_whole(line: bytes) -> bool:
+    """A line as the writer makes them (checked cheaply, for a first indexing of a big log)."""
+    return line.startswith(b'{"seq":') and line.endswith(b"}")
+
+
+def _ms(at) -> int:
+    try:
+        return calendar.timegm(time.strptime(at, "%Y-%m-%dT%H:%M:%SZ")) * 1000
+    except (TypeError, ValueError):
+        return 0
+
+
+def _remove_quiet(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
