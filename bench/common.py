@@ -90,3 +90,14 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def write_log(path, entries: int) -> None:
+    """A session log of ENTRIES notifications of 100 bytes, as a Pod writes them."""
+    from yoi.session import Entry
+    with open(path, "wb") as f:
+        for i in range(1, entries + 1):
+            mid = f"prefill-{i}"
+            f.write(Entry("system_item", {"item": {
+                "kind": "notification", "message": "x" * 100, "body": "x" * 100, "id": mid,
+                "at": "2026-11-27T10:00:00Z"}}, mid, at="2026-11-27T10:00:00Z").line(i))

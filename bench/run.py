@@ -18,8 +18,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from bench.common import (env_for, median, rss_kib, state_dir, timed, write_pods, yoi,
-                          yoi_argv)
+from bench.common import (env_for, median, rss_kib, state_dir, timed, write_log, write_pods,
+                          yoi, yoi_argv)
 
 PY = sys.executable
 
@@ -205,12 +205,7 @@ def case_log_size(quick):
         env = env_for(st)
         for name in ("big", "empty"):
             yoi("pod", "create", name, env=env)
-        line = json.dumps({"event": "system_item", "data": {"item": {
-            "kind": "notification", "message": "x" * 100, "body": "x" * 100,
-            "id": "ID", "at": "2026-11-27T10:00:00Z"}}})
-        with open(st / "pods" / "big" / "session.jsonl", "w") as f:
-            for i in range(entries):
-                f.write(line.replace('"ID"', f'"prefill-{i}"') + "\n")
+        write_log(st / "pods" / "big" / "session.jsonl", entries)
         with LivePods(st, env) as pods:
             pods.start("big")
             pods.start("empty")
@@ -245,6 +240,46 @@ def case_idle_connections(quick):
                  f"Pod RSS with {conns} idle clients / idle")
 
 
+def case_history_rss(quick):
+    """A Pod's memory after it has logged many messages vs a fresh Pod's."""
+    n = 20000 if quick else 200000
+    lines = "".join(f"message {i}\n" for i in range(n))
+    with state_dir() as st:
+        env = env_for(st)
+        for name in ("busy", "fresh"):
+            yoi("pod", "create", name, env=env)
+        with LivePods(st, env) as pods:
+            pods.start("busy")
+            pods.start("fresh")
+            yoi("pod", "send", "--lines", "busy", "-", env=env, input=lines, timeout=600)
+            time.sleep(0.5)
+            busy, fresh = rss_kib(pods.pid("busy")), rss_kib(pods.pid("fresh"))
+    return judge("history RSS", busy, fresh, "KiB", "<=", 1.3,
+                 f"Pod RSS after {n} logged messages / a fresh Pod")
+
+
+def case_start_with_history(quick):
+    """Start-up time of a Pod with a long log (its index built) vs an empty one."""
+    entries = 100000 if quick else 1000000
+    n = 5 if quick else 10
+    with state_dir() as st:
+        env = env_for(st)
+        for name in ("long", "empty"):
+            yoi("pod", "create", name, env=env)
+        write_log(st / "pods" / "long" / "session.jsonl", entries)
+        yoi("pod", "start", "long", "--timeout", "600", env=env)  # builds the index once
+        yoi("pod", "stop", "long", env=env)
+        ta, tb = [], []
+        for _ in range(n):
+            for name, times in (("long", ta), ("empty", tb)):
+                t0 = time.perf_counter()
+                yoi("pod", "start", name, env=env)
+                times.append(time.perf_counter() - t0)
+                yoi("pod", "stop", name, env=env)
+    return judge("start with history", median(ta) * 1000, median(tb) * 1000, "ms", "<=", 1.5,
+                 f"yoi pod start with {entries} log entries / with an empty log")
+
+
 CASES = [
     ("startup", case_startup),
     ("one-shot send", case_one_shot_send),
@@ -254,6 +289,8 @@ CASES = [
     ("doctor at scale", case_doctor_scale),
     ("log size", case_log_size),
     ("idle connections", case_idle_connections),
+    ("history RSS", case_history_rss),
+    ("start with history", case_start_with_history),
 ]
 
 

@@ -100,8 +100,8 @@ def log_ids(st: Path, name: str) -> list[str]:
                 entry = json.loads(line)
             except ValueError:
                 continue
-            item = (entry.get("data") or {}).get("item") or {}
-            if entry.get("event") == "system_item" and item.get("id"):
+            item = entry.get("item") or {}
+            if entry.get("kind") == "system_item" and item.get("id"):
                 ids.append(item["id"])
     return ids
 

@@ -44,7 +44,7 @@ def test_demo_json_in_a_kept_state_dir_leaves_stopped_pods_and_both_logs(run_yoi
         assert is_locked(state / "pods" / name / "runtime.lock") is False  # stopped
     coder_log = [json.loads(line) for line in
                  (state / "pods" / "coder" / "session.jsonl").read_text().splitlines()]
-    items = [e["data"]["item"] for e in coder_log if e["event"] == "system_item"]
+    items = [e["item"] for e in coder_log if e["kind"] == "system_item"]
     assert [(i["source"], i["message"]) for i in items] == [("reviewer", "please review PR 42")]
     assert run_yoi("doctor", "--state-dir", state).exit_code == 0
 

@@ -164,6 +164,6 @@ def test_fix_beside_a_live_pod_at_work_finds_nothing_and_changes_nothing(state, 
     doc = read_pod_file(state, "a").doc
     assert doc["runtime"]["pid"] == a.pid and doc["runtime"]["socket_path"] == a.socket_path
     entries = [json.loads(line) for line in state.session_path("a").read_text().splitlines()]
-    ids = [e["data"]["item"]["id"] for e in entries if e["event"] == "system_item"]
+    ids = [e["item"]["id"] for e in entries if e["kind"] == "system_item"]
     assert ids == [f"m-{i}" for i in range(40)]
     assert list(state.pod_dir("a").glob("session.jsonl.torn-*")) == []

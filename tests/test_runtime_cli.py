@@ -23,10 +23,12 @@ def test_log_text_json_and_last_n(state, run_yoi, started_pod):
     r = run_yoi("pod", "log", "a")
     assert r.exit_code == 0, r
     lines = r.stdout.splitlines()
-    assert lines[0] == f"{acks[0]['item']['at']} notification from operator [n-0]: line 0\\nsecond"
-    assert lines.count("text: handled") == 4
-    assert "user: go" in lines  # committed on arrival; handled after the notifications
-    assert lines[-2:] == ["text: handled", "run_end: finished"]
+    assert lines[0] == f"#1 {acks[0]['at']} notification from operator [n-0]: line 0\\nsecond"
+    body = [line.split(" ", 2)[2] for line in lines]  # without "#SEQ AT"
+    assert [int(line.split()[0][1:]) for line in lines] == list(range(1, len(lines) + 1))
+    assert body.count("text: handled") == 4
+    assert "user: go" in body  # committed on arrival; handled after the notifications
+    assert body[-2:] == ["text: handled", "run_end: finished"]
     r = run_yoi("pod", "log", "a", "-n", "2", "--json")
     assert r.exit_code == 0, r
     raw = state.session_path("a").read_bytes().decode().splitlines()
@@ -41,9 +43,9 @@ def test_log_follow_streams_live_events_until_shutdown(state, run_yoi, started_p
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = json.loads(p.stdout.readline())
-        assert first["data"]["item"]["id"] == "f-0"
+        assert first["item"]["id"] == "f-0"
         ack = notify(pod.socket_path, "live", "f-1")
-        assert json.loads(p.stdout.readline()) == {"event": "system_item", "data": ack}
+        assert json.loads(p.stdout.readline()) == ack  # a live entry, as in the log
         assert run_yoi("pod", "stop", "a").exit_code == 0
         assert json.loads(p.stdout.readline()) == {"event": "shutdown"}
         assert p.wait(10) == 0

@@ -9,6 +9,7 @@ import threading
 from rawsock import Raw
 
 from yoi import protocol
+from yoi.session import Entry
 from yoi.client import Connection, notify
 
 
@@ -166,8 +167,8 @@ def test_messages_waiting_for_a_slow_handler_are_not_held_in_memory(state, start
 def test_idle_connections_share_the_prelude_when_there_are_alerts(state, run_yoi, started_pod):
     """A replayed alert comes before the snapshot; neither is copied per client."""
     run_yoi("pod", "create", "a")
-    entry = protocol.event("text_done", {"text": "x" * (1 << 20)})
-    state.session_path("a").write_bytes(entry * 8 + b'{"event":"text_do')  # torn: an alert
+    entries = b"".join(Entry("text_done", {"text": "x" * (1 << 20)}).line(i) for i in range(1, 9))
+    state.session_path("a").write_bytes(entries + b'{"seq":9,"kind":"text_do')  # torn: an alert
     pod = started_pod("a")
     base = vm(pod.pid, "VmRSS")
     held = []
@@ -192,7 +193,7 @@ def test_clients_that_never_read_cannot_pile_up_old_snapshots(state, run_yoi, st
     from yoi.server import connection as server
     run_yoi("pod", "create", "a")
     state.session_path("a").write_bytes(
-        protocol.event("text_done", {"text": "x" * (1 << 20)}) * 4)
+        b"".join(Entry("text_done", {"text": "x" * (1 << 20)}).line(i) for i in range(1, 5)))
     pod = started_pod("a")
     stuck = []
     try:

@@ -22,8 +22,9 @@ def test_acknowledged_notification_is_already_in_the_log(state, started_pod):
     for i in range(5):
         ack = notify(pod.socket_path, f"m{i}", f"id-{i}")
         # at acknowledgement time the entry is on disk, exactly as broadcast
-        assert log_entries(state, "a")[-1] == {"event": "system_item", "data": ack}
-    item = log_entries(state, "a")[0]["data"]["item"]
+        assert log_entries(state, "a")[-1] == ack
+        assert ack["seq"] == i + 1 and ack["kind"] == "system_item" and ack["id"] == f"id-{i}"
+    item = log_entries(state, "a")[0]["item"]
     assert set(item) == {"kind", "message", "body", "id", "at"}  # operator: no source key
     assert item["body"] == item["message"] == "m0"
     assert item["at"].endswith("Z")
@@ -43,7 +44,7 @@ def test_same_id_twice_one_entry_two_acknowledgements(state, started_pod):
         acks = [c.until("system_item")[0] for _ in range(3)]
     assert all(a["data"]["item"]["id"] == "dup-2" for a in acks)
     assert acks[0] == acks[1] == acks[2]
-    assert [e["data"]["item"]["id"] for e in log_entries(state, "a")] == ["dup-1", "dup-2"]
+    assert [e["item"]["id"] for e in log_entries(state, "a")] == ["dup-1", "dup-2"]
 
 
 def test_ids_survive_a_restart(state, run_yoi, started_pod):
@@ -82,7 +83,7 @@ def test_concurrent_senders_each_committed_exactly_once(state, started_pod):
     for t in threads:
         t.join(60)
     assert errors == []
-    ids = [e["data"]["item"]["id"] for e in log_entries(state, "a")]
+    ids = [e["item"]["id"] for e in log_entries(state, "a")]
     assert sorted(ids) == sorted(f"t{t}-{i}" for t in range(8) for i in range(25))
 
 
@@ -133,7 +134,7 @@ def test_peer_changes_while_running_take_effect_at_once(state, run_yoi, started_
     peers.unregister(state, "a", "b")
     with pytest.raises(Refused):
         notify(pod.socket_path, "gone again", "p-2", source="b")
-    assert [e["data"]["item"]["id"] for e in log_entries(state, "a")] == ["p-1"]
+    assert [e["item"]["id"] for e in log_entries(state, "a")] == ["p-1"]
 
 
 def test_sigterm_finishes_commits_in_progress(state, started_pod):
@@ -160,7 +161,7 @@ def test_sigterm_finishes_commits_in_progress(state, started_pod):
     deadline = time.monotonic() + 10
     while os.path.exists(pod.socket_path) and time.monotonic() < deadline:
         time.sleep(0.02)
-    ids = [e["data"]["item"]["id"] for e in log_entries(state, "a")]
+    ids = [e["item"]["id"] for e in log_entries(state, "a")]
     assert ids[:len(acked)] == acked
     assert set(acked) <= set(ids)
 
@@ -173,7 +174,7 @@ def test_a_failed_fsync_commits_nothing_and_a_retry_succeeds(state, started_pod)
     assert "not committed" in e.value.message
     assert state.session_path("a").read_bytes() == b""  # the failed write was cut away
     ack = notify(pod.socket_path, "unlucky", "e-1")  # the sender's retry
-    assert log_entries(state, "a") == [{"event": "system_item", "data": ack}]
+    assert log_entries(state, "a") == [ack]
 
 
 def test_a_crash_in_the_middle_of_an_append_leaves_a_recoverable_log(state, started_pod):
@@ -189,9 +190,11 @@ def test_a_crash_in_the_middle_of_an_append_leaves_a_recoverable_log(state, star
     with Raw(pod.socket_path) as c:
         alerts, _ = c.prelude()
         assert "ended with a torn line" in alerts[0]["data"]["message"]
+    # the torn bytes are kept aside, never deleted, and out of the log
+    aside = list(state.pod_dir("a").glob("session.jsonl.torn-*"))
+    assert [p.read_bytes() for p in aside] == [torn]
     ack = notify(pod.socket_path, "lost in the crash", "c-1")
-    assert state.session_path("a").read_bytes() == torn + b"\n" + protocol.event(
-        "system_item", ack)
+    assert log_entries(state, "a") == [ack]
 
 
 def test_a_sender_that_closes_right_after_writing_is_still_heard(state, started_pod):
@@ -225,7 +228,7 @@ def test_a_sender_that_closes_right_after_writing_is_still_heard(state, started_
     assert flowing and not any(flowing)
     deadline = time.monotonic() + 20
     while True:
-        ids = {e["data"]["item"]["id"] for e in log_entries(state, "a")}
+        ids = {e["item"]["id"] for e in log_entries(state, "a")}
         missing = [mid for mid in sent if mid not in ids]
         if not missing or time.monotonic() > deadline:
             break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import sys
@@ -11,9 +12,13 @@ from rawsock import Raw
 
 from yoi import peers
 from yoi.lock import is_locked
+from yoi.session import Entry
 
+ENTRY = (b'{"seq":1,"kind":"user_message","ts":1764590000000,"at":"2025-12-01T11:53:20Z",'
+         b'"segments":[{"kind":"text","content":"old"}]}\n')
+TORN = b'{"seq":2,"kind":"text_do'
+GARBAGE = b'not an entry\n'
 OLD_ENTRY = b'{"event":"user_message","data":{"segments":[{"kind":"text","content":"old"}]}}\n'
-TORN = b'{"event":"text_do'
 
 
 def compact(obj) -> bytes:
@@ -23,7 +28,7 @@ def compact(obj) -> bytes:
 def test_prelude_byte_for_byte_then_shutdown_without_params(state, run_yoi, started_pod):
     run_yoi("pod", "create", "a")
     session = state.session_path("a")
-    session.write_bytes(OLD_ENTRY + TORN)  # a crash in the middle of an append
+    session.write_bytes(ENTRY + TORN)  # a crash in the middle of an append
     pod = started_pod("a")
     with Raw(pod.socket_path) as c:
         line = c.read_line()
@@ -33,9 +38,9 @@ def test_prelude_byte_for_byte_then_shutdown_without_params(state, run_yoi, star
         data = alert["data"]
         assert list(data) == ["level", "source", "message", "timestamp_ms"]
         assert data["level"] == "warn" and data["source"] == "pod"
+        aside = next(state.pod_dir("a").glob("session.jsonl.torn-*"))
         assert data["message"] == (f"{session} ended with a torn line ({len(TORN)} bytes, from a "
-                                   "crash during an append); it is kept but skipped, and new "
-                                   "entries start on a fresh line")
+                                   f"crash during an append); it was moved to {aside}")
         assert isinstance(data["timestamp_ms"], int)
 
         line = c.read_line()
@@ -43,13 +48,13 @@ def test_prelude_byte_for_byte_then_shutdown_without_params(state, run_yoi, star
         snap = json.loads(line)
         assert list(snap) == ["event", "data"]
         assert set(snap["data"]) == {"entries", "greeting", "status", "session_offset"}
-        assert snap["data"]["entries"] == [json.loads(OLD_ENTRY)]
+        assert snap["data"]["entries"] == [json.loads(ENTRY)]
         assert snap["data"]["status"] == "idle"
         assert snap["data"]["greeting"] == {
             "pod_name": "a", "cwd": snap["data"]["greeting"]["cwd"], "provider": "none",
             "model": "", "scope_summary": "", "tools": [], "context_window": 0,
             "context_tokens": 0}
-        assert snap["data"]["session_offset"] == len(OLD_ENTRY) + len(TORN) + 1
+        assert snap["data"]["session_offset"] == len(ENTRY)
         assert c.buf == b""  # nothing else before we speak
 
         c.send(b'{"method":"shutdown"}\n')
@@ -60,33 +65,66 @@ def test_prelude_byte_for_byte_then_shutdown_without_params(state, run_yoi, star
         time.sleep(0.02)
     assert is_locked(state.runtime_lock_path("a")) is False
     assert not os.path.exists(pod.socket_path)
-    # the torn bytes are kept, ended by a newline
-    assert session.read_bytes() == OLD_ENTRY + TORN + b"\n"
+    # the torn bytes are set aside, never deleted; the log keeps its whole entries
+    assert session.read_bytes() == ENTRY
+    assert aside.read_bytes() == TORN
 
 
-def test_new_entries_after_a_torn_line_start_on_a_fresh_line(state, run_yoi, started_pod):
+def test_unreadable_lines_are_kept_skipped_and_reported(state, run_yoi, started_pod):
     from yoi.client import notify
     run_yoi("pod", "create", "a")
-    state.session_path("a").write_bytes(OLD_ENTRY + TORN)
-    pod = started_pod("a")
-    ack = notify(pod.socket_path, "after the crash", "m-1")
-    lines = state.session_path("a").read_bytes().split(b"\n")
-    assert lines[:2] == [OLD_ENTRY[:-1], TORN]
-    assert json.loads(lines[2]) == {"event": "system_item", "data": ack}
-    r = run_yoi("pod", "log", "a")
-    assert r.exit_code == 0, r
-    assert r.stdout.splitlines() == [
-        "user: old", f"{ack['item']['at']} notification from operator [m-1]: after the crash"]
-    assert r.stderr == f"yoi: note: skipped 1 line(s) of {state.session_path('a')} " \
-                       "that are not entries\n"
-    # a restart reports the now unreadable line (it stays in the snapshot window)
-    run_yoi("pod", "stop", "a")
+    state.session_path("a").write_bytes(ENTRY + GARBAGE)
     pod = started_pod("a")
     with Raw(pod.socket_path) as c:
         alerts, snap = c.prelude()
         assert [a["data"]["message"] for a in alerts] == [
-            f"{state.session_path('a')}: skipped 1 line(s) that are not JSON event objects"]
-        assert len(snap["data"]["entries"]) == 2
+            f"{state.session_path('a')}: skipped 1 line(s) that are not entries (kept in the "
+            "log)"]
+        assert snap["data"]["entries"] == [json.loads(ENTRY)]
+    ack = notify(pod.socket_path, "after it", "m-1")
+    assert ack["seq"] == 2
+    lines = state.session_path("a").read_bytes().split(b"\n")
+    assert lines[:2] == [ENTRY[:-1], GARBAGE[:-1]]
+    assert json.loads(lines[2]) == ack
+    r = run_yoi("pod", "log", "a")
+    assert r.exit_code == 0, r
+    assert r.stdout.splitlines() == [
+        "#1 2025-12-01T11:53:20Z user: old",
+        f"#2 {ack['at']} notification from operator [m-1]: after it"]
+    assert r.stderr == f"yoi: note: skipped 1 line(s) of {state.session_path('a')} " \
+                       "that are not entries\n"
+
+
+def test_a_log_from_before_sequence_numbers_is_converted_once(state, run_yoi, started_pod):
+    from yoi import protocol
+    from yoi.client import notify
+    run_yoi("pod", "create", "a")
+    old_ack = protocol.event("system_item", {"item": {
+        "kind": "notification", "message": "m", "body": "m", "id": "old-1",
+        "at": "2026-11-01T10:00:00Z"}})
+    state.session_path("a").write_bytes(OLD_ENTRY + old_ack)
+    pod = started_pod("a")
+    with Raw(pod.socket_path) as c:
+        alerts, snap = c.prelude()
+        assert [a["data"]["message"] for a in alerts] == [
+            f"{state.session_path('a')}: converted 2 entries of the format before sequence "
+            "numbers"]
+    entries = [json.loads(x) for x in state.session_path("a").read_bytes().splitlines()]
+    assert [(e["seq"], e["kind"]) for e in entries] == [(1, "user_message"), (2, "system_item")]
+    assert entries[0]["segments"] == [{"kind": "text", "content": "old"}]
+    assert entries[1]["id"] == "old-1" and entries[1]["at"] == "2026-11-01T10:00:00Z"
+    assert entries[1]["ts"] == calendar.timegm((2026, 11, 1, 10, 0, 0)) * 1000
+    assert snap["data"]["entries"] == entries
+    # the converted ids are known: a retry is acknowledged, not committed again
+    retry = notify(pod.socket_path, "m", "old-1")
+    assert retry == entries[1]
+    assert notify(pod.socket_path, "new", "new-1")["seq"] == 3
+    run_yoi("pod", "stop", "a")
+    before = state.session_path("a").read_bytes()
+    pod = started_pod("a")
+    with Raw(pod.socket_path) as c:
+        assert c.prelude()[0] == []  # nothing to convert or report the second time
+    assert state.session_path("a").read_bytes() == before
 
 
 def test_unknown_methods_and_bad_lines_get_invalid_request_and_the_connection_stays(
@@ -118,17 +156,19 @@ def test_run_broadcasts_status_message_output_end_in_order(state, started_pod):
         segments = [{"kind": "text", "content": "hello "}, {"kind": "text", "content": "pod"}]
         c.send({"method": "run", "params": {"input": segments}})
         _, seen = c.until("status", lambda d: d["status"] == "idle")
-        assert seen == [
-            {"event": "status", "data": {"status": "running"}},
-            {"event": "user_message", "data": {"segments": segments}},
-            {"event": "text_done", "data": {"text": "HELLO POD"}},
-            {"event": "run_end", "data": {"result": "finished"}},
-            {"event": "status", "data": {"status": "idle"}},
-        ]
+        assert [ev["event"] for ev in seen] == [
+            "status", "user_message", "text_done", "run_end", "status"]
+        assert seen[0]["data"] == {"status": "running"} and seen[4]["data"] == {"status": "idle"}
+        # a committed entry's event carries the entry itself
+        assert [ev["data"]["kind"] for ev in seen[1:4]] == [ev["event"] for ev in seen[1:4]]
+        assert [ev["data"]["seq"] for ev in seen[1:4]] == [1, 2, 3]
+        assert seen[1]["data"]["segments"] == segments
+        assert seen[2]["data"]["text"] == "HELLO POD"
+        assert seen[3]["data"]["result"] == "finished"
         _, seen_by_watcher = watcher.until("status", lambda d: d["status"] == "idle")
         assert seen_by_watcher == seen
     entries = [json.loads(x) for x in state.session_path("a").read_bytes().splitlines()]
-    assert entries == seen[1:4]
+    assert entries == [ev["data"] for ev in seen[1:4]]
 
 
 def test_handler_environment_stdin_and_cwd(state, run_yoi, started_pod, tmp_path):
@@ -161,7 +201,7 @@ def test_a_failing_handler_raises_an_alert_and_the_pod_goes_on(state, started_po
         alert, seen = c.until("alert")
         assert alert["data"]["level"] == "error"
         assert alert["data"]["message"] == "handler exited with status 3 (message m-1)"
-        assert {"event": "text_done", "data": {"text": "partial\n"}} in seen
+        assert [ev["data"]["text"] for ev in seen if ev["event"] == "text_done"] == ["partial\n"]
         c.until("status", lambda d: d["status"] == "idle")
     assert notify(pod.socket_path, "two", "m-2")["item"]["id"] == "m-2"
     with Raw(pod.socket_path) as c:  # replayed to later clients
@@ -181,7 +221,7 @@ def test_a_handler_can_talk_to_its_own_pod_while_it_runs(state, started_pod):
         c.send({"method": "notify", "params": {"message": "start", "id": "m-1"}})
         ev, _ = c.until("text_done")
         assert ev["data"]["text"] == "echo"
-    ids = [json.loads(x)["data"].get("item", {}).get("id")
+    ids = [json.loads(x).get("item", {}).get("id")
            for x in state.session_path("a").read_bytes().splitlines()]
     assert ids == ["m-1", "echo-m-1", None]
 
@@ -305,14 +345,14 @@ def test_snapshot_is_the_last_1000_entries_within_a_byte_budget(state, run_yoi, 
     from yoi import protocol
     from yoi.client import Connection, notify
     run_yoi("pod", "create", "a")
-    small = [compact({"event": "text_done", "data": {"text": f"t{i}"}}) for i in range(1005)]
+    small = [Entry("text_done", {"text": f"t{i}"}).line(i + 1) for i in range(1005)]
     state.session_path("a").write_bytes(b"".join(small))
     pod = started_pod("a")
     with Connection.open(pod.socket_path, 30, keep_snapshot=True) as c:
         assert c.snapshot["entries"] == [json.loads(x) for x in small[5:]]
     assert run_yoi("pod", "stop", "a").exit_code == 0
     # Large entries: 40 MiB of them are more than a snapshot may hold.
-    big = [compact({"event": "text_done", "data": {"text": f"{i}:" + "x" * (1 << 20)}})
+    big = [Entry("text_done", {"text": f"{i}:" + "x" * (1 << 20)}).line(1006 + i)
            for i in range(40)]
     with open(state.session_path("a"), "ab") as f:
         f.write(b"".join(big))
@@ -321,7 +361,8 @@ def test_snapshot_is_the_last_1000_entries_within_a_byte_budget(state, run_yoi, 
         assert c.snapshot["entries"] == [
             json.loads(x) for x in newest_within(small + big, protocol.SNAPSHOT_BYTES)]
     ack = notify(pod.socket_path, "y" * 500_000, "last")  # and while it runs
-    added = compact({"event": "system_item", "data": ack})
+    added = state.session_path("a").read_bytes().splitlines(keepends=True)[-1]
+    assert json.loads(added) == ack
     with Connection.open(pod.socket_path, 30, keep_snapshot=True) as c:
         expected = newest_within(small + big + [added], protocol.SNAPSHOT_BYTES)
         assert len(expected) < len(big)

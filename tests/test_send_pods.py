@@ -40,7 +40,7 @@ def log_entries(state, name: str) -> list[dict]:
 def notifications(state, name: str, torn_allowed: int = 0) -> list[dict]:
     entries, torn = read_log(state, name)
     assert torn <= torn_allowed
-    return [e["data"]["item"] for e in entries if e.get("event") == "system_item"]
+    return [e["item"] for e in entries if e.get("kind") == "system_item"]
 
 
 def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
@@ -68,11 +68,12 @@ def test_peer_message_is_recorded_once_with_source_id_and_body(run_yoi, state, p
     entries = log_entries(state, "B")
     assert len(entries) == 1
     entry = entries[0]
-    item = entry["data"]["item"]
-    assert entry == {"event": "system_item", "data": {"item": {
-        "kind": "notification", "message": "hello B",
-        "body": "[Peer message from `A`]\nhello B", "source": "A", "id": "m-1",
-        "at": item["at"]}}}
+    item = entry["item"]
+    assert entry == {"seq": 1, "kind": "system_item", "ts": entry["ts"], "at": item["at"],
+                     "id": "m-1", "item": {
+                         "kind": "notification", "message": "hello B",
+                         "body": "[Peer message from `A`]\nhello B", "source": "A", "id": "m-1",
+                         "at": item["at"]}}
     assert r.json == {"ok": True, "target": "B", "source": "A", "id": "m-1",
                       "acknowledged": True, "at": item["at"]}
 
@@ -241,9 +242,9 @@ def test_two_pods_talk_through_a_handler(run_yoi, state, started_pod, tmp_path):
     """A's handler answers every message by sending back with `yoi pod send`.
 
     It gives no --from ($YOI_POD is the default) and no state directory
-    (A runs with --state-dir while $YOI_HOME points elsewhere: $YOI_STATE_DIR
-    is the default), and derives its reply id from $YOI_MESSAGE_ID, so a
-    re-run handler cannot answer twice.
+    (A runs with --state-dir while $YOI_HOME points elsewhere: the Pod sets
+    $YOI_HOME for its handler), and derives its reply id from $YOI_MESSAGE_ID,
+    so a re-run handler cannot answer twice.
     """
     yoi = shlex.join([sys.executable, "-m", "yoi"])
     handler = (f'msg=$(cat); {yoi} pod send --id "re-$YOI_MESSAGE_ID" "$YOI_FROM" '
@@ -261,9 +262,9 @@ def test_two_pods_talk_through_a_handler(run_yoi, state, started_pod, tmp_path):
                       "body": "[Peer message from `A`]\npong from A: ping", "source": "A",
                       "id": "re-ping-1", "at": reply[0]["at"]}]
     a_log = wait_until(lambda: [e for e in log_entries(state, "A")
-                                if e["event"] == "text_done"] and log_entries(state, "A"),
+                                if e["kind"] == "text_done"] and log_entries(state, "A"),
                        30, "A's handler output")
-    assert a_log[0]["data"]["item"]["id"] == "ping-1"
-    assert a_log[0]["data"]["item"]["source"] == "B"
-    assert [e["data"]["text"] for e in a_log if e["event"] == "text_done"] == \
+    assert a_log[0]["item"]["id"] == "ping-1"
+    assert a_log[0]["item"]["source"] == "B"
+    assert [e["text"] for e in a_log if e["kind"] == "text_done"] == \
         ["delivered to B (id re-ping-1)\n"]

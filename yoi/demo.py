@@ -67,8 +67,8 @@ class Demo:
             p = self.yoi("pod", "log", pod, "--json", show=False)
             for line in p.stdout.splitlines():
                 entry = json.loads(line)
-                item = (entry.get("data") or {}).get("item") or {}
-                if entry.get("event") == "system_item" and item.get("source") == source:
+                item = entry.get("item") or {}
+                if entry.get("kind") == "system_item" and item.get("source") == source:
                     self.echo(f"    {json.dumps(entry)}")
                     self.record.append({"command": f"yoi pod log {pod} --json",
                                         "exit_code": 0, "reply": item.get("message")})
