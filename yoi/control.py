@@ -111,7 +111,7 @@ def start(state: State, name: str, exec_cmd: str | None = None,
     # -P: not the current directory first on sys.path, where a `yoi` of
     # someone else's (a checkout, a project's package) would be run instead.
     argv = [sys.executable, "-P", "-m", "yoi", "pod", "start", name, "--foreground",
-            "--state-dir", str(state.root), "--lock-timeout", f"{state.lock_timeout:g}"]
+            "--state-dir", str(state.root), "--lock-timeout", repr(state.lock_timeout)]
     if exec_cmd is not None:
         argv += ["--exec", exec_cmd]
     try:
@@ -303,7 +303,8 @@ def restore(state: State, name: str, timeout: float = DEFAULT) -> dict:
         res = start(state, name, timeout=timeout, doc=doc)
     except Busy:
         # Running but not answering, or lost a race with another start (then
-        # the winner answers soon).
+        # the winner answers soon, at the path it recorded).
+        path = state.socket_path(name, store.read(state, name))
         live = already_live()
         if live is None:
             raise

@@ -874,7 +874,10 @@ class _Doctor:
 
 
 def _repaired_peers(entries: list[dict], drop: set[str], merge: bool) -> list[dict]:
-    """ENTRIES without the peers in DROP, duplicates merged into the first (if MERGE)."""
+    """ENTRIES without the peers in DROP, duplicates merged into the first (if MERGE).
+
+    Not ``metadata.drop_peer``: one pass both drops and merges, keeping the
+    first entry's fields."""
     out, first = [], {}
     for entry in entries:
         other = entry["pod_name"]

@@ -19,8 +19,6 @@ SNAPSHOT_BYTES = 16 << 20        # (ours) and at most this many bytes of them, s
 
 MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z", re.ASCII)
 
-METHODS = ("run", "notify", "shutdown", "list_pods", "restore_pod", "register_peer",
-           "unregister_peer")
 
 
 class ProtocolError(ValueError):

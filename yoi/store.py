@@ -14,7 +14,7 @@ from yoi.errors import AlreadyExists, Busy, NotFound, StorageError, UsageError, 
 from yoi.lock import RUNTIME_LOCK_GRACE, lock_holder_pid, try_lock, write_pid
 from yoi.names import check_name
 from yoi.state import State, make_private_dir, refuse_symlink
-from yoi.txn import CREATING_MARK, Change, lock_pods, read_pod_file, remove_trash
+from yoi.txn import CREATING_MARK, Change, lock_pods, read_pod_file, remove_trash, remove_tree
 
 _UNSET = object()
 
@@ -65,8 +65,7 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
             os.close(fd)
             os.rename(staging, state.pod_dir(name))
         except BaseException as e:
-            import shutil
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
             if isinstance(e, OSError):
                 raise StorageError(f"cannot create Pod {name!r}: {e.strerror} ({e.filename})")
             raise

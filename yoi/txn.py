@@ -334,8 +334,7 @@ class Locked:
             pass
         for ch in changes:
             if ch.action == "remove":
-                import shutil  # measured: ~2 ms that a peer register does not need
-                shutil.rmtree(_trash_path(state, ch.pod, journal.txid), ignore_errors=True)
+                remove_tree(_trash_path(state, ch.pod, journal.txid))
 
     def _write_journal(self, txid: str, changes: list[Change]) -> Journal:
         """Write (and fsync) the journal of CHANGES: every file's exact prior bytes."""
@@ -461,5 +460,10 @@ def remove_trash(state: State, name: str) -> None:
     for entry in entries:
         owner = leftover_dir_owner(entry)
         if owner is not None and owner[0] == name:
-            import shutil  # measured: ~2 ms that a peer register does not need
-            shutil.rmtree(state.pods_dir / entry, ignore_errors=True)
+            remove_tree(state.pods_dir / entry)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree, whatever is left of it."""
+    import shutil  # measured: ~2 ms that a peer register does not need
+    shutil.rmtree(path, ignore_errors=True)
