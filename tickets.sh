@@ -78,9 +78,12 @@ die() {
     exit "$code"
 }
 
+# usage_error MESSAGE: exit 2 with exactly two lines on stderr: the message
+# (control characters in it, such as a newline from an argument, become
+# spaces) and where the full usage is.
 usage_error() {
-    printf '%s: error: %s\n' "$PROG" "$*" >&2
-    usage >&2
+    printf '%s: error: %s\n' "$PROG" "$(printf '%s' "$*" | tr '[:cntrl:]' ' ')" >&2
+    printf "Try '%s help'.\n" "$PROG" >&2
     exit "$EXIT_USAGE"
 }
 

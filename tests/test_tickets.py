@@ -475,16 +475,31 @@ USAGE_ERRORS = [
     ["close", "x", "--resolution", "r", "--file", "f"],
     ["close", "x", "--resolution", ""],
     ["doctor", "extra"],
+    # A newline in an argument does not make the message two lines.
+    ["create", "--title", "x", "two\nlines"],
+    ["list", "--bo\ngus"],
 ]
 
 
 @pytest.mark.parametrize("args", USAGE_ERRORS, ids=lambda a: " ".join(a) or "no-args")
-def test_bad_usage_exits_2_with_usage_and_writes_nothing(tickets, args):
+def test_bad_usage_exits_2_with_one_line_and_a_hint_and_writes_nothing(tickets, args):
     r = tickets(*args)
     assert r.exit_code == 2, r
     assert r.stdout == ""
-    assert r.stderr.startswith("tickets.sh: error: ") and "\nUsage:\n" in r.stderr, r
+    lines = r.stderr.split("\n")
+    assert len(lines) == 3 and lines[2] == "", r
+    assert re.fullmatch(r"tickets\.sh: error: [^\x00-\x1f]+", lines[0]), r
+    assert lines[1] == "Try 'tickets.sh help'.", r
     assert not tickets.work.exists()
+
+
+def test_usage_error_names_the_problem(tickets):
+    r = tickets("frobnicate")
+    assert (r.exit_code, r.stdout, r.stderr) == (
+        2, "", "tickets.sh: error: unknown command: frobnicate\nTry 'tickets.sh help'.\n"), r
+    r = tickets("create", "--title", "x", "a\nb")
+    assert r.stderr == ("tickets.sh: error: too many arguments for create: a b\n"
+                        "Try 'tickets.sh help'.\n"), r
 
 
 @pytest.mark.parametrize("args", [["help"], ["--help"], ["-h"], ["create", "--help"]])
@@ -492,6 +507,10 @@ def test_help_goes_to_stdout_with_exit_0(tickets, args):
     r = tickets.ok(*args)
     assert r.stdout.startswith("tickets.sh - repository-local work items")
     assert "  tickets.sh close ID-OR-SLUG [--resolution TEXT | --file PATH]" in r.stdout
+    # The full usage: every command has its line.
+    for command in ("help", "list", "show", "create", "comment", "review", "status",
+                    "close", "doctor"):
+        assert f"\n  tickets.sh {command}" in r.stdout, command
 
 
 def test_unknown_item_exits_3_and_changes_nothing(tickets):
