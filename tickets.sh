@@ -435,10 +435,12 @@ dir_status() {
 
 # read_body FILE: copy the body into a temp file TMP_BODY: from FILE, from
 # stdin if FILE is "-", or from stdin if it is not a terminal; else empty.
+# FILE may be anything readable but a directory: a regular file, a FIFO or
+# the /dev/fd/N of a process substitution, /dev/null (an empty body).
 read_body() {
     TMP_BODY=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
     if [ -n "$1" ] && [ "$1" != - ]; then
-        [ -f "$1" ] && [ -r "$1" ] || usage_error "cannot read file: $1"
+        [ -e "$1" ] && [ ! -d "$1" ] && [ -r "$1" ] || usage_error "cannot read file: $1"
         cat -- "$1" >"$TMP_BODY" || die "$EXIT_FAILED" "cannot read $1"
     elif [ "$1" = - ] || [ ! -t 0 ]; then
         cat >"$TMP_BODY" || die "$EXIT_FAILED" "cannot read stdin"

@@ -248,6 +248,57 @@ def test_comment_body_is_copied_byte_for_byte(tickets, tmp_path):
     assert thread.endswith(b" -->\n\n## Comment\n\n" + body + b"\n\n---\n")
 
 
+def test_file_may_be_a_process_substitution_or_a_fifo(tickets, tmp_path):
+    item_id = tickets.create("Pipes")
+    thread = tickets.dir(item_id) / "thread.md"
+    # <(...) from a bash caller: the script gets /dev/fd/N, a pipe.
+    p = subprocess.run(["/usr/bin/bash", "-c", '"$@" --file <(printf x)', "bash",
+                        *tickets.argv(["comment", item_id])],
+                       env=tickets.env(), capture_output=True, text=True, timeout=30)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", ""), p
+    assert thread.read_text().endswith(" -->\n\n## Comment\n\nx\n\n---\n")
+    # A named pipe made with mkfifo, written by another process.
+    fifo = tmp_path / "body.fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["/bin/sh", "-c", 'printf "from a fifo\\n" >"$0"', str(fifo)])
+    try:
+        tickets.ok("review", item_id, "--approve", "--file", fifo)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        writer.wait()
+    assert writer.returncode == 0
+    assert thread.read_text().endswith(" status: approve -->\n\n## Review: approve\n\n"
+                                       "from a fifo\n\n---\n")
+    tickets.doctor_ok()
+
+
+@pytest.mark.parametrize("args", [["comment"], ["review", "--approve"], ["close"]])
+def test_file_dev_null_is_an_empty_body_like_an_empty_file(tickets, tmp_path, args):
+    """An empty body from /dev/null gets the rule of an empty regular file: comment
+    refuses it (exit 2), review and close write an event without a body."""
+    empty = tmp_path / "empty.md"
+    empty.write_bytes(b"")
+    outcomes = []
+    for source in (empty, "/dev/null"):
+        item_id = tickets.create(f"Empty from {source}")
+        r = tickets(args[0], item_id, *args[1:], "--file", source)
+        d = tickets.dir(item_id)
+        files = {name: untime((d / name).read_text()) for name in ("thread.md", "resolution.md")
+                 if (d / name).exists()}
+        outcomes.append((r.exit_code, r.stdout, r.stderr, files))
+    assert outcomes[0] == outcomes[1]
+    if args[0] == "comment":
+        assert outcomes[0][:3] == (2, "", "tickets.sh: error: comment needs a body: --file PATH, "
+                                          "or pipe it on stdin\nTry 'tickets.sh help'.\n")
+    else:
+        assert outcomes[0][:3] == (0, "", "")
+        assert outcomes[0][3]["thread.md"].endswith("## Closed\n\n---\n" if args[0] == "close"
+                                                    else "## Review: approve\n\n---\n")
+    if args[0] == "close":
+        assert outcomes[0][3]["resolution.md"] == ""
+
+
 def test_status_moves_records_and_is_idempotent(tickets):
     item_id = tickets.create("Move me")
     tickets.ok("status", "move-me", "pending")
@@ -466,6 +517,7 @@ USAGE_ERRORS = [
     ["comment", "x", "--role", "essay"],
     ["comment", "x", "--author", "two words"],
     ["comment", "x", "--file", "/nonexistent/body"],
+    ["comment", "x", "--file", "/"],
     ["review", "x"],
     ["review", "x", "--approve", "--request-changes"],
     ["review", "x", "--approve=yes"],
