@@ -799,12 +799,14 @@ cmd_doctor() {
     parse doctor "" 0 "$@"
     TMP_REPORT=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
     set --
+    # A holder that released the lock and exited between the read and the
+    # kill -0 is no stale lock: the file must still name it afterwards.
     for f in "$LOCK_FILE" "$BREAK_FILE"; do
         [ -f "$f" ] || continue
         holder=$(cat "$f" 2>/dev/null || true)
-        if [ -z "$holder" ] || ! kill -0 "$holder" 2>/dev/null; then
-            printf 'stale lock (process %s is gone): %s\n' "${holder:-?}" "$f"
-        fi
+        if [ -n "$holder" ] && kill -0 "$holder" 2>/dev/null; then continue; fi
+        [ -f "$f" ] && [ "$(cat "$f" 2>/dev/null || true)" = "$holder" ] || continue
+        printf 'stale lock (process %s is gone): %s\n' "${holder:-?}" "$f"
     done >"$TMP_REPORT"
     # Look at a still tree: under the lock no command is half-way through a
     # create, a move or a rewrite (which would look like damage). A stale

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -478,6 +479,29 @@ def test_stale_lock_is_broken(tickets):
     tickets.ok("status", item_id, "pending", env={"TICKETS_LOCK_TIMEOUT": "0"})
     assert not (tickets.work / ".lock").exists()
     assert not (tickets.work / ".lock.break").exists()
+
+
+def test_doctor_does_not_report_a_lock_released_while_it_looked(tickets, tmp_path):
+    """The holder releases the lock and exits between doctor's read of .lock and its
+    check of the process: a `cat` on PATH removes the lock right after reading it."""
+    tickets.create("Alpha")
+    lock = tickets.work / ".lock"
+    lock.write_text(f"{dead_pid()}\n")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    once = tmp_path / "once"
+    once.write_text("")
+    fake = bindir / "cat"
+    fake.write_text(f'#!/bin/sh\n{shutil.which("cat")} "$@"\nrc=$?\n'
+                    f'case $1 in */.lock) if [ -e {shlex.quote(str(once))} ]; then '
+                    f'rm -f {shlex.quote(str(once))} "$1"; fi ;; esac\nexit $rc\n')
+    fake.chmod(0o755)
+    r = tickets("doctor")  # with the real cat the lock stays: it is stale
+    assert (r.exit_code, r.stdout) == (1, f"doctor: stale lock (process "
+                                          f"{lock.read_text().strip()} is gone): {lock}\n"), r
+    r = tickets("doctor", env={"PATH": f"{bindir}:{os.environ['PATH']}"})
+    assert not once.exists() and not lock.exists()
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "doctor: ok\n", ""), r
 
 
 def test_temp_files_come_from_mktemp_only():
