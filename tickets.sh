@@ -797,6 +797,11 @@ leftovers() {
 
 cmd_doctor() {
     parse doctor "" 0 "$@"
+    # A repository without the tree has no item yet: nothing can be damaged.
+    if [ ! -e "$W" ] && [ ! -L "$W" ]; then
+        printf 'doctor: nothing to check: %s does not exist (create makes it)\n' "$W"
+        return 0
+    fi
     TMP_REPORT=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
     set --
     # A holder that released the lock and exited between the read and the

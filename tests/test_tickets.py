@@ -760,7 +760,15 @@ def test_doctor_reports_the_lock_temp_file_of_a_gone_waiter_only(tickets):
     assert (r.exit_code, r.stdout) == (1, f"doctor: leftover temporary file: {gone}\n"), r
 
 
-def test_doctor_on_a_missing_tree_reports_the_status_directories(tickets):
+def test_doctor_on_a_fresh_repository_has_nothing_to_check(tickets):
+    r = tickets("doctor")
+    assert (r.exit_code, r.stdout, r.stderr) == (
+        0, f"doctor: nothing to check: {tickets.work} does not exist (create makes it)\n", ""), r
+    assert not tickets.work.exists()
+
+
+def test_doctor_on_a_tree_without_status_directories_reports_them(tickets):
+    tickets.work.mkdir()
     r = tickets("doctor")
     w = tickets.work
     assert (r.exit_code, r.stdout) == (1, f"doctor: missing directory: {w}/closed\n"
