@@ -26,12 +26,14 @@ EXIT_NOT_FOUND=3
 EXIT_BUSY=6
 
 # Temporary paths owned by this run; removed on exit and on HUP/INT/TERM.
+# All of them are inside the tree (never in $TMPDIR), where doctor finds what
+# a killed command leaves: TMP_RUN is this run's directory $W/.run.tmp-XXXXXX
+# (the body, the event), the others sit next to the file they replace.
+TMP_RUN=
 TMP_BODY=
-TMP_EVENT=
 TMP_FILE=
 TMP_STAGE=
 TMP_LOCK=
-TMP_REPORT=
 LOCK_HELD=0
 
 # ---------------------------------------------------------------- messages
@@ -90,10 +92,12 @@ usage_error() {
 # ------------------------------------------------------- temp files, signals
 
 cleanup() {
-    for f in "$TMP_BODY" "$TMP_EVENT" "$TMP_FILE" "$TMP_LOCK" "$TMP_REPORT"; do
+    for f in "$TMP_FILE" "$TMP_LOCK"; do
         if [ -n "$f" ]; then rm -f "$f"; fi
     done
-    if [ -n "$TMP_STAGE" ]; then rm -rf "$TMP_STAGE"; fi
+    for f in "$TMP_STAGE" "$TMP_RUN"; do
+        if [ -n "$f" ]; then rm -rf "$f"; fi
+    done
     lock_release
 }
 trap cleanup EXIT
@@ -122,6 +126,17 @@ modes() {
 # the target, so the final mv is an atomic rename).
 mktemp_in() {
     mktemp "$1/.$2.tmp-XXXXXX" || die "$EXIT_FAILED" "cannot create a temporary file in $1"
+}
+
+# run_dir: make TMP_RUN, this run's own directory for temporary files, in the
+# tree. It holds our pid (in the file pid) so that doctor can tell the
+# directory of a live command (one still reading its body before it takes the
+# lock) from one a killed command left.
+run_dir() {
+    [ -z "$TMP_RUN" ] || return 0
+    TMP_RUN=$(mktemp -d "$W/.run.tmp-XXXXXX") ||
+        die "$EXIT_FAILED" "cannot create a temporary directory in $W"
+    printf '%s\n' "$$" >"$TMP_RUN/pid" || die "$EXIT_FAILED" "cannot write $TMP_RUN/pid"
 }
 
 # ------------------------------------------------------------------- lock
@@ -387,17 +402,20 @@ $2
 resolve() {
     query=$1
     [ -n "$query" ] || usage_error "an item id or slug is required"
-    TMP_REPORT=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
+    # Candidates as "TIER<tab>DIR" lines, kept in a variable: a read-only
+    # command writes nothing, not even a temporary file.
+    found=
     set --
     for st in $STATUSES; do
         for d in "$W/$st"/*; do
             [ -d "$d" ] || continue
-            if [ "${d##*/}" = "$query" ]; then printf '1\t%s\n' "$d" >>"$TMP_REPORT"; fi
+            if [ "${d##*/}" = "$query" ]; then found="${found}1	$d
+"; fi
             if [ -s "$d/item.md" ]; then set -- "$@" "$d/item.md"; fi
         done
     done
     if [ "$#" -gt 0 ]; then
-        QUERY=$query awk "$AWK_FM"'
+        found=$found$(QUERY=$query awk "$AWK_FM"'
             function done_file(f) {
                 if (fm_state == 0) return
                 sub(/\/item\.md$/, "", f)
@@ -407,13 +425,11 @@ resolve() {
             FNR == 1 && NR > 1 { done_file(prev) }
             { fm_line(); prev = FILENAME }
             END { if (NR > 0) done_file(prev) }
-        ' "$@" >>"$TMP_REPORT"
+        ' "$@")
     fi
     # Tier 1 (directory name or id) wins over tier 2 (slug).
-    tier=$(cut -f 1 "$TMP_REPORT" | sort | head -n 1)
-    matches=$(awk -F '\t' -v t="$tier" '$1 == t { print $2 }' "$TMP_REPORT" | sort -u)
-    rm -f "$TMP_REPORT"
-    TMP_REPORT=
+    tier=$(printf '%s\n' "$found" | grep . | cut -f 1 | sort | head -n 1)
+    matches=$(printf '%s\n' "$found" | awk -F '\t' -v t="$tier" '$1 == t { print $2 }' | sort -u)
     [ -n "$matches" ] || die "$EXIT_NOT_FOUND" "no such work item: $query"
     case $matches in
         *'
@@ -433,25 +449,54 @@ dir_status() {
 
 # -------------------------------------------------------------- bodies
 
-# read_body FILE: copy the body into a temp file TMP_BODY: from FILE, from
-# stdin if FILE is "-", or from stdin if it is not a terminal; else empty.
-# FILE may be anything readable but a directory: a regular file, a FIFO or
-# the /dev/fd/N of a process substitution, /dev/null (an empty body).
+# read_body FILE: copy the body into TMP_BODY in the run's directory: from
+# FILE, from stdin if FILE is "-", or from stdin if it is not a terminal;
+# else empty. FILE may be anything readable but a directory: a regular file,
+# a FIFO or the /dev/fd/N of a process substitution, /dev/null (an empty
+# body). Without a tree there is no item, so the command is bound to end in
+# "no such work item": then only whether the body is empty is learnt (an
+# empty comment is a usage error first), from its first byte, and nothing is
+# stored or created.
 read_body() {
-    TMP_BODY=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
+    src=
     if [ -n "$1" ] && [ "$1" != - ]; then
         [ -e "$1" ] && [ ! -d "$1" ] && [ -r "$1" ] || usage_error "cannot read file: $1"
-        cat -- "$1" >"$TMP_BODY" || die "$EXIT_FAILED" "cannot read $1"
+        src=$1
     elif [ "$1" = - ] || [ ! -t 0 ]; then
-        cat >"$TMP_BODY" || die "$EXIT_FAILED" "cannot read stdin"
+        src=-
     fi
+    if [ ! -d "$W" ]; then
+        TMP_BODY=
+        BODY_BYTES=$(body_from "$src" | dd bs=1 count=1 2>/dev/null | wc -c | tr -d ' ')
+        return 0
+    fi
+    run_dir
+    TMP_BODY=$TMP_RUN/body
+    body_from "$src" >"$TMP_BODY" || die "$EXIT_FAILED" "cannot read ${1:-stdin}"
+    BODY_BYTES=$(wc -c <"$TMP_BODY" | tr -d ' ')
+}
+
+body_from() {
+    case $1 in
+        '') ;;
+        -) cat ;;
+        *) cat -- "$1" ;;
+    esac
+}
+
+# body_text TEXT: the body is TEXT and a newline.
+body_text() {
+    run_dir
+    TMP_BODY=$TMP_RUN/body
+    printf '%s\n' "$1" >"$TMP_BODY" || die "$EXIT_FAILED" "cannot write $TMP_BODY"
 }
 
 # append_event DIR EVENT HEADING AUTHOR STATUS NOW: add one event with the body
 # in TMP_BODY to DIR/thread.md (composed first, appended with one cat), and
 # bump updated_at.
 append_event() {
-    TMP_EVENT=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
+    run_dir
+    event=$TMP_RUN/event
     {
         if [ -s "$1/thread.md" ]; then printf '\n'; fi
         printf '<!-- event: %s author: %s at: %s' "$2" "$4" "$6"
@@ -463,10 +508,12 @@ append_event() {
             printf '\n'
         fi
         printf '%s\n' ---
-    } >"$TMP_EVENT"
-    cat "$TMP_EVENT" >>"$1/thread.md" || die "$EXIT_FAILED" "cannot append to $1/thread.md"
-    rm -f "$TMP_EVENT"
-    TMP_EVENT=
+    } >"$event" || die "$EXIT_FAILED" "cannot write $event"
+    cat "$event" >>"$1/thread.md" || die "$EXIT_FAILED" "cannot append to $1/thread.md"
+    # The body (perhaps large) is not needed any more: do not leave it to a
+    # kill in what follows.
+    rm -rf "$TMP_RUN"
+    TMP_RUN=
     rewrite_item "$1" updated_at "$6"
 }
 
@@ -704,7 +751,7 @@ cmd_comment() {
     esac
     author_option
     read_body "$O_file"
-    [ -s "$TMP_BODY" ] || usage_error "comment needs a body: --file PATH, or pipe it on stdin"
+    [ "$BODY_BYTES" != 0 ] || usage_error "comment needs a body: --file PATH, or pipe it on stdin"
     locate "$POS1"
     append_event "$ITEM_DIR" "$role" "$heading" "$AUTHOR" '' "$NOW"
 }
@@ -742,8 +789,7 @@ cmd_status() {
     fi
     [ -n "$old" ] || old=$(dir_status "$ITEM_DIR")
     set_status "$new"
-    TMP_BODY=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
-    printf 'Moved from %s to %s.\n' "$old" "$new" >"$TMP_BODY"
+    body_text "Moved from $old to $new."
     append_event "$ITEM_DIR" status "Status: $new" "$AUTHOR" "$new" "$NOW"
 }
 
@@ -754,16 +800,15 @@ cmd_close() {
     author_option
     if given file; then
         read_body "$O_file"
-    else
-        TMP_BODY=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
-        if given resolution; then
-            [ -n "$O_resolution" ] || usage_error "--resolution must not be empty"
-            printf '%s\n' "$O_resolution" >"$TMP_BODY"
-        else
-            printf 'Closed.\n' >"$TMP_BODY"
-        fi
+    elif given resolution; then
+        [ -n "$O_resolution" ] || usage_error "--resolution must not be empty"
     fi
     locate "$POS1"
+    if given resolution; then
+        body_text "$O_resolution"
+    elif ! given file; then
+        body_text Closed.
+    fi
     set_status closed
     modes
     TMP_FILE=$(mktemp_in "$ITEM_DIR" resolution.md)
@@ -774,25 +819,109 @@ cmd_close() {
     append_event "$ITEM_DIR" close Closed "$AUTHOR" closed "$NOW"
 }
 
-# leftovers DIR: report temp files an interrupted command left in DIR.
+# leftovers DIR: report temp files an interrupted command left in DIR. Two
+# kinds are made outside the lock and name the pid of their command: the
+# lock temp file of a command waiting for the lock, and the run directory
+# of a command reading its body; they are leftovers only once it is gone.
+# The others are made under the lock, which doctor holds while it looks.
 leftovers() {
     for f in "$1"/.*.tmp-*; do
         [ -e "$f" ] || continue
         case ${f##*/} in
-            .lock.tmp-*)
-                # Held by a command waiting for the lock; it names its pid.
-                pid=$(cat "$f" 2>/dev/null || true)
-                if [ -z "$pid" ]; then
-                    # Just made, by a command about to write its pid: look again.
-                    sleep 0.1 2>/dev/null || sleep 1
-                    [ -e "$f" ] || continue
-                    pid=$(cat "$f" 2>/dev/null || true)
-                fi
-                if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then continue; fi
-                ;;
+            .lock.tmp-*) pidfile=$f ;;
+            .run.tmp-*) pidfile=$f/pid ;;
+            *) pidfile= ;;
         esac
+        if [ -n "$pidfile" ]; then
+            pid=$(cat "$pidfile" 2>/dev/null || true)
+            if [ -z "$pid" ]; then
+                # Just made, by a command about to write its pid: look again.
+                sleep 0.1 2>/dev/null || sleep 1
+                [ -e "$f" ] || continue
+                pid=$(cat "$pidfile" 2>/dev/null || true)
+            fi
+            if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then continue; fi
+        fi
         printf 'leftover temporary file: %s\n' "$f"
     done
+}
+
+# stale_locks: report a lock or break lock whose process is gone. A holder
+# that released the lock and exited between the read and the kill -0 is no
+# stale lock: the file must still name it afterwards.
+stale_locks() {
+    for f in "$LOCK_FILE" "$BREAK_FILE"; do
+        [ -f "$f" ] || continue
+        holder=$(cat "$f" 2>/dev/null || true)
+        if [ -n "$holder" ] && kill -0 "$holder" 2>/dev/null; then continue; fi
+        [ -f "$f" ] && [ "$(cat "$f" 2>/dev/null || true)" = "$holder" ] || continue
+        printf 'stale lock (process %s is gone): %s\n' "${holder:-?}" "$f"
+    done
+}
+
+# doctor_scan: report every problem of the tree, one a line, unsorted.
+doctor_scan() {
+    set --
+    leftovers "$W"
+    for st in $STATUSES; do
+        if [ ! -d "$W/$st" ]; then
+            printf 'missing directory: %s\n' "$W/$st"
+            continue
+        fi
+        leftovers "$W/$st"
+        for d in "$W/$st"/*; do
+            [ -d "$d" ] || continue
+            if [ ! -f "$d/item.md" ]; then
+                printf 'missing item.md: %s\n' "$d"
+            elif [ ! -s "$d/item.md" ]; then
+                printf 'missing front matter: %s\n' "$d/item.md"
+            else
+                set -- "$@" "$d/item.md"
+            fi
+            [ -f "$d/thread.md" ] || printf 'missing thread.md: %s\n' "$d"
+            [ -d "$d/artifacts" ] || printf 'missing artifacts/: %s\n' "$d"
+            leftovers "$d"
+        done
+    done
+    [ "$#" -gt 0 ] || return 0
+    FIELDS=$FIELDS NULLABLE=$NULLABLE awk "$AWK_FM"'
+        BEGIN {
+            nf = split(ENVIRON["FIELDS"], field, " ")
+            split(ENVIRON["NULLABLE"], tmp, " ")
+            for (k in tmp) nullable[tmp[k]] = 1
+        }
+        function check(file,   k, n, part, dir, st, base) {
+            if (fm_state != 2) { print "missing front matter: " file; return }
+            for (k = 1; k <= nf; k++) {
+                if (!(field[k] in seen))
+                    print "missing required field \047" field[k] "\047: " file
+                else if (fm[field[k]] == "" && !(field[k] in nullable))
+                    print "empty required field \047" field[k] "\047: " file
+            }
+            n = split(file, part, "/")
+            base = part[n - 1]
+            st = part[n - 2]
+            dir = substr(file, 1, length(file) - length("/item.md"))
+            if (fm["id"] != "") {
+                if (fm["id"] != base) print "directory name does not match id: " dir " has id " fm["id"]
+                ids[fm["id"]] = ids[fm["id"]] " " dir
+                nid[fm["id"]]++
+            }
+            if (("status" in seen) && fm["status"] != st)
+                print "status mismatch: " file " says \047" fm["status"] "\047 but is under \047" st "\047"
+            if (fm["slug"] != "") {
+                slugs[fm["slug"]] = slugs[fm["slug"]] " " dir
+                nslug[fm["slug"]]++
+            }
+        }
+        FNR == 1 && NR > 1 { check(prev) }
+        { fm_line(); prev = FILENAME }
+        END {
+            if (NR > 0) check(prev)
+            for (k in nid) if (nid[k] > 1) print "duplicate id: " k " in" ids[k]
+            for (k in nslug) if (nslug[k] > 1) print "duplicate slug: " k " in" slugs[k]
+        }
+    ' "$@"
 }
 
 cmd_doctor() {
@@ -802,90 +931,26 @@ cmd_doctor() {
         printf 'doctor: nothing to check: %s does not exist (create makes it)\n' "$W"
         return 0
     fi
-    TMP_REPORT=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
-    set --
-    # A holder that released the lock and exited between the read and the
-    # kill -0 is no stale lock: the file must still name it afterwards.
-    for f in "$LOCK_FILE" "$BREAK_FILE"; do
-        [ -f "$f" ] || continue
-        holder=$(cat "$f" 2>/dev/null || true)
-        if [ -n "$holder" ] && kill -0 "$holder" 2>/dev/null; then continue; fi
-        [ -f "$f" ] && [ "$(cat "$f" 2>/dev/null || true)" = "$holder" ] || continue
-        printf 'stale lock (process %s is gone): %s\n' "${holder:-?}" "$f"
-    done >"$TMP_REPORT"
+    # The report is kept in variables: doctor writes no temporary file, so it
+    # works on a tree it may not write to.
+    report=$(stale_locks)
     # Look at a still tree: under the lock no command is half-way through a
     # create, a move or a rewrite (which would look like damage). A stale
     # lock is reported, not broken: that is for a person to decide.
-    if [ ! -s "$TMP_REPORT" ] && [ -d "$W" ] && [ -w "$W" ]; then lock_acquire; fi
-    {
-        leftovers "$W"
-        for st in $STATUSES; do
-            if [ ! -d "$W/$st" ]; then
-                printf 'missing directory: %s\n' "$W/$st"
-                continue
-            fi
-            leftovers "$W/$st"
-            for d in "$W/$st"/*; do
-                [ -d "$d" ] || continue
-                if [ ! -f "$d/item.md" ]; then
-                    printf 'missing item.md: %s\n' "$d"
-                elif [ ! -s "$d/item.md" ]; then
-                    printf 'missing front matter: %s\n' "$d/item.md"
-                else
-                    set -- "$@" "$d/item.md"
-                fi
-                [ -f "$d/thread.md" ] || printf 'missing thread.md: %s\n' "$d"
-                [ -d "$d/artifacts" ] || printf 'missing artifacts/: %s\n' "$d"
-                leftovers "$d"
-            done
-        done
-        if [ "$#" -gt 0 ]; then
-            FIELDS=$FIELDS NULLABLE=$NULLABLE awk "$AWK_FM"'
-                BEGIN {
-                    nf = split(ENVIRON["FIELDS"], field, " ")
-                    split(ENVIRON["NULLABLE"], tmp, " ")
-                    for (k in tmp) nullable[tmp[k]] = 1
-                }
-                function check(file,   k, n, part, dir, st, base) {
-                    if (fm_state != 2) { print "missing front matter: " file; return }
-                    for (k = 1; k <= nf; k++) {
-                        if (!(field[k] in seen))
-                            print "missing required field \047" field[k] "\047: " file
-                        else if (fm[field[k]] == "" && !(field[k] in nullable))
-                            print "empty required field \047" field[k] "\047: " file
-                    }
-                    n = split(file, part, "/")
-                    base = part[n - 1]
-                    st = part[n - 2]
-                    dir = substr(file, 1, length(file) - length("/item.md"))
-                    if (fm["id"] != "") {
-                        if (fm["id"] != base) print "directory name does not match id: " dir " has id " fm["id"]
-                        ids[fm["id"]] = ids[fm["id"]] " " dir
-                        nid[fm["id"]]++
-                    }
-                    if (("status" in seen) && fm["status"] != st)
-                        print "status mismatch: " file " says \047" fm["status"] "\047 but is under \047" st "\047"
-                    if (fm["slug"] != "") {
-                        slugs[fm["slug"]] = slugs[fm["slug"]] " " dir
-                        nslug[fm["slug"]]++
-                    }
-                }
-                FNR == 1 && NR > 1 { check(prev) }
-                { fm_line(); prev = FILENAME }
-                END {
-                    if (NR > 0) check(prev)
-                    for (k in nid) if (nid[k] > 1) print "duplicate id: " k " in" ids[k]
-                    for (k in nslug) if (nslug[k] > 1) print "duplicate slug: " k " in" slugs[k]
-                }
-            ' "$@"
-        fi
-    } >>"$TMP_REPORT"
-    problems=$(wc -l <"$TMP_REPORT" | tr -d ' ')
-    if [ "$problems" = 0 ]; then
+    if [ -z "$report" ] && [ -d "$W" ] && [ -w "$W" ]; then lock_acquire; fi
+    scan=$(doctor_scan)
+    if [ -n "$report" ] && [ -n "$scan" ]; then
+        report="$report
+$scan"
+    else
+        report=$report$scan
+    fi
+    if [ -z "$report" ]; then
         printf 'doctor: ok\n'
         return 0
     fi
-    sort "$TMP_REPORT" | sed 's/^/doctor: /'
+    problems=$(printf '%s\n' "$report" | wc -l | tr -d ' ')
+    printf '%s\n' "$report" | sort | sed 's/^/doctor: /'
     printf '%s: doctor found %s problem(s)\n' "$PROG" "$problems" >&2
     exit "$EXIT_FAILED"
 }

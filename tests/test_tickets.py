@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -502,6 +503,144 @@ def test_doctor_does_not_report_a_lock_released_while_it_looked(tickets, tmp_pat
     r = tickets("doctor", env={"PATH": f"{bindir}:{os.environ['PATH']}"})
     assert not once.exists() and not lock.exists()
     assert (r.exit_code, r.stdout, r.stderr) == (0, "doctor: ok\n", ""), r
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
+
+
+def run_dirs(work: Path) -> list[Path]:
+    return sorted(work.glob(".run.tmp-*"))
+
+
+def body_arrived(work: Path, size: int):
+    """The run directory of a command whose body file holds SIZE bytes so far."""
+    found = [d for d in run_dirs(work) if (d / "body").is_file()
+             and (d / "body").stat().st_size >= size and (d / "pid").is_file()]
+    return found[0] if found else None
+
+
+class SlowComment:
+    """`comment` reading its body from a pipe we feed: a live command, alone in its
+    process group so that a signal reaches it and its `cat` as from a terminal."""
+
+    def __init__(self, tickets: Tickets, item_id: str):
+        self.p = subprocess.Popen(tickets.argv(["comment", item_id]), stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env=tickets.env(), start_new_session=True)
+
+    def feed(self, data: bytes):
+        self.p.stdin.write(data)
+        self.p.stdin.flush()
+
+    def signal(self, sig) -> int:
+        os.killpg(self.p.pid, sig)
+        return self.finish()
+
+    def finish(self) -> int:
+        self.p.stdin.close()
+        self.p.wait(timeout=30)
+        self.stdout, self.stderr = self.p.stdout.read(), self.p.stderr.read()
+        return self.p.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGKILL)
+            self.p.wait()
+        for f in (self.p.stdin, self.p.stdout, self.p.stderr):
+            f.close()
+
+
+def test_no_command_uses_tmpdir(tickets, tmp_path):
+    """With $TMPDIR unusable every command still works: temporary files are made in the tree."""
+    env = {"TMPDIR": str(tmp_path / "no" / "such" / "dir")}
+    item_id = tickets.create("No tmpdir", env=env)
+    body = tmp_path / "body.md"
+    body.write_text("From a file.\n")
+    tickets.ok("comment", item_id, input="From stdin.\n", env=env)
+    tickets.ok("comment", item_id, "--file", body, env=env)
+    tickets.ok("review", item_id, "--approve", env=env)
+    tickets.ok("status", item_id, "pending", env=env)
+    tickets.ok("show", item_id, env=env)
+    tickets.ok("list", env=env)
+    tickets.ok("close", item_id, "--resolution", "Done.", env=env)
+    other = tickets.create("Other", env=env)
+    tickets.ok("close", other, env=env)
+    r = tickets("comment", "nope", input="x\n", env=env)
+    assert (r.exit_code, r.stderr) == (3, "tickets.sh: error: no such work item: nope\n"), r
+    tickets.ok("doctor", env=env)
+    assert temp_files(tickets.work) == []
+    assert "From stdin.\n\n---\n" in (tickets.dir(item_id) / "thread.md").read_text()
+
+
+def test_item_commands_without_a_tree_exit_3_and_create_nothing(tickets, tmp_path):
+    body = tmp_path / "body.md"
+    body.write_text("Body.\n")
+    for args in (["comment", "x"], ["comment", "x", "--file", body], ["review", "x", "--approve"],
+                 ["close", "x"], ["close", "x", "--resolution", "r"], ["status", "x", "open"],
+                 ["show", "x"]):
+        r = tickets(*args, input="Body.\n")
+        assert (r.exit_code, r.stdout, r.stderr) == (3, "", "tickets.sh: error: no such work item: x\n"), r
+        assert not tickets.work.exists()
+
+
+def test_killed_comment_leaves_its_body_in_the_tree_where_doctor_reports_it(tickets):
+    item_id = tickets.create("Big body")
+    thread = tickets.dir(item_id) / "thread.md"
+    before = thread.read_bytes()
+    with SlowComment(tickets, item_id) as slow:
+        for _ in range(16):
+            slow.feed(b"x" * 65536)
+        run = wait_for(lambda: body_arrived(tickets.work, 1 << 20))
+        assert run, run_dirs(tickets.work)
+        assert (run / "pid").read_text() == f"{slow.p.pid}\n"
+        assert slow.signal(signal.SIGKILL) == -signal.SIGKILL
+    # Nothing in $TMPDIR; the megabyte of body is in the tree, where doctor sees it.
+    assert list(tickets.tmp.iterdir()) == []
+    assert temp_files(tickets.work) == [run]
+    assert thread.read_bytes() == before
+    r = tickets("doctor")
+    assert (r.exit_code, r.stdout) == (1, f"doctor: leftover temporary file: {run}\n"), r
+    # The next comment is not disturbed by it.
+    tickets.ok("comment", item_id, input="Small.\n")
+    assert untime(thread.read_text()) == untime(before.decode()) + (
+        "\n<!-- event: comment author: tester at: T -->\n\n## Comment\n\nSmall.\n\n---\n")
+    shutil.rmtree(run)
+    tickets.doctor_ok()
+
+
+def test_doctor_leaves_alone_the_run_directory_of_a_live_command(tickets):
+    item_id = tickets.create("Live")
+    with SlowComment(tickets, item_id) as slow:
+        slow.feed(b"still typing")
+        run = wait_for(lambda: body_arrived(tickets.work, 1))
+        assert run, run_dirs(tickets.work)
+        tickets.doctor_ok()
+        assert slow.finish() == 0
+    assert run_dirs(tickets.work) == [] and list(tickets.tmp.iterdir()) == []
+    assert (tickets.dir(item_id) / "thread.md").read_text().endswith("still typing\n\n---\n")
+    tickets.doctor_ok()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT, signal.SIGTERM],
+                         ids=lambda s: s.name)
+def test_signals_remove_the_run_directory(tickets, sig):
+    item_id = tickets.create("Interrupted")
+    before = snapshot(tickets.work)
+    with SlowComment(tickets, item_id) as slow:
+        slow.feed(b"half a body")
+        assert wait_for(lambda: body_arrived(tickets.work, 1)), run_dirs(tickets.work)
+        assert slow.signal(sig) == 128 + sig
+    assert snapshot(tickets.work) == before
+    assert temp_files(tickets.work) == [] and list(tickets.tmp.iterdir()) == []
 
 
 def test_temp_files_come_from_mktemp_only():
