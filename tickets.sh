@@ -439,6 +439,35 @@ $matches"
             ;;
     esac
     ITEM_DIR=$matches
+    check_item "$ITEM_DIR"
+}
+
+# ----------------------------------------------------------- symbolic links
+
+# Nothing inside the tree may be a symbolic link (the tree itself, $W, may):
+# through a link thread.md would be appended to a file elsewhere, an item
+# directory or a status directory would take writes and moves out of the
+# tree. Commands refuse such a tree and doctor reports every link.
+
+# refuse_link PATH: exit 1 if PATH is a symbolic link.
+refuse_link() {
+    if [ -L "$1" ]; then
+        die "$EXIT_FAILED" "refusing to follow the symbolic link $1 in the work items (see: $PROG doctor)"
+    fi
+}
+
+# check_statuses: refuse a status directory that is a link.
+check_statuses() {
+    for st in $STATUSES; do refuse_link "$W/$st"; done
+}
+
+# check_item DIR: refuse the item DIR if its status directory, DIR itself or
+# anything in it is a link (find does not follow a link it is given).
+check_item() {
+    refuse_link "${1%/*}"
+    refuse_link "$1"
+    link=$(find "$1" -type l -print | head -n 1)
+    if [ -n "$link" ]; then refuse_link "$link"; fi
 }
 
 # dir_status DIR: the status directory DIR lives in.
@@ -535,6 +564,7 @@ move_item() {
 }
 
 ensure_dirs() {
+    check_statuses
     for st in $STATUSES; do
         if [ ! -d "$W/$st" ]; then
             mkdir -p "$W/$st" || die "$EXIT_FAILED" "cannot create $W/$st"
@@ -733,7 +763,15 @@ locate() {
     resolve "$1"
     lock_acquire
     resolve "$1"
+    check_statuses
     [ -f "$ITEM_DIR/item.md" ] || die "$EXIT_FAILED" "$ITEM_DIR has no item.md (see: $PROG doctor)"
+    # A file to be replaced by rename must be one: mv onto a directory would
+    # move into it.
+    for f in thread.md resolution.md; do
+        if [ -e "$ITEM_DIR/$f" ] && [ ! -f "$ITEM_DIR/$f" ]; then
+            die "$EXIT_FAILED" "$ITEM_DIR/$f is not a regular file (see: $PROG doctor)"
+        fi
+    done
     now
 }
 
@@ -826,7 +864,8 @@ cmd_close() {
 # The others are made under the lock, which doctor holds while it looks.
 leftovers() {
     for f in "$1"/.*.tmp-*; do
-        [ -e "$f" ] || continue
+        # A link is reported as such (by doctor_scan), not followed.
+        if [ -L "$f" ] || [ ! -e "$f" ]; then continue; fi
         case ${f##*/} in
             .lock.tmp-*) pidfile=$f ;;
             .run.tmp-*) pidfile=$f/pid ;;
@@ -851,7 +890,8 @@ leftovers() {
 # stale lock: the file must still name it afterwards.
 stale_locks() {
     for f in "$LOCK_FILE" "$BREAK_FILE"; do
-        [ -f "$f" ] || continue
+        # A link is reported as such (by doctor_scan), not followed.
+        if [ -L "$f" ] || [ ! -f "$f" ]; then continue; fi
         holder=$(cat "$f" 2>/dev/null || true)
         if [ -n "$holder" ] && kill -0 "$holder" 2>/dev/null; then continue; fi
         [ -f "$f" ] && [ "$(cat "$f" 2>/dev/null || true)" = "$holder" ] || continue
@@ -861,25 +901,39 @@ stale_locks() {
 
 # doctor_scan: report every problem of the tree, one a line, unsorted.
 doctor_scan() {
+    if [ ! -d "$W" ]; then
+        printf 'not a directory: %s\n' "$W"
+        return 0
+    fi
+    # Every link in the tree (-H: $W itself may be one); what a link leads to
+    # is not looked at.
+    find -H "$W" -type l -print | sed 's/^/symbolic link: /'
     set --
     leftovers "$W"
     for st in $STATUSES; do
+        [ ! -L "$W/$st" ] || continue
         if [ ! -d "$W/$st" ]; then
             printf 'missing directory: %s\n' "$W/$st"
             continue
         fi
         leftovers "$W/$st"
         for d in "$W/$st"/*; do
-            [ -d "$d" ] || continue
-            if [ ! -f "$d/item.md" ]; then
+            if [ -L "$d" ] || [ ! -d "$d" ]; then continue; fi
+            if [ -L "$d/item.md" ]; then
+                :
+            elif [ ! -f "$d/item.md" ]; then
                 printf 'missing item.md: %s\n' "$d"
             elif [ ! -s "$d/item.md" ]; then
                 printf 'missing front matter: %s\n' "$d/item.md"
             else
                 set -- "$@" "$d/item.md"
             fi
-            [ -f "$d/thread.md" ] || printf 'missing thread.md: %s\n' "$d"
-            [ -d "$d/artifacts" ] || printf 'missing artifacts/: %s\n' "$d"
+            if [ ! -L "$d/thread.md" ] && [ ! -f "$d/thread.md" ]; then
+                printf 'missing thread.md: %s\n' "$d"
+            fi
+            if [ ! -L "$d/artifacts" ] && [ ! -d "$d/artifacts" ]; then
+                printf 'missing artifacts/: %s\n' "$d"
+            fi
             leftovers "$d"
         done
     done

@@ -653,6 +653,128 @@ def test_temp_files_come_from_mktemp_only():
     assert not re.search(r"[-./_]\$\$|\$\$[-./_]|\$\{?\$\}?\.", text)
 
 
+# ------------------------------------------------------- symbolic links
+
+
+def tree_state(root: Path) -> dict:
+    """Every path under ROOT, links not followed: a link as its target, a file as its bytes."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            key = str(p.relative_to(root))
+            if p.is_symlink():
+                state[key] = ("link", os.readlink(p))
+            elif p.is_file():
+                state[key] = p.read_bytes()
+            else:
+                state[key] = None
+    return state
+
+
+def _link_out(path: Path, outside: Path) -> Path:
+    """Move PATH out of the tree to OUTSIDE and leave a symbolic link in its place."""
+    target = outside / path.name
+    shutil.move(str(path), str(target))
+    path.symlink_to(target, target_is_directory=target.is_dir())
+    return path
+
+
+def _link_in(path: Path, target: Path) -> Path:
+    """A new link PATH to a new file TARGET outside the tree."""
+    target.write_text("outside\n")
+    path.symlink_to(target)
+    return path
+
+
+# Each: which path becomes a link out of the tree (work, item directory, outside).
+LINKS = {
+    "thread.md": lambda w, d, o: _link_out(d / "thread.md", o),
+    "item.md": lambda w, d, o: _link_out(d / "item.md", o),
+    "resolution.md": lambda w, d, o: (
+        (d / "resolution.md").write_text("Old.\n"), _link_out(d / "resolution.md", o))[1],
+    "artifacts": lambda w, d, o: _link_out(d / "artifacts", o),
+    "a link in artifacts": lambda w, d, o: _link_in(d / "artifacts" / "log", o / "log"),
+    "item directory": lambda w, d, o: _link_out(d, o),
+    "open": lambda w, d, o: _link_out(w / "open", o),
+    "pending": lambda w, d, o: _link_out(w / "pending", o),
+    "closed": lambda w, d, o: _link_out(w / "closed", o),
+}
+
+# (link, command): every command that would write through or into the link, and show.
+LINK_COMMANDS = [
+    ("thread.md", ["comment", "ID"]), ("thread.md", ["review", "ID", "--approve"]),
+    ("thread.md", ["status", "ID", "pending"]), ("thread.md", ["close", "ID"]),
+    ("item.md", ["comment", "ID"]), ("item.md", ["status", "ID", "pending"]),
+    ("resolution.md", ["close", "ID"]),
+    ("artifacts", ["comment", "ID"]), ("artifacts", ["close", "ID"]),
+    ("a link in artifacts", ["comment", "ID"]),
+    ("item directory", ["comment", "ID"]), ("item directory", ["close", "ID"]),
+    ("item directory", ["status", "ID", "pending"]), ("item directory", ["show", "ID"]),
+    ("open", ["create", "--title", "New"]), ("open", ["comment", "ID"]),
+    ("pending", ["status", "ID", "pending"]), ("pending", ["comment", "ID"]),
+    ("closed", ["close", "ID"]), ("closed", ["status", "ID", "closed"]),
+]
+
+
+@pytest.mark.parametrize("link, args", LINK_COMMANDS,
+                         ids=[f"{link}-{args[0]}" for link, args in LINK_COMMANDS])
+def test_a_symbolic_link_in_the_tree_is_refused_and_reported(tickets, tmp_path, link, args):
+    item_id = tickets.create("Linked")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    path = LINKS[link](tickets.work, tickets.dir(item_id), outside)
+    work_before, outside_before = tree_state(tickets.work), tree_state(outside)
+
+    r = tickets(*[item_id if a == "ID" else a for a in args], input="Through the link?\n")
+    # Nothing written or moved, outside the tree or in it.
+    assert tree_state(outside) == outside_before, r
+    assert tree_state(tickets.work) == work_before, r
+    assert (r.exit_code, r.stdout, r.stderr) == (
+        1, "", f"tickets.sh: error: refusing to follow the symbolic link {path} in the "
+               f"work items (see: tickets.sh doctor)\n"), r
+    assert list(tickets.tmp.iterdir()) == []
+
+    r = tickets("doctor")
+    assert (r.exit_code, r.stdout, r.stderr) == (
+        1, f"doctor: symbolic link: {path}\n", "tickets.sh: doctor found 1 problem(s)\n"), r
+    assert tree_state(outside) == outside_before
+
+
+def test_doctor_reports_every_link_and_does_not_look_through_them(tickets, tmp_path):
+    a = tickets.dir(tickets.create("Alpha"))
+    b = tickets.dir(tickets.create("Beta"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    # Through these links lie things doctor would otherwise report (or, with a
+    # leftover temp file, remove): it must not look.
+    (outside / ".item.md.tmp-Ab12Cd").write_text("not ours\n")
+    (outside / "item.md").write_text("# no front matter\n")
+    (a / "thread.md").unlink()
+    (a / "thread.md").symlink_to(outside / "missing")  # dangling
+    _link_out(b / "item.md", outside)
+    (tickets.work / "pending" / "20990101-000000-x").symlink_to(outside, target_is_directory=True)
+    (outside / "pid").write_text(f"{dead_pid()}\n")
+    (tickets.work / ".lock.break").symlink_to(outside / "pid")
+    r = tickets("doctor")
+    assert r.exit_code == 1, r
+    assert r.stdout == "".join(f"doctor: symbolic link: {p}\n" for p in sorted([
+        f"{a}/thread.md", f"{b}/item.md", f"{tickets.work}/pending/20990101-000000-x",
+        f"{tickets.work}/.lock.break"])), r
+    assert (outside / ".item.md.tmp-Ab12Cd").exists()
+
+
+def test_the_tree_itself_may_be_a_symbolic_link(tickets, tmp_path):
+    real = tmp_path / "real-tree"
+    real.mkdir()
+    tickets.work.symlink_to(real, target_is_directory=True)
+    item_id = tickets.create("Via a link")
+    tickets.ok("comment", item_id, input="Fine.\n")
+    tickets.ok("close", item_id)
+    assert (real / "closed" / item_id / "resolution.md").read_text() == "Closed.\n"
+    tickets.doctor_ok()
+
+
 # ------------------------------------------------------------- errors
 
 
