@@ -28,7 +28,7 @@ EXIT_BUSY=6
 # Temporary paths owned by this run; removed on exit and on HUP/INT/TERM.
 # All of them are inside the tree (never in $TMPDIR), where doctor finds what
 # a killed command leaves: TMP_RUN is this run's directory $W/.run.tmp-XXXXXX
-# (the body, the event), the others sit next to the file they replace.
+# (its pid, the body), the others sit next to the file they replace.
 TMP_RUN=
 TMP_BODY=
 TMP_FILE=
@@ -521,29 +521,56 @@ body_text() {
 }
 
 # append_event DIR EVENT HEADING AUTHOR STATUS NOW: add one event with the body
-# in TMP_BODY to DIR/thread.md (composed first, appended with one cat), and
-# bump updated_at.
+# in TMP_BODY to DIR/thread.md, and bump updated_at. All or nothing: the
+# thread is copied with the event added to a temp file beside it, which is
+# renamed into place, so a killed command leaves the old thread or the new
+# one, never part of an event that later events would follow.
 append_event() {
-    run_dir
-    event=$TMP_RUN/event
+    thread=$1/thread.md
+    modes
+    TMP_FILE=$(mktemp_in "$1" thread.md)
+    sep=
+    if [ -f "$thread" ]; then
+        cat "$thread" >"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+        # A blank line between events.
+        if [ -s "$thread" ]; then sep=1; fi
+    fi
     {
-        if [ -s "$1/thread.md" ]; then printf '\n'; fi
+        if [ -n "$sep" ]; then printf '\n'; fi
         printf '<!-- event: %s author: %s at: %s' "$2" "$4" "$6"
         if [ -n "$5" ]; then printf ' status: %s' "$5"; fi
         printf ' -->\n\n## %s\n\n' "$3"
-        if [ -s "$TMP_BODY" ]; then
-            cat "$TMP_BODY"
+    } >>"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+    if [ -s "$TMP_BODY" ]; then
+        cat "$TMP_BODY" >>"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+        {
             if [ -n "$(tail -c 1 "$TMP_BODY")" ]; then printf '\n'; fi
             printf '\n'
-        fi
-        printf '%s\n' ---
-    } >"$event" || die "$EXIT_FAILED" "cannot write $event"
-    cat "$event" >>"$1/thread.md" || die "$EXIT_FAILED" "cannot append to $1/thread.md"
+        } >>"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+    fi
+    fault event-half
+    printf '%s\n' --- >>"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+    chmod "$FILE_MODE" "$TMP_FILE"
+    mv -f "$TMP_FILE" "$thread" || die "$EXIT_FAILED" "cannot replace $thread"
+    TMP_FILE=
     # The body (perhaps large) is not needed any more: do not leave it to a
     # kill in what follows.
     rm -rf "$TMP_RUN"
     TMP_RUN=
     rewrite_item "$1" updated_at "$6"
+}
+
+# torn FILE: true if the thread FILE ends with a torn event: it is not empty
+# and its last line is not "---", the line that ends every event (a line
+# ending in CR LF counts). That is what a writer killed half-way through an
+# append leaves. A thread cut right after a "---" line inside an event's body
+# cannot be told from a whole one; tickets.sh itself never leaves either.
+torn() {
+    [ -s "$1" ] || return 1
+    case $(tail -c 6 "$1" | tr -d '\r' | tr '\n' '|') in
+        *'|---|') return 1 ;;
+    esac
+    return 0
 }
 
 now() {
@@ -772,6 +799,10 @@ locate() {
             die "$EXIT_FAILED" "$ITEM_DIR/$f is not a regular file (see: $PROG doctor)"
         fi
     done
+    # No event is glued onto a torn one: the damage is for a person to see.
+    if torn "$ITEM_DIR/thread.md"; then
+        die "$EXIT_FAILED" "$ITEM_DIR/thread.md ends with a torn event (no closing ---); nothing was written (see: $PROG doctor)"
+    fi
     now
 }
 
@@ -928,8 +959,12 @@ doctor_scan() {
             else
                 set -- "$@" "$d/item.md"
             fi
-            if [ ! -L "$d/thread.md" ] && [ ! -f "$d/thread.md" ]; then
+            if [ -L "$d/thread.md" ]; then
+                :
+            elif [ ! -f "$d/thread.md" ]; then
                 printf 'missing thread.md: %s\n' "$d"
+            elif torn "$d/thread.md"; then
+                printf 'torn event (no closing ---): %s\n' "$d/thread.md"
             fi
             if [ ! -L "$d/artifacts" ] && [ ! -d "$d/artifacts" ]; then
                 printf 'missing artifacts/: %s\n' "$d"

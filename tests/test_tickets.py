@@ -448,6 +448,149 @@ def test_terminated_commands_clean_up_and_leave_whole_files(tickets):
     tickets.doctor_ok()
 
 
+COMMENT_EVENT = "\n<!-- event: comment author: tester at: T -->\n\n## Comment\n\n{}\n\n---\n"
+
+
+def test_killed_append_leaves_no_part_of_the_event(tickets):
+    """kill -9 with the event half written (header and body, not its closing ---)."""
+    item_id = tickets.create("Victim")
+    d = tickets.dir(item_id)
+    before = (d / "thread.md").read_bytes()
+    body = "A long body.\n" * 10000
+    r = tickets("comment", item_id, input=body, env={"TICKETS_FAULT": "event-half:kill"})
+    assert r.exit_code == -signal.SIGKILL, r
+    assert (d / "thread.md").read_bytes() == before
+    # The half-written copy is a temp file in the tree, as is the body.
+    [run, copy] = temp_files(tickets.work)
+    assert run.parent == tickets.work and run.name.startswith(".run.tmp-")
+    assert copy.parent == d and copy.name.startswith(".thread.md.tmp-")
+    assert copy.read_text().startswith(before.decode()) and copy.read_text().endswith(body + "\n")
+    assert list(tickets.tmp.iterdir()) == []
+    lock = tickets.work / ".lock"
+    pid = lock.read_text().strip()
+    r = tickets("doctor")
+    assert r.exit_code == 1, r
+    assert r.stdout == (f"doctor: leftover temporary file: {run}\n"
+                        f"doctor: leftover temporary file: {copy}\n"
+                        f"doctor: stale lock (process {pid} is gone): {lock}\n"), r
+    # The next comment follows the last whole event.
+    tickets.ok("comment", item_id, input="Next.\n")
+    assert untime((d / "thread.md").read_text()) == untime(before.decode()) + COMMENT_EVENT.format("Next.")
+    shutil.rmtree(run)
+    copy.unlink()
+    tickets.doctor_ok()
+
+
+def test_kill_9_the_moment_the_thread_changes_leaves_a_whole_event(tickets, tmp_path):
+    """No fault hook: SIGKILL from outside as soon as thread.md is seen to change while a
+    comment with an 8 MiB body is written. An append in place would be caught half-way."""
+    item_id = tickets.create("Kill me")
+    thread = tickets.dir(item_id) / "thread.md"
+    body = tmp_path / "body.md"
+    body.write_text("".join(f"line {i:07d} of a large body\n" for i in range(280000)))
+    before = thread.read_bytes()
+    seen = os.stat(thread)
+    p = subprocess.Popen(tickets.argv(["comment", item_id, "--file", body]), env=tickets.env(),
+                         start_new_session=True, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        while p.poll() is None:
+            st = os.stat(thread)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != (seen.st_ino, seen.st_size,
+                                                           seen.st_mtime_ns):
+                os.killpg(p.pid, signal.SIGKILL)
+                break
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    after = thread.read_bytes()
+    assert after.startswith(before)
+    assert after[len(before):].endswith(body.read_bytes()[-40:] + b"\n---\n"), after[-80:]
+    assert after.count(b"<!-- event:") == 2
+    r = tickets("doctor")
+    assert "torn event" not in r.stdout, r
+
+
+def test_terminated_append_leaves_nothing(tickets):
+    item_id = tickets.create("Victim")
+    before = snapshot(tickets.work)
+    r = tickets("comment", item_id, input="Body.\n", env={"TICKETS_FAULT": "event-half:term"})
+    assert r.exit_code == 143, r
+    assert snapshot(tickets.work) == before
+    assert temp_files(tickets.work) == [] and list(tickets.tmp.iterdir()) == []
+
+
+def _thread_with_comment(tickets, body: str) -> tuple[str, Path, bytes]:
+    item_id = tickets.create("Torn")
+    tickets.ok("comment", item_id, input=body)
+    thread = tickets.dir(item_id) / "thread.md"
+    return item_id, thread, thread.read_bytes()
+
+
+# Where a writer appending the last event (a comment "Line one.\n---\nLine two.")
+# could have been killed: what it leaves ends in a torn event.
+TORN_CUTS = {
+    "in the header": lambda t: t[:t.rindex(b"<!-- event:") + 20],
+    "after the header": lambda t: t[:t.rindex(b" -->\n") + 5],
+    "after the heading": lambda t: t[:t.rindex(b"## Comment\n") + 11],
+    "in the body": lambda t: t[:t.rindex(b"Line two") + 4],
+    "before the blank line": lambda t: t[:t.rindex(b"Line two.\n") + 10],
+    "before the closing line": lambda t: t[:-4],
+    "in the closing line": lambda t: t[:-2],
+    "without the last newline": lambda t: t[:-1],
+}
+
+
+@pytest.mark.parametrize("cut", list(TORN_CUTS))
+def test_a_torn_event_is_reported_and_nothing_is_glued_onto_it(tickets, cut):
+    item_id, thread, whole = _thread_with_comment(tickets, "Line one.\n---\nLine two.")
+    torn = TORN_CUTS[cut](whole)
+    thread.write_bytes(torn)
+    r = tickets("doctor")
+    assert (r.exit_code, r.stdout, r.stderr) == (
+        1, f"doctor: torn event (no closing ---): {thread}\n",
+        "tickets.sh: doctor found 1 problem(s)\n"), r
+    before = snapshot(tickets.work)
+    for args in (["comment", item_id], ["review", item_id, "--approve"],
+                 ["status", item_id, "pending"], ["close", item_id]):
+        r = tickets(*args, input="Glued?\n")
+        assert (r.exit_code, r.stdout, r.stderr) == (
+            1, "", f"tickets.sh: error: {thread} ends with a torn event (no closing ---); "
+                   f"nothing was written (see: tickets.sh doctor)\n"), r
+        assert snapshot(tickets.work) == before
+    # Reading is still fine.
+    assert tickets.ok("show", item_id).stdout.endswith(torn.decode())
+
+
+@pytest.mark.parametrize("body", ["Plain.", "ends with a rule\n---", "ends with a rule\n---\n",
+                                  "---", "\n\n---\n\n", "a forged end\n\n---\n\n<!-- event: x -->"])
+def test_whole_threads_are_not_torn(tickets, body):
+    item_id, thread, _ = _thread_with_comment(tickets, body)
+    tickets.ok("review", item_id, "--approve", input="")
+    tickets.doctor_ok()
+    # A checkout with CR LF line ends, and an empty thread, are whole too.
+    thread.write_bytes(thread.read_bytes().replace(b"\n", b"\r\n"))
+    tickets.doctor_ok()
+    tickets.ok("comment", item_id, input="After CR LF.\n")
+    thread.write_bytes(b"")
+    tickets.doctor_ok()
+    tickets.ok("comment", item_id, input="First.\n")
+    assert untime(thread.read_text()) == COMMENT_EVENT.format("First.")[1:]
+
+
+def test_a_thread_md_that_is_not_a_file_is_refused(tickets):
+    item_id = tickets.create("Odd")
+    d = tickets.dir(item_id)
+    (d / "thread.md").unlink()
+    (d / "thread.md").mkdir()
+    before = snapshot(tickets.work)
+    r = tickets("comment", item_id, input="Into the directory?\n")
+    assert (r.exit_code, r.stderr) == (
+        1, f"tickets.sh: error: {d}/thread.md is not a regular file (see: tickets.sh doctor)\n"), r
+    assert snapshot(tickets.work) == before
+
+
 def test_killed_create_never_shows_a_partial_item(tickets):
     tickets.create("Existing")
     r = tickets("create", "--title", "Half", env={"TICKETS_FAULT": "create-staged:kill"})
