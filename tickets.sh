@@ -52,7 +52,7 @@ Usage:
                     [--file PATH]
   tickets.sh status ID-OR-SLUG open|pending|closed [--author NAME]
   tickets.sh close ID-OR-SLUG [--resolution TEXT | --file PATH] [--author NAME]
-  tickets.sh doctor
+  tickets.sh doctor [--fix]
 EOF
 }
 
@@ -193,7 +193,7 @@ lock_release() {
 
 # parse CMD "OPTIONS" MAX_POSITIONALS "$@": parse the command's arguments.
 # OPTIONS names the long options CMD accepts (--name VALUE or --name=VALUE;
-# approve and request-changes are flags). Sets O_<name>, GIVEN (" name "...),
+# approve, request-changes and fix are flags). Sets O_<name>, GIVEN (" name "...),
 # NPOS, POS1, POS2. "--" ends the options; -h/--help prints the help.
 parse() {
     cmd=$1
@@ -224,6 +224,10 @@ parse() {
                         [ -z "$O_review" ] || [ "$O_review" = "$name" ] ||
                             usage_error "give only one of --approve and --request-changes"
                         O_review=$name
+                        SHIFT=1
+                        ;;
+                    fix)
+                        [ "$1" = "--$name" ] || usage_error "option --$name takes no value"
                         SHIFT=1
                         ;;
                     *)
@@ -801,7 +805,7 @@ locate() {
     done
     # No event is glued onto a torn one: the damage is for a person to see.
     if torn "$ITEM_DIR/thread.md"; then
-        die "$EXIT_FAILED" "$ITEM_DIR/thread.md ends with a torn event (no closing ---); nothing was written (see: $PROG doctor)"
+        die "$EXIT_FAILED" "$ITEM_DIR/thread.md ends with a torn event (no closing ---); nothing was written (repair: $PROG doctor --fix)"
     fi
     now
 }
@@ -1013,8 +1017,61 @@ doctor_scan() {
     ' "$@"
 }
 
+# remove_stale_break: remove a break lock whose process is gone (it died
+# while breaking a stale lock, and would keep every later command from
+# breaking one), if the file still names that process.
+remove_stale_break() {
+    if [ -L "$BREAK_FILE" ] || [ ! -f "$BREAK_FILE" ]; then return 0; fi
+    holder=$(cat "$BREAK_FILE" 2>/dev/null || true)
+    if [ -n "$holder" ] && kill -0 "$holder" 2>/dev/null; then return 0; fi
+    if [ "$(cat "$BREAK_FILE" 2>/dev/null || true)" = "$holder" ]; then rm -f "$BREAK_FILE"; fi
+}
+
+# close_torn THREAD: end the torn last event of THREAD: close a cut-off
+# event line, add a note that the rest is lost and the closing "---"
+# (copy, then rename, like any event).
+close_torn() {
+    modes
+    TMP_FILE=$(mktemp_in "${1%/*}" thread.md)
+    cat "$1" >"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+    last=$(tail -n 1 "$1" | tr -d '\r')
+    {
+        case $last in
+            '<!--'*'-->'*) ;;
+            '<!--'*) printf ' -->' ;;
+        esac
+        if [ -n "$(tail -c 1 "$1")" ]; then printf '\n'; fi
+        printf '\n(The end of this event is lost: the command writing it was interrupted.'
+        printf ' Closed by %s doctor --fix.)\n\n---\n' "$PROG"
+    } >>"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+    chmod "$FILE_MODE" "$TMP_FILE"
+    mv -f "$TMP_FILE" "$1" || die "$EXIT_FAILED" "cannot replace $1"
+    TMP_FILE=
+}
+
+# fix_problem PROBLEM: repair what doctor reported in the line PROBLEM, if it is a
+# leftover temporary file (removed) or a torn event (closed); else fail.
+fix_problem() {
+    path=${1#*: }
+    case $1 in
+        'leftover temporary file: '*)
+            case ${path##*/} in
+                .*.tmp-*) ;;
+                *) return 1 ;;
+            esac
+            if [ -L "$path" ]; then return 1; fi
+            rm -rf -- "$path" && [ ! -e "$path" ]
+            ;;
+        'torn event (no closing ---): '*)
+            if [ -L "$path" ] || ! torn "$path"; then return 1; fi
+            close_torn "$path"
+            ;;
+        *) return 1 ;;
+    esac
+}
+
 cmd_doctor() {
-    parse doctor "" 0 "$@"
+    parse doctor "fix" 0 "$@"
     # A repository without the tree has no item yet: nothing can be damaged.
     if [ ! -e "$W" ] && [ ! -L "$W" ]; then
         printf 'doctor: nothing to check: %s does not exist (create makes it)\n' "$W"
@@ -1023,17 +1080,49 @@ cmd_doctor() {
     # The report is kept in variables: doctor writes no temporary file, so it
     # works on a tree it may not write to.
     report=$(stale_locks)
-    # Look at a still tree: under the lock no command is half-way through a
-    # create, a move or a rewrite (which would look like damage). A stale
-    # lock is reported, not broken: that is for a person to decide.
-    if [ -z "$report" ] && [ -d "$W" ] && [ -w "$W" ]; then lock_acquire; fi
+    fixed=
+    if given fix; then
+        # Repair like a writer: under the lock, which breaks a stale one.
+        remove_stale_break
+        lock_acquire
+        remove_stale_break
+        stale=$report
+        report=$(stale_locks)
+        if [ -z "$report" ]; then fixed=$stale; fi
+    elif [ -z "$report" ] && [ -d "$W" ] && [ -w "$W" ]; then
+        # Look at a still tree: under the lock no command is half-way through a
+        # create, a move or a rewrite (which would look like damage). A stale
+        # lock is reported, not broken: that is for a person to decide.
+        lock_acquire
+    fi
     scan=$(doctor_scan)
+    if given fix && [ -n "$scan" ]; then
+        # One problem a line; paths with a newline are not fixed.
+        left=
+        old_ifs=$IFS
+        IFS='
+'
+        set -f
+        for problem in $scan; do
+            if fix_problem "$problem"; then
+                fixed="$fixed${fixed:+
+}$problem"
+            else
+                left="$left${left:+
+}$problem"
+            fi
+        done
+        set +f
+        IFS=$old_ifs
+        scan=$left
+    fi
     if [ -n "$report" ] && [ -n "$scan" ]; then
         report="$report
 $scan"
     else
         report=$report$scan
     fi
+    if [ -n "$fixed" ]; then printf '%s\n' "$fixed" | sort | sed 's/^/doctor: fixed: /'; fi
     if [ -z "$report" ]; then
         printf 'doctor: ok\n'
         return 0

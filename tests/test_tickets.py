@@ -476,8 +476,11 @@ def test_killed_append_leaves_no_part_of_the_event(tickets):
     # The next comment follows the last whole event.
     tickets.ok("comment", item_id, input="Next.\n")
     assert untime((d / "thread.md").read_text()) == untime(before.decode()) + COMMENT_EVENT.format("Next.")
-    shutil.rmtree(run)
-    copy.unlink()
+    r = tickets.ok("doctor", "--fix")
+    assert r.stdout == (f"doctor: fixed: leftover temporary file: {run}\n"
+                        f"doctor: fixed: leftover temporary file: {copy}\n"
+                        "doctor: ok\n"), r
+    assert temp_files(tickets.work) == []
     tickets.doctor_ok()
 
 
@@ -557,10 +560,26 @@ def test_a_torn_event_is_reported_and_nothing_is_glued_onto_it(tickets, cut):
         r = tickets(*args, input="Glued?\n")
         assert (r.exit_code, r.stdout, r.stderr) == (
             1, "", f"tickets.sh: error: {thread} ends with a torn event (no closing ---); "
-                   f"nothing was written (see: tickets.sh doctor)\n"), r
+                   f"nothing was written (repair: tickets.sh doctor --fix)\n"), r
         assert snapshot(tickets.work) == before
     # Reading is still fine.
     assert tickets.ok("show", item_id).stdout.endswith(torn.decode())
+    # doctor --fix closes the torn event, keeping what there is of it.
+    r = tickets.ok("doctor", "--fix")
+    assert r.stdout == (f"doctor: fixed: torn event (no closing ---): {thread}\n"
+                        "doctor: ok\n"), r
+    fixed = thread.read_bytes()
+    assert fixed.startswith(torn) and fixed.endswith(
+        b"\n\n(The end of this event is lost: the command writing it was interrupted. "
+        b"Closed by tickets.sh doctor --fix.)\n\n---\n"), fixed
+    last_line = torn.rsplit(b"\n", 1)[-1]
+    if last_line.startswith(b"<!--"):
+        assert fixed[len(torn):].startswith(b" -->\n")  # a cut-off event line is closed
+    tickets.doctor_ok()
+    tickets.ok("comment", item_id, input="After the repair.\n")
+    assert untime(thread.read_text()) == untime(fixed.decode()) + COMMENT_EVENT.format(
+        "After the repair.")
+    tickets.doctor_ok()
 
 
 @pytest.mark.parametrize("body", ["Plain.", "ends with a rule\n---", "ends with a rule\n---\n",
@@ -752,11 +771,13 @@ def test_killed_comment_leaves_its_body_in_the_tree_where_doctor_reports_it(tick
     assert thread.read_bytes() == before
     r = tickets("doctor")
     assert (r.exit_code, r.stdout) == (1, f"doctor: leftover temporary file: {run}\n"), r
-    # The next comment is not disturbed by it.
+    # The next comment is not disturbed by it; doctor --fix removes it.
     tickets.ok("comment", item_id, input="Small.\n")
     assert untime(thread.read_text()) == untime(before.decode()) + (
         "\n<!-- event: comment author: tester at: T -->\n\n## Comment\n\nSmall.\n\n---\n")
-    shutil.rmtree(run)
+    r = tickets.ok("doctor", "--fix")
+    assert r.stdout == f"doctor: fixed: leftover temporary file: {run}\ndoctor: ok\n", r
+    assert not run.exists()
     tickets.doctor_ok()
 
 
@@ -767,6 +788,8 @@ def test_doctor_leaves_alone_the_run_directory_of_a_live_command(tickets):
         run = wait_for(lambda: body_arrived(tickets.work, 1))
         assert run, run_dirs(tickets.work)
         tickets.doctor_ok()
+        assert tickets.ok("doctor", "--fix").stdout == "doctor: ok\n"
+        assert run.is_dir()
         assert slow.finish() == 0
     assert run_dirs(tickets.work) == [] and list(tickets.tmp.iterdir()) == []
     assert (tickets.dir(item_id) / "thread.md").read_text().endswith("still typing\n\n---\n")
@@ -1178,6 +1201,71 @@ def test_doctor_on_a_tree_without_status_directories_reports_them(tickets):
     assert (r.exit_code, r.stdout) == (1, f"doctor: missing directory: {w}/closed\n"
                                   f"doctor: missing directory: {w}/open\n"
                                   f"doctor: missing directory: {w}/pending\n"), r
+
+
+def test_doctor_fix_removes_leftovers_and_stale_locks_and_leaves_the_rest(tickets, tmp_path):
+    a = tickets.dir(tickets.create("Alpha"))
+    w = tickets.work
+    gone = dead_pid()
+    leftovers = [a / ".item.md.tmp-Ab12Cd", a / ".thread.md.tmp-Ef34Gh",
+                 w / "open" / ".create.tmp-Ij56Kl", w / ".lock.tmp-Mn78Op", w / ".run.tmp-Qr90St"]
+    for p in leftovers[:2]:
+        p.write_text("half")
+    leftovers[2].mkdir()
+    (leftovers[2] / "item.md").write_text("---\n")
+    leftovers[3].write_text(f"{gone}\n")
+    leftovers[4].mkdir()
+    (leftovers[4] / "pid").write_text(f"{gone}\n")
+    (leftovers[4] / "body").write_bytes(b"x" * 100000)
+    # A live waiter's lock temp file stays.
+    waiting = w / ".lock.tmp-Uv12Wx"
+    waiting.write_text(f"{os.getpid()}\n")
+    # Both locks stale: a writer alone could not break the lock, ever.
+    (w / ".lock").write_text(f"{gone}\n")
+    (w / ".lock.break").write_text(f"{gone}\n")
+    # Not for --fix to decide: a link and a missing artifacts/.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (w / "pending" / "x").symlink_to(outside, target_is_directory=True)
+    shutil.rmtree(a / "artifacts")
+
+    r = tickets("doctor", "--fix", env={"TICKETS_LOCK_TIMEOUT": "0"})
+    assert r.exit_code == 1, r
+    assert r.stdout == "".join(sorted(
+        [f"doctor: fixed: leftover temporary file: {p}\n" for p in leftovers]
+        + [f"doctor: fixed: stale lock (process {gone} is gone): {w / n}\n"
+           for n in (".lock", ".lock.break")])) + (
+        f"doctor: missing artifacts/: {a}\n"
+        f"doctor: symbolic link: {w}/pending/x\n"), r
+    assert r.stderr == "tickets.sh: doctor found 2 problem(s)\n", r
+    assert temp_files(w) == [waiting]
+    assert not (w / ".lock").exists() and not (w / ".lock.break").exists()
+    assert outside.exists() and list(outside.iterdir()) == []
+    # What is left is reported again, nothing more.
+    r = tickets("doctor")
+    assert r.stdout == f"doctor: missing artifacts/: {a}\ndoctor: symbolic link: {w}/pending/x\n", r
+
+
+def test_doctor_fix_on_a_whole_tree_changes_nothing(tickets):
+    item_id = tickets.create("Whole")
+    tickets.ok("comment", item_id, input="Fine.\n")
+    before = snapshot(tickets.work)
+    assert tickets.ok("doctor", "--fix").stdout == "doctor: ok\n"
+    assert snapshot(tickets.work) == before
+    r = tickets("doctor", "--fix=yes")
+    assert (r.exit_code, r.stderr) == (2, "tickets.sh: error: option --fix takes no value\n"
+                                          "Try 'tickets.sh help'.\n"), r
+    (tickets.work / ".lock").write_text(f"{os.getpid()}\n")  # a live writer
+    r = tickets("doctor", "--fix", env={"TICKETS_LOCK_TIMEOUT": "0"})
+    assert r.exit_code == 6, r
+    (tickets.work / ".lock").unlink()
+    assert snapshot(tickets.work) == before
+
+
+def test_doctor_fix_on_a_fresh_repository_has_nothing_to_check(tickets):
+    r = tickets.ok("doctor", "--fix")
+    assert r.stdout == f"doctor: nothing to check: {tickets.work} does not exist (create makes it)\n"
+    assert not tickets.work.exists()
 
 
 # ------------------------------------------------------- static checks
