@@ -66,9 +66,12 @@ stdin is not a terminal, from stdin.
 
 Backend: $WORK_ITEMS_DIR (default work-items)/{open,pending,closed}/ID/
          item.md, thread.md, artifacts/
+No symbolic link may be inside it; temporary files are made inside it.
+doctor --fix removes what killed commands left and closes torn events.
 
-Exit status: 0 done, 1 failed (doctor found problems, ambiguous slug, conflict),
-2 usage, 3 no such item, 6 work items locked by another command.
+Exit status: 0 done, 1 failed (doctor found problems, ambiguous slug, conflict,
+a symbolic link or a torn event in the way), 2 usage, 3 no such item, 6 work
+items locked by another command.
 See tickets.sh(1).
 EOF
 }
