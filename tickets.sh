@@ -26,12 +26,14 @@ EXIT_NOT_FOUND=3
 EXIT_BUSY=6
 
 # Temporary paths owned by this run; removed on exit and on HUP/INT/TERM.
+# All of them are inside the tree (never in $TMPDIR), where doctor finds what
+# a killed command leaves: TMP_RUN is this run's directory $W/.run.tmp-XXXXXX
+# (its pid, the body), the others sit next to the file they replace.
+TMP_RUN=
 TMP_BODY=
-TMP_EVENT=
 TMP_FILE=
 TMP_STAGE=
 TMP_LOCK=
-TMP_REPORT=
 LOCK_HELD=0
 
 # ---------------------------------------------------------------- messages
@@ -50,7 +52,7 @@ Usage:
                     [--file PATH]
   tickets.sh status ID-OR-SLUG open|pending|closed [--author NAME]
   tickets.sh close ID-OR-SLUG [--resolution TEXT | --file PATH] [--author NAME]
-  tickets.sh doctor
+  tickets.sh doctor [--fix]
 EOF
 }
 
@@ -64,9 +66,12 @@ stdin is not a terminal, from stdin.
 
 Backend: $WORK_ITEMS_DIR (default work-items)/{open,pending,closed}/ID/
          item.md, thread.md, artifacts/
+No symbolic link may be inside it; temporary files are made inside it.
+doctor --fix removes what killed commands left and closes torn events.
 
-Exit status: 0 done, 1 failed (doctor found problems, ambiguous slug, conflict),
-2 usage, 3 no such item, 6 work items locked by another command.
+Exit status: 0 done, 1 failed (doctor found problems, ambiguous slug, conflict,
+a symbolic link or a torn event in the way), 2 usage, 3 no such item, 6 work
+items locked by another command.
 See tickets.sh(1).
 EOF
 }
@@ -78,19 +83,24 @@ die() {
     exit "$code"
 }
 
+# usage_error MESSAGE: exit 2 with exactly two lines on stderr: the message
+# (control characters in it, such as a newline from an argument, become
+# spaces) and where the full usage is.
 usage_error() {
-    printf '%s: error: %s\n' "$PROG" "$*" >&2
-    usage >&2
+    printf '%s: error: %s\n' "$PROG" "$(printf '%s' "$*" | tr '[:cntrl:]' ' ')" >&2
+    printf "Try '%s help'.\n" "$PROG" >&2
     exit "$EXIT_USAGE"
 }
 
 # ------------------------------------------------------- temp files, signals
 
 cleanup() {
-    for f in "$TMP_BODY" "$TMP_EVENT" "$TMP_FILE" "$TMP_LOCK" "$TMP_REPORT"; do
+    for f in "$TMP_FILE" "$TMP_LOCK"; do
         if [ -n "$f" ]; then rm -f "$f"; fi
     done
-    if [ -n "$TMP_STAGE" ]; then rm -rf "$TMP_STAGE"; fi
+    for f in "$TMP_STAGE" "$TMP_RUN"; do
+        if [ -n "$f" ]; then rm -rf "$f"; fi
+    done
     lock_release
 }
 trap cleanup EXIT
@@ -119,6 +129,17 @@ modes() {
 # the target, so the final mv is an atomic rename).
 mktemp_in() {
     mktemp "$1/.$2.tmp-XXXXXX" || die "$EXIT_FAILED" "cannot create a temporary file in $1"
+}
+
+# run_dir: make TMP_RUN, this run's own directory for temporary files, in the
+# tree. It holds our pid (in the file pid) so that doctor can tell the
+# directory of a live command (one still reading its body before it takes the
+# lock) from one a killed command left.
+run_dir() {
+    [ -z "$TMP_RUN" ] || return 0
+    TMP_RUN=$(mktemp -d "$W/.run.tmp-XXXXXX") ||
+        die "$EXIT_FAILED" "cannot create a temporary directory in $W"
+    printf '%s\n' "$$" >"$TMP_RUN/pid" || die "$EXIT_FAILED" "cannot write $TMP_RUN/pid"
 }
 
 # ------------------------------------------------------------------- lock
@@ -175,7 +196,7 @@ lock_release() {
 
 # parse CMD "OPTIONS" MAX_POSITIONALS "$@": parse the command's arguments.
 # OPTIONS names the long options CMD accepts (--name VALUE or --name=VALUE;
-# approve and request-changes are flags). Sets O_<name>, GIVEN (" name "...),
+# approve, request-changes and fix are flags). Sets O_<name>, GIVEN (" name "...),
 # NPOS, POS1, POS2. "--" ends the options; -h/--help prints the help.
 parse() {
     cmd=$1
@@ -206,6 +227,10 @@ parse() {
                         [ -z "$O_review" ] || [ "$O_review" = "$name" ] ||
                             usage_error "give only one of --approve and --request-changes"
                         O_review=$name
+                        SHIFT=1
+                        ;;
+                    fix)
+                        [ "$1" = "--$name" ] || usage_error "option --$name takes no value"
                         SHIFT=1
                         ;;
                     *)
@@ -384,17 +409,20 @@ $2
 resolve() {
     query=$1
     [ -n "$query" ] || usage_error "an item id or slug is required"
-    TMP_REPORT=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
+    # Candidates as "TIER<tab>DIR" lines, kept in a variable: a read-only
+    # command writes nothing, not even a temporary file.
+    found=
     set --
     for st in $STATUSES; do
         for d in "$W/$st"/*; do
             [ -d "$d" ] || continue
-            if [ "${d##*/}" = "$query" ]; then printf '1\t%s\n' "$d" >>"$TMP_REPORT"; fi
+            if [ "${d##*/}" = "$query" ]; then found="${found}1	$d
+"; fi
             if [ -s "$d/item.md" ]; then set -- "$@" "$d/item.md"; fi
         done
     done
     if [ "$#" -gt 0 ]; then
-        QUERY=$query awk "$AWK_FM"'
+        found=$found$(QUERY=$query awk "$AWK_FM"'
             function done_file(f) {
                 if (fm_state == 0) return
                 sub(/\/item\.md$/, "", f)
@@ -404,13 +432,11 @@ resolve() {
             FNR == 1 && NR > 1 { done_file(prev) }
             { fm_line(); prev = FILENAME }
             END { if (NR > 0) done_file(prev) }
-        ' "$@" >>"$TMP_REPORT"
+        ' "$@")
     fi
     # Tier 1 (directory name or id) wins over tier 2 (slug).
-    tier=$(cut -f 1 "$TMP_REPORT" | sort | head -n 1)
-    matches=$(awk -F '\t' -v t="$tier" '$1 == t { print $2 }' "$TMP_REPORT" | sort -u)
-    rm -f "$TMP_REPORT"
-    TMP_REPORT=
+    tier=$(printf '%s\n' "$found" | grep . | cut -f 1 | sort | head -n 1)
+    matches=$(printf '%s\n' "$found" | awk -F '\t' -v t="$tier" '$1 == t { print $2 }' | sort -u)
     [ -n "$matches" ] || die "$EXIT_NOT_FOUND" "no such work item: $query"
     case $matches in
         *'
@@ -420,6 +446,35 @@ $matches"
             ;;
     esac
     ITEM_DIR=$matches
+    check_item "$ITEM_DIR"
+}
+
+# ----------------------------------------------------------- symbolic links
+
+# Nothing inside the tree may be a symbolic link (the tree itself, $W, may):
+# through a link thread.md would be appended to a file elsewhere, an item
+# directory or a status directory would take writes and moves out of the
+# tree. Commands refuse such a tree and doctor reports every link.
+
+# refuse_link PATH: exit 1 if PATH is a symbolic link.
+refuse_link() {
+    if [ -L "$1" ]; then
+        die "$EXIT_FAILED" "refusing to follow the symbolic link $1 in the work items (see: $PROG doctor)"
+    fi
+}
+
+# check_statuses: refuse a status directory that is a link.
+check_statuses() {
+    for st in $STATUSES; do refuse_link "$W/$st"; done
+}
+
+# check_item DIR: refuse the item DIR if its status directory, DIR itself or
+# anything in it is a link (find does not follow a link it is given).
+check_item() {
+    refuse_link "${1%/*}"
+    refuse_link "$1"
+    link=$(find "$1" -type l -print | head -n 1)
+    if [ -n "$link" ]; then refuse_link "$link"; fi
 }
 
 # dir_status DIR: the status directory DIR lives in.
@@ -430,39 +485,99 @@ dir_status() {
 
 # -------------------------------------------------------------- bodies
 
-# read_body FILE: copy the body into a temp file TMP_BODY: from FILE, from
-# stdin if FILE is "-", or from stdin if it is not a terminal; else empty.
+# read_body FILE: copy the body into TMP_BODY in the run's directory: from
+# FILE, from stdin if FILE is "-", or from stdin if it is not a terminal;
+# else empty. FILE may be anything readable but a directory: a regular file,
+# a FIFO or the /dev/fd/N of a process substitution, /dev/null (an empty
+# body). Without a tree there is no item, so the command is bound to end in
+# "no such work item": then only whether the body is empty is learnt (an
+# empty comment is a usage error first), from its first byte, and nothing is
+# stored or created.
 read_body() {
-    TMP_BODY=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
+    src=
     if [ -n "$1" ] && [ "$1" != - ]; then
-        [ -f "$1" ] && [ -r "$1" ] || usage_error "cannot read file: $1"
-        cat -- "$1" >"$TMP_BODY" || die "$EXIT_FAILED" "cannot read $1"
+        [ -e "$1" ] && [ ! -d "$1" ] && [ -r "$1" ] || usage_error "cannot read file: $1"
+        src=$1
     elif [ "$1" = - ] || [ ! -t 0 ]; then
-        cat >"$TMP_BODY" || die "$EXIT_FAILED" "cannot read stdin"
+        src=-
     fi
+    if [ ! -d "$W" ]; then
+        TMP_BODY=
+        BODY_BYTES=$(body_from "$src" | dd bs=1 count=1 2>/dev/null | wc -c | tr -d ' ')
+        return 0
+    fi
+    run_dir
+    TMP_BODY=$TMP_RUN/body
+    body_from "$src" >"$TMP_BODY" || die "$EXIT_FAILED" "cannot read ${1:-stdin}"
+    BODY_BYTES=$(wc -c <"$TMP_BODY" | tr -d ' ')
+}
+
+body_from() {
+    case $1 in
+        '') ;;
+        -) cat ;;
+        *) cat -- "$1" ;;
+    esac
+}
+
+# body_text TEXT: the body is TEXT and a newline.
+body_text() {
+    run_dir
+    TMP_BODY=$TMP_RUN/body
+    printf '%s\n' "$1" >"$TMP_BODY" || die "$EXIT_FAILED" "cannot write $TMP_BODY"
 }
 
 # append_event DIR EVENT HEADING AUTHOR STATUS NOW: add one event with the body
-# in TMP_BODY to DIR/thread.md (composed first, appended with one cat), and
-# bump updated_at.
+# in TMP_BODY to DIR/thread.md, and bump updated_at. All or nothing: the
+# thread is copied with the event added to a temp file beside it, which is
+# renamed into place, so a killed command leaves the old thread or the new
+# one, never part of an event that later events would follow.
 append_event() {
-    TMP_EVENT=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
+    thread=$1/thread.md
+    modes
+    TMP_FILE=$(mktemp_in "$1" thread.md)
+    sep=
+    if [ -f "$thread" ]; then
+        cat "$thread" >"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+        # A blank line between events.
+        if [ -s "$thread" ]; then sep=1; fi
+    fi
     {
-        if [ -s "$1/thread.md" ]; then printf '\n'; fi
+        if [ -n "$sep" ]; then printf '\n'; fi
         printf '<!-- event: %s author: %s at: %s' "$2" "$4" "$6"
         if [ -n "$5" ]; then printf ' status: %s' "$5"; fi
         printf ' -->\n\n## %s\n\n' "$3"
-        if [ -s "$TMP_BODY" ]; then
-            cat "$TMP_BODY"
+    } >>"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+    if [ -s "$TMP_BODY" ]; then
+        cat "$TMP_BODY" >>"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+        {
             if [ -n "$(tail -c 1 "$TMP_BODY")" ]; then printf '\n'; fi
             printf '\n'
-        fi
-        printf '%s\n' ---
-    } >"$TMP_EVENT"
-    cat "$TMP_EVENT" >>"$1/thread.md" || die "$EXIT_FAILED" "cannot append to $1/thread.md"
-    rm -f "$TMP_EVENT"
-    TMP_EVENT=
+        } >>"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+    fi
+    fault event-half
+    printf '%s\n' --- >>"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+    chmod "$FILE_MODE" "$TMP_FILE"
+    mv -f "$TMP_FILE" "$thread" || die "$EXIT_FAILED" "cannot replace $thread"
+    TMP_FILE=
+    # The body (perhaps large) is not needed any more: do not leave it to a
+    # kill in what follows.
+    rm -rf "$TMP_RUN"
+    TMP_RUN=
     rewrite_item "$1" updated_at "$6"
+}
+
+# torn FILE: true if the thread FILE ends with a torn event: it is not empty
+# and its last line is not "---", the line that ends every event (a line
+# ending in CR LF counts). That is what a writer killed half-way through an
+# append leaves. A thread cut right after a "---" line inside an event's body
+# cannot be told from a whole one; tickets.sh itself never leaves either.
+torn() {
+    [ -s "$1" ] || return 1
+    case $(tail -c 6 "$1" | tr -d '\r' | tr '\n' '|') in
+        *'|---|') return 1 ;;
+    esac
+    return 0
 }
 
 now() {
@@ -483,6 +598,7 @@ move_item() {
 }
 
 ensure_dirs() {
+    check_statuses
     for st in $STATUSES; do
         if [ ! -d "$W/$st" ]; then
             mkdir -p "$W/$st" || die "$EXIT_FAILED" "cannot create $W/$st"
@@ -681,7 +797,19 @@ locate() {
     resolve "$1"
     lock_acquire
     resolve "$1"
+    check_statuses
     [ -f "$ITEM_DIR/item.md" ] || die "$EXIT_FAILED" "$ITEM_DIR has no item.md (see: $PROG doctor)"
+    # A file to be replaced by rename must be one: mv onto a directory would
+    # move into it.
+    for f in thread.md resolution.md; do
+        if [ -e "$ITEM_DIR/$f" ] && [ ! -f "$ITEM_DIR/$f" ]; then
+            die "$EXIT_FAILED" "$ITEM_DIR/$f is not a regular file (see: $PROG doctor)"
+        fi
+    done
+    # No event is glued onto a torn one: the damage is for a person to see.
+    if torn "$ITEM_DIR/thread.md"; then
+        die "$EXIT_FAILED" "$ITEM_DIR/thread.md ends with a torn event (no closing ---); nothing was written (repair: $PROG doctor --fix)"
+    fi
     now
 }
 
@@ -699,7 +827,7 @@ cmd_comment() {
     esac
     author_option
     read_body "$O_file"
-    [ -s "$TMP_BODY" ] || usage_error "comment needs a body: --file PATH, or pipe it on stdin"
+    [ "$BODY_BYTES" != 0 ] || usage_error "comment needs a body: --file PATH, or pipe it on stdin"
     locate "$POS1"
     append_event "$ITEM_DIR" "$role" "$heading" "$AUTHOR" '' "$NOW"
 }
@@ -737,8 +865,7 @@ cmd_status() {
     fi
     [ -n "$old" ] || old=$(dir_status "$ITEM_DIR")
     set_status "$new"
-    TMP_BODY=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
-    printf 'Moved from %s to %s.\n' "$old" "$new" >"$TMP_BODY"
+    body_text "Moved from $old to $new."
     append_event "$ITEM_DIR" status "Status: $new" "$AUTHOR" "$new" "$NOW"
 }
 
@@ -749,16 +876,15 @@ cmd_close() {
     author_option
     if given file; then
         read_body "$O_file"
-    else
-        TMP_BODY=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
-        if given resolution; then
-            [ -n "$O_resolution" ] || usage_error "--resolution must not be empty"
-            printf '%s\n' "$O_resolution" >"$TMP_BODY"
-        else
-            printf 'Closed.\n' >"$TMP_BODY"
-        fi
+    elif given resolution; then
+        [ -n "$O_resolution" ] || usage_error "--resolution must not be empty"
     fi
     locate "$POS1"
+    if given resolution; then
+        body_text "$O_resolution"
+    elif ! given file; then
+        body_text Closed.
+    fi
     set_status closed
     modes
     TMP_FILE=$(mktemp_in "$ITEM_DIR" resolution.md)
@@ -769,111 +895,243 @@ cmd_close() {
     append_event "$ITEM_DIR" close Closed "$AUTHOR" closed "$NOW"
 }
 
-# leftovers DIR: report temp files an interrupted command left in DIR.
+# leftovers DIR: report temp files an interrupted command left in DIR. Two
+# kinds are made outside the lock and name the pid of their command: the
+# lock temp file of a command waiting for the lock, and the run directory
+# of a command reading its body; they are leftovers only once it is gone.
+# The others are made under the lock, which doctor holds while it looks.
 leftovers() {
     for f in "$1"/.*.tmp-*; do
-        [ -e "$f" ] || continue
+        # A link is reported as such (by doctor_scan), not followed.
+        if [ -L "$f" ] || [ ! -e "$f" ]; then continue; fi
         case ${f##*/} in
-            .lock.tmp-*)
-                # Held by a command waiting for the lock; it names its pid.
-                pid=$(cat "$f" 2>/dev/null || true)
-                if [ -z "$pid" ]; then
-                    # Just made, by a command about to write its pid: look again.
-                    sleep 0.1 2>/dev/null || sleep 1
-                    [ -e "$f" ] || continue
-                    pid=$(cat "$f" 2>/dev/null || true)
-                fi
-                if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then continue; fi
-                ;;
+            .lock.tmp-*) pidfile=$f ;;
+            .run.tmp-*) pidfile=$f/pid ;;
+            *) pidfile= ;;
         esac
+        if [ -n "$pidfile" ]; then
+            pid=$(cat "$pidfile" 2>/dev/null || true)
+            if [ -z "$pid" ]; then
+                # Just made, by a command about to write its pid: look again.
+                sleep 0.1 2>/dev/null || sleep 1
+                [ -e "$f" ] || continue
+                pid=$(cat "$pidfile" 2>/dev/null || true)
+            fi
+            if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then continue; fi
+        fi
         printf 'leftover temporary file: %s\n' "$f"
     done
 }
 
-cmd_doctor() {
-    parse doctor "" 0 "$@"
-    TMP_REPORT=$(mktemp) || die "$EXIT_FAILED" "cannot create a temporary file"
-    set --
+# stale_locks: report a lock or break lock whose process is gone. A holder
+# that released the lock and exited between the read and the kill -0 is no
+# stale lock: the file must still name it afterwards.
+stale_locks() {
     for f in "$LOCK_FILE" "$BREAK_FILE"; do
-        [ -f "$f" ] || continue
+        # A link is reported as such (by doctor_scan), not followed.
+        if [ -L "$f" ] || [ ! -f "$f" ]; then continue; fi
         holder=$(cat "$f" 2>/dev/null || true)
-        if [ -z "$holder" ] || ! kill -0 "$holder" 2>/dev/null; then
-            printf 'stale lock (process %s is gone): %s\n' "${holder:-?}" "$f"
+        if [ -n "$holder" ] && kill -0 "$holder" 2>/dev/null; then continue; fi
+        [ -f "$f" ] && [ "$(cat "$f" 2>/dev/null || true)" = "$holder" ] || continue
+        printf 'stale lock (process %s is gone): %s\n' "${holder:-?}" "$f"
+    done
+}
+
+# doctor_scan: report every problem of the tree, one a line, unsorted.
+doctor_scan() {
+    if [ ! -d "$W" ]; then
+        printf 'not a directory: %s\n' "$W"
+        return 0
+    fi
+    # Every link in the tree (-H: $W itself may be one); what a link leads to
+    # is not looked at.
+    find -H "$W" -type l -print | sed 's/^/symbolic link: /'
+    set --
+    leftovers "$W"
+    for st in $STATUSES; do
+        [ ! -L "$W/$st" ] || continue
+        if [ ! -d "$W/$st" ]; then
+            printf 'missing directory: %s\n' "$W/$st"
+            continue
         fi
-    done >"$TMP_REPORT"
-    # Look at a still tree: under the lock no command is half-way through a
-    # create, a move or a rewrite (which would look like damage). A stale
-    # lock is reported, not broken: that is for a person to decide.
-    if [ ! -s "$TMP_REPORT" ] && [ -d "$W" ] && [ -w "$W" ]; then lock_acquire; fi
-    {
-        leftovers "$W"
-        for st in $STATUSES; do
-            if [ ! -d "$W/$st" ]; then
-                printf 'missing directory: %s\n' "$W/$st"
-                continue
+        leftovers "$W/$st"
+        for d in "$W/$st"/*; do
+            if [ -L "$d" ] || [ ! -d "$d" ]; then continue; fi
+            if [ -L "$d/item.md" ]; then
+                :
+            elif [ ! -f "$d/item.md" ]; then
+                printf 'missing item.md: %s\n' "$d"
+            elif [ ! -s "$d/item.md" ]; then
+                printf 'missing front matter: %s\n' "$d/item.md"
+            else
+                set -- "$@" "$d/item.md"
             fi
-            leftovers "$W/$st"
-            for d in "$W/$st"/*; do
-                [ -d "$d" ] || continue
-                if [ ! -f "$d/item.md" ]; then
-                    printf 'missing item.md: %s\n' "$d"
-                elif [ ! -s "$d/item.md" ]; then
-                    printf 'missing front matter: %s\n' "$d/item.md"
-                else
-                    set -- "$@" "$d/item.md"
-                fi
-                [ -f "$d/thread.md" ] || printf 'missing thread.md: %s\n' "$d"
-                [ -d "$d/artifacts" ] || printf 'missing artifacts/: %s\n' "$d"
-                leftovers "$d"
-            done
+            if [ -L "$d/thread.md" ]; then
+                :
+            elif [ ! -f "$d/thread.md" ]; then
+                printf 'missing thread.md: %s\n' "$d"
+            elif torn "$d/thread.md"; then
+                printf 'torn event (no closing ---): %s\n' "$d/thread.md"
+            fi
+            if [ ! -L "$d/artifacts" ] && [ ! -d "$d/artifacts" ]; then
+                printf 'missing artifacts/: %s\n' "$d"
+            fi
+            leftovers "$d"
         done
-        if [ "$#" -gt 0 ]; then
-            FIELDS=$FIELDS NULLABLE=$NULLABLE awk "$AWK_FM"'
-                BEGIN {
-                    nf = split(ENVIRON["FIELDS"], field, " ")
-                    split(ENVIRON["NULLABLE"], tmp, " ")
-                    for (k in tmp) nullable[tmp[k]] = 1
-                }
-                function check(file,   k, n, part, dir, st, base) {
-                    if (fm_state != 2) { print "missing front matter: " file; return }
-                    for (k = 1; k <= nf; k++) {
-                        if (!(field[k] in seen))
-                            print "missing required field \047" field[k] "\047: " file
-                        else if (fm[field[k]] == "" && !(field[k] in nullable))
-                            print "empty required field \047" field[k] "\047: " file
-                    }
-                    n = split(file, part, "/")
-                    base = part[n - 1]
-                    st = part[n - 2]
-                    dir = substr(file, 1, length(file) - length("/item.md"))
-                    if (fm["id"] != "") {
-                        if (fm["id"] != base) print "directory name does not match id: " dir " has id " fm["id"]
-                        ids[fm["id"]] = ids[fm["id"]] " " dir
-                        nid[fm["id"]]++
-                    }
-                    if (("status" in seen) && fm["status"] != st)
-                        print "status mismatch: " file " says \047" fm["status"] "\047 but is under \047" st "\047"
-                    if (fm["slug"] != "") {
-                        slugs[fm["slug"]] = slugs[fm["slug"]] " " dir
-                        nslug[fm["slug"]]++
-                    }
-                }
-                FNR == 1 && NR > 1 { check(prev) }
-                { fm_line(); prev = FILENAME }
-                END {
-                    if (NR > 0) check(prev)
-                    for (k in nid) if (nid[k] > 1) print "duplicate id: " k " in" ids[k]
-                    for (k in nslug) if (nslug[k] > 1) print "duplicate slug: " k " in" slugs[k]
-                }
-            ' "$@"
-        fi
-    } >>"$TMP_REPORT"
-    problems=$(wc -l <"$TMP_REPORT" | tr -d ' ')
-    if [ "$problems" = 0 ]; then
+    done
+    [ "$#" -gt 0 ] || return 0
+    FIELDS=$FIELDS NULLABLE=$NULLABLE awk "$AWK_FM"'
+        BEGIN {
+            nf = split(ENVIRON["FIELDS"], field, " ")
+            split(ENVIRON["NULLABLE"], tmp, " ")
+            for (k in tmp) nullable[tmp[k]] = 1
+        }
+        function check(file,   k, n, part, dir, st, base) {
+            if (fm_state != 2) { print "missing front matter: " file; return }
+            for (k = 1; k <= nf; k++) {
+                if (!(field[k] in seen))
+                    print "missing required field \047" field[k] "\047: " file
+                else if (fm[field[k]] == "" && !(field[k] in nullable))
+                    print "empty required field \047" field[k] "\047: " file
+            }
+            n = split(file, part, "/")
+            base = part[n - 1]
+            st = part[n - 2]
+            dir = substr(file, 1, length(file) - length("/item.md"))
+            if (fm["id"] != "") {
+                if (fm["id"] != base) print "directory name does not match id: " dir " has id " fm["id"]
+                ids[fm["id"]] = ids[fm["id"]] " " dir
+                nid[fm["id"]]++
+            }
+            if (("status" in seen) && fm["status"] != st)
+                print "status mismatch: " file " says \047" fm["status"] "\047 but is under \047" st "\047"
+            if (fm["slug"] != "") {
+                slugs[fm["slug"]] = slugs[fm["slug"]] " " dir
+                nslug[fm["slug"]]++
+            }
+        }
+        FNR == 1 && NR > 1 { check(prev) }
+        { fm_line(); prev = FILENAME }
+        END {
+            if (NR > 0) check(prev)
+            for (k in nid) if (nid[k] > 1) print "duplicate id: " k " in" ids[k]
+            for (k in nslug) if (nslug[k] > 1) print "duplicate slug: " k " in" slugs[k]
+        }
+    ' "$@"
+}
+
+# remove_stale_break: remove a break lock whose process is gone (it died
+# while breaking a stale lock, and would keep every later command from
+# breaking one), if the file still names that process.
+remove_stale_break() {
+    if [ -L "$BREAK_FILE" ] || [ ! -f "$BREAK_FILE" ]; then return 0; fi
+    holder=$(cat "$BREAK_FILE" 2>/dev/null || true)
+    if [ -n "$holder" ] && kill -0 "$holder" 2>/dev/null; then return 0; fi
+    if [ "$(cat "$BREAK_FILE" 2>/dev/null || true)" = "$holder" ]; then rm -f "$BREAK_FILE"; fi
+}
+
+# close_torn THREAD: end the torn last event of THREAD: close a cut-off
+# event line, add a note that the rest is lost and the closing "---"
+# (copy, then rename, like any event).
+close_torn() {
+    modes
+    TMP_FILE=$(mktemp_in "${1%/*}" thread.md)
+    cat "$1" >"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+    last=$(tail -n 1 "$1" | tr -d '\r')
+    {
+        case $last in
+            '<!--'*'-->'*) ;;
+            '<!--'*) printf ' -->' ;;
+        esac
+        if [ -n "$(tail -c 1 "$1")" ]; then printf '\n'; fi
+        printf '\n(The end of this event is lost: the command writing it was interrupted.'
+        printf ' Closed by %s doctor --fix.)\n\n---\n' "$PROG"
+    } >>"$TMP_FILE" || die "$EXIT_FAILED" "cannot write $TMP_FILE"
+    chmod "$FILE_MODE" "$TMP_FILE"
+    mv -f "$TMP_FILE" "$1" || die "$EXIT_FAILED" "cannot replace $1"
+    TMP_FILE=
+}
+
+# fix_problem PROBLEM: repair what doctor reported in the line PROBLEM, if it is a
+# leftover temporary file (removed) or a torn event (closed); else fail.
+fix_problem() {
+    path=${1#*: }
+    case $1 in
+        'leftover temporary file: '*)
+            case ${path##*/} in
+                .*.tmp-*) ;;
+                *) return 1 ;;
+            esac
+            if [ -L "$path" ]; then return 1; fi
+            rm -rf -- "$path" && [ ! -e "$path" ]
+            ;;
+        'torn event (no closing ---): '*)
+            if [ -L "$path" ] || ! torn "$path"; then return 1; fi
+            close_torn "$path"
+            ;;
+        *) return 1 ;;
+    esac
+}
+
+cmd_doctor() {
+    parse doctor "fix" 0 "$@"
+    # A repository without the tree has no item yet: nothing can be damaged.
+    if [ ! -e "$W" ] && [ ! -L "$W" ]; then
+        printf 'doctor: nothing to check: %s does not exist (create makes it)\n' "$W"
+        return 0
+    fi
+    # The report is kept in variables: doctor writes no temporary file, so it
+    # works on a tree it may not write to.
+    report=$(stale_locks)
+    fixed=
+    if given fix; then
+        # Repair like a writer: under the lock, which breaks a stale one.
+        remove_stale_break
+        lock_acquire
+        remove_stale_break
+        stale=$report
+        report=$(stale_locks)
+        if [ -z "$report" ]; then fixed=$stale; fi
+    elif [ -z "$report" ] && [ -d "$W" ] && [ -w "$W" ]; then
+        # Look at a still tree: under the lock no command is half-way through a
+        # create, a move or a rewrite (which would look like damage). A stale
+        # lock is reported, not broken: that is for a person to decide.
+        lock_acquire
+    fi
+    scan=$(doctor_scan)
+    if given fix && [ -n "$scan" ]; then
+        # One problem a line; paths with a newline are not fixed.
+        left=
+        old_ifs=$IFS
+        IFS='
+'
+        set -f
+        for problem in $scan; do
+            if fix_problem "$problem"; then
+                fixed="$fixed${fixed:+
+}$problem"
+            else
+                left="$left${left:+
+}$problem"
+            fi
+        done
+        set +f
+        IFS=$old_ifs
+        scan=$left
+    fi
+    if [ -n "$report" ] && [ -n "$scan" ]; then
+        report="$report
+$scan"
+    else
+        report=$report$scan
+    fi
+    if [ -n "$fixed" ]; then printf '%s\n' "$fixed" | sort | sed 's/^/doctor: fixed: /'; fi
+    if [ -z "$report" ]; then
         printf 'doctor: ok\n'
         return 0
     fi
-    sort "$TMP_REPORT" | sed 's/^/doctor: /'
+    problems=$(printf '%s\n' "$report" | wc -l | tr -d ' ')
+    printf '%s\n' "$report" | sort | sed 's/^/doctor: /'
     printf '%s: doctor found %s problem(s)\n' "$PROG" "$problems" >&2
     exit "$EXIT_FAILED"
 }

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -248,6 +250,57 @@ def test_comment_body_is_copied_byte_for_byte(tickets, tmp_path):
     assert thread.endswith(b" -->\n\n## Comment\n\n" + body + b"\n\n---\n")
 
 
+def test_file_may_be_a_process_substitution_or_a_fifo(tickets, tmp_path):
+    item_id = tickets.create("Pipes")
+    thread = tickets.dir(item_id) / "thread.md"
+    # <(...) from a bash caller: the script gets /dev/fd/N, a pipe.
+    p = subprocess.run(["/usr/bin/bash", "-c", '"$@" --file <(printf x)', "bash",
+                        *tickets.argv(["comment", item_id])],
+                       env=tickets.env(), capture_output=True, text=True, timeout=30)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", ""), p
+    assert thread.read_text().endswith(" -->\n\n## Comment\n\nx\n\n---\n")
+    # A named pipe made with mkfifo, written by another process.
+    fifo = tmp_path / "body.fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["/bin/sh", "-c", 'printf "from a fifo\\n" >"$0"', str(fifo)])
+    try:
+        tickets.ok("review", item_id, "--approve", "--file", fifo)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        writer.wait()
+    assert writer.returncode == 0
+    assert thread.read_text().endswith(" status: approve -->\n\n## Review: approve\n\n"
+                                       "from a fifo\n\n---\n")
+    tickets.doctor_ok()
+
+
+@pytest.mark.parametrize("args", [["comment"], ["review", "--approve"], ["close"]])
+def test_file_dev_null_is_an_empty_body_like_an_empty_file(tickets, tmp_path, args):
+    """An empty body from /dev/null gets the rule of an empty regular file: comment
+    refuses it (exit 2), review and close write an event without a body."""
+    empty = tmp_path / "empty.md"
+    empty.write_bytes(b"")
+    outcomes = []
+    for source in (empty, "/dev/null"):
+        item_id = tickets.create(f"Empty from {source}")
+        r = tickets(args[0], item_id, *args[1:], "--file", source)
+        d = tickets.dir(item_id)
+        files = {name: untime((d / name).read_text()) for name in ("thread.md", "resolution.md")
+                 if (d / name).exists()}
+        outcomes.append((r.exit_code, r.stdout, r.stderr, files))
+    assert outcomes[0] == outcomes[1]
+    if args[0] == "comment":
+        assert outcomes[0][:3] == (2, "", "tickets.sh: error: comment needs a body: --file PATH, "
+                                          "or pipe it on stdin\nTry 'tickets.sh help'.\n")
+    else:
+        assert outcomes[0][:3] == (0, "", "")
+        assert outcomes[0][3]["thread.md"].endswith("## Closed\n\n---\n" if args[0] == "close"
+                                                    else "## Review: approve\n\n---\n")
+    if args[0] == "close":
+        assert outcomes[0][3]["resolution.md"] == ""
+
+
 def test_status_moves_records_and_is_idempotent(tickets):
     item_id = tickets.create("Move me")
     tickets.ok("status", "move-me", "pending")
@@ -395,6 +448,168 @@ def test_terminated_commands_clean_up_and_leave_whole_files(tickets):
     tickets.doctor_ok()
 
 
+COMMENT_EVENT = "\n<!-- event: comment author: tester at: T -->\n\n## Comment\n\n{}\n\n---\n"
+
+
+def test_killed_append_leaves_no_part_of_the_event(tickets):
+    """kill -9 with the event half written (header and body, not its closing ---)."""
+    item_id = tickets.create("Victim")
+    d = tickets.dir(item_id)
+    before = (d / "thread.md").read_bytes()
+    body = "A long body.\n" * 10000
+    r = tickets("comment", item_id, input=body, env={"TICKETS_FAULT": "event-half:kill"})
+    assert r.exit_code == -signal.SIGKILL, r
+    assert (d / "thread.md").read_bytes() == before
+    # The half-written copy is a temp file in the tree, as is the body.
+    [run, copy] = temp_files(tickets.work)
+    assert run.parent == tickets.work and run.name.startswith(".run.tmp-")
+    assert copy.parent == d and copy.name.startswith(".thread.md.tmp-")
+    assert copy.read_text().startswith(before.decode()) and copy.read_text().endswith(body + "\n")
+    assert list(tickets.tmp.iterdir()) == []
+    lock = tickets.work / ".lock"
+    pid = lock.read_text().strip()
+    r = tickets("doctor")
+    assert r.exit_code == 1, r
+    assert r.stdout == (f"doctor: leftover temporary file: {run}\n"
+                        f"doctor: leftover temporary file: {copy}\n"
+                        f"doctor: stale lock (process {pid} is gone): {lock}\n"), r
+    # The next comment follows the last whole event.
+    tickets.ok("comment", item_id, input="Next.\n")
+    assert untime((d / "thread.md").read_text()) == untime(before.decode()) + COMMENT_EVENT.format("Next.")
+    r = tickets.ok("doctor", "--fix")
+    assert r.stdout == (f"doctor: fixed: leftover temporary file: {run}\n"
+                        f"doctor: fixed: leftover temporary file: {copy}\n"
+                        "doctor: ok\n"), r
+    assert temp_files(tickets.work) == []
+    tickets.doctor_ok()
+
+
+def test_kill_9_the_moment_the_thread_changes_leaves_a_whole_event(tickets, tmp_path):
+    """No fault hook: SIGKILL from outside as soon as thread.md is seen to change while a
+    comment with an 8 MiB body is written. An append in place would be caught half-way."""
+    item_id = tickets.create("Kill me")
+    thread = tickets.dir(item_id) / "thread.md"
+    body = tmp_path / "body.md"
+    body.write_text("".join(f"line {i:07d} of a large body\n" for i in range(280000)))
+    before = thread.read_bytes()
+    seen = os.stat(thread)
+    p = subprocess.Popen(tickets.argv(["comment", item_id, "--file", body]), env=tickets.env(),
+                         start_new_session=True, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        while p.poll() is None:
+            st = os.stat(thread)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != (seen.st_ino, seen.st_size,
+                                                           seen.st_mtime_ns):
+                os.killpg(p.pid, signal.SIGKILL)
+                break
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    after = thread.read_bytes()
+    assert after.startswith(before)
+    assert after[len(before):].endswith(body.read_bytes()[-40:] + b"\n---\n"), after[-80:]
+    assert after.count(b"<!-- event:") == 2
+    r = tickets("doctor")
+    assert "torn event" not in r.stdout, r
+
+
+def test_terminated_append_leaves_nothing(tickets):
+    item_id = tickets.create("Victim")
+    before = snapshot(tickets.work)
+    r = tickets("comment", item_id, input="Body.\n", env={"TICKETS_FAULT": "event-half:term"})
+    assert r.exit_code == 143, r
+    assert snapshot(tickets.work) == before
+    assert temp_files(tickets.work) == [] and list(tickets.tmp.iterdir()) == []
+
+
+def _thread_with_comment(tickets, body: str) -> tuple[str, Path, bytes]:
+    item_id = tickets.create("Torn")
+    tickets.ok("comment", item_id, input=body)
+    thread = tickets.dir(item_id) / "thread.md"
+    return item_id, thread, thread.read_bytes()
+
+
+# Where a writer appending the last event (a comment "Line one.\n---\nLine two.")
+# could have been killed: what it leaves ends in a torn event.
+TORN_CUTS = {
+    "in the header": lambda t: t[:t.rindex(b"<!-- event:") + 20],
+    "after the header": lambda t: t[:t.rindex(b" -->\n") + 5],
+    "after the heading": lambda t: t[:t.rindex(b"## Comment\n") + 11],
+    "in the body": lambda t: t[:t.rindex(b"Line two") + 4],
+    "before the blank line": lambda t: t[:t.rindex(b"Line two.\n") + 10],
+    "before the closing line": lambda t: t[:-4],
+    "in the closing line": lambda t: t[:-2],
+    "without the last newline": lambda t: t[:-1],
+}
+
+
+@pytest.mark.parametrize("cut", list(TORN_CUTS))
+def test_a_torn_event_is_reported_and_nothing_is_glued_onto_it(tickets, cut):
+    item_id, thread, whole = _thread_with_comment(tickets, "Line one.\n---\nLine two.")
+    torn = TORN_CUTS[cut](whole)
+    thread.write_bytes(torn)
+    r = tickets("doctor")
+    assert (r.exit_code, r.stdout, r.stderr) == (
+        1, f"doctor: torn event (no closing ---): {thread}\n",
+        "tickets.sh: doctor found 1 problem(s)\n"), r
+    before = snapshot(tickets.work)
+    for args in (["comment", item_id], ["review", item_id, "--approve"],
+                 ["status", item_id, "pending"], ["close", item_id]):
+        r = tickets(*args, input="Glued?\n")
+        assert (r.exit_code, r.stdout, r.stderr) == (
+            1, "", f"tickets.sh: error: {thread} ends with a torn event (no closing ---); "
+                   f"nothing was written (repair: tickets.sh doctor --fix)\n"), r
+        assert snapshot(tickets.work) == before
+    # Reading is still fine.
+    assert tickets.ok("show", item_id).stdout.endswith(torn.decode())
+    # doctor --fix closes the torn event, keeping what there is of it.
+    r = tickets.ok("doctor", "--fix")
+    assert r.stdout == (f"doctor: fixed: torn event (no closing ---): {thread}\n"
+                        "doctor: ok\n"), r
+    fixed = thread.read_bytes()
+    assert fixed.startswith(torn) and fixed.endswith(
+        b"\n\n(The end of this event is lost: the command writing it was interrupted. "
+        b"Closed by tickets.sh doctor --fix.)\n\n---\n"), fixed
+    last_line = torn.rsplit(b"\n", 1)[-1]
+    if last_line.startswith(b"<!--"):
+        assert fixed[len(torn):].startswith(b" -->\n")  # a cut-off event line is closed
+    tickets.doctor_ok()
+    tickets.ok("comment", item_id, input="After the repair.\n")
+    assert untime(thread.read_text()) == untime(fixed.decode()) + COMMENT_EVENT.format(
+        "After the repair.")
+    tickets.doctor_ok()
+
+
+@pytest.mark.parametrize("body", ["Plain.", "ends with a rule\n---", "ends with a rule\n---\n",
+                                  "---", "\n\n---\n\n", "a forged end\n\n---\n\n<!-- event: x -->"])
+def test_whole_threads_are_not_torn(tickets, body):
+    item_id, thread, _ = _thread_with_comment(tickets, body)
+    tickets.ok("review", item_id, "--approve", input="")
+    tickets.doctor_ok()
+    # A checkout with CR LF line ends, and an empty thread, are whole too.
+    thread.write_bytes(thread.read_bytes().replace(b"\n", b"\r\n"))
+    tickets.doctor_ok()
+    tickets.ok("comment", item_id, input="After CR LF.\n")
+    thread.write_bytes(b"")
+    tickets.doctor_ok()
+    tickets.ok("comment", item_id, input="First.\n")
+    assert untime(thread.read_text()) == COMMENT_EVENT.format("First.")[1:]
+
+
+def test_a_thread_md_that_is_not_a_file_is_refused(tickets):
+    item_id = tickets.create("Odd")
+    d = tickets.dir(item_id)
+    (d / "thread.md").unlink()
+    (d / "thread.md").mkdir()
+    before = snapshot(tickets.work)
+    r = tickets("comment", item_id, input="Into the directory?\n")
+    assert (r.exit_code, r.stderr) == (
+        1, f"tickets.sh: error: {d}/thread.md is not a regular file (see: tickets.sh doctor)\n"), r
+    assert snapshot(tickets.work) == before
+
+
 def test_killed_create_never_shows_a_partial_item(tickets):
     tickets.create("Existing")
     r = tickets("create", "--title", "Half", env={"TICKETS_FAULT": "create-staged:kill"})
@@ -429,6 +644,171 @@ def test_stale_lock_is_broken(tickets):
     assert not (tickets.work / ".lock.break").exists()
 
 
+def test_doctor_does_not_report_a_lock_released_while_it_looked(tickets, tmp_path):
+    """The holder releases the lock and exits between doctor's read of .lock and its
+    check of the process: a `cat` on PATH removes the lock right after reading it."""
+    tickets.create("Alpha")
+    lock = tickets.work / ".lock"
+    lock.write_text(f"{dead_pid()}\n")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    once = tmp_path / "once"
+    once.write_text("")
+    fake = bindir / "cat"
+    fake.write_text(f'#!/bin/sh\n{shutil.which("cat")} "$@"\nrc=$?\n'
+                    f'case $1 in */.lock) if [ -e {shlex.quote(str(once))} ]; then '
+                    f'rm -f {shlex.quote(str(once))} "$1"; fi ;; esac\nexit $rc\n')
+    fake.chmod(0o755)
+    r = tickets("doctor")  # with the real cat the lock stays: it is stale
+    assert (r.exit_code, r.stdout) == (1, f"doctor: stale lock (process "
+                                          f"{lock.read_text().strip()} is gone): {lock}\n"), r
+    r = tickets("doctor", env={"PATH": f"{bindir}:{os.environ['PATH']}"})
+    assert not once.exists() and not lock.exists()
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "doctor: ok\n", ""), r
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
+
+
+def run_dirs(work: Path) -> list[Path]:
+    return sorted(work.glob(".run.tmp-*"))
+
+
+def body_arrived(work: Path, size: int):
+    """The run directory of a command whose body file holds SIZE bytes so far."""
+    found = [d for d in run_dirs(work) if (d / "body").is_file()
+             and (d / "body").stat().st_size >= size and (d / "pid").is_file()]
+    return found[0] if found else None
+
+
+class SlowComment:
+    """`comment` reading its body from a pipe we feed: a live command, alone in its
+    process group so that a signal reaches it and its `cat` as from a terminal."""
+
+    def __init__(self, tickets: Tickets, item_id: str):
+        self.p = subprocess.Popen(tickets.argv(["comment", item_id]), stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env=tickets.env(), start_new_session=True)
+
+    def feed(self, data: bytes):
+        self.p.stdin.write(data)
+        self.p.stdin.flush()
+
+    def signal(self, sig) -> int:
+        os.killpg(self.p.pid, sig)
+        return self.finish()
+
+    def finish(self) -> int:
+        self.p.stdin.close()
+        self.p.wait(timeout=30)
+        self.stdout, self.stderr = self.p.stdout.read(), self.p.stderr.read()
+        return self.p.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGKILL)
+            self.p.wait()
+        for f in (self.p.stdin, self.p.stdout, self.p.stderr):
+            f.close()
+
+
+def test_no_command_uses_tmpdir(tickets, tmp_path):
+    """With $TMPDIR unusable every command still works: temporary files are made in the tree."""
+    env = {"TMPDIR": str(tmp_path / "no" / "such" / "dir")}
+    item_id = tickets.create("No tmpdir", env=env)
+    body = tmp_path / "body.md"
+    body.write_text("From a file.\n")
+    tickets.ok("comment", item_id, input="From stdin.\n", env=env)
+    tickets.ok("comment", item_id, "--file", body, env=env)
+    tickets.ok("review", item_id, "--approve", env=env)
+    tickets.ok("status", item_id, "pending", env=env)
+    tickets.ok("show", item_id, env=env)
+    tickets.ok("list", env=env)
+    tickets.ok("close", item_id, "--resolution", "Done.", env=env)
+    other = tickets.create("Other", env=env)
+    tickets.ok("close", other, env=env)
+    r = tickets("comment", "nope", input="x\n", env=env)
+    assert (r.exit_code, r.stderr) == (3, "tickets.sh: error: no such work item: nope\n"), r
+    tickets.ok("doctor", env=env)
+    assert temp_files(tickets.work) == []
+    assert "From stdin.\n\n---\n" in (tickets.dir(item_id) / "thread.md").read_text()
+
+
+def test_item_commands_without_a_tree_exit_3_and_create_nothing(tickets, tmp_path):
+    body = tmp_path / "body.md"
+    body.write_text("Body.\n")
+    for args in (["comment", "x"], ["comment", "x", "--file", body], ["review", "x", "--approve"],
+                 ["close", "x"], ["close", "x", "--resolution", "r"], ["status", "x", "open"],
+                 ["show", "x"]):
+        r = tickets(*args, input="Body.\n")
+        assert (r.exit_code, r.stdout, r.stderr) == (3, "", "tickets.sh: error: no such work item: x\n"), r
+        assert not tickets.work.exists()
+
+
+def test_killed_comment_leaves_its_body_in_the_tree_where_doctor_reports_it(tickets):
+    item_id = tickets.create("Big body")
+    thread = tickets.dir(item_id) / "thread.md"
+    before = thread.read_bytes()
+    with SlowComment(tickets, item_id) as slow:
+        for _ in range(16):
+            slow.feed(b"x" * 65536)
+        run = wait_for(lambda: body_arrived(tickets.work, 1 << 20))
+        assert run, run_dirs(tickets.work)
+        assert (run / "pid").read_text() == f"{slow.p.pid}\n"
+        assert slow.signal(signal.SIGKILL) == -signal.SIGKILL
+    # Nothing in $TMPDIR; the megabyte of body is in the tree, where doctor sees it.
+    assert list(tickets.tmp.iterdir()) == []
+    assert temp_files(tickets.work) == [run]
+    assert thread.read_bytes() == before
+    r = tickets("doctor")
+    assert (r.exit_code, r.stdout) == (1, f"doctor: leftover temporary file: {run}\n"), r
+    # The next comment is not disturbed by it; doctor --fix removes it.
+    tickets.ok("comment", item_id, input="Small.\n")
+    assert untime(thread.read_text()) == untime(before.decode()) + (
+        "\n<!-- event: comment author: tester at: T -->\n\n## Comment\n\nSmall.\n\n---\n")
+    r = tickets.ok("doctor", "--fix")
+    assert r.stdout == f"doctor: fixed: leftover temporary file: {run}\ndoctor: ok\n", r
+    assert not run.exists()
+    tickets.doctor_ok()
+
+
+def test_doctor_leaves_alone_the_run_directory_of_a_live_command(tickets):
+    item_id = tickets.create("Live")
+    with SlowComment(tickets, item_id) as slow:
+        slow.feed(b"still typing")
+        run = wait_for(lambda: body_arrived(tickets.work, 1))
+        assert run, run_dirs(tickets.work)
+        tickets.doctor_ok()
+        assert tickets.ok("doctor", "--fix").stdout == "doctor: ok\n"
+        assert run.is_dir()
+        assert slow.finish() == 0
+    assert run_dirs(tickets.work) == [] and list(tickets.tmp.iterdir()) == []
+    assert (tickets.dir(item_id) / "thread.md").read_text().endswith("still typing\n\n---\n")
+    tickets.doctor_ok()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT, signal.SIGTERM],
+                         ids=lambda s: s.name)
+def test_signals_remove_the_run_directory(tickets, sig):
+    item_id = tickets.create("Interrupted")
+    before = snapshot(tickets.work)
+    with SlowComment(tickets, item_id) as slow:
+        slow.feed(b"half a body")
+        assert wait_for(lambda: body_arrived(tickets.work, 1)), run_dirs(tickets.work)
+        assert slow.signal(sig) == 128 + sig
+    assert snapshot(tickets.work) == before
+    assert temp_files(tickets.work) == [] and list(tickets.tmp.iterdir()) == []
+
+
 def test_temp_files_come_from_mktemp_only():
     code = [line for line in SCRIPT.read_text().split("\n")
             if not line.lstrip().startswith("#")]
@@ -437,6 +817,128 @@ def test_temp_files_come_from_mktemp_only():
     assert "/tmp" not in text and "TMPDIR" not in text
     # The pid never names a file (predictable names are what mktemp avoids).
     assert not re.search(r"[-./_]\$\$|\$\$[-./_]|\$\{?\$\}?\.", text)
+
+
+# ------------------------------------------------------- symbolic links
+
+
+def tree_state(root: Path) -> dict:
+    """Every path under ROOT, links not followed: a link as its target, a file as its bytes."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            key = str(p.relative_to(root))
+            if p.is_symlink():
+                state[key] = ("link", os.readlink(p))
+            elif p.is_file():
+                state[key] = p.read_bytes()
+            else:
+                state[key] = None
+    return state
+
+
+def _link_out(path: Path, outside: Path) -> Path:
+    """Move PATH out of the tree to OUTSIDE and leave a symbolic link in its place."""
+    target = outside / path.name
+    shutil.move(str(path), str(target))
+    path.symlink_to(target, target_is_directory=target.is_dir())
+    return path
+
+
+def _link_in(path: Path, target: Path) -> Path:
+    """A new link PATH to a new file TARGET outside the tree."""
+    target.write_text("outside\n")
+    path.symlink_to(target)
+    return path
+
+
+# Each: which path becomes a link out of the tree (work, item directory, outside).
+LINKS = {
+    "thread.md": lambda w, d, o: _link_out(d / "thread.md", o),
+    "item.md": lambda w, d, o: _link_out(d / "item.md", o),
+    "resolution.md": lambda w, d, o: (
+        (d / "resolution.md").write_text("Old.\n"), _link_out(d / "resolution.md", o))[1],
+    "artifacts": lambda w, d, o: _link_out(d / "artifacts", o),
+    "a link in artifacts": lambda w, d, o: _link_in(d / "artifacts" / "log", o / "log"),
+    "item directory": lambda w, d, o: _link_out(d, o),
+    "open": lambda w, d, o: _link_out(w / "open", o),
+    "pending": lambda w, d, o: _link_out(w / "pending", o),
+    "closed": lambda w, d, o: _link_out(w / "closed", o),
+}
+
+# (link, command): every command that would write through or into the link, and show.
+LINK_COMMANDS = [
+    ("thread.md", ["comment", "ID"]), ("thread.md", ["review", "ID", "--approve"]),
+    ("thread.md", ["status", "ID", "pending"]), ("thread.md", ["close", "ID"]),
+    ("item.md", ["comment", "ID"]), ("item.md", ["status", "ID", "pending"]),
+    ("resolution.md", ["close", "ID"]),
+    ("artifacts", ["comment", "ID"]), ("artifacts", ["close", "ID"]),
+    ("a link in artifacts", ["comment", "ID"]),
+    ("item directory", ["comment", "ID"]), ("item directory", ["close", "ID"]),
+    ("item directory", ["status", "ID", "pending"]), ("item directory", ["show", "ID"]),
+    ("open", ["create", "--title", "New"]), ("open", ["comment", "ID"]),
+    ("pending", ["status", "ID", "pending"]), ("pending", ["comment", "ID"]),
+    ("closed", ["close", "ID"]), ("closed", ["status", "ID", "closed"]),
+]
+
+
+@pytest.mark.parametrize("link, args", LINK_COMMANDS,
+                         ids=[f"{link}-{args[0]}" for link, args in LINK_COMMANDS])
+def test_a_symbolic_link_in_the_tree_is_refused_and_reported(tickets, tmp_path, link, args):
+    item_id = tickets.create("Linked")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    path = LINKS[link](tickets.work, tickets.dir(item_id), outside)
+    work_before, outside_before = tree_state(tickets.work), tree_state(outside)
+
+    r = tickets(*[item_id if a == "ID" else a for a in args], input="Through the link?\n")
+    # Nothing written or moved, outside the tree or in it.
+    assert tree_state(outside) == outside_before, r
+    assert tree_state(tickets.work) == work_before, r
+    assert (r.exit_code, r.stdout, r.stderr) == (
+        1, "", f"tickets.sh: error: refusing to follow the symbolic link {path} in the "
+               f"work items (see: tickets.sh doctor)\n"), r
+    assert list(tickets.tmp.iterdir()) == []
+
+    r = tickets("doctor")
+    assert (r.exit_code, r.stdout, r.stderr) == (
+        1, f"doctor: symbolic link: {path}\n", "tickets.sh: doctor found 1 problem(s)\n"), r
+    assert tree_state(outside) == outside_before
+
+
+def test_doctor_reports_every_link_and_does_not_look_through_them(tickets, tmp_path):
+    a = tickets.dir(tickets.create("Alpha"))
+    b = tickets.dir(tickets.create("Beta"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    # Through these links lie things doctor would otherwise report (or, with a
+    # leftover temp file, remove): it must not look.
+    (outside / ".item.md.tmp-Ab12Cd").write_text("not ours\n")
+    (outside / "item.md").write_text("# no front matter\n")
+    (a / "thread.md").unlink()
+    (a / "thread.md").symlink_to(outside / "missing")  # dangling
+    _link_out(b / "item.md", outside)
+    (tickets.work / "pending" / "20990101-000000-x").symlink_to(outside, target_is_directory=True)
+    (outside / "pid").write_text(f"{dead_pid()}\n")
+    (tickets.work / ".lock.break").symlink_to(outside / "pid")
+    r = tickets("doctor")
+    assert r.exit_code == 1, r
+    assert r.stdout == "".join(f"doctor: symbolic link: {p}\n" for p in sorted([
+        f"{a}/thread.md", f"{b}/item.md", f"{tickets.work}/pending/20990101-000000-x",
+        f"{tickets.work}/.lock.break"])), r
+    assert (outside / ".item.md.tmp-Ab12Cd").exists()
+
+
+def test_the_tree_itself_may_be_a_symbolic_link(tickets, tmp_path):
+    real = tmp_path / "real-tree"
+    real.mkdir()
+    tickets.work.symlink_to(real, target_is_directory=True)
+    item_id = tickets.create("Via a link")
+    tickets.ok("comment", item_id, input="Fine.\n")
+    tickets.ok("close", item_id)
+    assert (real / "closed" / item_id / "resolution.md").read_text() == "Closed.\n"
+    tickets.doctor_ok()
 
 
 # ------------------------------------------------------------- errors
@@ -466,6 +968,7 @@ USAGE_ERRORS = [
     ["comment", "x", "--role", "essay"],
     ["comment", "x", "--author", "two words"],
     ["comment", "x", "--file", "/nonexistent/body"],
+    ["comment", "x", "--file", "/"],
     ["review", "x"],
     ["review", "x", "--approve", "--request-changes"],
     ["review", "x", "--approve=yes"],
@@ -475,16 +978,31 @@ USAGE_ERRORS = [
     ["close", "x", "--resolution", "r", "--file", "f"],
     ["close", "x", "--resolution", ""],
     ["doctor", "extra"],
+    # A newline in an argument does not make the message two lines.
+    ["create", "--title", "x", "two\nlines"],
+    ["list", "--bo\ngus"],
 ]
 
 
 @pytest.mark.parametrize("args", USAGE_ERRORS, ids=lambda a: " ".join(a) or "no-args")
-def test_bad_usage_exits_2_with_usage_and_writes_nothing(tickets, args):
+def test_bad_usage_exits_2_with_one_line_and_a_hint_and_writes_nothing(tickets, args):
     r = tickets(*args)
     assert r.exit_code == 2, r
     assert r.stdout == ""
-    assert r.stderr.startswith("tickets.sh: error: ") and "\nUsage:\n" in r.stderr, r
+    lines = r.stderr.split("\n")
+    assert len(lines) == 3 and lines[2] == "", r
+    assert re.fullmatch(r"tickets\.sh: error: [^\x00-\x1f]+", lines[0]), r
+    assert lines[1] == "Try 'tickets.sh help'.", r
     assert not tickets.work.exists()
+
+
+def test_usage_error_names_the_problem(tickets):
+    r = tickets("frobnicate")
+    assert (r.exit_code, r.stdout, r.stderr) == (
+        2, "", "tickets.sh: error: unknown command: frobnicate\nTry 'tickets.sh help'.\n"), r
+    r = tickets("create", "--title", "x", "a\nb")
+    assert r.stderr == ("tickets.sh: error: too many arguments for create: a b\n"
+                        "Try 'tickets.sh help'.\n"), r
 
 
 @pytest.mark.parametrize("args", [["help"], ["--help"], ["-h"], ["create", "--help"]])
@@ -492,6 +1010,10 @@ def test_help_goes_to_stdout_with_exit_0(tickets, args):
     r = tickets.ok(*args)
     assert r.stdout.startswith("tickets.sh - repository-local work items")
     assert "  tickets.sh close ID-OR-SLUG [--resolution TEXT | --file PATH]" in r.stdout
+    # The full usage: every command has its line.
+    for command in ("help", "list", "show", "create", "comment", "review", "status",
+                    "close", "doctor"):
+        assert f"\n  tickets.sh {command}" in r.stdout, command
 
 
 def test_unknown_item_exits_3_and_changes_nothing(tickets):
@@ -665,12 +1187,85 @@ def test_doctor_reports_the_lock_temp_file_of_a_gone_waiter_only(tickets):
     assert (r.exit_code, r.stdout) == (1, f"doctor: leftover temporary file: {gone}\n"), r
 
 
-def test_doctor_on_a_missing_tree_reports_the_status_directories(tickets):
+def test_doctor_on_a_fresh_repository_has_nothing_to_check(tickets):
+    r = tickets("doctor")
+    assert (r.exit_code, r.stdout, r.stderr) == (
+        0, f"doctor: nothing to check: {tickets.work} does not exist (create makes it)\n", ""), r
+    assert not tickets.work.exists()
+
+
+def test_doctor_on_a_tree_without_status_directories_reports_them(tickets):
+    tickets.work.mkdir()
     r = tickets("doctor")
     w = tickets.work
     assert (r.exit_code, r.stdout) == (1, f"doctor: missing directory: {w}/closed\n"
                                   f"doctor: missing directory: {w}/open\n"
                                   f"doctor: missing directory: {w}/pending\n"), r
+
+
+def test_doctor_fix_removes_leftovers_and_stale_locks_and_leaves_the_rest(tickets, tmp_path):
+    a = tickets.dir(tickets.create("Alpha"))
+    w = tickets.work
+    gone = dead_pid()
+    leftovers = [a / ".item.md.tmp-Ab12Cd", a / ".thread.md.tmp-Ef34Gh",
+                 w / "open" / ".create.tmp-Ij56Kl", w / ".lock.tmp-Mn78Op", w / ".run.tmp-Qr90St"]
+    for p in leftovers[:2]:
+        p.write_text("half")
+    leftovers[2].mkdir()
+    (leftovers[2] / "item.md").write_text("---\n")
+    leftovers[3].write_text(f"{gone}\n")
+    leftovers[4].mkdir()
+    (leftovers[4] / "pid").write_text(f"{gone}\n")
+    (leftovers[4] / "body").write_bytes(b"x" * 100000)
+    # A live waiter's lock temp file stays.
+    waiting = w / ".lock.tmp-Uv12Wx"
+    waiting.write_text(f"{os.getpid()}\n")
+    # Both locks stale: a writer alone could not break the lock, ever.
+    (w / ".lock").write_text(f"{gone}\n")
+    (w / ".lock.break").write_text(f"{gone}\n")
+    # Not for --fix to decide: a link and a missing artifacts/.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (w / "pending" / "x").symlink_to(outside, target_is_directory=True)
+    shutil.rmtree(a / "artifacts")
+
+    r = tickets("doctor", "--fix", env={"TICKETS_LOCK_TIMEOUT": "0"})
+    assert r.exit_code == 1, r
+    assert r.stdout == "".join(sorted(
+        [f"doctor: fixed: leftover temporary file: {p}\n" for p in leftovers]
+        + [f"doctor: fixed: stale lock (process {gone} is gone): {w / n}\n"
+           for n in (".lock", ".lock.break")])) + (
+        f"doctor: missing artifacts/: {a}\n"
+        f"doctor: symbolic link: {w}/pending/x\n"), r
+    assert r.stderr == "tickets.sh: doctor found 2 problem(s)\n", r
+    assert temp_files(w) == [waiting]
+    assert not (w / ".lock").exists() and not (w / ".lock.break").exists()
+    assert outside.exists() and list(outside.iterdir()) == []
+    # What is left is reported again, nothing more.
+    r = tickets("doctor")
+    assert r.stdout == f"doctor: missing artifacts/: {a}\ndoctor: symbolic link: {w}/pending/x\n", r
+
+
+def test_doctor_fix_on_a_whole_tree_changes_nothing(tickets):
+    item_id = tickets.create("Whole")
+    tickets.ok("comment", item_id, input="Fine.\n")
+    before = snapshot(tickets.work)
+    assert tickets.ok("doctor", "--fix").stdout == "doctor: ok\n"
+    assert snapshot(tickets.work) == before
+    r = tickets("doctor", "--fix=yes")
+    assert (r.exit_code, r.stderr) == (2, "tickets.sh: error: option --fix takes no value\n"
+                                          "Try 'tickets.sh help'.\n"), r
+    (tickets.work / ".lock").write_text(f"{os.getpid()}\n")  # a live writer
+    r = tickets("doctor", "--fix", env={"TICKETS_LOCK_TIMEOUT": "0"})
+    assert r.exit_code == 6, r
+    (tickets.work / ".lock").unlink()
+    assert snapshot(tickets.work) == before
+
+
+def test_doctor_fix_on_a_fresh_repository_has_nothing_to_check(tickets):
+    r = tickets.ok("doctor", "--fix")
+    assert r.stdout == f"doctor: nothing to check: {tickets.work} does not exist (create makes it)\n"
+    assert not tickets.work.exists()
 
 
 # ------------------------------------------------------- static checks
