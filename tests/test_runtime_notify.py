@@ -234,3 +234,33 @@ def test_a_sender_that_closes_right_after_writing_is_still_heard(state, started_
             break
         time.sleep(0.1)
     assert missing == []
+
+
+@pytest.mark.parametrize("close", ["half-close", "close"])
+def test_a_client_far_ahead_is_held_back_but_everything_it_wrote_is_committed(
+        state, started_pod, close):
+    """A sender may write thousands of notifies before reading anything: the Pod works
+    on a bounded number at a time (its memory does not follow the client's window),
+    leaves the rest unread until then, and still commits every line written before
+    the client closed, whether it half-closes or closes outright."""
+    import socket
+    import time
+    from yoi.server.connection import PENDING_LIMIT
+    pod = started_pod("a")
+    n = PENDING_LIMIT * 8
+    with Raw(pod.socket_path) as c:
+        c.prelude()
+        c.send(b"".join(protocol.method("notify", {"message": f"m{i}", "id": f"far-{i}"})
+                        for i in range(n)))
+        if close == "half-close":
+            c.sock.shutdown(socket.SHUT_WR)
+            acked = set()
+            while len(acked) < n:
+                ev = c.event()
+                if ev["event"] == "system_item":
+                    acked.add(ev["data"]["id"])
+            assert acked == {f"far-{i}" for i in range(n)}
+    deadline = time.monotonic() + 30
+    while len(log_entries(state, "a")) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [e["id"] for e in log_entries(state, "a")] == [f"far-{i}" for i in range(n)]

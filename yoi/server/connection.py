@@ -12,7 +12,10 @@ non-blocking and never stalls the loop:
 * inbound, lines are framed on ``\\n``; a line over ``protocol.MAX_METHOD_LINE``
   gets ``error`` and the rest of it is read and dropped as it streams in,
   never buffered whole. Methods are read only once the prelude is on its way
-  (PROTOCOL.md), and every complete line goes to the Hub's ``on_line``;
+  (PROTOCOL.md), and every complete line goes to the Hub's ``on_line``. A
+  client owed ``PENDING_LIMIT`` answers (a pipelining sender) has its further
+  lines wait, unread, until some are answered: what a Pod holds for the work
+  in progress is bounded per client, however far ahead the client writes;
 * a client whose socket fails for writing is *hung up*: it gets nothing more,
   but what it wrote before its EOF is still handled (``yoi pod send
   --no-wait`` writes and closes at once).
@@ -38,19 +41,24 @@ PINNED_LIMIT = 128 << 20       # bytes of older snapshots kept for clients not r
 RECV_CHUNK = 64 << 10
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 0.1             # seconds the listener rests when accept() fails (no fds)
+PENDING_LIMIT = 256           # answers one client may be owed before its lines wait
 
 _PEERCRED = struct.Struct("3i")
 
 
 class Client:
-    __slots__ = ("sock", "fd", "inbuf", "discarding", "outq", "queued", "limit", "prelude_left",
-                 "snap", "events", "closed", "eof", "hungup", "pending")
+    __slots__ = ("sock", "fd", "inbuf", "scanned", "discarding", "held", "resuming", "outq",
+                 "queued", "limit", "prelude_left", "snap", "events", "closed", "eof", "hungup",
+                 "pending")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.fd = sock.fileno()
         self.inbuf = bytearray()
+        self.scanned = 0  # bytes at the start of inbuf known to hold no newline
         self.discarding = False
+        self.held = False  # inbuf holds whole lines that wait for PENDING_LIMIT to allow them
+        self.resuming = False
         self.outq: deque = deque()
         self.queued = 0
         self.limit = OUTBOUND_LIMIT
@@ -224,10 +232,8 @@ class Hub:
         c.outq.clear()
         c.queued = 0
         c.prelude_left = 0
-        if c.eof:
-            self.close(c)
-        else:
-            self._set_events(c)
+        self.maybe_close(c)
+        self._set_events(c)
 
     # -- reading ----------------------------------------------------------------
     def _on_client(self, c: Client, mask: int) -> None:
@@ -248,10 +254,8 @@ class Hub:
         if not data:
             # The client closed its side: answer what it asked, then close.
             c.eof = True
-            if c.hungup or (not c.outq and c.pending == 0):
-                self.close(c)
-            else:
-                self._set_events(c)
+            self.maybe_close(c)
+            self._set_events(c)
             return
         self._feed(c, data)
 
@@ -262,12 +266,19 @@ class Hub:
                 return
             c.discarding = False
             data = data[nl + 1:]
+        c.inbuf += data
+        self._lines(c)
+
+    def _lines(self, c: Client) -> None:
+        """Hand every whole line of C's input to ON_LINE, while C may be owed more."""
         buf = c.inbuf
-        scan_from = len(buf)
-        buf += data
         start = 0
+        c.held = False
         while not c.closed and self.reading and not self.loop.stopping:
-            nl = buf.find(b"\n", max(start, scan_from))
+            if c.pending >= PENDING_LIMIT:
+                c.held = True
+                break
+            nl = buf.find(b"\n", start or c.scanned)
             if nl < 0:
                 break
             if nl - start > protocol.MAX_METHOD_LINE:
@@ -280,11 +291,21 @@ class Hub:
         if c.closed:
             return
         rest = buf[start:] if start else buf
+        if c.held:
+            c.inbuf, c.scanned = rest, 0
+            return
         if len(rest) > protocol.MAX_METHOD_LINE:
             self._over_long(c)
             c.discarding = True
             rest = bytearray()
-        c.inbuf = rest
+        c.inbuf, c.scanned = rest, len(rest)
+
+    def _resume(self, c: Client) -> None:
+        c.resuming = False
+        if not c.closed and c.held:
+            self._lines(c)
+            self.maybe_close(c)
+            self._set_events(c)
 
     def _over_long(self, c: Client) -> None:
         self.send(c, protocol.error_event(
@@ -296,7 +317,7 @@ class Hub:
             return
         # Methods are read only once the prelude is on its way (PROTOCOL.md).
         reading = (self.reading and not self.loop.stopping and c.prelude_left <= 0
-                   and not c.eof)
+                   and not c.eof and not c.held)
         events = (selectors.EVENT_READ if reading else 0) | (
             selectors.EVENT_WRITE if c.outq else 0)
         if events == c.events:
@@ -316,10 +337,13 @@ class Hub:
     def paid(self, c: Client) -> None:
         """One answer owed to C was sent (or cannot be); close C if it is done."""
         c.pending -= 1
+        if c.held and c.pending < PENDING_LIMIT and not c.resuming:
+            c.resuming = True
+            self.loop.call_soon(self._resume, c)
         self.maybe_close(c)
 
     def maybe_close(self, c: Client) -> None:
-        if c.eof and (c.hungup or (c.pending == 0 and not c.outq)):
+        if c.eof and not c.held and (c.hungup or (c.pending == 0 and not c.outq)):
             self.close(c)
 
     def close(self, c: Client) -> None:

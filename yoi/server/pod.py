@@ -180,7 +180,7 @@ class Pod:
                                "session_offset": self.log_end},
                               ensure_ascii=False, separators=(",", ":"))
             self.snap = b"".join([b'{"event":"snapshot","data":', head[:-1].encode(),
-                                  b',"entries":[', b",".join(self.recent), b"]}}\n"])
+                                  b',"entries":[', self.recent.joined(b","), b"]}}\n"])
         return self.snap
 
     def busy(self, delta: int) -> None:

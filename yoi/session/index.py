@@ -59,6 +59,7 @@ class IdIndex:
         self.db = db
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # the log is durable; this only lags
+        db.execute("PRAGMA cache_size=-256")  # KiB: lookups are rare (retries only)
         db.execute("CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY, offset INTEGER, "
                    "length INTEGER) WITHOUT ROWID")
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")

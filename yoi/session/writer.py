@@ -232,6 +232,7 @@ class SessionLog:
             if not batch:
                 return
             self._write_batch(batch)
+            batch = None  # do not keep the last batch alive while waiting for the next
 
     def _write_batch(self, batch: list[tuple[Entry, Done]]) -> None:
         start, seq = self.size, self.seq
