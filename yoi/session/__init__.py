@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from array import array
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -326,53 +326,31 @@ class Recent:
     This is what a connect-time snapshot holds. Entries can be large (a
     notification of 1 MiB, handler output), so a count alone would let the
     snapshot, and the Pod's memory, grow to gigabytes.
-
-    The lines are kept in one buffer, not as a thousand small objects: small
-    objects made in the middle of a burst of messages would each pin a block
-    of the allocator long after the burst's other objects are gone.
     """
 
     def __init__(self, count: int = protocol.SNAPSHOT_ENTRIES,
                  budget: int = protocol.SNAPSHOT_BYTES):
-        self.buf = bytearray()  # the lines, each ended by a newline
-        self.ends = array("q")  # where each line (with its newline) ends in buf
-        self.head = 0           # ends[head] is the oldest line kept
-        self.start = 0          # where the oldest line kept starts in buf
+        self.lines: deque[bytes] = deque()
         self.count = count
         self.budget = budget
-        self.size = 0           # bytes of the lines kept, without newlines
+        self.size = 0
 
     def append(self, line: bytes) -> None:
-        self.buf += line
-        self.buf += b"\n"
-        self.ends.append(len(self.buf))
+        lines = self.lines
+        lines.append(line)
         self.size += len(line)
-        while len(self) > self.count or (self.size > self.budget and len(self) > 1):
-            end = self.ends[self.head]
-            self.size -= end - self.start - 1
-            self.start = end
-            self.head += 1
-        dead = self.start
-        if dead > 1 << 16 and dead * 4 >= len(self.buf) - dead:
-            del self.buf[:dead]
-            self.ends = array("q", [e - dead for e in self.ends[self.head:]])
-            self.head = self.start = 0
+        while len(lines) > self.count or (self.size > self.budget and len(lines) > 1):
+            self.size -= len(lines.popleft())
 
     def joined(self, sep: bytes) -> bytes:
-        """The lines kept, oldest first, joined by SEP (JSON lines hold no raw newline)."""
-        if not len(self):
-            return b""
-        return bytes(self.buf[self.start:-1]).replace(b"\n", sep)
+        """The lines kept, oldest first, joined by SEP."""
+        return sep.join(self.lines)
 
     def __iter__(self):
-        start = self.start
-        for i in range(self.head, len(self.ends)):
-            end = self.ends[i]
-            yield bytes(self.buf[start:end - 1])
-            start = end
+        return iter(self.lines)
 
     def __len__(self) -> int:
-        return len(self.ends) - self.head
+        return len(self.lines)
 
 
 # -- a torn last line (``yoi doctor``) ---------------------------------------------
