@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-import tomllib
 from pathlib import Path
 
 from yoi.errors import CorruptMetadata
 from yoi.names import is_valid_name
+from yoi.parsing import ParseError, toml_loads
 
 SCHEMA = 1
 
@@ -47,20 +47,22 @@ def parse(text: bytes | str, path: Path | str, expect_name: str | None = None) -
     return doc
 
 
-def loads(text: bytes | str, path: Path | str) -> dict:
-    """Decode and parse TOML without the schema check; CorruptMetadata naming PATH."""
+def loads(text: bytes | str, path: Path | str, what: str = "") -> dict:
+    """Decode and parse a TOML state file without the schema check (the one place
+    that does: records and journals alike); CorruptMetadata naming PATH, WHAT
+    (e.g. "journal ") saying what the file is."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
             line = text.count(b"\n", 0, e.start) + 1
             column = e.start - text.rfind(b"\n", 0, e.start)
-            raise CorruptMetadata(f"{path}: not UTF-8 (at line {line}, column {column})",
+            raise CorruptMetadata(f"{path}: {what}not UTF-8 (at line {line}, column {column})",
                                   path=str(path), line=line, column=column)
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise CorruptMetadata(f"{path}: does not parse: {e}", path=str(path),
+        return toml_loads(text)
+    except ParseError as e:
+        raise CorruptMetadata(f"{path}: {what}does not parse: {e}", path=str(path),
                               **_line_col(str(e)))
 
 

@@ -43,6 +43,7 @@ from typing import Callable, Iterator
 from yoi import protocol
 from yoi.atomic import fsync_dir, write_all
 from yoi.faults import fault
+from yoi.parsing import ParseError, json_loads
 
 READ_CHUNK = 1 << 20
 
@@ -62,8 +63,8 @@ class Committed:
 def parse_entry(line: bytes) -> dict | None:
     """A log line as an event object, or None if it is not one."""
     try:
-        obj = json.loads(line)
-    except (UnicodeDecodeError, ValueError):
+        obj = json_loads(line)
+    except ParseError:  # also nested too deep, or an integer too long
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("event"), str):
         return None
@@ -436,8 +437,8 @@ def torn_tail(path: Path | str) -> tuple[int, int, str] | None:
     if not line.strip():
         return None  # blank lines are ignored by readers
     try:
-        json.loads(line)
-    except ValueError:
+        json_loads(line)
+    except ParseError:
         return good_end, size, f"not valid JSON ({size - good_end} bytes)"
     return None
 
