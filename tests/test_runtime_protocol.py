@@ -140,6 +140,31 @@ def test_no_line_kills_the_pod_each_is_invalid_request_and_the_connection_stays(
         assert alerts == [] and len(snap["data"]["entries"]) == 1
 
 
+def test_an_unexpected_error_is_answered_internal_logged_and_alerted(state, started_pod):
+    # An injected I/O error while the first method line is handled stands for
+    # any bug: the client gets ``internal``, pod.log the traceback, everyone an alert.
+    pod = started_pod("a", env={"YOI_FAULT": "handle-line:eio"})
+    with Raw(pod.socket_path) as watcher, Raw(pod.socket_path) as c:
+        watcher.prelude()
+        c.prelude()
+        c.send({"method": "notify", "params": {"message": "first", "id": "m-1"}})
+        ev = c.event()
+        assert ev == {"event": "error", "data": {
+            "code": "internal", "message": "internal error in a method line"}}
+        alert, _ = watcher.until("alert")
+        assert c.event() == alert  # the client that sent the line gets the alert too
+        assert alert["data"]["level"] == "error"
+        assert alert["data"]["message"].startswith(
+            "internal error in a method line: OSError: [Errno 5] injected I/O error at "
+            "handle-line")
+        c.send({"method": "notify", "params": {"message": "second", "id": "m-2"}})
+        ev, _ = c.until("system_item")
+        assert ev["data"]["item"]["id"] == "m-2"
+    log = state.pod_log_path("a").read_text()
+    assert "internal error in a method line:\nTraceback (most recent call last):" in log
+    assert "OSError: [Errno 5] injected I/O error at handle-line" in log
+
+
 def test_run_broadcasts_status_message_output_end_in_order(state, started_pod):
     pod = started_pod("a", exec="tr a-z A-Z")
     with Raw(pod.socket_path) as watcher, Raw(pod.socket_path) as c:

@@ -11,4 +11,7 @@ def now_iso() -> str:
 
 
 def log(msg: str) -> None:
-    print(f"{now_iso()} {msg}", file=sys.stderr, flush=True)
+    try:
+        print(f"{now_iso()} {msg}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # a full disk or a closed stderr: the Pod goes on without its diagnostics

@@ -25,7 +25,7 @@ from yoi.errors import Failed, YoiError
 from yoi.server import methods
 from yoi.server.connection import Client, Hub, flush_then_close
 from yoi.server.log import log
-from yoi.server.loop import Loop
+from yoi.server.loop import Loop, report
 from yoi.server.operations import Invalid, Operations
 from yoi.server.worker import HandlerWorker
 from yoi.session import Committed, Recent, SessionLog
@@ -55,6 +55,7 @@ class Pod:
         self._meta_cache: dict[str, tuple] = {}  # Pod name -> (stat key, record)
         self.socket_path: Path | None = None
         self.loop = Loop()
+        self.loop.on_error = self.internal_error
         self.session: SessionLog | None = None
         self.hub: Hub | None = None
         self.ops: Operations | None = None
@@ -100,7 +101,7 @@ class Pod:
             self._record_runtime(pid=os.getpid())
             listener.listen(512)
             self.hub = Hub(self.loop, listener, self._on_line, self._prelude)
-            self.ops = Operations(self.loop, self.hub)
+            self.ops = Operations(self.loop, self.hub, self.internal_error)
             self.hub.start_accepting()
             self.loop.install_signals()
             self.worker.start()
@@ -197,6 +198,15 @@ class Pod:
         self._alerts_blob = None
         if self.hub is not None:
             self.hub.broadcast(line)
+
+    def internal_error(self, what: str, exc: BaseException) -> None:
+        """An unexpected exception while serving (loop thread): logged with its
+        traceback and raised as an alert; the Pod goes on."""
+        report(what, exc)
+        detail = f"{type(exc).__name__}: {exc}"
+        if len(detail) > 300:
+            detail = detail[:300] + "..."
+        self.alert("error", f"internal error in {what}: {detail} (traceback in the Pod's log)")
 
     # -- commits ------------------------------------------------------------------
     def commit(self, c: Client | None, line: bytes, after=None, msg_id=None) -> None:

@@ -22,7 +22,6 @@ import os
 import queue
 import subprocess
 import threading
-import traceback
 
 from yoi import protocol
 from yoi.procs import StillThere, popen_gone, terminate
@@ -79,8 +78,8 @@ class HandlerWorker:
                 return
             try:
                 self._handle(job)
-            except Exception:
-                log("internal error in the handler worker:\n" + traceback.format_exc())
+            except Exception as e:
+                self.pod.loop.call_soon(self.pod.internal_error, "the handler worker", e)
             self.pod.loop.call_soon(self.pod.busy, -1)
 
     def _handle(self, job: Job) -> None:
