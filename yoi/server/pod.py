@@ -29,7 +29,7 @@ from yoi.server.loop import Loop, report
 from yoi.server.operations import Invalid, Operations
 from yoi.server.worker import HandlerWorker
 from yoi.session import Committed, Recent, SessionLog
-from yoi.state import State, make_private_dir
+from yoi.state import State, make_private_dir, private_dir_problem, socket_dir_chain
 from yoi.txn import read_pod_file
 
 MAX_ALERTS = 100               # alerts replayed to a new client
@@ -300,15 +300,23 @@ def bind(path: Path, state: State) -> socket.socket:
 
 
 def prepare_socket_dir(path: Path, state: State) -> None:
-    """Create the socket's directory 0700 and make sure it is ours and private."""
-    make_private_dir(path)
-    dirs = [path] if path.parent == state.root else [path, path.parent]
-    for d in dirs:
+    """Create the socket's directory 0700 and make sure that no other user made it or
+    can write into it, nor into the fallback root above a short one.
+
+    The root is checked before anything is created in it: a ``yoi-UID``
+    directory someone else created in the shared temp directory is refused,
+    never used. Our own socket directory with a wider mode is narrowed.
+    """
+    for d in socket_dir_chain(path):
+        make_private_dir(d)
         st = os.lstat(d)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-            raise Failed(f"socket directory {d} is not a directory owned by this user")
-        if d == path and st.st_mode & 0o077:
+        if (d == path and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+                and st.st_mode & 0o077):
             os.chmod(d, 0o700)
+        problem = private_dir_problem(d)
+        if problem:
+            raise Failed(f"socket directory {problem}; refusing to use it (another user "
+                         "could pose as this Pod)")
 
 
 def raise_fd_limit() -> None:
