@@ -7,6 +7,7 @@ does not know survive a rewrite untouched.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import re
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def utcnow() -> _dt.datetime:
 
 
 def new_record(name: str, exec_cmd: str | None = None, cwd: str | None = None,
-               accept_peers: bool = True) -> dict:
+               accept_peers: bool = True, handler_timeout: float | None = None) -> dict:
     record: dict = {
         "schema": SCHEMA,
         "pod_name": name,
@@ -35,6 +36,8 @@ def new_record(name: str, exec_cmd: str | None = None, cwd: str | None = None,
         record["runtime"]["exec"] = exec_cmd
     if cwd is not None:
         record["runtime"]["cwd"] = cwd
+    if handler_timeout is not None:
+        record["runtime"]["handler_timeout"] = handler_timeout
     return record
 
 
@@ -71,9 +74,10 @@ def _line_col(message: str) -> dict:
     return {"line": int(m.group(1)), "column": int(m.group(2))} if m else {}
 
 
-# The [runtime] hints and the types every reader of them expects.
+# The [runtime] hints and settings, and the types every reader of them expects.
 RUNTIME_TYPES = {"pid": (int, "an integer"), "socket_path": (str, "a string"),
-                 "exec": (str, "a string"), "cwd": (str, "a string")}
+                 "exec": (str, "a string"), "cwd": (str, "a string"),
+                 "handler_timeout": ((int, float), "a number of seconds above 0")}
 
 
 def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
@@ -91,7 +95,8 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
         return "runtime must be a table"
     for key, (kind, what) in RUNTIME_TYPES.items():
         value = (doc.get("runtime") or {}).get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)
+                                  or (key == "handler_timeout" and not 0 < value < math.inf)):
             return f"runtime.{key} must be {what}, not {value!r}"
     peers = doc.get("peers", [])
     if not isinstance(peers, list):

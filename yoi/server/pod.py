@@ -20,7 +20,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from yoi import peers, protocol, store
+from yoi import peers, protocol, store, timeouts
 from yoi.errors import Failed, YoiError
 from yoi.server import methods
 from yoi.server.connection import Client, Hub, flush_then_close
@@ -43,6 +43,7 @@ class Pod:
         self.exec_override = exec_cmd
         self.exec_cmd: str | None = None
         self.cwd: str | None = None
+        self.handler_timeout = timeouts.HANDLER
         self.greeting: dict = {}
         self.status = "idle"
         self.running = 0               # accepted runs/notifications not yet handled
@@ -88,6 +89,7 @@ class Pod:
         runtime = doc.get("runtime") or {}
         self.exec_cmd = self.exec_override or runtime.get("exec") or None
         self.cwd = runtime.get("cwd") or None
+        self.handler_timeout = float(runtime.get("handler_timeout") or timeouts.HANDLER)
         self.greeting = {
             "pod_name": self.name, "cwd": self.cwd or os.getcwd(),
             "provider": "exec" if self.exec_cmd else "none", "model": self.exec_cmd or "",
