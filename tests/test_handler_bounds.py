@@ -4,10 +4,13 @@ it writes to stderr cannot freeze a Pod or grow its pod.log without bound."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 from rawsock import Raw
 
+from yoi import podlog
 from yoi.client import notify
 
 
@@ -103,3 +106,67 @@ def test_stopping_the_pod_ends_the_run_and_its_process_group(
         for pid in pids(left):
             if not gone(pid):
                 os.kill(pid, 9)
+
+
+def test_50_mib_of_handler_stderr_leave_pod_log_small(state, started_pod):
+    big = 50 << 20
+    pod = started_pod("h", exec=f"cat >/dev/null; echo first >&2; head -c {big} /dev/zero "
+                                "| tr '\\0' e >&2; echo last >&2; echo done")
+    with Raw(pod.socket_path, timeout=60) as c:
+        c.prelude()
+        notify(pod.socket_path, "go", "m-1")
+        ev, _ = c.until("text_done")
+        assert ev["data"]["text"] == "done\n"
+        c.until("status", lambda d: d["status"] == "idle")
+    logs = sorted(state.pod_dir("h").glob("pod.log*"))
+    assert [p.name for p in logs] == ["pod.log"]
+    text = logs[0].read_bytes()
+    assert len(text) < 100 << 10
+    assert text.count(b"e" * 1000) >= 60  # the first and the last 32 KiB are kept ...
+    assert b"first\n" in text and b"last\n" in text
+    dropped = big + len("first\nlast\n") - (64 << 10)
+    assert (f"handler stderr (message m-1): {dropped} bytes dropped here (it wrote "
+            f"{big + 11}; at most 65536 bytes of a run are kept: its first and its last)"
+            ).encode() in text  # ... and the rest is accounted for
+
+
+def test_pod_log_is_rotated_by_size_while_the_pod_runs(state, run_yoi, started_pod):
+    run_yoi("pod", "create", "h")
+    log = state.pod_log_path("h")
+    filler = b"x" * 99 + b"\n"
+    log.write_bytes(filler * ((podlog.MAX_BYTES - (16 << 10)) // len(filler)))
+    pod = started_pod("h", exec="cat >/dev/null; head -c 40000 /dev/zero | tr '\\0' e >&2; echo")
+    assert not log.with_name("pod.log.1").exists()  # under the size at start
+    notify(pod.socket_path, "go", "m-1")  # 32 KiB into pod.log: over it now
+    wait_until(log.with_name("pod.log.1").exists, "rotated")
+    assert log.with_name("pod.log.1").read_bytes().startswith(filler)
+    notify(pod.socket_path, "still logging", "m-2")
+    wait_until(lambda: b"e" * 1000 in log.read_bytes(), "logging to the new pod.log")
+    assert log.stat().st_size < 1 << 20
+
+
+ROTATE = """
+import os, sys
+from pathlib import Path
+from yoi.server import log
+path = Path(sys.argv[1])
+fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+os.dup2(fd, 1); os.dup2(fd, 2)
+assert log.rotate_by_size(path, max_bytes=1000, keep=3)
+for i in range(200):
+    log.log(f"line {i:03d} " + "z" * 40)
+print("through sys.stdout, after rotations", flush=True)
+"""
+
+
+def test_rotation_keeps_a_bounded_number_of_bounded_files(tmp_path):
+    path = tmp_path / "pod.log"
+    subprocess.run([sys.executable, "-c", ROTATE, str(path)], check=True, timeout=60)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["pod.log", "pod.log.1", "pod.log.2", "pod.log.3"]
+    for p in tmp_path.iterdir():
+        assert p.stat().st_size <= 1000 + 80, p
+    assert path.read_text().splitlines()[-2:] == [
+        path.read_text().splitlines()[-2], "through sys.stdout, after rotations"]
+    assert "line 199" in path.read_text()
+    assert "line 000" not in "".join(p.read_text() for p in tmp_path.iterdir())

@@ -24,7 +24,7 @@ from yoi import peers, protocol, store, timeouts
 from yoi.errors import Failed, YoiError
 from yoi.server import methods
 from yoi.server.connection import Client, Hub, flush_then_close
-from yoi.server.log import log
+from yoi.server.log import log, rotate_by_size
 from yoi.server.loop import Loop, report
 from yoi.server.operations import Invalid, Operations
 from yoi.server.worker import HandlerWorker
@@ -68,6 +68,7 @@ class Pod:
         doc = store.read(self.state, self.name)  # NotFound before anything else
         runtime_fd = store.hold_runtime_lock(self.state, self.name)
         try:
+            rotate_by_size(self.state.pod_log_path(self.name))
             self._configure(doc)
             raise_fd_limit()
             self.session = SessionLog(self.state.session_path(self.name))

@@ -6,10 +6,11 @@ environment of the Pod plus ``YOI_POD``, ``YOI_HOME`` and ``YOI_STATE_DIR``
 (the Pod's state directory, so every ``yoi`` command the handler runs uses
 it), ``YOI_FROM`` (the source Pod, empty for the operator) and
 ``YOI_MESSAGE_ID`` (empty if none). Its stdout (at most
-``MAX_HANDLER_OUTPUT`` bytes) is committed and broadcast as ``text_done``;
-its stderr goes to the Pod's own log (``pod.log`` when detached). A non-zero
-exit raises an alert; the Pod goes on. Entries are not re-handled after a
-restart.
+``MAX_HANDLER_OUTPUT`` bytes) is committed and broadcast as ``text_done``.
+Its stderr is read by the Pod and written to the Pod's own log, at most
+``STDERR_KEEP`` bytes per run (the beginning and the end, with a note of
+what was dropped between). A non-zero exit raises an alert; the Pod goes
+on. Entries are not re-handled after a restart.
 
 A run is bounded, whatever the handler leaves behind. It runs in its own
 process group. Once the handler has exited, its output is read for at most
@@ -38,10 +39,11 @@ import time
 
 from yoi import protocol
 from yoi.procs import StillThere, terminate
-from yoi.server.log import log
+from yoi.server.log import log, write_raw
 from yoi.session import Committed
 
 MAX_HANDLER_OUTPUT = 1 << 20   # stdout committed per run
+STDERR_KEEP = 64 << 10         # stderr written to the Pod's log per run: half head, half tail
 READ_CHUNK = 64 << 10
 HANDLER_KILL_GRACE = 2.0       # seconds between SIGTERM and SIGKILL
 OUTPUT_GRACE = 1.0             # seconds output is still read after the handler exited
@@ -153,7 +155,8 @@ class HandlerWorker:
         what = f"message {msg_id}" if msg_id else ("run" if source is None else "message")
         try:
             proc = subprocess.Popen(["/bin/sh", "-c", self.pod.exec_cmd], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, cwd=self.pod.cwd, env=self._env(source, msg_id),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    cwd=self.pod.cwd, env=self._env(source, msg_id),
                                     start_new_session=True)
         except OSError as e:
             return b"", [("error", f"handler could not start for {what}: {e.strerror or e}")]
@@ -188,6 +191,7 @@ class _Run:
         self.started = time.monotonic()
         self.out = b""
         self.out_total = 0
+        self.stderr = _StderrToLog(what)
         self.exited_at: float | None = None
         self.ended = "exited"  # exited | output-held | timed-out | stopped
         self.rc: int | None = None
@@ -199,10 +203,11 @@ class _Run:
             self.pidfd = None
 
     def collect(self) -> None:
-        """Feed stdin and read stdout until the run is over, one way or another."""
+        """Feed stdin and read stdout/stderr until the run is over, one way or another."""
         proc, sel = self.proc, self.sel
-        os.set_blocking(proc.stdout.fileno(), False)
-        sel.register(proc.stdout.fileno(), selectors.EVENT_READ, proc.stdout)
+        for stream in (proc.stdout, proc.stderr):
+            os.set_blocking(stream.fileno(), False)
+            sel.register(stream.fileno(), selectors.EVENT_READ, stream)
         if self.data:
             os.set_blocking(proc.stdin.fileno(), False)
             sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE, proc.stdin)
@@ -211,7 +216,7 @@ class _Run:
         sel.register(self.wake_fd, selectors.EVENT_READ, None)
         if self.pidfd is not None:
             sel.register(self.pidfd, selectors.EVENT_READ, "exit")
-        reading = 1
+        reading = 2
         while True:
             if self.halting.is_set():
                 self.ended = "stopped"
@@ -236,7 +241,7 @@ class _Run:
                 stream = key.data
                 if stream is proc.stdin:
                     self._feed()
-                elif stream is proc.stdout:
+                elif stream is proc.stdout or stream is proc.stderr:
                     if not self._read(stream):
                         sel.unregister(key.fd)
                         reading -= 1
@@ -270,6 +275,9 @@ class _Run:
             return True
         if not chunk:
             return False
+        if stream is self.proc.stderr:
+            self.stderr.take(chunk)
+            return True
         room = MAX_HANDLER_OUTPUT - self.out_total
         if room > 0:
             self._chunks.append(chunk[:room])
@@ -292,7 +300,7 @@ class _Run:
         if not stuck:
             _signal_group(pgid, signal.SIGKILL)  # whatever it left behind
             self.rc = self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             try:
                 stream.close()
             except OSError:
@@ -300,6 +308,7 @@ class _Run:
         self.sel.close()
         if self.pidfd is not None:
             os.close(self.pidfd)
+        self.stderr.finish()
 
     def _exits_within(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
@@ -334,3 +343,38 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass  # nothing left in it
+
+
+class _StderrToLog:
+    """A run's stderr into the Pod's log: the first and the last ``STDERR_KEEP / 2``
+    bytes, and a note of how much was dropped between them."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.head_left = STDERR_KEEP // 2
+        self.tail = bytearray()
+        self.total = 0
+        self.head_ended_line = True
+
+    def take(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        if self.head_left > 0:
+            head, chunk = chunk[:self.head_left], chunk[self.head_left:]
+            self.head_left -= len(head)
+            self.head_ended_line = head.endswith(b"\n")
+            write_raw(head)
+        if chunk:
+            self.tail += chunk
+            if len(self.tail) > STDERR_KEEP // 2:
+                del self.tail[:len(self.tail) - STDERR_KEEP // 2]
+
+    def finish(self) -> None:
+        dropped = self.total - (STDERR_KEEP // 2 - self.head_left) - len(self.tail)
+        if dropped > 0:
+            if not self.head_ended_line:
+                write_raw(b"\n")
+            log(f"handler stderr ({self.what}): {dropped} bytes dropped here (it wrote "
+                f"{self.total}; at most {STDERR_KEEP} bytes of a run are kept: its first "
+                "and its last)")
+        if self.tail:
+            write_raw(bytes(self.tail))
