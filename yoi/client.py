@@ -21,8 +21,10 @@ user could pose as the Pod, acknowledge a message and read it.
 Every step has its own deadline. Failures map onto the project's exit codes:
 no socket or connection refused -> ``NotRunning`` (5); a socket that may be
 another user's -> ``Untrusted`` (5); a step that timed out -> ``TimedOut``
-(5); the Pod's ``error`` event -> ``Refused`` (4); the connection closed early
--> ``Closed`` (1); data that is not this protocol -> ``Malformed`` (1).
+(5); the Pod's ``error`` event -> ``Refused`` (4), except code ``internal``
+(the Pod failed, e.g. its disk is full: nothing was refused) -> ``PodFailed``
+(1); the connection closed early -> ``Closed`` (1); data that is not this
+protocol -> ``Malformed`` (1).
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ class NotRunning(Unreachable):
 
 class TimedOut(Unreachable):
     """A step did not finish within its timeout."""
+
+
+class PodFailed(Failed):
+    """The Pod answered ``error`` with code ``internal``: it could not do what was
+    asked (e.g. write its log: its disk is full). Not a refusal: trying again later
+    can succeed."""
 
 
 class Untrusted(Unreachable):
@@ -121,9 +129,13 @@ def _server_uid(sock: _socket.socket) -> int | None:
     return int.from_bytes(cred[4:8], sys.byteorder)
 
 
-def _refusal(data: dict) -> Refused:
+def _refusal(data: dict) -> Refused | PodFailed:
+    """The error an ``error`` event's DATA stands for."""
     code = data.get("code", "error")
     message = data.get("message", "")
+    if code == "internal":
+        return PodFailed(f"the Pod failed: {message} ({code})", pod_error=code,
+                         pod_message=message)
     return Refused(f"refused by the Pod: {message} ({code})", pod_error=code,
                    pod_message=message)
 
@@ -288,7 +300,8 @@ class Connection:
     # -- one exchange -----------------------------------------------------
     def wait_for(self, names: set[str], timeout: float, what: str,
                  match=None) -> tuple[str, dict]:
-        """Wait for an event in NAMES (and MATCH(data), if given); ``error`` raises Refused."""
+        """Wait for an event in NAMES (and MATCH(data), if given); ``error`` raises
+        Refused, or PodFailed for code ``internal``."""
         deadline = time.monotonic() + timeout
         while True:
             name, data = self.read_event(deadline, what=what)
@@ -367,7 +380,7 @@ def deliver(path: str | os.PathLike, line: bytes, msg_id: str,
 
 # -- pipelined notifications ---------------------------------------------------
 
-UNSENT, SENT, ACKED, REFUSED = 0, 1, 2, 3
+UNSENT, SENT, ACKED, REFUSED, FAILED = 0, 1, 2, 3, 4  # FAILED: the Pod could not record it
 
 
 class Batch:
@@ -375,9 +388,9 @@ class Batch:
 
     def __init__(self, ids: list[str]):
         self.ids = ids
-        self.status = bytearray(len(ids))  # UNSENT / SENT (in flight) / ACKED / REFUSED
+        self.status = bytearray(len(ids))  # UNSENT / SENT (in flight) / ACKED / REFUSED / FAILED
         self.acked = 0
-        self.refused = 0  # error events received: one per refused message
+        self.refused = 0  # error events received: one per refused (or failed) message
         self.failure: Exception | None = None
 
     def with_status(self, status: int) -> list[str]:
@@ -466,7 +479,8 @@ class _Pipeline:
                 self._io(ready[0][1])
         if self.refusal is not None:
             status, q = batch.status, self.queued
-            status[:q] = status[:q].replace(bytes([SENT]), bytes([REFUSED]))
+            answered = FAILED if isinstance(self.refusal, PodFailed) else REFUSED
+            status[:q] = status[:q].replace(bytes([SENT]), bytes([answered]))
             batch.fail(self.refusal)
 
     def _read_answers(self) -> None:

@@ -58,8 +58,9 @@ def notify_method(message: str, msg_id: str, source: str | None = None) -> bytes
     return method("notify", params)
 
 
-def error_event(code: str, message: str) -> bytes:
-    return event("error", {"code": code, "message": message})
+def error_event(code: str, message: str, **extra) -> bytes:
+    """An ``error`` event; EXTRA: *(ours)* fields an original client ignores."""
+    return event("error", {"code": code, "message": message, **extra})
 
 
 def parse_line(line: bytes, key: str) -> tuple[str, dict]:

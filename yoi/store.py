@@ -70,7 +70,12 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
             import shutil
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(e, OSError):
-                raise StorageError(f"cannot create Pod {name!r}: {e.strerror} ({e.filename})")
+                # Name the file as it would have been: the staging directory is gone.
+                inside = os.path.relpath(e.filename, staging) if e.filename else "."
+                what = "its directory" if inside == "." or inside.startswith("..") else inside
+                raise StorageError(f"cannot create Pod {name!r} in {state.pods_dir}: "
+                                   f"{e.strerror or e} (writing {what}); nothing was created",
+                                   path=str(state.pod_dir(name)))
             raise
         try:
             fsync_dir(state.pods_dir)

@@ -294,7 +294,12 @@ class Locked:
         """Replace one Pod's metadata (a single-file change needs no journal)."""
         assert name in self.names
         self._raw.pop(name, None)
-        atomic_write(self.state.metadata_path(name), metadata.dumps(doc))
+        path = self.state.metadata_path(name)
+        try:
+            atomic_write(path, metadata.dumps(doc))
+        except OSError as e:
+            where = e.filename or str(path)
+            raise StorageError(f"cannot write {where}: {e.strerror or e}", path=where) from e
 
     def commit(self, changes: list[Change]) -> None:
         """Apply CHANGES as one transaction (see module docstring)."""

@@ -242,8 +242,11 @@ class Pod:
             self.hub.paid(c)
 
     def commit_failed(self, c: Client, err: OSError) -> None:
+        """Tell C that its entry was not committed, and why: code ``internal`` (the Pod
+        failed; nothing was refused) and *(ours)* ``"committed": false``."""
         self.hub.send(c, protocol.error_event(
-            "internal", f"not committed: {err.strerror or err}; nothing was recorded"))
+            "internal", f"not committed: {err.strerror or err}; nothing was recorded",
+            committed=False))
 
     # -- peers ----------------------------------------------------------------------
     def is_peer(self, other: str) -> bool:
