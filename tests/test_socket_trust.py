@@ -103,7 +103,8 @@ class ForeignServer:
     def _read_until(self, marker: bytes) -> None:
         deadline = time.monotonic() + 10
         while marker not in self.seen:
-            ready, _, _ = select.select([self.reports], [], [], max(0, deadline - time.monotonic()))
+            left = max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self.reports], [], [], left)
             if not ready:
                 raise AssertionError(f"the foreign server said {self.seen!r}")
             chunk = os.read(self.reports, 65536)

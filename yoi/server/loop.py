@@ -1,11 +1,11 @@
 """The event loop of a Pod process: readiness callbacks, timers, calls from other threads.
 
 One thread (the main one) runs ``Loop.run``; it owns every socket and all the
-Pod's in-memory state. No exception in a callback ends the loop: it goes to
-``on_error(what, exception)`` (the Pod logs it and raises an alert). Other threads (the session writer, the handler worker,
+Pod's in-memory state. Other threads (the session writer, the handler worker,
 the operation threads) and signal handlers reach it only through
 ``call_soon`` and ``request_stop``, which append to a queue and write a byte
-to a wake-up socket pair.
+to a wake-up socket pair. No exception in a callback ends the loop: it goes
+to ``on_error(what, exception)`` (the Pod logs it and raises an alert).
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class Pod:
 
     def _serve_socket(self, ready) -> None:
         self.socket_path = self.state.default_socket_path(self.name)
-        listener = bind(self.socket_path, self.state)
+        listener = bind(self.socket_path)
         try:
             self._record_runtime(pid=os.getpid())
             listener.listen(512)
@@ -277,13 +277,13 @@ class Pod:
 
 # -- the socket ---------------------------------------------------------------------
 
-def bind(path: Path, state: State) -> socket.socket:
+def bind(path: Path) -> socket.socket:
     """Bind a listening socket at PATH, 0600, in a private directory of ours.
 
     The caller holds the runtime lock, so a socket file already at PATH is a
     leftover of a dead Pod; anything else there is refused, never removed.
     """
-    prepare_socket_dir(path.parent, state)
+    prepare_socket_dir(path.parent)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -305,7 +305,7 @@ def bind(path: Path, state: State) -> socket.socket:
     return s
 
 
-def prepare_socket_dir(path: Path, state: State) -> None:
+def prepare_socket_dir(path: Path) -> None:
     """Create the socket's directory 0700 and make sure that no other user made it or
     can write into it, nor into the fallback root above a short one.
 
