@@ -6,9 +6,10 @@
 * delivery: messages from 4 senders retried with the same ``--id`` while the
   receiving Pod is killed and restarted at random; counts acknowledged
   messages missing from the log, and messages present twice.
-* hostile: clients sending random bytes, over-long lines and idling at a Pod
-  while a well-behaved sender measures its acknowledgement latency; counts Pod
-  death, lost acknowledged messages, and RSS growth beyond a bound.
+* hostile: clients sending random bytes, over-long lines, lines nested 100,000
+  deep and integers of 5,000 digits, and idling at a Pod while a well-behaved
+  sender measures its acknowledgement latency; counts Pod death, lost
+  acknowledged messages, and RSS growth beyond a bound.
 """
 
 from __future__ import annotations
@@ -169,6 +170,16 @@ def soak_delivery(messages: int, seed: int) -> int:
 
 # -- hostile ---------------------------------------------------------------------
 
+# Lines that once ended a Pod (Python's parsers raise RecursionError, or a bare
+# ValueError for an integer of more than 4,300 digits).
+NESTED_LINES = [
+    b"[" * 100_000 + b"\n",
+    b'{"method":"notify","params":{"message":"x","deep":' + b"[" * 100_000 + b"]" * 100_000
+    + b"}}\n",
+    b'{"method":"notify","params":{"message":"x","n":' + b"9" * 5000 + b"}}\n",
+    b'{"method":"run","params":{"input":' + b"[" * 500 + b"]" * 500 + b"}}\n",
+]
+
 def soak_hostile(seconds: float, seed: int, clients: int = 50) -> int:
     from yoi import client
     from yoi.errors import YoiError
@@ -192,8 +203,11 @@ def soak_hostile(seconds: float, seed: int, clients: int = 50) -> int:
                     s.settimeout(2)
                     s.connect(path)
                     hostile_conns[0] += 1
-                    kind = r.choice(["garbage", "long", "idle"])
-                    if kind == "garbage":
+                    kind = r.choice(["garbage", "long", "idle", "nested"])
+                    if kind == "nested":
+                        for _ in range(r.randint(1, 5)):
+                            s.sendall(r.choice(NESTED_LINES))
+                    elif kind == "garbage":
                         for _ in range(r.randint(1, 20)):
                             s.sendall(os.urandom(r.randint(1, 4096)) + r.choice([b"\n", b""]))
                     elif kind == "long":

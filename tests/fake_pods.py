@@ -267,6 +267,34 @@ def garbage_after_method(peer: Peer) -> None:
     peer.hang()
 
 
+DEEP_EVENT = b'{"event":"alert","data":{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}}\n"
+# Under the 64 KiB a sender's prelude drain parses (longer lines are skipped unread).
+DEEP_PRELUDE = b'{"event":"alert","data":{"x":' + b"[" * 60_000 + b"]" * 10 + b"}}\n"
+HUGE_INT_EVENT = b'{"event":"system_item","data":{"item":{"id":' + b"9" * 5000 + b"}}}\n"
+
+
+def hostile_prelude(line: bytes):
+    """Send LINE where the prelude belongs, then hang."""
+
+    def script(peer: Peer) -> None:
+        peer.send(line)
+        peer.hang()
+
+    return script
+
+
+def hostile_answer(line: bytes):
+    """A correct prelude, then LINE as the answer to the first method."""
+
+    def script(peer: Peer) -> None:
+        peer.prelude()
+        peer.read_method()
+        peer.send(line)
+        peer.hang()
+
+    return script
+
+
 def close_after_snapshot(peer: Peer) -> None:
     peer.prelude()
 

@@ -149,7 +149,7 @@ VERSION_MODULES = {"yoi", "yoi.cli", "yoi.cli.common", "yoi.errors", "yoi.timeou
 SEND_MODULES = VERSION_MODULES | {
     "yoi.cli.pod", "yoi.cli.send", "yoi.delivery", "yoi.client", "yoi.protocol",
     "yoi.state", "yoi.names", "yoi.txn", "yoi.metadata", "yoi.atomic", "yoi.lock",
-    "yoi.faults"}
+    "yoi.faults", "yoi.parsing"}
 
 
 def test_version_and_send_import_exactly_the_pinned_modules(click_itself, state, tmp_path):

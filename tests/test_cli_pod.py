@@ -48,7 +48,8 @@ def test_create_prints_the_pod(cli, state):
     assert r.exit_code == 0, r
     assert re.fullmatch(
         f"name:         a\ncreated_at:   {CREATED_AT}\naccept_peers: no\n"
-        "exec:         agent --stdin\ncwd:          /w\npeers:        -\n", r.stdout), r
+        "exec:         agent --stdin\ncwd:          /w\n"
+        r"timeout:      3600s per handler run \(default\)\npeers:        -\n", r.stdout), r
     assert r.stderr == ""
     doc = record(state, "a")
     assert doc["runtime"] == {"exec": "agent --stdin", "cwd": "/w"}
@@ -120,8 +121,25 @@ def test_config_changes_settings_and_preserves_everything_else(cli, state):
     assert record(state, "a")["accept_peers"] is True
 
 
+def test_handler_timeout_is_a_setting_in_the_record(cli, state):
+    r = cli("pod", "create", "a", "--handler-timeout", "90")
+    assert r.exit_code == 0 and "timeout:      90s per handler run\n" in r.stdout, r
+    assert record(state, "a")["runtime"] == {"handler_timeout": 90.0}
+    r = cli("pod", "config", "a", "--handler-timeout", "0.5", "--json")
+    assert r.exit_code == 0 and r.json["pod"]["runtime"] == {"handler_timeout": 0.5}, r
+    for bad in ("0", "-1", "nan", "soon"):
+        r = cli("pod", "config", "a", "--handler-timeout", bad)
+        assert r.exit_code == 2 and "--handler-timeout" in r.stderr, r
+    state.metadata_path("a").write_text(
+        state.metadata_path("a").read_text().replace("0.5", "-3.0"))
+    r = cli("pod", "show", "a")
+    assert r.exit_code == 1 and "runtime.handler_timeout must be a number of seconds above 0, " \
+        "not -3.0" in r.stderr, r
+
+
 @pytest.mark.parametrize("args, message", [
-    ([], "nothing to change: give --exec, --no-exec, --accept-peers, --no-accept-peers or --cwd"),
+    ([], "nothing to change: give --exec, --no-exec, --accept-peers, --no-accept-peers, --cwd "
+         "or --handler-timeout"),
     (["--exec", "x", "--no-exec"], "--exec and --no-exec are mutually exclusive"),
 ])
 def test_config_usage_errors(cli, state, args, message):
@@ -232,8 +250,9 @@ def test_show(cli, state, started_pod):
     assert r.exit_code == 0, r
     assert re.fullmatch(
         f"name:         a\ncreated_at:   {CREATED_AT}\naccept_peers: yes\nexec:         -\n"
-        f"cwd:          -\nsocket:       {re.escape(str(live.socket_path))}\nlive:         yes\n"
-        "peers:        b\n", r.stdout), r
+        r"cwd:          -\ntimeout:      3600s per handler run \(default\)\n"
+        f"socket:       {re.escape(str(live.socket_path))}\nlive:         yes\npeers:        b\n",
+        r.stdout), r
     doc = cli("pod", "show", "b", "--json").json["pod"]
     assert doc["pod_name"] == "b" and doc["peers"][0]["pod_name"] == "a"
     assert re.fullmatch(CREATED_AT, doc["peers"][0]["registered_at"])

@@ -167,10 +167,11 @@ def test_sigterm_finishes_commits_in_progress(state, started_pod):
 
 
 def test_a_failed_fsync_commits_nothing_and_a_retry_succeeds(state, started_pod):
+    from yoi.client import PodFailed
     pod = started_pod("a", env={"YOI_FAULT": "session-before-fsync:eio:1"})
-    with pytest.raises(Refused) as e:
+    with pytest.raises(PodFailed) as e:  # a failure of the Pod (exit 1), not a refusal
         notify(pod.socket_path, "unlucky", "e-1")
-    assert e.value.details["pod_error"] == "internal"
+    assert e.value.exit_code == 1 and e.value.details["pod_error"] == "internal"
     assert "not committed" in e.value.message
     assert state.session_path("a").read_bytes() == b""  # the failed write was cut away
     ack = notify(pod.socket_path, "unlucky", "e-1")  # the sender's retry

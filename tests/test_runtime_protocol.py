@@ -148,6 +148,61 @@ def test_unknown_methods_and_bad_lines_get_invalid_request_and_the_connection_st
         assert ev["event"] == "system_item" and ev["data"]["item"]["id"] == "m-1"
 
 
+HOSTILE_LINES = {
+    "100,000 brackets": b"[" * 100_000,
+    "params nested 100,000 deep": b'{"method":"notify","params":{"message":"x","id":"d",'
+                                  b'"extra":' + b"[" * 100_000 + b"]" * 100_000 + b"}}",
+    "an integer of 5,000 digits": b'{"method":"notify","params":{"message":"x","id":"i",'
+                                  b'"n":' + b"7" * 5000 + b"}}",
+    "a run segment nested 65 deep": json.dumps({"method": "run", "params": {"input": [
+        {"kind": "text", "content": "x", "extra": json.loads("[" * 61 + "]" * 61)}]}}).encode(),
+}
+
+
+def test_no_line_kills_the_pod_each_is_invalid_request_and_the_connection_stays(
+        state, started_pod):
+    pod = started_pod("a")
+    with Raw(pod.socket_path) as c:
+        c.prelude()
+        for what, line in HOSTILE_LINES.items():
+            c.send(line + b"\n")
+            ev = c.event()
+            assert ev["event"] == "error" and ev["data"]["code"] == "invalid_request", (what, ev)
+            assert "not valid JSON" in ev["data"]["message"], (what, ev)
+        c.send({"method": "notify", "params": {"message": "still here", "id": "m-1"}})
+        ev, _ = c.until("system_item")
+        assert ev["data"]["item"]["id"] == "m-1"
+    assert len(state.session_path("a").read_bytes().splitlines()) == 1  # nothing else committed
+    with Raw(pod.socket_path) as c:  # and a new client is served, with no alert to replay
+        alerts, snap = c.prelude()
+        assert alerts == [] and len(snap["data"]["entries"]) == 1
+
+
+def test_an_unexpected_error_is_answered_internal_logged_and_alerted(state, started_pod):
+    # An injected I/O error while the first method line is handled stands for
+    # any bug: the client gets ``internal``, pod.log the traceback, everyone an alert.
+    pod = started_pod("a", env={"YOI_FAULT": "handle-line:eio"})
+    with Raw(pod.socket_path) as watcher, Raw(pod.socket_path) as c:
+        watcher.prelude()
+        c.prelude()
+        c.send({"method": "notify", "params": {"message": "first", "id": "m-1"}})
+        ev = c.event()
+        assert ev == {"event": "error", "data": {
+            "code": "internal", "message": "internal error in a method line"}}
+        alert, _ = watcher.until("alert")
+        assert c.event() == alert  # the client that sent the line gets the alert too
+        assert alert["data"]["level"] == "error"
+        assert alert["data"]["message"].startswith(
+            "internal error in a method line: OSError: [Errno 5] injected I/O error at "
+            "handle-line")
+        c.send({"method": "notify", "params": {"message": "second", "id": "m-2"}})
+        ev, _ = c.until("system_item")
+        assert ev["data"]["item"]["id"] == "m-2"
+    log = state.pod_log_path("a").read_text()
+    assert "internal error in a method line:\nTraceback (most recent call last):" in log
+    assert "OSError: [Errno 5] injected I/O error at handle-line" in log
+
+
 def test_run_broadcasts_status_message_output_end_in_order(state, started_pod):
     pod = started_pod("a", exec="tr a-z A-Z")
     with Raw(pod.socket_path) as watcher, Raw(pod.socket_path) as c:

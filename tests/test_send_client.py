@@ -157,6 +157,23 @@ def test_server_that_sends_garbage_is_malformed(cli, fake):
     assert pod.methods == []
 
 
+@pytest.mark.parametrize("prelude,line", [
+    (fake_pods.DEEP_PRELUDE, fake_pods.DEEP_EVENT),
+    (fake_pods.HUGE_INT_EVENT, fake_pods.HUGE_INT_EVENT),
+], ids=["nested-deep", "integer-of-5000-digits"])
+def test_hostile_event_lines_are_malformed_not_a_traceback(cli, fake, prelude, line):
+    pod = fake(fake_pods.hostile_prelude(prelude))
+    r = cli("pod", "send", "--timeout", "5", "--id", "h-9", "B", "hi")
+    assert_failed(r, 1, "malformed data from", "not valid JSON", "nothing was sent")
+    assert pod.methods == []
+    pod.stop()
+    fake(fake_pods.hostile_answer(line))
+    r = cli("pod", "send", "--timeout", "5", "--id", "h-10", "B", "hi")
+    assert_failed(r, 1, "malformed data from", "not valid JSON", f"{NOT_ACK} h-10")
+    r = cli("pod", "send", "--lines", "--timeout", "5", "--id", "h-11", "B", input="a\nb\n")
+    assert r.exit_code == 1 and "malformed data from" in r.stderr, r
+
+
 def test_server_that_closes_right_after_the_snapshot(cli, fake):
     fake(fake_pods.close_after_snapshot)
     r = cli("pod", "send", "--timeout", "1", "--id", "h-3", "B", "hi")

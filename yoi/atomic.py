@@ -38,9 +38,17 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write DATA to PATH via temp file + fsync + rename + directory fsync."""
+    """Write DATA to PATH via temp file + fsync + rename + directory fsync.
+
+    An OSError names the file it concerns (PATH, or its directory), also where
+    the system call itself names none (a write or an fsync on a full disk).
+    """
     tmp = temp_name_for(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode)
+    except OSError as e:
+        raise _naming(e, path)
     try:
         try:
             write_all(fd, data)
@@ -49,13 +57,25 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
             os.close(fd)
         fault("atomic-before-replace")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise _naming(e, path)
         raise
-    fsync_dir(path.parent)
+    try:
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise _naming(e, path.parent)
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """E, naming PATH (rather than a temp file, or nothing)."""
+    e.filename = str(path)
+    e.filename2 = None
+    return e
 
 
 def read_bytes_nofollow(path: Path) -> bytes:

@@ -12,11 +12,19 @@ one connection, written while the acknowledgements are read (the Pod
 broadcasts every ``system_item`` to this client too, so a writer that stopped
 reading would deadlock against a Pod blocked on writing to it).
 
+A socket is trusted only if it is ours: before connecting, its directory
+(and, for a short socket directory, the fallback root above it) must be owned
+by this user and writable by nobody else; after connecting, the process
+serving it (``SO_PEERCRED``) must run as this user. Otherwise another local
+user could pose as the Pod, acknowledge a message and read it.
+
 Every step has its own deadline. Failures map onto the project's exit codes:
-no socket or connection refused -> ``NotRunning`` (5); a step that timed out ->
-``TimedOut`` (5); the Pod's ``error`` event -> ``Refused`` (4); the connection
-closed early -> ``Closed`` (1); data that is not this protocol -> ``Malformed``
-(1).
+no socket or connection refused -> ``NotRunning`` (5); a socket that may be
+another user's -> ``Untrusted`` (5); a step that timed out -> ``TimedOut``
+(5); the Pod's ``error`` event -> ``Refused`` (4), except code ``internal``
+(the Pod failed, e.g. its disk is full: nothing was refused) -> ``PodFailed``
+(1); the connection closed early -> ``Closed`` (1); data that is not this
+protocol -> ``Malformed`` (1).
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ from __future__ import annotations
 import os
 import re
 import select
+import sys
 import time
+from pathlib import Path
 
 # The C socket type itself: the ``socket`` module's Python layer (and the
 # ``selectors`` it imports) adds import time to every `yoi pod send`, which CI
@@ -33,6 +43,7 @@ import _socket
 
 from yoi import protocol
 from yoi.errors import Failed, Refused, Unreachable
+from yoi.state import private_dir_problem, socket_dir_chain
 from yoi.timeouts import DEFAULT, POLL_CHUNK
 
 DRAIN_LINE_LIMIT = 64 << 10  # prelude lines longer than this are skipped, not kept
@@ -59,6 +70,16 @@ class NotRunning(Unreachable):
 
 class TimedOut(Unreachable):
     """A step did not finish within its timeout."""
+
+
+class PodFailed(Failed):
+    """The Pod answered ``error`` with code ``internal``: it could not do what was
+    asked (e.g. write its log: its disk is full). Not a refusal: trying again later
+    can succeed."""
+
+
+class Untrusted(Unreachable):
+    """The socket may be another user's: its directory or the process serving it."""
 
 
 class OverLong:
@@ -92,9 +113,29 @@ def _connect_error(e: OSError, path: str, timeout: float) -> Unreachable:
     return err
 
 
-def _refusal(data: dict) -> Refused:
+def _untrusted(path: str, why: str) -> Untrusted:
+    err = Untrusted(f"refusing the socket {path}: {why}; another user could be posing as "
+                    "the Pod", socket_path=path)
+    err.reason = f"untrusted: {why}"
+    return err
+
+
+def _server_uid(sock: _socket.socket) -> int | None:
+    """The uid of the process that serves SOCK (Linux SO_PEERCRED: pid, uid, gid)."""
+    try:
+        cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+    except OSError:
+        return None
+    return int.from_bytes(cred[4:8], sys.byteorder)
+
+
+def _refusal(data: dict) -> Refused | PodFailed:
+    """The error an ``error`` event's DATA stands for."""
     code = data.get("code", "error")
     message = data.get("message", "")
+    if code == "internal":
+        return PodFailed(f"the Pod failed: {message} ({code})", pod_error=code,
+                         pod_message=message)
     return Refused(f"refused by the Pod: {message} ({code})", pod_error=code,
                    pod_message=message)
 
@@ -125,8 +166,12 @@ class Connection:
 
     @classmethod
     def connect(cls, path: str | os.PathLike, timeout: float = DEFAULT) -> "Connection":
-        """Connect to PATH; a failure's ``reason`` says briefly why (for probes)."""
+        """Connect to PATH if it is ours; a failure's ``reason`` says briefly why (for probes)."""
         path = os.fspath(path)
+        for d in socket_dir_chain(Path(os.path.abspath(path)).parent):
+            problem = private_dir_problem(d)
+            if problem:
+                raise _untrusted(path, f"the socket directory {problem}")
         s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         s.settimeout(timeout)
         try:
@@ -134,6 +179,11 @@ class Connection:
         except OSError as e:
             s.close()
             raise _connect_error(e, path, timeout) from None
+        uid = _server_uid(s)
+        if uid != os.getuid():
+            s.close()
+            raise _untrusted(path, f"the process serving it runs as uid {uid}, not as this "
+                                   f"user (uid {os.getuid()})")
         return cls(s, path)
 
     def close(self) -> None:
@@ -250,7 +300,8 @@ class Connection:
     # -- one exchange -----------------------------------------------------
     def wait_for(self, names: set[str], timeout: float, what: str,
                  match=None) -> tuple[str, dict]:
-        """Wait for an event in NAMES (and MATCH(data), if given); ``error`` raises Refused."""
+        """Wait for an event in NAMES (and MATCH(data), if given); ``error`` raises
+        Refused, or PodFailed for code ``internal``."""
         deadline = time.monotonic() + timeout
         while True:
             name, data = self.read_event(deadline, what=what)
@@ -329,7 +380,7 @@ def deliver(path: str | os.PathLike, line: bytes, msg_id: str,
 
 # -- pipelined notifications ---------------------------------------------------
 
-UNSENT, SENT, ACKED, REFUSED = 0, 1, 2, 3
+UNSENT, SENT, ACKED, REFUSED, FAILED = 0, 1, 2, 3, 4  # FAILED: the Pod could not record it
 
 
 class Batch:
@@ -337,9 +388,9 @@ class Batch:
 
     def __init__(self, ids: list[str]):
         self.ids = ids
-        self.status = bytearray(len(ids))  # UNSENT / SENT (in flight) / ACKED / REFUSED
+        self.status = bytearray(len(ids))  # UNSENT / SENT (in flight) / ACKED / REFUSED / FAILED
         self.acked = 0
-        self.refused = 0  # error events received: one per refused message
+        self.refused = 0  # error events received: one per refused (or failed) message
         self.failure: Exception | None = None
 
     def with_status(self, status: int) -> list[str]:
@@ -428,7 +479,8 @@ class _Pipeline:
                 self._io(ready[0][1])
         if self.refusal is not None:
             status, q = batch.status, self.queued
-            status[:q] = status[:q].replace(bytes([SENT]), bytes([REFUSED]))
+            answered = FAILED if isinstance(self.refusal, PodFailed) else REFUSED
+            status[:q] = status[:q].replace(bytes([SENT]), bytes([answered]))
             batch.fail(self.refusal)
 
     def _read_answers(self) -> None:

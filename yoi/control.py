@@ -7,7 +7,8 @@ answering with a snapshot.
 
 A detached start runs ``python -P -m yoi pod start NAME --foreground`` in a new
 session with stdin from /dev/null and stdout/stderr appended to
-``pods/NAME/pod.log``, then waits until the socket answers.
+``pods/NAME/pod.log`` (rotated by size: ``yoi.podlog``), then waits until the
+socket answers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from yoi import protocol, store
+from yoi import podlog, protocol, store
 from yoi.client import Connection, request
 from yoi.discovery import probe, probe_result
 from yoi.errors import Busy, Failed, Unreachable, YoiError
@@ -29,7 +30,6 @@ from yoi.timeouts import DEFAULT
 
 POLL = 0.05
 LOG_TAIL_BYTES = 4096
-LOG_ROTATE_BYTES = 4 << 20
 
 
 def is_running(state: State, name: str) -> bool:
@@ -106,7 +106,7 @@ def start(state: State, name: str, exec_cmd: str | None = None,
     if is_locked(lock):
         raise _already_running(name, lock)
     log_path = state.pod_log_path(name)
-    log_fd = _open_pod_log(log_path)
+    log_fd = podlog.open_for_start(log_path)
     log_start = os.fstat(log_fd).st_size
     # -P: not the current directory first on sys.path, where a `yoi` of
     # someone else's (a checkout, a project's package) would be run instead.
@@ -157,16 +157,6 @@ def _wait_ready(state: State, name: str, child, timeout: float, log_path: Path,
             except YoiError:
                 pass
         time.sleep(POLL)
-
-
-def _open_pod_log(path: Path) -> int:
-    try:
-        if os.stat(path).st_size > LOG_ROTATE_BYTES:
-            os.replace(path, path.with_name(path.name + ".old"))
-    except FileNotFoundError:
-        pass
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                   0o600)
 
 
 def _log_tail(path: Path, start: int) -> str:

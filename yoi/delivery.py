@@ -112,6 +112,14 @@ def _refused(target: str, err: Refused, what: str = "the message") -> Refused:
                    f"({err.details.get('pod_error', 'error')})", pod=target, **err.details)
 
 
+def _not_recorded(target: str, err: client.PodFailed, msg_id: str,
+                  what: str = "the message") -> client.PodFailed:
+    """TARGET failed to record (e.g. its disk is full): exit 1, and a retry is safe."""
+    return client.PodFailed(f"{target} could not record {what}: "
+                            f"{err.details.get('pod_message', '')}; retry with --id {msg_id}",
+                            pod=target, id=msg_id, **err.details)
+
+
 def send(state: State, target: str, message: str, *, source: str | None = None,
          msg_id: str | None = None, timeout: float = DEFAULT,
          wait: bool = True) -> dict:
@@ -129,6 +137,8 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
         raise _not_running(target, e)
     except Refused as e:
         raise _refused(target, e)
+    except client.PodFailed as e:
+        raise _not_recorded(target, e, msg_id)
     item = (data or {}).get("item") or {}
     return {"target": target, "source": source, "id": msg_id, "acknowledged": wait,
             "at": item.get("at")}
@@ -186,18 +196,25 @@ def _batch_failure(target: str, batch, summary: dict, id_prefix: str) -> YoiErro
     """The error for a batch that was not all acknowledged: what happened to which ids."""
     failure, ids = batch.failure, batch.ids
     refused = batch.with_status(client.REFUSED)
+    failed = batch.with_status(client.FAILED)
     in_doubt = batch.with_status(client.SENT)
     not_sent = batch.with_status(client.UNSENT)
-    summary.update(refused=refused, not_acknowledged=in_doubt, not_sent=not_sent)
+    summary.update(refused=refused, not_recorded=failed, not_acknowledged=in_doubt,
+                   not_sent=not_sent)
     parts = [f"{len(ids) - batch.acked} of {len(ids)} messages to {target} not acknowledged"]
     if isinstance(failure, Refused):
         parts.append(_refused(target, failure, refused[0] if refused else "a message").message)
+    elif isinstance(failure, client.PodFailed):
+        parts.append(f"{target} could not record {failed[0] if failed else 'a message'}: "
+                     f"{failure.details.get('pod_message', '')}")
     else:
         parts.append(failure.message)
         if batch.refused:
             parts.append(f"{batch.refused} refused by {target}")
     if refused:
         parts.append(f"refused: {_abbrev(refused)}")
+    if failed:
+        parts.append(f"not recorded: {_abbrev(failed)}")
     if in_doubt:
         parts.append(f"may or may not have been delivered: {_abbrev(in_doubt)}")
     if not_sent:

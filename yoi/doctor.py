@@ -34,6 +34,7 @@ from yoi.discovery import probe, probe_many
 from yoi.errors import CorruptMetadata, UsageError, YoiError
 from yoi.lock import if_free, is_locked, lock_holder_pid
 from yoi.names import is_valid_name
+from yoi.parsing import ParseError, json_loads
 from yoi.state import State
 from yoi.txn import (REMOVED_MARK, Journal, hold_locks, leftover_dir_owner, list_journals,
                      load_journal, lock_pods, pid_alive, rolled_back_bytes)
@@ -70,6 +71,9 @@ CHECKS: dict[str, tuple[str, bool]] = {
     "stale-pid": ("a recorded pid that is not the live Pod (the hint is cleared)", True),
     "session-torn": ("the last line of a session log is torn (it is moved aside into "
                      "session.jsonl.torn-TIME)", True),
+    "session-unreadable": ("a session log has whole lines that do not parse (not JSON, or "
+                           "nested too deep); readers keep and skip them (remove them by hand)",
+                           False),
 }
 
 PROBE_TIMEOUT = 0.2
@@ -261,13 +265,41 @@ def _scan_session(pod: _Pod, path: str, found: list[Finding]) -> None:
     try:
         pod.torn = session.torn_tail(path)
         pod.has_session = True
+        bad = _unreadable_lines(path)
     except FileNotFoundError:
-        pass
+        return
     except OSError as e:
         if e.errno == errno.ELOOP:
             found.append(("symlink", pod.name, path, "session.jsonl is a symlink; never followed"))
         else:
             found.append(("unreadable", pod.name, path, f"cannot read: {_describe(e)}"))
+        return
+    if bad and pod.torn is not None and bad[-1][1] == pod.torn[1]:
+        bad.pop()  # the last line: reported as session-torn
+    if bad:
+        where = ", ".join(str(n) for n, _ in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        found.append(("session-unreadable", pod.name, path,
+                      f"{len(bad)} line(s) do not parse (not JSON, or nested too deep): line "
+                      f"{where}; the Pod and `yoi pod log` keep and skip them. "
+                      "To drop them, stop the Pod and delete those lines by hand"))
+
+
+def _unreadable_lines(path: str) -> list[tuple[int, int]]:
+    """(line number, offset just past it) of each whole line of a session log that
+    is not JSON (or nested too deeply to be read); a last line without its newline
+    is session-torn's business."""
+    bad = []
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        end = 0
+        for n, line in enumerate(f, 1):
+            end += len(line)
+            if line.endswith(b"\n") and line.strip():
+                try:
+                    json_loads(line)  # what the entry is, is the readers' business
+                except ParseError:
+                    bad.append((n, end))
+    return bad
 
 
 def _scan_metadata(pod: _Pod, meta: str, found: list[Finding]) -> None:
@@ -521,7 +553,8 @@ class _Doctor:
         except FileNotFoundError:
             return
         except CorruptMetadata as e:
-            self.add("journal-corrupt", None, path, e.message.removeprefix(f"{path}: "))
+            self.add("journal-corrupt", None, path, e.message.removeprefix(f"{path}: ")
+                     + "; left in place: inspect it by hand, then delete it")
             return
         except OSError as e:
             if e.errno == errno.ELOOP:
@@ -839,6 +872,7 @@ class _Doctor:
 
     # -- session logs ---------------------------------------------------------
     def check_sessions(self) -> None:
+        # session-unreadable is reported by the scan: whole lines do not change.
         for name, pod in sorted(self.pods.items()):
             self.checked["sessions"] += pod.has_session
             if pod.torn is not None and "session-torn" in self.wanted:

@@ -5,7 +5,8 @@ Set ``YOI_FAULT`` to one or more comma-separated ``POINT:ACTION[:N]`` rules:
 * ``POINT`` names a step, e.g. ``after-lock``, ``after-journal``,
   ``before-write-2``, ``after-write-1``, ``before-journal-remove``,
   ``after-journal-remove``, ``recovery-after-write-1``,
-  ``atomic-before-replace`` (see ``yoi.txn`` for the full list, in order);
+  ``atomic-before-replace`` (see ``yoi.txn`` for the full list, in order),
+  ``handle-line`` (a Pod handling a method line);
 * ``ACTION`` is ``crash`` (the process dies at once with ``os._exit(137)``, no
   cleanup, like SIGKILL) or ``eio`` (an ``OSError(EIO)`` is raised there);
 * ``N`` (default 1) fires on the Nth time the point is reached in this process.

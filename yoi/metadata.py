@@ -7,12 +7,13 @@ does not know survive a rewrite untouched.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import re
-import tomllib
 from pathlib import Path
 
 from yoi.errors import CorruptMetadata
 from yoi.names import is_valid_name
+from yoi.parsing import ParseError, toml_loads
 
 SCHEMA = 1
 
@@ -22,7 +23,7 @@ def utcnow() -> _dt.datetime:
 
 
 def new_record(name: str, exec_cmd: str | None = None, cwd: str | None = None,
-               accept_peers: bool = True) -> dict:
+               accept_peers: bool = True, handler_timeout: float | None = None) -> dict:
     record: dict = {
         "schema": SCHEMA,
         "pod_name": name,
@@ -35,6 +36,8 @@ def new_record(name: str, exec_cmd: str | None = None, cwd: str | None = None,
         record["runtime"]["exec"] = exec_cmd
     if cwd is not None:
         record["runtime"]["cwd"] = cwd
+    if handler_timeout is not None:
+        record["runtime"]["handler_timeout"] = handler_timeout
     return record
 
 
@@ -47,20 +50,22 @@ def parse(text: bytes | str, path: Path | str, expect_name: str | None = None) -
     return doc
 
 
-def loads(text: bytes | str, path: Path | str) -> dict:
-    """Decode and parse TOML without the schema check; CorruptMetadata naming PATH."""
+def loads(text: bytes | str, path: Path | str, what: str = "") -> dict:
+    """Decode and parse a TOML state file without the schema check (the one place
+    that does: records and journals alike); CorruptMetadata naming PATH, WHAT
+    (e.g. "journal ") saying what the file is."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
             line = text.count(b"\n", 0, e.start) + 1
             column = e.start - text.rfind(b"\n", 0, e.start)
-            raise CorruptMetadata(f"{path}: not UTF-8 (at line {line}, column {column})",
+            raise CorruptMetadata(f"{path}: {what}not UTF-8 (at line {line}, column {column})",
                                   path=str(path), line=line, column=column)
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise CorruptMetadata(f"{path}: does not parse: {e}", path=str(path),
+        return toml_loads(text)
+    except ParseError as e:
+        raise CorruptMetadata(f"{path}: {what}does not parse: {e}", path=str(path),
                               **_line_col(str(e)))
 
 
@@ -69,9 +74,10 @@ def _line_col(message: str) -> dict:
     return {"line": int(m.group(1)), "column": int(m.group(2))} if m else {}
 
 
-# The [runtime] hints and the types every reader of them expects.
+# The [runtime] hints and settings, and the types every reader of them expects.
 RUNTIME_TYPES = {"pid": (int, "an integer"), "socket_path": (str, "a string"),
-                 "exec": (str, "a string"), "cwd": (str, "a string")}
+                 "exec": (str, "a string"), "cwd": (str, "a string"),
+                 "handler_timeout": ((int, float), "a number of seconds above 0")}
 
 
 def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
@@ -89,7 +95,8 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
         return "runtime must be a table"
     for key, (kind, what) in RUNTIME_TYPES.items():
         value = (doc.get("runtime") or {}).get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)
+                                  or (key == "handler_timeout" and not 0 < value < math.inf)):
             return f"runtime.{key} must be {what}, not {value!r}"
     peers = doc.get("peers", [])
     if not isinstance(peers, list):

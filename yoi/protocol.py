@@ -11,8 +11,13 @@ from __future__ import annotations
 import json
 import re
 
+from yoi.parsing import MAX_DEPTH, ParseError, json_loads
+
 MAX_METHOD_LINE = 1 << 20        # one method line read by a Pod
 MAX_EVENT_LINE = 64 << 20        # one event line read by a client
+MAX_METHOD_DEPTH = MAX_DEPTH     # (ours) containers nested in a method line, and so in an entry
+MAX_EVENT_DEPTH = 128            # (ours) ... in an event line: a snapshot nests entries 3 deep;
+                                 # serde_json, which the original uses, stops at 128 too
 SNAPSHOT_ENTRIES = 1000          # log entries in a connect-time snapshot
 SNAPSHOT_BYTES = 16 << 20        # (ours) and at most this many bytes of them, so that a
                                  # snapshot fits a client's line and the Pod's memory
@@ -51,15 +56,20 @@ def notify_method(message: str, msg_id: str, source: str | None = None) -> bytes
     return method("notify", params)
 
 
-def error_event(code: str, message: str) -> bytes:
-    return event("error", {"code": code, "message": message})
+def error_event(code: str, message: str, **extra) -> bytes:
+    """An ``error`` event; EXTRA: *(ours)* fields an original client ignores."""
+    return event("error", {"code": code, "message": message, **extra})
 
 
 def parse_line(line: bytes, key: str) -> tuple[str, dict]:
-    """Parse one line into (name, params-or-data) where KEY is "method" or "event"."""
+    """Parse one line into (name, params-or-data) where KEY is "method" or "event".
+
+    Any line at all gives a result or ProtocolError: nesting 100,000 deep and
+    integers of 5,000 digits included.
+    """
     try:
-        obj = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        obj = json_loads(line, MAX_METHOD_DEPTH if key == "method" else MAX_EVENT_DEPTH)
+    except ParseError as e:
         raise ProtocolError(f"not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("not a JSON object")

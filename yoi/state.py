@@ -15,6 +15,7 @@ from yoi.errors import Failed
 from yoi.names import check_name, is_valid_name
 
 SUN_PATH_MAX = 107  # bytes usable in sockaddr_un.sun_path, without the NUL
+SHORT_DIR_PREFIX = "yoi-"  # + 16 hex digits: a short socket directory (``short_run_dir``)
 
 
 class State:
@@ -109,6 +110,8 @@ class State:
         return Path(hint) if hint else self.default_socket_path(name)
 
     def short_run_dir(self) -> Path:
+        """``$XDG_RUNTIME_DIR/yoi-HASH``, else ``TMPDIR/yoi-UID/yoi-HASH``: the
+        directory above ``yoi-HASH`` is the fallback root (see ``socket_dir_chain``)."""
         # measured: tempfile costs ~5 ms, and `yoi pod send` needs neither module
         import hashlib
         import tempfile
@@ -116,7 +119,7 @@ class State:
         base = os.environ.get("XDG_RUNTIME_DIR")
         if not base or not os.path.isdir(base):
             base = os.path.join(tempfile.gettempdir(), f"yoi-{os.getuid()}")
-        return Path(base) / f"yoi-{digest}"
+        return Path(base) / f"{SHORT_DIR_PREFIX}{digest}"
 
     # -- creation -----------------------------------------------------------
     def ensure(self) -> None:
@@ -164,3 +167,44 @@ def refuse_symlink(path: Path, what: str) -> None:
         return
     if stat.S_ISLNK(st.st_mode):
         raise Failed(f"{what} {path} is a symlink; refusing to follow it")
+
+
+# -- socket directories ---------------------------------------------------------
+
+def socket_dir_chain(socket_dir: Path) -> list[Path]:
+    """The directories a socket in SOCKET_DIR is only as safe as, outermost first.
+
+    SOCKET_DIR itself and, for a short socket directory (``yoi-HASH``), the
+    fallback root above it (``$XDG_RUNTIME_DIR``, or ``yoi-UID`` in the shared
+    temp directory, which anyone could have created first). Past that root
+    the path is the system's (``/tmp`` is sticky) or the state directory's.
+    """
+    name = socket_dir.name
+    digest = name[len(SHORT_DIR_PREFIX):]
+    if (name.startswith(SHORT_DIR_PREFIX) and len(digest) == 16
+            and all(ch in "0123456789abcdef" for ch in digest)):
+        return [socket_dir.parent, socket_dir]
+    return [socket_dir]
+
+
+def private_dir_problem(path: Path) -> str | None:
+    """Why no socket in directory PATH can be trusted to be ours, or None.
+
+    It must be a directory (not a symlink), owned by this user and writable
+    by nobody else: otherwise another local user made it, or can put a
+    socket of their own in it. A missing directory is no problem here (there
+    is then no socket to trust).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    if st.st_uid != os.getuid():
+        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None

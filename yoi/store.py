@@ -38,7 +38,8 @@ def _utf8(value: str, what: str) -> str:
 
 
 def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None = None,
-           accept_peers: bool = True, exist_ok: bool = False) -> tuple[dict, bool]:
+           accept_peers: bool = True, exist_ok: bool = False,
+           handler_timeout: float | None = None) -> tuple[dict, bool]:
     """Create Pod NAME. Returns (record, created)."""
     check_name(name)
     if exec_cmd is not None:
@@ -52,7 +53,8 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
                 return pod.doc, False
             raise AlreadyExists(f"Pod {name!r} already exists", pod=name)
         remove_trash(state, name)
-        record = metadata.new_record(name, exec_cmd=exec_cmd, cwd=cwd, accept_peers=accept_peers)
+        record = metadata.new_record(name, exec_cmd=exec_cmd, cwd=cwd, accept_peers=accept_peers,
+                                     handler_timeout=handler_timeout)
         # Build the directory aside and rename it into place: a crash leaves
         # either no Pod or a whole one.
         staging = state.pods_dir / f".{name}{CREATING_MARK}{os.getpid()}"
@@ -67,7 +69,12 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
         except BaseException as e:
             remove_tree(staging)
             if isinstance(e, OSError):
-                raise StorageError(f"cannot create Pod {name!r}: {e.strerror} ({e.filename})")
+                # Name the file as it would have been: the staging directory is gone.
+                inside = os.path.relpath(e.filename, staging) if e.filename else "."
+                what = "its directory" if inside == "." or inside.startswith("..") else inside
+                raise StorageError(f"cannot create Pod {name!r} in {state.pods_dir}: "
+                                   f"{e.strerror or e} (writing {what}); nothing was created",
+                                   path=str(state.pod_dir(name)))
             raise
         try:
             fsync_dir(state.pods_dir)
@@ -77,7 +84,8 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
         return record, True
 
 
-def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd=_UNSET) -> dict:
+def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd=_UNSET,
+              handler_timeout=_UNSET) -> dict:
     """Change settings of NAME under its lock; everything else is preserved.
 
     ``exec_cmd=None`` removes the handler command.
@@ -97,6 +105,8 @@ def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd
                 runtime["exec"] = exec_cmd
         if cwd is not _UNSET:
             runtime["cwd"] = cwd
+        if handler_timeout is not _UNSET:
+            runtime["handler_timeout"] = handler_timeout
         if accept_peers is not _UNSET:
             doc["accept_peers"] = bool(accept_peers)
         locked.write_one(name, doc)

@@ -13,6 +13,7 @@ import math
 from yoi.errors import UsageError
 
 DEFAULT = 10.0             # a lock wait, each step of a socket exchange, a start, a stop
+HANDLER = 3600.0           # one handler run, unless the Pod's handler_timeout says otherwise
 MAX = 365 * 86400.0        # a year: long enough for any wait, short enough to stay exact
 POLL_CHUNK = 3600.0        # the longest single poll()/select() (their ms counters overflow)
 

@@ -34,7 +34,6 @@ import errno
 import os
 import re
 import time
-import tomllib
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -150,11 +149,7 @@ def load_journal(path: Path) -> Journal:
     damaged from outside must not name a Pod it holds no lock for, a path as
     its txid, or an entry a rollback cannot follow.
     """
-    raw = read_bytes_nofollow(path)
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise CorruptMetadata(f"{path}: journal does not parse: {e}", path=str(path))
+    doc = metadata.loads(read_bytes_nofollow(path), path, what="journal ")
     problem = _journal_problem(doc)
     if problem:
         raise CorruptMetadata(f"{path}: journal is not valid: {problem}", path=str(path))
@@ -299,7 +294,12 @@ class Locked:
         """Replace one Pod's metadata (a single-file change needs no journal)."""
         assert name in self.names
         self._raw.pop(name, None)
-        atomic_write(self.state.metadata_path(name), metadata.dumps(doc))
+        path = self.state.metadata_path(name)
+        try:
+            atomic_write(path, metadata.dumps(doc))
+        except OSError as e:
+            where = e.filename or str(path)
+            raise StorageError(f"cannot write {where}: {e.strerror or e}", path=where) from e
 
     def commit(self, changes: list[Change]) -> None:
         """Apply CHANGES as one transaction (see module docstring)."""

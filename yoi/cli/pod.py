@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from yoi.cli.common import POD, LazyGroup, emit, json_option, pod_argument, say, state_options
+from yoi import timeouts
+from yoi.cli.common import (POD, SECONDS, LazyGroup, emit, json_option, pod_argument, say,
+                            state_options)
 
 POD_SUBCOMMANDS: dict[str, str] = {
     "peer": "yoi.cli.peer:peer",
@@ -15,6 +17,12 @@ POD_SUBCOMMANDS: dict[str, str] = {
     "status": "yoi.cli.runtime:status_command",
     "log": "yoi.cli.runtime:log_command",
 }
+
+
+handler_timeout_option = click.option(
+    "--handler-timeout", type=SECONDS, default=None, metavar="SECONDS",
+    help="Stop a handler run (its whole process group) after this long "
+         f"(default {timeouts.HANDLER:g}).")
 
 
 @click.group(cls=LazyGroup, lazy_subcommands=POD_SUBCOMMANDS)
@@ -47,6 +55,8 @@ def _record_text(name: str, doc: dict, live: dict | None = None) -> str:
         ("accept_peers", "yes" if doc.get("accept_peers", True) else "no"),
         ("exec", runtime.get("exec", "-")),
         ("cwd", runtime.get("cwd", "-")),
+        ("timeout", f"{runtime['handler_timeout']:g}s per handler run" if "handler_timeout"
+         in runtime else f"{timeouts.HANDLER:g}s per handler run (default)"),
     ]
     if live is not None:
         rows.append(("socket", live.get("socket_path") or "-"))
@@ -63,10 +73,12 @@ def _record_text(name: str, doc: dict, live: dict | None = None) -> str:
               help="Handler command run for each message (turns an agent CLI into a Pod).")
 @click.option("--cwd", type=click.Path(file_okay=False), help="Working directory of the handler.")
 @click.option("--no-accept-peers", is_flag=True, help="Refuse new peer registrations.")
+@handler_timeout_option
 @click.option("--exist-ok", is_flag=True, help="Succeed if the Pod already exists.")
 @json_option
 @state_options
-def create_command(name, exec_cmd, cwd, no_accept_peers, exist_ok, as_json, state):
+def create_command(name, exec_cmd, cwd, no_accept_peers, handler_timeout, exist_ok, as_json,
+                   state):
     """Create a Pod: its metadata record and an empty session log.
 
     \b
@@ -76,7 +88,8 @@ def create_command(name, exec_cmd, cwd, no_accept_peers, exist_ok, as_json, stat
     """
     from yoi import store
     doc, created = store.create(state, name, exec_cmd=exec_cmd, cwd=cwd,
-                                accept_peers=not no_accept_peers, exist_ok=exist_ok)
+                                accept_peers=not no_accept_peers, exist_ok=exist_ok,
+                                handler_timeout=handler_timeout)
     if not created and not as_json:
         say(f"Pod {name!r} already exists")  # talk: stdout stays the record alone
     emit(as_json, {"created": created, "pod": _record_json(name, doc)}, _record_text(name, doc))
@@ -89,9 +102,10 @@ def create_command(name, exec_cmd, cwd, no_accept_peers, exist_ok, as_json, stat
 @click.option("--accept-peers/--no-accept-peers", default=None,
               help="Accept or refuse new peer registrations.")
 @click.option("--cwd", type=click.Path(file_okay=False), help="Set the handler's working directory.")
+@handler_timeout_option
 @json_option
 @state_options
-def config_command(name, exec_cmd, no_exec, accept_peers, cwd, as_json, state):
+def config_command(name, exec_cmd, no_exec, accept_peers, cwd, handler_timeout, as_json, state):
     """Change a Pod's settings; everything else in its record is preserved.
 
     \b
@@ -112,9 +126,11 @@ def config_command(name, exec_cmd, no_exec, accept_peers, cwd, as_json, state):
         kwargs["accept_peers"] = accept_peers
     if cwd is not None:
         kwargs["cwd"] = cwd
+    if handler_timeout is not None:
+        kwargs["handler_timeout"] = handler_timeout
     if not kwargs:
         raise UsageError("nothing to change: give --exec, --no-exec, --accept-peers, "
-                         "--no-accept-peers or --cwd")
+                         "--no-accept-peers, --cwd or --handler-timeout")
     doc = store.configure(state, name, **kwargs)
     emit(as_json, {"pod": _record_json(name, doc)}, _record_text(name, doc))
 

@@ -239,10 +239,16 @@ class Hub:
     def _on_client(self, c: Client, mask: int) -> None:
         if c.closed:
             return
-        if mask & selectors.EVENT_WRITE:
-            self._flush(c)
-        if mask & selectors.EVENT_READ and not c.closed:
-            self._read(c)
+        try:
+            if mask & selectors.EVENT_WRITE:
+                self._flush(c)
+            if mask & selectors.EVENT_READ and not c.closed:
+                self._read(c)
+        except Exception:
+            # A bug met serving this client: drop it (so that it cannot fail
+            # again and again) and let the loop report the error.
+            self.close(c)
+            raise
 
     def _read(self, c: Client) -> None:
         try:

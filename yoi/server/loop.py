@@ -4,7 +4,8 @@ One thread (the main one) runs ``Loop.run``; it owns every socket and all the
 Pod's in-memory state. Other threads (the session writer, the handler worker,
 the operation threads) and signal handlers reach it only through
 ``call_soon`` and ``request_stop``, which append to a queue and write a byte
-to a wake-up socket pair.
+to a wake-up socket pair. No exception in a callback ends the loop: it goes
+to ``on_error(what, exception)`` (the Pod logs it and raises an alert).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Loop:
         self._n = itertools.count()
         self.stopping = False
         self.stop_reason = ""
+        self.on_error: Callable[[str, BaseException], None] = report
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
@@ -82,7 +84,7 @@ class Loop:
 
     def run_once(self, timeout: float | None) -> None:
         for key, mask in self.sel.select(timeout):
-            key.data(mask)
+            self._guarded(key.data, (mask,))
             if self.stopping:
                 break
         self._run_timers()
@@ -93,12 +95,12 @@ class Loop:
         deadline = time.monotonic() + seconds
         while busy() and time.monotonic() < deadline:
             for key, mask in self.sel.select(max(0.0, deadline - time.monotonic())):
-                key.data(mask)
+                self._guarded(key.data, (mask,))
 
     def run_calls(self) -> None:
         while self.calls:
             fn, args = self.calls.popleft()
-            _guarded(fn, args)
+            self._guarded(fn, args)
 
     def _next_timeout(self) -> float | None:
         if not self.timers:
@@ -109,7 +111,7 @@ class Loop:
         now = time.monotonic()
         while self.timers and self.timers[0][0] <= now:
             _, _, fn, args = heapq.heappop(self.timers)
-            _guarded(fn, args)
+            self._guarded(fn, args)
 
     def _wake(self) -> None:
         try:
@@ -130,10 +132,17 @@ class Loop:
         self._wake_r.close()
         self._wake_w.close()
 
+    def _guarded(self, fn: Callable, args: tuple) -> None:
+        """A failing callback is reported; it never ends the loop."""
+        try:
+            fn(*args)
+        except Exception as e:
+            try:
+                self.on_error("the event loop", e)
+            except Exception as e2:  # reporting failed too: the log is the last resort
+                report("reporting an internal error", e2)
 
-def _guarded(fn: Callable, args: tuple) -> None:
-    """A failing callback is logged; it never ends the loop."""
-    try:
-        fn(*args)
-    except Exception:
-        log("internal error in the loop:\n" + traceback.format_exc())
+
+def report(what: str, exc: BaseException) -> None:
+    """Write an unexpected exception and its traceback to the Pod's log."""
+    log(f"internal error in {what}:\n" + "".join(traceback.format_exception(exc)).rstrip())

@@ -10,35 +10,42 @@ raising ``Invalid`` (answered with ``error invalid_request``).
 from __future__ import annotations
 
 import os
-import traceback
 
 from yoi import control, discovery, peers, protocol
+from yoi.faults import fault
 from yoi.names import is_valid_name
 from yoi.server.connection import Client
-from yoi.server.log import log, now_iso
+from yoi.server.log import now_iso
 from yoi.session import Entry, event_of
 from yoi.server.operations import Invalid
 from yoi.server.worker import Job
 
 
 def handle_line(pod, c: Client, line: bytes) -> None:
-    """Parse one method line from C and run its method; errors are answered, never raised."""
+    """Parse one method line from C and run its method; errors are answered, never raised.
+
+    Whatever happens while handling one line ends there: a refusal is
+    answered ``invalid_request``; anything unexpected is answered
+    ``internal``, logged with its traceback and raised as an alert, and the
+    Pod and the connection go on.
+    """
+    name = None
     try:
-        name, params = protocol.parse_method(line)
-    except protocol.ProtocolError as e:
-        pod.hub.send(c, protocol.error_event("invalid_request", f"bad method line: {e}"))
-        return
-    method = METHODS.get(name)
-    if method is None:
-        pod.hub.send(c, protocol.error_event("invalid_request", f"unknown method {name!r}"))
-        return
-    try:
+        fault("handle-line")
+        try:
+            name, params = protocol.parse_method(line)
+        except protocol.ProtocolError as e:
+            raise Invalid(f"bad method line: {e}") from None
+        method = METHODS.get(name)
+        if method is None:
+            raise Invalid(f"unknown method {name!r}")
         method(pod, c, params)
     except Invalid as e:
         pod.hub.send(c, protocol.error_event("invalid_request", str(e)))
-    except Exception:
-        log(f"internal error in {name}:\n" + traceback.format_exc())
-        pod.hub.send(c, protocol.error_event("internal", f"internal error in {name}"))
+    except Exception as e:
+        what = f"the {name} method" if name in METHODS else "a method line"
+        pod.hub.send(c, protocol.error_event("internal", f"internal error in {what}"))
+        pod.internal_error(what, e)
 
 
 def shutdown(pod, c: Client, params: dict) -> None:

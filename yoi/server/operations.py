@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import queue
 import threading
-import traceback
 from typing import Callable
 
 from yoi import metadata, protocol
 from yoi.errors import NotFound, Refused, UsageError, YoiError
 from yoi.server.connection import Client, Hub
-from yoi.server.log import log
-from yoi.server.loop import Loop
+from yoi.server.loop import Loop, report
 
 OPS_THREADS = 2
 MAX_PENDING_OPS = 64
@@ -27,8 +25,10 @@ class Invalid(Exception):
     """A request the Pod refuses with ``invalid_request``."""
 
 
-def answer_line(answer: str, fn: Callable[[], dict]) -> bytes:
-    """FN's result as the event ANSWER, or the ``error`` event its failure maps to."""
+def answer_line(answer: str, fn: Callable[[], dict],
+                on_internal: Callable[[str, BaseException], None] | None = None) -> bytes:
+    """FN's result as the event ANSWER, or the ``error`` event its failure maps to;
+    an unexpected failure also goes to ON_INTERNAL(what, exception)."""
     try:
         return protocol.event(answer, metadata.to_jsonable(fn()))
     except Invalid as e:
@@ -37,15 +37,22 @@ def answer_line(answer: str, fn: Callable[[], dict]) -> bytes:
         return protocol.error_event("invalid_request", e.message)
     except YoiError as e:
         return protocol.error_event("internal", e.message)
-    except Exception:
-        log(f"internal error in {answer}:\n" + traceback.format_exc())
+    except Exception as e:
+        if on_internal is None:
+            report(answer, e)
+        else:
+            on_internal(answer, e)
         return protocol.error_event("internal", f"internal error ({answer})")
 
 
 class Operations:
-    def __init__(self, loop: Loop, hub: Hub):
+    """ON_ERROR(what, exception) reports an unexpected failure (on the loop thread)."""
+
+    def __init__(self, loop: Loop, hub: Hub,
+                 on_error: Callable[[str, BaseException], None] = report):
         self.loop = loop
         self.hub = hub
+        self.on_error = on_error
         self.queue: queue.Queue = queue.Queue()
         self.pending = 0
 
@@ -72,7 +79,9 @@ class Operations:
             if task is None:
                 return
             c, answer, fn = task
-            self.loop.call_soon(self._answered, c, answer_line(answer, fn))
+            line = answer_line(answer, fn,
+                               lambda what, e: self.loop.call_soon(self.on_error, what, e))
+            self.loop.call_soon(self._answered, c, line)
 
     def _answered(self, c: Client, line: bytes) -> None:
         self.pending -= 1

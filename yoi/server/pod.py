@@ -20,17 +20,17 @@ import time
 from collections import deque
 from pathlib import Path
 
-from yoi import peers, protocol, store
+from yoi import peers, protocol, store, timeouts
 from yoi.errors import Failed, YoiError
 from yoi.server import methods
 from yoi.server.connection import Client, Hub, flush_then_close
-from yoi.server.log import log
-from yoi.server.loop import Loop
+from yoi.server.log import log, rotate_by_size
+from yoi.server.loop import Loop, report
 from yoi.server.operations import Invalid, Operations
 from yoi.server.worker import HandlerWorker
 from yoi.session import Entry, Recent, event_of
 from yoi.session.writer import Committed, SessionLog
-from yoi.state import State, make_private_dir
+from yoi.state import State, make_private_dir, private_dir_problem, socket_dir_chain
 from yoi.txn import read_pod_file
 
 MAX_ALERTS = 100               # alerts replayed to a new client
@@ -44,6 +44,7 @@ class Pod:
         self.exec_override = exec_cmd
         self.exec_cmd: str | None = None
         self.cwd: str | None = None
+        self.handler_timeout = timeouts.HANDLER
         self.greeting: dict = {}
         self.status = "idle"
         self.running = 0               # accepted runs/notifications not yet handled
@@ -56,6 +57,7 @@ class Pod:
         self._meta_cache: dict[str, tuple] = {}  # Pod name -> (stat key, record)
         self.socket_path: Path | None = None
         self.loop = Loop()
+        self.loop.on_error = self.internal_error
         self.session: SessionLog | None = None
         self.hub: Hub | None = None
         self.ops: Operations | None = None
@@ -67,6 +69,7 @@ class Pod:
         doc = store.read(self.state, self.name)  # NotFound before anything else
         runtime_fd = store.hold_runtime_lock(self.state, self.name)
         try:
+            rotate_by_size(self.state.pod_log_path(self.name))
             self._configure(doc)
             raise_fd_limit()
             self.session = SessionLog(self.state.session_path(self.name),
@@ -91,6 +94,7 @@ class Pod:
         runtime = doc.get("runtime") or {}
         self.exec_cmd = self.exec_override or runtime.get("exec") or None
         self.cwd = runtime.get("cwd") or None
+        self.handler_timeout = float(runtime.get("handler_timeout") or timeouts.HANDLER)
         self.greeting = {
             "pod_name": self.name, "cwd": self.cwd or os.getcwd(),
             "provider": "exec" if self.exec_cmd else "none", "model": self.exec_cmd or "",
@@ -99,12 +103,12 @@ class Pod:
 
     def _serve_socket(self, ready) -> None:
         self.socket_path = self.state.default_socket_path(self.name)
-        listener = bind(self.socket_path, self.state)
+        listener = bind(self.socket_path)
         try:
             self._record_runtime(pid=os.getpid())
             listener.listen(512)
             self.hub = Hub(self.loop, listener, self._on_line, self._prelude)
-            self.ops = Operations(self.loop, self.hub)
+            self.ops = Operations(self.loop, self.hub, self.internal_error)
             self.hub.start_accepting()
             self.loop.install_signals()
             self.worker.start()
@@ -206,6 +210,15 @@ class Pod:
         if self.hub is not None:
             self.hub.broadcast(line)
 
+    def internal_error(self, what: str, exc: BaseException) -> None:
+        """An unexpected exception while serving (loop thread): logged with its
+        traceback and raised as an alert; the Pod goes on."""
+        report(what, exc)
+        detail = f"{type(exc).__name__}: {exc}"
+        if len(detail) > 300:
+            detail = detail[:300] + "..."
+        self.alert("error", f"internal error in {what}: {detail} (traceback in the Pod's log)")
+
     # -- commits ------------------------------------------------------------------
     def commit(self, c: Client | None, entry: Entry, after=None) -> None:
         """Append ENTRY durably, then (on the loop) broadcast it and run AFTER(committed, err)."""
@@ -238,8 +251,11 @@ class Pod:
             self.hub.paid(c)
 
     def commit_failed(self, c: Client, err: OSError) -> None:
+        """Tell C that its entry was not committed, and why: code ``internal`` (the Pod
+        failed; nothing was refused) and *(ours)* ``"committed": false``."""
         self.hub.send(c, protocol.error_event(
-            "internal", f"not committed: {err.strerror or err}; nothing was recorded"))
+            "internal", f"not committed: {err.strerror or err}; nothing was recorded",
+            committed=False))
 
     # -- peers ----------------------------------------------------------------------
     def is_peer(self, other: str) -> bool:
@@ -270,13 +286,13 @@ class Pod:
 
 # -- the socket ---------------------------------------------------------------------
 
-def bind(path: Path, state: State) -> socket.socket:
+def bind(path: Path) -> socket.socket:
     """Bind a listening socket at PATH, 0600, in a private directory of ours.
 
     The caller holds the runtime lock, so a socket file already at PATH is a
     leftover of a dead Pod; anything else there is refused, never removed.
     """
-    prepare_socket_dir(path.parent, state)
+    prepare_socket_dir(path.parent)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -298,16 +314,24 @@ def bind(path: Path, state: State) -> socket.socket:
     return s
 
 
-def prepare_socket_dir(path: Path, state: State) -> None:
-    """Create the socket's directory 0700 and make sure it is ours and private."""
-    make_private_dir(path)
-    dirs = [path] if path.parent == state.root else [path, path.parent]
-    for d in dirs:
+def prepare_socket_dir(path: Path) -> None:
+    """Create the socket's directory 0700 and make sure that no other user made it or
+    can write into it, nor into the fallback root above a short one.
+
+    The root is checked before anything is created in it: a ``yoi-UID``
+    directory someone else created in the shared temp directory is refused,
+    never used. Our own socket directory with a wider mode is narrowed.
+    """
+    for d in socket_dir_chain(path):
+        make_private_dir(d)
         st = os.lstat(d)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-            raise Failed(f"socket directory {d} is not a directory owned by this user")
-        if d == path and st.st_mode & 0o077:
+        if (d == path and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+                and st.st_mode & 0o077):
             os.chmod(d, 0o700)
+        problem = private_dir_problem(d)
+        if problem:
+            raise Failed(f"socket directory {problem}; refusing to use it (another user "
+                         "could pose as this Pod)")
 
 
 def raise_fd_limit() -> None:

@@ -6,10 +6,21 @@ environment of the Pod plus ``YOI_POD``, ``YOI_HOME`` and ``YOI_STATE_DIR``
 (the Pod's state directory, so every ``yoi`` command the handler runs uses
 it), ``YOI_FROM`` (the source Pod, empty for the operator) and
 ``YOI_MESSAGE_ID`` (empty if none). Its stdout (at most
-``MAX_HANDLER_OUTPUT`` bytes) is committed and broadcast as ``text_done``;
-its stderr goes to the Pod's own log (``pod.log`` when detached). A non-zero
-exit raises an alert; the Pod goes on. Entries are not re-handled after a
-restart.
+``MAX_HANDLER_OUTPUT`` bytes) is committed and broadcast as ``text_done``.
+Its stderr is read by the Pod and written to the Pod's own log, at most
+``STDERR_KEEP`` bytes per run (the beginning and the end, with a note of
+what was dropped between). A non-zero exit raises an alert; the Pod goes
+on. Entries are not re-handled after a restart.
+
+A run is bounded, whatever the handler leaves behind. It runs in its own
+process group. Once the handler has exited, its output is read for at most
+``OUTPUT_GRACE`` seconds more (a background child can hold the pipes open
+forever); a run that takes longer than the Pod's handler timeout is
+stopped. When the run ends, the whole group is killed: on a timeout or when
+the Pod stops, SIGTERM, then SIGKILL after ``HANDLER_KILL_GRACE`` seconds;
+after a normal exit, SIGKILL to whatever the handler left running. The
+handler's own pid stays unreaped until then, so the group id cannot have
+been reused by then.
 
 One job at a time, in commit order, on its own thread and outside every lock
 (a handler may itself run ``yoi pod send``, even to this Pod).
@@ -20,18 +31,23 @@ from __future__ import annotations
 import json
 import os
 import queue
+import selectors
+import signal
 import subprocess
 import threading
-import traceback
+import time
 
-from yoi.procs import StillThere, popen_gone, terminate
-from yoi.server.log import log
+from yoi.procs import StillThere, terminate
+from yoi.server.log import log, write_raw
 from yoi.session import Entry
 from yoi.session.writer import Committed
 
-MAX_HANDLER_OUTPUT = 1 << 20
+MAX_HANDLER_OUTPUT = 1 << 20   # stdout committed per run
+STDERR_KEEP = 64 << 10         # stderr written to the Pod's log per run: half head, half tail
 READ_CHUNK = 64 << 10
-HANDLER_KILL_GRACE = 2.0
+HANDLER_KILL_GRACE = 2.0       # seconds between SIGTERM and SIGKILL
+OUTPUT_GRACE = 1.0             # seconds output is still read after the handler exited
+POLL_EXIT = 0.05               # where pidfd_open is missing: how often to look for the exit
 
 
 class Job:
@@ -47,12 +63,14 @@ class Job:
 
 class HandlerWorker:
     """POD provides ``loop``, ``session``, ``state``, ``name``, ``exec_cmd``, ``cwd``,
-    ``alert``, ``busy`` and ``committed`` (see ``yoi.server.pod``)."""
+    ``handler_timeout``, ``alert``, ``busy``, ``committed`` and ``internal_error``
+    (see ``yoi.server.pod``)."""
 
     def __init__(self, pod):
         self.pod = pod
         self.jobs: queue.Queue = queue.Queue()
-        self.proc: subprocess.Popen | None = None
+        self.halting = threading.Event()  # the Pod stops: end the run in progress
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._work, name="handler", daemon=True)
 
     def start(self) -> None:
@@ -66,33 +84,41 @@ class HandlerWorker:
         self.jobs.put(job)
 
     def stop(self) -> None:
-        """End the run in progress, take no more jobs, wait for the thread."""
+        """End the run in progress (its whole process group), take no more jobs, wait."""
         self.kill()
         self.jobs.put(None)
         self.thread.join(HANDLER_KILL_GRACE + 5)
+
+    def kill(self) -> None:
+        """Have the worker end the run in progress, if any (any thread)."""
+        self.halting.set()
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass  # the pipe is full: the worker is woken already
 
     # -- the thread --------------------------------------------------------------
     def _work(self) -> None:
         while True:
             job = self.jobs.get()
-            if job is None or self.pod.loop.stopping:
+            if job is None or self.pod.loop.stopping or self.halting.is_set():
                 return
             try:
                 self._handle(job)
-            except Exception:
-                log("internal error in the handler worker:\n" + traceback.format_exc())
+            except Exception as e:
+                self.pod.loop.call_soon(self.pod.internal_error, "the handler worker", e)
             self.pod.loop.call_soon(self.pod.busy, -1)
 
     def _handle(self, job: Job) -> None:
         pod = self.pod
         if pod.exec_cmd:
-            out, problem = self.run(self._input(job), job.source, job.msg_id)
+            out, problems = self.run(self._input(job), job.source, job.msg_id)
             if pod.loop.stopping:
                 return
             if out:
                 self._commit(Entry("text_done", {"text": out.decode("utf-8", "replace")}))
-            if problem:
-                pod.loop.call_soon(pod.alert, "error", problem)
+            for level, problem in problems:
+                pod.loop.call_soon(pod.alert, level, problem)
         if job.kind == "run" and not pod.loop.stopping:
             self._commit(Entry("run_end", {"result": "finished"}))
 
@@ -123,69 +149,232 @@ class HandlerWorker:
                     "YOI_FROM": source or "", "YOI_MESSAGE_ID": msg_id or ""})
         return env
 
-    def run(self, text: str, source: str | None, msg_id: str | None) -> tuple[bytes, str | None]:
-        """Run the handler once on TEXT: (its stdout, capped; a problem to alert, or None)."""
+    def run(self, text: str, source: str | None,
+            msg_id: str | None) -> tuple[bytes, list[tuple[str, str]]]:
+        """Run the handler once on TEXT: (its stdout, capped; [(level, problem to alert)])."""
         what = f"message {msg_id}" if msg_id else ("run" if source is None else "message")
         try:
             proc = subprocess.Popen(["/bin/sh", "-c", self.pod.exec_cmd], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, cwd=self.pod.cwd,
-                                    env=self._env(source, msg_id), start_new_session=True)
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    cwd=self.pod.cwd, env=self._env(source, msg_id),
+                                    start_new_session=True)
         except OSError as e:
-            return b"", f"handler could not start for {what}: {e.strerror or e}"
-        self.proc = proc
-        if self.pod.loop.stopping:
-            self.kill()
-        feeder = threading.Thread(target=_feed, args=(proc, text), name="handler-stdin",
-                                  daemon=True)
-        feeder.start()
-        out, truncated = _read_capped(proc.stdout, MAX_HANDLER_OUTPUT)
-        proc.stdout.close()
-        rc = proc.wait()
-        feeder.join()
-        self.proc = None
-        problem = None
-        if rc != 0:
-            how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
-            problem = f"handler {how} ({what})"
-        elif truncated:
-            problem = f"handler output over {MAX_HANDLER_OUTPUT} bytes was truncated ({what})"
-        return out, problem
-
-    def kill(self) -> None:
-        """End the handler run in progress, its whole process group (any thread)."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
+            return b"", [("error", f"handler could not start for {what}: {e.strerror or e}")]
+        self._drain_wake()
+        handled = _Run(proc, text.encode("utf-8"), self.pod.handler_timeout, self._wake_r,
+                       self.halting, what)
         try:
-            terminate(lambda sig: os.killpg(proc.pid, sig), popen_gone(proc),
-                      HANDLER_KILL_GRACE)
-        except StillThere:
-            log(f"handler pid {proc.pid} survived SIGKILL")
+            handled.collect()
+        finally:
+            handled.end()
+        return handled.out, handled.problems()
 
-
-def _feed(proc: subprocess.Popen, text: str) -> None:
-    try:
-        proc.stdin.write(text.encode("utf-8"))
-    except OSError:
-        pass  # the handler does not read its stdin: fine
-    finally:
+    def _drain_wake(self) -> None:
         try:
-            proc.stdin.close()
-        except OSError:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
             pass
 
 
-def _read_capped(stream, cap: int) -> tuple[bytes, bool]:
-    """Everything STREAM gives until EOF, keeping at most CAP bytes: (kept, truncated)."""
-    chunks, size, truncated = [], 0, False
-    while True:
-        chunk = stream.read1(READ_CHUNK)
-        if not chunk:
-            break
-        if size < cap:
-            chunks.append(chunk[:cap - size])
-            size += len(chunks[-1])
-            truncated = truncated or len(chunk) > len(chunks[-1])
+class _Run:
+    """One handler process: its pipes and its exit, watched by one selector.
+
+    The handler's own pid is never reaped before ``end``: until then its
+    number, which is also its process group's, cannot be reused.
+    """
+
+    def __init__(self, proc: subprocess.Popen, data: bytes, timeout: float, wake_fd: int,
+                 halting: threading.Event, what: str):
+        self.proc, self.data, self.what = proc, memoryview(data), what
+        self.timeout, self.wake_fd, self.halting = timeout, wake_fd, halting
+        self.started = time.monotonic()
+        self.out = b""
+        self.out_total = 0
+        self.stderr = _StderrToLog(what)
+        self.exited_at: float | None = None
+        self.ended = "exited"  # exited | output-held | timed-out | stopped
+        self.rc: int | None = None
+        self.sel = selectors.DefaultSelector()
+        self._chunks: list[bytes] = []
+        try:
+            self.pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            self.pidfd = None
+
+    def collect(self) -> None:
+        """Feed stdin and read stdout/stderr until the run is over, one way or another."""
+        proc, sel = self.proc, self.sel
+        for stream in (proc.stdout, proc.stderr):
+            os.set_blocking(stream.fileno(), False)
+            sel.register(stream.fileno(), selectors.EVENT_READ, stream)
+        if self.data:
+            os.set_blocking(proc.stdin.fileno(), False)
+            sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE, proc.stdin)
         else:
-            truncated = True
-    return b"".join(chunks), truncated
+            proc.stdin.close()
+        sel.register(self.wake_fd, selectors.EVENT_READ, None)
+        if self.pidfd is not None:
+            sel.register(self.pidfd, selectors.EVENT_READ, "exit")
+        reading = 2
+        while True:
+            if self.halting.is_set():
+                self.ended = "stopped"
+                return
+            if self.exited_at is None and self._has_exited():
+                self.exited_at = time.monotonic()
+                if self.pidfd is not None:
+                    sel.unregister(self.pidfd)
+            if self.exited_at is not None and reading == 0:
+                return
+            now = time.monotonic()
+            deadline = self.started + self.timeout
+            if self.exited_at is not None:
+                deadline = min(deadline, self.exited_at + OUTPUT_GRACE)
+            if now >= deadline:
+                self.ended = "timed-out" if self.exited_at is None else "output-held"
+                return
+            wait = deadline - now
+            if self.pidfd is None and self.exited_at is None:
+                wait = min(wait, POLL_EXIT)
+            for key, _ in sel.select(wait):
+                stream = key.data
+                if stream is proc.stdin:
+                    self._feed()
+                elif stream is proc.stdout or stream is proc.stderr:
+                    if not self._read(stream):
+                        sel.unregister(key.fd)
+                        reading -= 1
+
+    def _has_exited(self) -> bool:
+        """Whether the handler has exited, without reaping it."""
+        try:
+            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True
+        return info is not None
+
+    def _feed(self) -> None:
+        stdin = self.proc.stdin
+        try:
+            n = os.write(stdin.fileno(), self.data[:READ_CHUNK])
+        except BlockingIOError:
+            return
+        except OSError:  # the handler does not read its stdin: fine
+            n = len(self.data)
+        self.data = self.data[n:]
+        if not self.data:
+            self.sel.unregister(stdin.fileno())
+            stdin.close()
+
+    def _read(self, stream) -> bool:
+        """Take what STREAM has; False at its end."""
+        try:
+            chunk = os.read(stream.fileno(), READ_CHUNK)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        if stream is self.proc.stderr:
+            self.stderr.take(chunk)
+            return True
+        room = MAX_HANDLER_OUTPUT - self.out_total
+        if room > 0:
+            self._chunks.append(chunk[:room])
+        self.out_total += len(chunk)
+        return True
+
+    def end(self) -> None:
+        """Kill what is left of the handler's process group, reap the handler, close all."""
+        self.out = b"".join(self._chunks)
+        pgid = self.proc.pid
+        stuck = False
+        if self.exited_at is None and not self._has_exited():
+            # Timed out or the Pod stops: ask first, then insist.
+            try:
+                terminate(lambda sig: os.killpg(pgid, sig), self._exits_within,
+                          HANDLER_KILL_GRACE)
+            except StillThere:
+                log(f"handler pid {pgid} survived SIGKILL ({self.what})")
+                stuck = True
+        if not stuck:
+            _signal_group(pgid, signal.SIGKILL)  # whatever it left behind
+            self.rc = self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        self.sel.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        self.stderr.finish()
+
+    def _exits_within(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not self._has_exited():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_EXIT)
+        return True
+
+    def problems(self) -> list[tuple[str, str]]:
+        what, rc, out = self.what, self.rc, []
+        if self.ended == "stopped":
+            return out  # the Pod is stopping: nobody is left to tell
+        if self.ended == "timed-out":
+            out.append(("error", f"handler timed out after {self.timeout:g}s and was killed "
+                                 f"({what})"))
+        elif rc is not None and rc != 0:
+            how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+            out.append(("error", f"handler {how} ({what})"))
+        if self.ended == "output-held":
+            out.append(("warn", f"handler exited, but its output stayed open (a background "
+                                f"process?); it was read for {OUTPUT_GRACE:g}s more and the "
+                                f"handler's process group was killed ({what})"))
+        if self.out_total > MAX_HANDLER_OUTPUT:
+            out.append(("error", f"handler output over {MAX_HANDLER_OUTPUT} bytes was "
+                                 f"truncated ({what})"))
+        return out
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left in it
+
+
+class _StderrToLog:
+    """A run's stderr into the Pod's log: the first and the last ``STDERR_KEEP / 2``
+    bytes, and a note of how much was dropped between them."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.head_left = STDERR_KEEP // 2
+        self.tail = bytearray()
+        self.total = 0
+        self.head_ended_line = True
+
+    def take(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        if self.head_left > 0:
+            head, chunk = chunk[:self.head_left], chunk[self.head_left:]
+            self.head_left -= len(head)
+            self.head_ended_line = head.endswith(b"\n")
+            write_raw(head)
+        if chunk:
+            self.tail += chunk
+            if len(self.tail) > STDERR_KEEP // 2:
+                del self.tail[:len(self.tail) - STDERR_KEEP // 2]
+
+    def finish(self) -> None:
+        dropped = self.total - (STDERR_KEEP // 2 - self.head_left) - len(self.tail)
+        if dropped > 0:
+            if not self.head_ended_line:
+                write_raw(b"\n")
+            log(f"handler stderr ({self.what}): {dropped} bytes dropped here (it wrote "
+                f"{self.total}; at most {STDERR_KEEP} bytes of a run are kept: its first "
+                "and its last)")
+        if self.tail:
+            write_raw(bytes(self.tail))

@@ -38,6 +38,7 @@ from typing import Iterator
 
 from yoi import protocol
 from yoi.atomic import fsync_dir, write_all
+from yoi.parsing import ParseError, json_loads
 
 READ_CHUNK = 1 << 20
 _SEQ_PREFIX = b'{"seq":'
@@ -91,8 +92,8 @@ def parse_entry(line: bytes) -> dict | None:
     long to convert, is not an entry.
     """
     try:
-        obj = json.loads(line)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        obj = json_loads(line)
+    except ParseError:  # also nested too deep, or an integer too long
         return None
     if not isinstance(obj, dict):
         return None
@@ -391,8 +392,8 @@ def torn_tail(path: Path | str) -> tuple[int, int, str] | None:
     if not line.strip():
         return None  # blank lines are ignored by readers
     try:
-        json.loads(line)
-    except (ValueError, RecursionError):
+        json_loads(line)
+    except ParseError:
         return good_end, size, f"not valid JSON ({size - good_end} bytes)"
     return None
 

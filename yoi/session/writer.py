@@ -167,7 +167,7 @@ class SessionLog:
                 msg_id = entry_id(obj) if obj is not None else None
                 if msg_id is not None:
                     rows.append((msg_id, offset, len(line) + 1))
-            elif not _looks_whole(line) and line.strip() and parse_entry(line) is None:
+            elif line.strip() and parse_entry(line) is None:
                 unreadable += 1
             if len(rows) >= INDEX_BATCH:
                 upto = offset + len(line) + 1
@@ -370,11 +370,6 @@ def _needs_migration(path: Path, look: int = 100) -> bool:
 def _legacy_entry(obj: dict, at: str) -> Entry:
     fields = {k: v for k, v in obj.items() if k not in ("seq", "kind", "id", "at")}
     return Entry(obj["kind"], fields, entry_id(obj), at=at, ts=_ms(at))
-
-
-def _looks_whole(line: bytes) -> bool:
-    """A line as the writer makes them (checked cheaply, for a first indexing of a big log)."""
-    return line.startswith(b'{"seq":') and line.endswith(b"}")
 
 
 def _ms(at) -> int:

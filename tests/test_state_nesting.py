@@ -1,0 +1,111 @@
+"""Deeply nested or huge values in the state directory's files are "corrupt", never a
+traceback: metadata.toml, a journal, a session-log line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from yoi import peers, store
+
+DEEP_TOML = b"schema = 1\npod_name = \"a\"\nx = " + b"[" * 600 + b"]" * 600 + b"\n"
+HUGE_TOML = b"schema = 1\npod_name = \"a\"\nx = " + b"7" * 5000 + b"\n"
+DEEP_LINE = b'{"seq":2,"kind":"text_done","text":' + b"[" * 600 + b"]" * 600 + b"}\n"
+ENTRY = (b'{"seq":1,"kind":"text_done","ts":1764590000000,"at":"2025-12-01T11:53:20Z",'
+         b'"text":"kept"}\n')
+ENTRY3 = ENTRY.replace(b'"seq":1', b'"seq":3')
+
+
+def no_traceback(r) -> None:
+    assert "Traceback" not in r.stderr and "RecursionError" not in r.stderr, r
+
+
+@pytest.mark.parametrize("content,why", [
+    (DEEP_TOML, "nested deeper than 64 levels"),
+    (HUGE_TOML, "an integer of more than 4300 digits"),
+], ids=["nested-600-deep", "integer-of-5000-digits"])
+def test_a_nested_metadata_file_is_corrupt_for_every_command(state, run_yoi, content, why):
+    for name in ("a", "b"):
+        store.create(state, name)
+    path = state.metadata_path("a")
+    path.write_bytes(content)
+    message = f"yoi: error: {path}: does not parse: {why}"
+    for args in (("pod", "show", "a"), ("pod", "start", "a"), ("pod", "send", "a", "hi"),
+                 ("pod", "config", "a", "--no-exec"), ("pod", "peer", "register", "a", "b")):
+        r = run_yoi(*args)
+        no_traceback(r)
+        assert r.exit_code == 1 and r.stderr.startswith(message), r
+    r = run_yoi("pod", "list")
+    no_traceback(r)
+    assert r.exit_code == 0, r
+    assert [line.split() for line in r.stdout.splitlines()[1:]] == [
+        ["a", "-", "no", "corrupt"], ["b", "0", "no", "ok"]]
+    r = run_yoi("doctor")
+    no_traceback(r)
+    assert r.exit_code == 1, r
+    assert f"metadata-parse a: does not parse: {why}" in r.stdout, r
+    assert f"never rewritten by Yoi: repair or remove it by hand ({path})" in r.stdout, r
+
+
+def test_a_nested_journal_is_corrupt_and_breaks_no_command(state, run_yoi):
+    for name in ("a", "b", "c"):
+        store.create(state, name)
+    journal = state.journal_dir / "1764590000000-4242-0badcafe.toml"
+    journal.write_bytes(b'txid = "1764590000000-4242-0badcafe"\npods = ["a", "b"]\nx = '
+                        + b"[" * 600 + b"]" * 600 + b"\n")
+    # Every locking command reads every journal: none of them may fall over.
+    r = run_yoi("pod", "peer", "register", "a", "b")
+    no_traceback(r)
+    assert r.exit_code == 0, r
+    r = run_yoi("pod", "config", "c", "--no-accept-peers")
+    assert r.exit_code == 0, r
+    assert peers.is_peer(state, "a", "b")
+    r = run_yoi("doctor", "--json")
+    no_traceback(r)
+    assert r.exit_code == 1, r
+    assert [(p["code"], p["path"], p["message"]) for p in r.json["problems"]] == [
+        ("journal-corrupt", str(journal),
+         "journal does not parse: nested deeper than 64 levels; left in place: inspect it "
+         "by hand, then delete it")]
+    r = run_yoi("doctor", "--fix")
+    assert r.exit_code == 1 and journal.exists(), r  # never deleted by a repair
+
+
+def test_a_nested_session_line_is_skipped_kept_and_reported(state, run_yoi, started_pod):
+    store.create(state, "a")
+    log = state.session_path("a")
+    log.write_bytes(ENTRY + DEEP_LINE + ENTRY3)
+    pod = started_pod("a")  # starts: the line is skipped, and said so
+    from rawsock import Raw
+    with Raw(pod.socket_path) as c:
+        alerts, snap = c.prelude()
+    assert [a["data"]["message"] for a in alerts] == [
+        f"{log}: skipped 1 line(s) that are not entries (kept in the log)"]
+    assert snap["data"]["entries"] == [json.loads(ENTRY), json.loads(ENTRY3)]
+    r = run_yoi("pod", "log", "a")
+    no_traceback(r)
+    assert r.exit_code == 0, r
+    assert r.stdout == ("#1 2025-12-01T11:53:20Z text: kept\n"
+                        "#3 2025-12-01T11:53:20Z text: kept\n")
+    assert r.stderr == f"yoi: note: skipped 1 line(s) of {log} that are not entries\n"
+    r = run_yoi("doctor", "--check", "session-unreadable")
+    no_traceback(r)
+    assert r.exit_code == 1, r
+    assert r.stdout.splitlines()[0] == (
+        "session-unreadable a: 1 line(s) do not parse (not JSON, or nested too deep): "
+        "line 2; the Pod and `yoi pod log` keep and skip them. To drop them, stop the Pod and "
+        f"delete those lines by hand ({log}) [not fixable]")
+    assert log.read_bytes().startswith(ENTRY + DEEP_LINE + ENTRY3)  # kept
+
+
+def test_a_torn_last_line_is_not_also_reported_unreadable(state, run_yoi):
+    store.create(state, "a")
+    log = state.session_path("a")
+    log.write_bytes(ENTRY + DEEP_LINE)  # a whole last line that does not parse
+    r = run_yoi("doctor", "--json")
+    assert [p["code"] for p in r.json["problems"]] == ["session-torn"], r
+    log.write_bytes(ENTRY + DEEP_LINE + ENTRY3 + b'{"seq":4,"kind":"te')
+    r = run_yoi("doctor", "--json")
+    assert sorted(p["code"] for p in r.json["problems"]) == [
+        "session-torn", "session-unreadable"], r
