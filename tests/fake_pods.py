@@ -41,8 +41,13 @@ class Peer:
     def event(self, name: str, data: dict | None = None) -> None:
         self.send(protocol.event(name, data))
 
-    def prelude(self, alerts: int = 1, snapshot_bytes: int = 0) -> None:
+    def prelude(self, alerts: int = 1, snapshot_bytes: int = 0, announce: bool = True,
+                entries: list[dict] | None = None) -> None:
         """Alerts, then one snapshot of about SNAPSHOT_BYTES; drop early writes.
+
+        With ANNOUNCE the snapshot says what it supports as our Pods do
+        (``data.yoi`` first); without, it is the original's snapshot. ENTRIES
+        are its history (default: one notification of the filler).
 
         The snapshot line is written in two parts. Between them the client
         cannot have read the whole snapshot yet, so anything it has written
@@ -53,13 +58,17 @@ class Peer:
             self.event("alert", {"level": "warn", "source": "pod",
                                  "message": f"replayed alert {i}", "timestamp_ms": 0})
         filler = "x" * max(0, snapshot_bytes)
-        line = protocol.event("snapshot", {
-            "entries": [{"event": "system_item", "data": {"item": {
-                "kind": "notification", "message": filler, "body": filler}}}],
+        if entries is None:
+            entries = [{"kind": "system_item", "ts": 1764590000000, "item": {
+                "kind": "notification", "message": filler, "body": filler}}]
+        data = {"yoi": protocol.announcement()} if announce else {}
+        data.update({
+            "entries": entries,
             "greeting": {"pod_name": self.pod.name, "cwd": "/", "provider": "fake",
                          "model": "fake", "scope_summary": "", "tools": [],
                          "context_window": 0, "context_tokens": 0},
-            "status": {"status": "idle"}})
+            "status": "idle"})
+        line = protocol.event("snapshot", data)
         cut = len(line) // 2
         self.send(line[:cut])
         time.sleep(0.02)
@@ -84,7 +93,8 @@ class Peer:
         message = params.get("message", "")
         source = params.get("source")
         item = {"kind": "notification", "message": message,
-                "body": protocol.peer_body(source, message) if source else message,
+                "body": protocol.notification_body(
+                    protocol.with_peer_header(source, message) if source else message),
                 "id": msg_id if msg_id is not None else params.get("id"),
                 "at": "2026-11-27T10:00:00Z"}
         if source:
