@@ -58,6 +58,12 @@ class Lines:
     def idle(self) -> None:
         self.until("status", lambda d: d["status"] == "idle")
 
+    def __enter__(self) -> "Lines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.raw.close()
+
 
 def check_both(line: bytes) -> None:
     for generation in shapes.GENERATIONS:
@@ -151,6 +157,28 @@ def test_every_line_our_pod_writes_parses_as_both_generations_of_the_original(
             shapes.event(line, shapes.JUNE, ours=True)
         else:
             check_both(line)
+
+
+def test_a_snapshot_read_from_the_log_at_start_holds_back_unknown_kinds(state, run_yoi,
+                                                                       started_pod):
+    """Of the last 1,000 entries, those of kinds the original knows, also after a start."""
+    from yoi.session import Entry
+    run_yoi("pod", "create", "a")
+    lines = []
+    for seq in range(1, 1201):
+        kind = ("text_done", "run_end", "system_item", "user_message")[seq % 4]
+        fields = {"text_done": {"text": "t"}, "run_end": {"result": "finished"},
+                  "system_item": {"item": {"kind": "notification", "message": f"m{seq}",
+                                           "body": BODY.format(f"m{seq}")}},
+                  "user_message": {"segments": [{"kind": "text", "content": f"u{seq}"}]}}
+        lines.append(Entry(kind, fields[kind]).line(seq))
+    state.session_path("a").write_bytes(b"".join(lines))
+    pod = started_pod("a")
+    with Lines(pod.socket_path) as c:
+        snap = c.prelude()
+    check_both(c.lines[-1])
+    assert [e["seq"] for e in snap["data"]["entries"]] == [
+        seq for seq in range(201, 1201) if seq % 4 in (2, 3)]
 
 
 def test_the_validators_refuse_what_the_original_refuses():
