@@ -41,8 +41,13 @@ class Peer:
     def event(self, name: str, data: dict | None = None) -> None:
         self.send(protocol.event(name, data))
 
-    def prelude(self, alerts: int = 1, snapshot_bytes: int = 0) -> None:
+    def prelude(self, alerts: int = 1, snapshot_bytes: int = 0, announce: bool = True,
+                entries: list[dict] | None = None) -> None:
         """Alerts, then one snapshot of about SNAPSHOT_BYTES; drop early writes.
+
+        With ANNOUNCE the snapshot says what it supports as our Pods do
+        (``data.yoi`` first); without, it is the original's snapshot. ENTRIES
+        are its history (default: one notification of the filler).
 
         The snapshot line is written in two parts. Between them the client
         cannot have read the whole snapshot yet, so anything it has written
@@ -53,13 +58,17 @@ class Peer:
             self.event("alert", {"level": "warn", "source": "pod",
                                  "message": f"replayed alert {i}", "timestamp_ms": 0})
         filler = "x" * max(0, snapshot_bytes)
-        line = protocol.event("snapshot", {
-            "entries": [{"event": "system_item", "data": {"item": {
-                "kind": "notification", "message": filler, "body": filler}}}],
+        if entries is None:
+            entries = [{"kind": "system_item", "ts": 1764590000000, "item": {
+                "kind": "notification", "message": filler, "body": filler}}]
+        data = {"yoi": protocol.announcement()} if announce else {}
+        data.update({
+            "entries": entries,
             "greeting": {"pod_name": self.pod.name, "cwd": "/", "provider": "fake",
                          "model": "fake", "scope_summary": "", "tools": [],
                          "context_window": 0, "context_tokens": 0},
-            "status": {"status": "idle"}})
+            "status": "idle"})
+        line = protocol.event("snapshot", data)
         cut = len(line) // 2
         self.send(line[:cut])
         time.sleep(0.02)
@@ -84,7 +93,8 @@ class Peer:
         message = params.get("message", "")
         source = params.get("source")
         item = {"kind": "notification", "message": message,
-                "body": protocol.peer_body(source, message) if source else message,
+                "body": protocol.notification_body(
+                    protocol.with_peer_header(source, message) if source else message),
                 "id": msg_id if msg_id is not None else params.get("id"),
                 "at": "2026-11-27T10:00:00Z"}
         if source:
@@ -94,6 +104,15 @@ class Peer:
     # -- reading ---------------------------------------------------------
     def read_method(self, timeout: float = 10.0) -> tuple[str, dict] | None:
         """The next method line, parsed; None at EOF or after TIMEOUT."""
+        line = self.read_line(timeout)
+        if line is None:
+            return None
+        name, params = protocol.parse_method(line)
+        self.pod.methods.append((name, params))
+        return name, params
+
+    def read_line(self, timeout: float = 10.0) -> bytes | None:
+        """The next non-blank line as received; None at EOF or after TIMEOUT."""
         deadline = time.monotonic() + timeout
         while True:
             idx = self.buf.find(b"\n")
@@ -102,9 +121,7 @@ class Peer:
                 del self.buf[:idx + 1]
                 if not line.strip():
                     continue
-                name, params = protocol.parse_method(line)
-                self.pod.methods.append((name, params))
-                return name, params
+                return line
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.pod.stopping.is_set():
                 return None
@@ -346,6 +363,64 @@ def close_after(n: int, refuse: bool = False):
             count += 1
 
     return script
+
+
+# -- the original Yoi's Pod --------------------------------------------------------
+
+def original_body(message: str) -> str:
+    """``item.body`` as the original's Pod writes it."""
+    return ("[Notification]\n" + message + "\n\nThis is a notification, not a blocking "
+            "request. If you are in the middle of a task, continue your current work and "
+            "address this at a natural stopping point.")
+
+
+def original_notification(message: str) -> dict:
+    return {"kind": "notification", "message": message, "body": original_body(message)}
+
+
+# Its history: a peer message (sent by the original's sender: the header in the
+# message), then a user message.
+ORIGINAL_HISTORY = [
+    {"kind": "system_item", "ts": 1764590000000,
+     "item": original_notification("[Peer message from `A`]\nearlier, from A")},
+    {"kind": "user_message", "ts": 1764590060000,
+     "segments": [{"kind": "text", "content": "do the thing"}]},
+]
+
+
+def original(peer: Peer, answer: bool = True) -> None:
+    """The original's Pod: no announcement, its own snapshot entries, and a ``notify``
+    answered with a ``system_item`` echoing the message and no id (after an unrelated
+    one, which a client must not take for its acknowledgement). Every method line
+    is checked against the original's types: a line it would not parse fails the
+    test (``FakePod.errors``)."""
+    import original_shapes
+    peer.prelude(announce=False, entries=ORIGINAL_HISTORY)
+    while True:
+        line = peer.read_line()
+        if line is None:
+            return
+        name, params = original_shapes.method(line)
+        peer.pod.methods.append((name, params))
+        if name == "notify" and answer:
+            peer.event("system_item", {"item": original_notification("someone else's")})
+            peer.event("system_item", {"item": original_notification(params["message"])})
+        elif name != "notify":
+            peer.event("error", {"code": "invalid_request",
+                                 "message": f"not in this fake: {name}"})
+
+
+def original_silent(peer: Peer) -> None:
+    """The original's Pod that reads and never acknowledges."""
+    original(peer, answer=False)
+
+
+def original_then_shutdown(peer: Peer) -> None:
+    """The original's Pod broadcasting one peer message, then shutting down."""
+    peer.prelude(announce=False, entries=ORIGINAL_HISTORY)
+    peer.event("system_item", {"item": original_notification(
+        "[Peer message from `A`]\nlive, from A")})
+    peer.event("shutdown")
 
 
 def read_log(path: Path) -> list[dict]:

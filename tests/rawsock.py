@@ -42,6 +42,24 @@ class Raw:
             assert ev["event"] == "alert", ev
             alerts.append(ev)
 
+    def pending(self) -> bytes:
+        """What has arrived and not been read yet, without waiting for more."""
+        out = self.buf
+        self.sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    chunk = self.sock.recv(1 << 16)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        finally:
+            self.sock.settimeout(self.timeout)
+        self.buf = out
+        return out
+
     def send(self, obj) -> None:
         data = obj if isinstance(obj, bytes) else (json.dumps(obj) + "\n").encode()
         self.sock.sendall(data)

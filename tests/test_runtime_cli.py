@@ -80,22 +80,24 @@ def test_list_as_reports_self_and_peers_with_liveness_and_restore(state, run_yoi
         pods = {p["pod_name"]: p for p in r.json["pods"]}
         assert r.json["as"] == "a"
         assert [p["pod_name"] for p in r.json["pods"]] == ["a", "b", "c", "d"]  # not "other"
-        assert pods["a"]["visibility"] == "self"
+        assert pods["a"]["visibility"] == "self_pod"
         assert pods["a"]["live"] == {"socket_path": pod_a.socket_path, "reachable": True,
                                      "status": "idle", "error": None}
-        assert pods["a"]["restore"] == {"possible": False, "reason": "already live"}
+        assert pods["a"]["restore"] == {"possible": False, "restore_name": None,
+                                        "reason": "already live"}
         assert pods["b"]["visibility"] == "peer" and pods["b"]["live"]["reachable"] is True
         assert pods["c"]["state"] == "corrupt" and pods["c"]["restore"]["possible"] is False
-        assert pods["d"]["state"] == "ok" and pods["d"]["live"]["reachable"] is False
+        assert pods["d"]["state"] == "readable" and pods["d"]["live"]["reachable"] is False
         assert pods["d"]["live"]["error"] == "timed out waiting for the snapshot"
-        assert pods["d"]["restore"] == {"possible": False, "reason": "running but not answering"}
+        assert pods["d"]["restore"] == {"possible": False, "restore_name": None,
+                                        "reason": "running but not answering"}
 
         r = run_yoi("pod", "list", "--as", "a")
         assert r.exit_code == 0, r
         lines = r.stdout.splitlines()
         assert lines[0].split() == ["NAME", "VISIBILITY", "STATE", "LIVE", "STATUS", "RESTORE"]
-        assert lines[1].split() == ["a", "self", "ok", "yes", "idle", "already", "live"]
-        assert lines[2].split() == ["b", "peer", "ok", "yes", "idle", "already", "live"]
+        assert lines[1].split() == ["a", "self_pod", "readable", "yes", "idle", "already", "live"]
+        assert lines[2].split() == ["b", "peer", "readable", "yes", "idle", "already", "live"]
 
         r = run_yoi("pod", "list", "--json")  # the operator's list: every Pod, same probing
         assert r.exit_code == 0, r
@@ -108,7 +110,8 @@ def test_list_as_reports_self_and_peers_with_liveness_and_restore(state, run_yoi
     run_yoi("pod", "stop", "b")
     r = run_yoi("pod", "list", "--as", "a", "--json")
     pods = {p["pod_name"]: p for p in r.json["pods"]}
-    assert pods["b"]["restore"] == {"possible": True, "reason": "not running"}
+    assert pods["b"]["restore"] == {"possible": True, "restore_name": "b",
+                                    "reason": "not running"}
     assert "d" not in pods
 
 

@@ -164,10 +164,15 @@ def test_messages_waiting_for_a_slow_handler_are_not_held_in_memory(state, start
     assert waiting < base + 80 * 1024, (base, waiting)
 
 
+def mib_entry() -> Entry:
+    """An entry of 1 MiB, of a kind snapshots carry."""
+    return Entry("user_message", {"segments": [{"kind": "text", "content": "x" * (1 << 20)}]})
+
+
 def test_idle_connections_share_the_prelude_when_there_are_alerts(state, run_yoi, started_pod):
     """A replayed alert comes before the snapshot; neither is copied per client."""
     run_yoi("pod", "create", "a")
-    entries = b"".join(Entry("text_done", {"text": "x" * (1 << 20)}).line(i) for i in range(1, 9))
+    entries = b"".join(mib_entry().line(i) for i in range(1, 9))
     state.session_path("a").write_bytes(entries + b'{"seq":9,"kind":"text_do')  # torn: an alert
     pod = started_pod("a")
     base = vm(pod.pid, "VmRSS")
@@ -193,7 +198,7 @@ def test_clients_that_never_read_cannot_pile_up_old_snapshots(state, run_yoi, st
     from yoi.server import connection as server
     run_yoi("pod", "create", "a")
     state.session_path("a").write_bytes(
-        b"".join(Entry("text_done", {"text": "x" * (1 << 20)}).line(i) for i in range(1, 5)))
+        b"".join(mib_entry().line(i) for i in range(1, 5)))
     pod = started_pod("a")
     stuck = []
     try:

@@ -37,23 +37,25 @@ def test_prelude_byte_for_byte_then_shutdown_without_params(state, run_yoi, star
         assert list(alert) == ["event", "data"] and alert["event"] == "alert"
         data = alert["data"]
         assert list(data) == ["level", "source", "message", "timestamp_ms"]
-        assert data["level"] == "warn" and data["source"] == "pod"
+        assert data["level"] == "warn" and data["source"] == "worker"
         aside = next(state.pod_dir("a").glob("session.jsonl.torn-*"))
         assert data["message"] == (f"{session} ended with a torn line ({len(TORN)} bytes, from a "
                                    f"crash during an append); it was moved to {aside}")
         assert isinstance(data["timestamp_ms"], int)
 
         line = c.read_line()
-        assert line.startswith(b'{"event":"snapshot","data":{')
+        # what the Pod supports comes first, where a client reads it from the prefix
+        assert line.startswith(b'{"event":"snapshot","data":{"yoi":{"protocol":1,'
+                               b'"supports":["id","source"]},"greeting":{')
         snap = json.loads(line)
         assert list(snap) == ["event", "data"]
-        assert set(snap["data"]) == {"entries", "greeting", "status", "session_offset"}
+        assert list(snap["data"]) == ["yoi", "greeting", "status", "session_offset", "entries"]
         assert snap["data"]["entries"] == [json.loads(ENTRY)]
         assert snap["data"]["status"] == "idle"
         assert snap["data"]["greeting"] == {
-            "pod_name": "a", "cwd": snap["data"]["greeting"]["cwd"], "provider": "none",
-            "model": "", "scope_summary": "", "tools": [], "context_window": 0,
-            "context_tokens": 0}
+            "pod_name": "a", "worker_name": "a", "cwd": snap["data"]["greeting"]["cwd"],
+            "provider": "none", "model": "", "scope_summary": "", "tools": [],
+            "context_window": 0, "context_tokens": 0}
         assert snap["data"]["session_offset"] == len(ENTRY)
         assert c.buf == b""  # nothing else before we speak
 
@@ -285,13 +287,17 @@ def test_peer_methods_list_and_restore_over_the_socket(state, run_yoi, started_p
     for name in ("b", "c", "hidden"):
         run_yoi("pod", "create", name)
     pod = started_pod("a")
-    with Raw(pod.socket_path) as c:
+    with Raw(pod.socket_path) as c, Raw(pod.socket_path) as other:
         c.prelude()
+        other.prelude()
         c.send({"method": "register_peer", "params": {"name": "b"}})
-        assert c.event() == {"event": "peer_registered",
-                             "data": {"result": {"source": "a", "peer": "b"}}}
+        registered = {"event": "peer_registered",
+                      "data": {"result": {"source": "a", "peer": "b"}}}
+        assert c.event() == registered
+        assert other.event() == registered  # broadcast to every client, as the original
         c.send({"method": "register_peer", "params": {"name": "c"}})
         c.until("peer_registered")
+        assert other.event()["event"] == "peer_registered"
         assert peers.is_peer(state, "a", "b") and peers.is_peer(state, "b", "a")
         c.send({"method": "unregister_peer", "params": {"name": "c"}})
         assert c.event() == {"event": "peer_unregistered",
@@ -308,24 +314,34 @@ def test_peer_methods_list_and_restore_over_the_socket(state, run_yoi, started_p
         ev = c.event()
         assert ev["event"] == "pods_listed"
         pods = ev["data"]["pods"]
-        assert [(p["pod_name"], p["visibility"]) for p in pods] == [("a", "self"), ("b", "peer")]
+        assert [(p["pod_name"], p["visibility"]) for p in pods] == [
+            ("a", "self_pod"), ("b", "peer")]
         assert pods[0]["live"] == {"socket_path": pod.socket_path, "reachable": True,
                                    "status": "idle", "error": None}
-        assert pods[1]["state"] == "ok" and pods[1]["live"]["reachable"] is False
-        assert pods[1]["restore"] == {"possible": True, "reason": "not running"}
+        assert pods[0]["comm_registry"] == {"registered": True, "socket_path": pod.socket_path}
+        assert pods[1]["state"] == "readable" and pods[1]["live"]["reachable"] is False
+        assert pods[1]["restore"] == {"possible": True, "restore_name": "b",
+                                      "reason": "not running"}
+        assert pods[1]["comm_registry"] == {"registered": False, "socket_path": None}
+        assert pods[1]["spawned_children"] == {"count": 0, "reachable": 0, "unreachable": 0}
 
         c.send({"method": "restore_pod", "params": {"name": "hidden"}})
         assert c.event() == {"event": "error", "data": {
             "code": "invalid_request", "message": "Pod 'hidden' is not visible from 'a'"}}
         c.send({"method": "restore_pod", "params": {"name": "b"}})
         ev = c.event()
-        assert ev["event"] == "pod_restored", ev
-        assert ev["data"]["result"]["restored"] is True
-        assert ev["data"]["result"]["socket_path"] == str(state.default_socket_path("b"))
+        assert ev == {"event": "pod_restored", "data": {"result": {
+            "action": "restored", "pod_name": "b",
+            "socket_path": str(state.default_socket_path("b"))}}}
         c.send({"method": "restore_pod", "params": {"name": "b"}})
-        ev = c.event()
-        assert ev["data"]["result"]["restored"] is False
-        assert ev["data"]["result"]["message"] == "already live"
+        assert c.event() == {"event": "pod_restored", "data": {"result": {
+            "action": "already_live", "pod_name": "b",
+            "socket_path": str(state.default_socket_path("b"))}}}
+        c.send({"method": "restore_pod", "params": {"name": "a"}})
+        assert c.event() == {"event": "pod_restored", "data": {"result": {
+            "action": "already_live", "pod_name": "a", "socket_path": pod.socket_path,
+            "status": "idle"}}}
+        assert other.pending() == b""  # none of these answers went to the other client
     r = run_yoi("pod", "status", "b")
     assert r.exit_code == 0, r
     # b is stopped by the fixture's teardown, like every running Pod of the state dir
@@ -385,6 +401,10 @@ def test_other_uids_are_refused(started_pod):
         shutil.rmtree(open_dir, ignore_errors=True)
 
 
+def user_message(text: str) -> Entry:
+    return Entry("user_message", {"segments": [{"kind": "text", "content": text}]})
+
+
 def newest_within(lines: list[bytes], budget: int) -> list[bytes]:
     """The longest run of newest LINES (without newlines) of at most BUDGET bytes."""
     out, total = [], 0
@@ -400,15 +420,14 @@ def test_snapshot_is_the_last_1000_entries_within_a_byte_budget(state, run_yoi, 
     from yoi import protocol
     from yoi.client import Connection, notify
     run_yoi("pod", "create", "a")
-    small = [Entry("text_done", {"text": f"t{i}"}).line(i + 1) for i in range(1005)]
+    small = [user_message(f"t{i}").line(i + 1) for i in range(1005)]
     state.session_path("a").write_bytes(b"".join(small))
     pod = started_pod("a")
     with Connection.open(pod.socket_path, 30, keep_snapshot=True) as c:
         assert c.snapshot["entries"] == [json.loads(x) for x in small[5:]]
     assert run_yoi("pod", "stop", "a").exit_code == 0
     # Large entries: 40 MiB of them are more than a snapshot may hold.
-    big = [Entry("text_done", {"text": f"{i}:" + "x" * (1 << 20)}).line(1006 + i)
-           for i in range(40)]
+    big = [user_message(f"{i}:" + "x" * (1 << 20)).line(1006 + i) for i in range(40)]
     with open(state.session_path("a"), "ab") as f:
         f.write(b"".join(big))
     pod = started_pod("a")

@@ -104,7 +104,8 @@ def test_json_success_document(cli, fake):
     r = cli("pod", "send", "--json", "--id", "j-1", "B", "hi")
     assert r.exit_code == 0, r
     assert r.json == {"ok": True, "target": "B", "source": None, "id": "j-1",
-                      "acknowledged": True, "at": "2026-11-27T10:00:00Z"}
+                      "acknowledged": True, "at": "2026-11-27T10:00:00Z",
+                      "deduplicates_retries": True}
 
 
 def test_fresh_ids_are_random_and_valid(cli, fake):
@@ -137,7 +138,7 @@ def test_no_wait_returns_after_the_write(cli, fake):
     assert pod.notified_ids() == ["nw-1"]
     r = cli("pod", "send", "--no-wait", "--json", "--id", "nw-2", "B", "again")
     assert r.json == {"ok": True, "target": "B", "source": None, "id": "nw-2",
-                      "acknowledged": False, "at": None}
+                      "acknowledged": False, "at": None, "deduplicates_retries": True}
 
 
 # -- hostile servers ---------------------------------------------------------
@@ -284,4 +285,4 @@ def test_keep_snapshot_reads_a_large_snapshot_whole(state, fake):
     fake(fake_pods.good_big_snapshot)
     with client.Connection.open(state.default_socket_path("B"), 5, keep_snapshot=True) as c:
         entry = c.snapshot["entries"][0]
-        assert len(entry["data"]["item"]["message"]) == 2 << 20
+        assert len(entry["item"]["message"]) == 2 << 20

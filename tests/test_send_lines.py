@@ -31,7 +31,8 @@ def test_blank_lines_are_skipped_but_counted(cli, fake):
     assert r.exit_code == 0, r
     assert r.json == {"ok": True, "target": "B", "source": None, "id_prefix": "b",
                       "messages": 3, "first_id": "b-1", "last_id": "b-5", "skipped_blank": 2,
-                      "acknowledged": True, "acknowledged_count": 3}
+                      "acknowledged": True, "acknowledged_count": 3,
+                      "deduplicates_retries": True}
     assert [(p["id"], p["message"]) for _, p in pod.methods] == \
         [("b-1", "first"), ("b-4", "fourth"), ("b-5", "fifth")]
 

@@ -14,6 +14,7 @@ import pytest
 
 from yoi import control, delivery, peers, store
 from yoi.errors import YoiError
+from yoi.protocol import notification_body
 
 
 def read_log(state, name: str) -> tuple[list[dict], int]:
@@ -72,10 +73,11 @@ def test_peer_message_is_recorded_once_with_source_id_and_body(run_yoi, state, p
     assert entry == {"seq": 1, "kind": "system_item", "ts": entry["ts"], "at": item["at"],
                      "id": "m-1", "item": {
                          "kind": "notification", "message": "hello B",
-                         "body": "[Peer message from `A`]\nhello B", "source": "A", "id": "m-1",
+                         "body": notification_body("[Peer message from `A`]\nhello B"),
+                         "source": "A", "id": "m-1",
                          "at": item["at"]}}
     assert r.json == {"ok": True, "target": "B", "source": "A", "id": "m-1",
-                      "acknowledged": True, "at": item["at"]}
+                      "acknowledged": True, "at": item["at"], "deduplicates_retries": True}
 
 
 def test_operator_notification_has_no_source(run_yoi, state, pair):
@@ -84,7 +86,7 @@ def test_operator_notification_has_no_source(run_yoi, state, pair):
     assert r.stdout == "delivered to B (id op-1)\n"
     [item] = notifications(state, "B")
     assert (item["message"], item["body"], item["id"]) == \
-        ("deploy finished", "deploy finished", "op-1")
+        ("deploy finished", notification_body("deploy finished"), "op-1")
     assert "source" not in item
 
 
@@ -259,7 +261,8 @@ def test_two_pods_talk_through_a_handler(run_yoi, state, started_pod, tmp_path):
     assert r.exit_code == 0, r
     reply = wait_until(lambda: [i for i in notifications(state, "B")], 30, "the reply")
     assert reply == [{"kind": "notification", "message": "pong from A: ping",
-                      "body": "[Peer message from `A`]\npong from A: ping", "source": "A",
+                      "body": notification_body("[Peer message from `A`]\npong from A: ping"),
+                      "source": "A",
                       "id": "re-ping-1", "at": reply[0]["at"]}]
     a_log = wait_until(lambda: [e for e in log_entries(state, "A")
                                 if e["kind"] == "text_done"] and log_entries(state, "A"),

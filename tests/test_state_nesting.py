@@ -12,8 +12,8 @@ from yoi import peers, store
 DEEP_TOML = b"schema = 1\npod_name = \"a\"\nx = " + b"[" * 600 + b"]" * 600 + b"\n"
 HUGE_TOML = b"schema = 1\npod_name = \"a\"\nx = " + b"7" * 5000 + b"\n"
 DEEP_LINE = b'{"seq":2,"kind":"text_done","text":' + b"[" * 600 + b"]" * 600 + b"}\n"
-ENTRY = (b'{"seq":1,"kind":"text_done","ts":1764590000000,"at":"2025-12-01T11:53:20Z",'
-         b'"text":"kept"}\n')
+ENTRY = (b'{"seq":1,"kind":"user_message","ts":1764590000000,"at":"2025-12-01T11:53:20Z",'
+         b'"segments":[{"kind":"text","content":"kept"}]}\n')
 ENTRY3 = ENTRY.replace(b'"seq":1', b'"seq":3')
 
 
@@ -86,8 +86,8 @@ def test_a_nested_session_line_is_skipped_kept_and_reported(state, run_yoi, star
     r = run_yoi("pod", "log", "a")
     no_traceback(r)
     assert r.exit_code == 0, r
-    assert r.stdout == ("#1 2025-12-01T11:53:20Z text: kept\n"
-                        "#3 2025-12-01T11:53:20Z text: kept\n")
+    assert r.stdout == ("#1 2025-12-01T11:53:20Z user: kept\n"
+                        "#3 2025-12-01T11:53:20Z user: kept\n")
     assert r.stderr == f"yoi: note: skipped 1 line(s) of {log} that are not entries\n"
     r = run_yoi("doctor", "--check", "session-unreadable")
     no_traceback(r)

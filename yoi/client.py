@@ -34,6 +34,7 @@ import re
 import select
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 # The C socket type itself: the ``socket`` module's Python layer (and the
@@ -150,6 +151,7 @@ class Connection:
         self._scan = 0  # bytes of buf already known to hold no newline
         self.snapshot: dict | None = None
         self.alerts: list[dict] = []
+        self.supports: frozenset = frozenset()  # what the Pod announced (protocol.SUPPORTS)
 
     # -- lifecycle --------------------------------------------------------
     @classmethod
@@ -261,7 +263,12 @@ class Connection:
             raise self._malformed(str(e))
 
     def drain_prelude(self, timeout: float, keep_snapshot: bool = False) -> None:
-        """Read and drop alerts up to and including the snapshot."""
+        """Read and drop alerts up to and including the snapshot.
+
+        What the Pod announces in its snapshot lands in ``supports``; it is
+        read from the line's prefix, so a snapshot too long to keep is still
+        skipped without being parsed.
+        """
         deadline = time.monotonic() + timeout
         limit = protocol.MAX_EVENT_LINE if keep_snapshot else DRAIN_LINE_LIMIT
         while True:
@@ -269,6 +276,7 @@ class Connection:
             if isinstance(line, OverLong):
                 name = line.event_name()
                 if name == "snapshot":
+                    self.supports = protocol.announced_in_prefix(line.prefix)
                     return
                 if name is None:
                     raise self._malformed("an over-long line that is not an event")
@@ -278,6 +286,7 @@ class Connection:
             except protocol.ProtocolError as e:
                 raise self._malformed(str(e))
             if name == "snapshot":
+                self.supports = protocol.supports_of(data.get("yoi"))
                 if keep_snapshot:
                     self.snapshot = data
                 return
@@ -328,16 +337,42 @@ def ack_id(data: dict) -> object:
     return data.get("id")
 
 
+def ack_message(data: dict) -> object:
+    """The ``message`` of a ``system_item`` notification (None for anything else)."""
+    item = data.get("item")
+    if isinstance(item, dict) and item.get("kind") == "notification":
+        return item.get("message")
+    return None
+
+
 def notify_ack_matches(msg_id: str):
     """Predicate: a ``system_item`` whose id is MSG_ID."""
     return lambda data: ack_id(data) == msg_id
 
 
+def ack_key(supports):
+    """What identifies the acknowledgement of a notify, given what the Pod SUPPORTS.
+
+    A Pod that announces ``id`` echoes the id; towards any other (the
+    original, which has no ids) the acknowledgement is the first ``system_item``
+    notification whose ``message`` equals the one sent, and a retry cannot
+    be told from a new message.
+    """
+    return ack_id if "id" in supports else ack_message
+
+
+def sent_key(line: bytes, supports) -> object:
+    """The key (see ``ack_key``) of the notify LINE: its id, or its message."""
+    params = protocol.parse_method(line)[1]
+    return params.get("id") if "id" in supports else params.get("message")
+
+
 def notify(path: str | os.PathLike, message: str, msg_id: str, source: str | None = None,
            timeout: float = DEFAULT, wait: bool = True) -> dict | None:
     """Send a ``notify`` and, if WAIT, return the acknowledging ``system_item`` data."""
-    return deliver(path, protocol.notify_method(message, msg_id, source), msg_id,
-                   timeout, wait)
+    return deliver(path, lambda supports: protocol.notify_method(message, msg_id, source,
+                                                                 supports),
+                   msg_id, timeout, wait)[0]
 
 
 def open_for_sending(path: str | os.PathLike, timeout: float) -> Connection:
@@ -350,32 +385,50 @@ def open_for_sending(path: str | os.PathLike, timeout: float) -> Connection:
         raise type(e)(f"{e.message}; nothing was sent", **e.details)
 
 
-def deliver(path: str | os.PathLike, line: bytes, msg_id: str,
-            timeout: float = DEFAULT, wait: bool = True) -> dict | None:
-    """Write one encoded ``notify`` LINE and, if WAIT, return its acknowledgement's data.
+def retry_advice(supports, msg_id: str) -> str:
+    """How to retry a message whose delivery is unclear, given what the Pod SUPPORTS."""
+    if "id" in supports:
+        return f"retry with --id {msg_id}"
+    return ("the Pod cannot deduplicate retries (it announces no message ids): "
+            "sending again may deliver it twice")
 
-    The acknowledgement is the broadcast ``system_item`` carrying MSG_ID, which
-    the Pod sends only after the entry is durable in its session log; any other
-    broadcast is ignored. Before the write, a failure means nothing was sent;
-    after it, the message may or may not have been delivered, and the error
-    says to retry with the same id (the Pod commits an id at most once).
+
+def deliver(path: str | os.PathLike, line, msg_id: str, timeout: float = DEFAULT,
+            wait: bool = True) -> tuple[dict | None, frozenset]:
+    """Write one ``notify`` and, if WAIT, wait for its acknowledgement.
+
+    LINE is the encoded line, or a function of what the Pod supports
+    (``Connection.supports``) that returns it. Returns the acknowledgement's
+    data (None without WAIT) and what the Pod supports.
+
+    The acknowledgement is the broadcast ``system_item`` carrying MSG_ID (or,
+    from a Pod without ids, the message; see ``ack_key``), which the Pod sends
+    only after the entry is durable in its session log; any other broadcast
+    is ignored. Before the write, a failure means nothing was sent; after it,
+    the message may or may not have been delivered, and the error says how to
+    retry (with the same id, which a Pod with ids commits at most once).
     """
     with open_for_sending(path, timeout) as conn:
-        retry = f"retry with --id {msg_id}"
+        supports = conn.supports
+        if callable(line):
+            line = line(supports)
+        key, want = ack_key(supports), sent_key(line, supports)
+        retry = retry_advice(supports, msg_id)
+        details = {"id": msg_id, "deduplicates_retries": "id" in supports}
         try:
             conn.send(line, timeout)
             if not wait:
-                return None
+                return None, supports
             _, data = conn.wait_for({"system_item"}, timeout, "the acknowledgement",
-                                    notify_ack_matches(msg_id))
+                                    lambda data: key(data) == want)
         except Closed:
-            raise Closed(f"{NOT_ACKNOWLEDGED}; {retry}", id=msg_id)
+            raise Closed(f"{NOT_ACKNOWLEDGED}; {retry}", **details)
         except TimedOut as e:
             raise TimedOut(f"{e.message} (after {timeout:g}s): the message may or may not "
-                           f"have been delivered; {retry}", id=msg_id)
+                           f"have been delivered; {retry}", **details)
         except Malformed as e:
-            raise Malformed(f"{e.message}; {NOT_ACKNOWLEDGED}; {retry}", id=msg_id)
-        return data
+            raise Malformed(f"{e.message}; {NOT_ACKNOWLEDGED}; {retry}", **details)
+        return data, supports
 
 
 # -- pipelined notifications ---------------------------------------------------
@@ -392,6 +445,7 @@ class Batch:
         self.acked = 0
         self.refused = 0  # error events received: one per refused (or failed) message
         self.failure: Exception | None = None
+        self.supports: frozenset = frozenset()  # what the Pod announced
 
     def with_status(self, status: int) -> list[str]:
         st = self.status
@@ -402,14 +456,18 @@ class Batch:
             self.failure = err
 
 
-def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str],
+def notify_pipelined(path: str | os.PathLike, lines, ids: list[str],
                      timeout: float = DEFAULT,
                      chunk_bytes: int = 256 << 10, in_flight: int = MAX_IN_FLIGHT) -> Batch:
     """Send encoded ``notify`` LINES (ids IDS) over one connection, pipelined.
 
+    LINES is a list of encoded lines, or a function of what the Pod supports
+    (``Connection.supports``) that returns it.
+
     One thread, one non-blocking socket, ``poll``: lines are written in chunks
     of whole lines while events are read, so neither side blocks the other.
-    Acknowledgements are matched by id. The Pod answers every method either
+    Acknowledgements are matched by id (by message, in order, from a Pod
+    without ids: see ``ack_key``). The Pod answers every method either
     with the acknowledgement or with an ``error`` event (which carries no id
     and may overtake an acknowledgement still being committed), so errors are
     counted: once acknowledgements plus errors cover every message written,
@@ -427,8 +485,11 @@ def notify_pipelined(path: str | os.PathLike, lines: list[bytes], ids: list[str]
     """
     batch = Batch(ids)
     conn = open_for_sending(path, timeout)
-    pipe = _Pipeline(conn, lines, batch, timeout, chunk_bytes, in_flight)
+    batch.supports = conn.supports
     try:
+        if callable(lines):
+            lines = lines(conn.supports)
+        pipe = _Pipeline(conn, lines, batch, timeout, chunk_bytes, in_flight)
         pipe.run()
     except (Failed, Unreachable) as e:
         batch.fail(e)
@@ -446,7 +507,13 @@ class _Pipeline:
                  chunk_bytes: int, in_flight: int):
         self.conn, self.lines, self.batch = conn, lines, batch
         self.timeout, self.chunk_bytes, self.in_flight = timeout, chunk_bytes, in_flight
-        self.index = {mid: i for i, mid in enumerate(batch.ids)}
+        self.by_id = "id" in batch.supports
+        if self.by_id:
+            self.index = {mid: i for i, mid in enumerate(batch.ids)}
+        else:  # message -> the indices sent with it, in order (the same text may repeat)
+            self.waiting: dict[object, deque] = {}
+            for i, line in enumerate(lines):
+                self.waiting.setdefault(sent_key(line, batch.supports), deque()).append(i)
         self.scanned = 0    # bytes of conn.buf known to hold no newline
         self.queued = 0     # messages before this one are written or being written
         self.unacked = 0    # bytes of the lines written (or being written), not acknowledged
@@ -504,7 +571,7 @@ class _Pipeline:
             except protocol.ProtocolError as e:
                 raise self.conn._malformed(str(e))
             if name == "system_item":
-                i = self.index.get(ack_id(data))
+                i = self._acknowledged(data)
                 if i is not None and status[i] == SENT:
                     status[i] = ACKED
                     batch.acked += 1
@@ -515,6 +582,15 @@ class _Pipeline:
                 self.refusal = self.refusal or _refusal(data)
                 self.stop = True
                 self.last = time.monotonic()
+
+    def _acknowledged(self, data: dict) -> int | None:
+        """The index of the message a ``system_item`` acknowledges, if one of ours."""
+        if self.by_id:
+            return self.index.get(ack_id(data))
+        waiting = self.waiting.get(ack_message(data))
+        if waiting and self.batch.status[waiting[0]] == SENT:
+            return waiting.popleft()
+        return None
 
     def _next_chunk(self) -> None:
         """Take the next lines to write, within the chunk size and the in-flight bound."""

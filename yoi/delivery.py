@@ -10,6 +10,11 @@ our id only after it is durable in its session log. Every message has an id
 (``--id`` or a fresh random one); the Pod commits an id at most once, so a
 retry with the same id after an unclear failure delivers exactly once.
 
+A Pod that does not announce id support (the original Yoi) is sent the
+original's form (a peer message's sender in a header inside the message),
+its acknowledgement is the notification that echoes the message, and the
+result says ``deduplicates_retries: false``: a retry there may deliver twice.
+
 Order of checks (nothing is sent unless all pass): names, id and message
 (UsageError, 2); both Pods exist (NotFound, 3); the peer relation (Refused,
 4); the target is running (Unreachable, 5).
@@ -56,12 +61,14 @@ def split_lines(raw: bytes) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def encode(message: str, msg_id: str, source: str | None, where: str = "") -> bytes:
-    """The ``notify`` line for MESSAGE; UsageError if it is empty or over the limit."""
+def encode(message: str, msg_id: str, source: str | None, where: str = "",
+           supports=protocol.SUPPORTS) -> bytes:
+    """The ``notify`` line for MESSAGE to a Pod that SUPPORTS (see
+    ``protocol.notify_method``); UsageError if it is empty or over the limit."""
     if not message.strip():
         raise UsageError(f"{where}empty message: nothing to send")
     try:
-        line = protocol.notify_method(message, msg_id, source)
+        line = protocol.notify_method(message, msg_id, source, supports)
     except UnicodeEncodeError:
         raise UsageError(f"{where}the message is not valid UTF-8")
     if len(line) - 1 > protocol.MAX_METHOD_LINE:  # the Pod's limit excludes the newline
@@ -125,14 +132,17 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
          wait: bool = True) -> dict:
     """Send one message; with WAIT, return only once TARGET acknowledged it.
 
-    Returns ``{"target", "source", "id", "acknowledged", "at"}``.
+    Returns ``{"target", "source", "id", "acknowledged", "at",
+    "deduplicates_retries"}``.
     """
     _check_names(target, source)
     msg_id = check_id(msg_id) if msg_id is not None else new_id()
-    line = encode(message, msg_id, source)
+    encode(message, msg_id, source)  # checked before anything else happens
     path = resolve_target(state, target, source)
     try:
-        data = client.deliver(path, line, msg_id, timeout, wait)
+        data, supports = client.deliver(
+            path, lambda supports: encode(message, msg_id, source, supports=supports),
+            msg_id, timeout, wait)
     except client.NotRunning as e:
         raise _not_running(target, e)
     except Refused as e:
@@ -141,7 +151,7 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
         raise _not_recorded(target, e, msg_id)
     item = (data or {}).get("item") or {}
     return {"target": target, "source": source, "id": msg_id, "acknowledged": wait,
-            "at": item.get("at")}
+            "at": item.get("at"), "deduplicates_retries": "id" in supports}
 
 
 def _abbrev(ids: list[str], most: int = 5) -> str:
@@ -168,24 +178,28 @@ def send_lines(state: State, target: str, lines: list[str], *, source: str | Non
     elif not protocol.is_valid_message_id(id_prefix) or len(id_prefix) + 1 + width > 128:
         raise UsageError(f"invalid --id prefix {id_prefix!r}: {_ID_RULE}, leaving room "
                          f"for '-{len(lines)}'")
-    encoded, ids = [], []
-    for n, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        mid = f"{id_prefix}-{n}"
-        encoded.append(encode(text, mid, source, where=f"line {n}: "))
-        ids.append(mid)
-    if not ids:
+    numbered = [(n, text) for n, text in enumerate(lines, 1) if text.strip()]
+    if not numbered:
         raise UsageError("no messages: the input has no non-blank line")
+    ids = [f"{id_prefix}-{n}" for n, _ in numbered]
+
+    def encoded(supports=protocol.SUPPORTS) -> list[bytes]:
+        return [encode(text, mid, source, f"line {n}: ", supports)
+                for (n, text), mid in zip(numbered, ids)]
+
+    the_lines = encoded()  # every line checked before anything is sent
     path = resolve_target(state, target, source)
     try:
-        batch = client.notify_pipelined(path, encoded, ids, timeout)
+        batch = client.notify_pipelined(
+            path, lambda supports: the_lines if source is None or "source" in supports
+            else encoded(supports), ids, timeout)
     except client.NotRunning as e:
         raise _not_running(target, e)
     summary = {"target": target, "source": source, "id_prefix": id_prefix,
                "messages": len(ids), "first_id": ids[0], "last_id": ids[-1],
                "skipped_blank": len(lines) - len(ids), "acknowledged": False,
-               "acknowledged_count": batch.acked}
+               "acknowledged_count": batch.acked,
+               "deduplicates_retries": "id" in batch.supports}
     if batch.failure is None:
         summary["acknowledged"] = True
         return summary
@@ -219,6 +233,6 @@ def _batch_failure(target: str, batch, summary: dict, id_prefix: str) -> YoiErro
         parts.append(f"may or may not have been delivered: {_abbrev(in_doubt)}")
     if not_sent:
         parts.append(f"not sent: {_abbrev(not_sent)}")
-    parts.append(f"retry with --id {id_prefix}")
+    parts.append(client.retry_advice(batch.supports, id_prefix))
     details = {k: v for k, v in failure.details.items() if k not in summary}
     return type(failure)("; ".join(parts), **details, **summary)

@@ -6,10 +6,16 @@ one short timeout, and many probes run concurrently, so a hung Pod costs one
 timeout, not one per Pod.
 
 ``list_pods`` is the operator's view (every Pod of the state directory);
-``visible`` is what one Pod P sees: P itself (``self``) and P's peers
-(``peer``), each reported with ``pod_name``, ``visibility``, ``state``
-(``ok``/``missing``/``corrupt``), ``live`` (``socket_path``, ``reachable``,
-``status``, ``error``) and ``restore`` (``possible``, ``reason``).
+``visible`` is what one Pod P sees, each item in the shape of the original's
+visible-Pod item (a Pod answers ``list_pods`` with these, and original
+clients parse them): P itself (visibility ``self_pod``) and P's peers
+(``peer``), each with ``pod_name``, ``visibility``, ``state`` (``readable``,
+``missing`` or ``corrupt``), ``live`` (``socket_path``, ``reachable``,
+``status``, ``error``), ``restore`` (``possible``, ``restore_name``,
+``reason``), ``comm_registry`` (``registered``, ``socket_path``: the socket
+path its record holds, if any), ``spawned_children`` (``count``,
+``reachable``, ``unreachable``: always 0, we have no children) and ``error``
+(why a record is corrupt).
 """
 
 from __future__ import annotations
@@ -99,10 +105,14 @@ def show(state: State, name: str) -> tuple[dict, dict]:
     return doc, probe(state.socket_path(name, doc))
 
 
+STATUSES = ("idle", "running", "paused")  # the original's status values
+
+
 def _peer_rows(state: State, doc: dict, name: str) -> list[dict]:
     rows = []
     for peer in sorted(set(peer_names(doc)) - {name}):
-        row = {"pod_name": peer, "visibility": "peer", "state": "ok", "doc": None, "why": None}
+        row = {"pod_name": peer, "visibility": "peer", "state": "readable", "doc": None,
+               "why": None}
         try:
             pod = read_pod_file(state, peer)
             if pod.exists:
@@ -116,15 +126,31 @@ def _peer_rows(state: State, doc: dict, name: str) -> list[dict]:
 
 
 def _restore(state: State, row: dict, live: dict) -> dict:
+    def no(reason: str) -> dict:
+        return {"possible": False, "restore_name": None, "reason": reason}
+
     if row["state"] == "missing":
-        return {"possible": False, "reason": "no such Pod"}
+        return no("no such Pod")
     if row["state"] == "corrupt":
-        return {"possible": False, "reason": f"metadata is corrupt: {row['why']}"}
+        return no(f"metadata is corrupt: {row['why']}")
     if live["reachable"]:
-        return {"possible": False, "reason": "already live"}
+        return no("already live")
     if is_locked(state.runtime_lock_path(row["pod_name"])):
-        return {"possible": False, "reason": "running but not answering"}
-    return {"possible": True, "reason": "not running"}
+        return no("running but not answering")
+    return {"possible": True, "restore_name": row["pod_name"], "reason": "not running"}
+
+
+def _item(state: State, row: dict, live: dict) -> dict:
+    """One visible-Pod item, in the original's shape."""
+    if live.get("status") not in STATUSES:
+        live = {**live, "status": None}
+    recorded = ((row["doc"] or {}).get("runtime") or {}).get("socket_path")
+    return {"pod_name": row["pod_name"], "visibility": row["visibility"],
+            "state": row["state"], "live": live, "restore": _restore(state, row, live),
+            "comm_registry": {"registered": bool(recorded),
+                              "socket_path": str(recorded) if recorded else None},
+            "spawned_children": {"count": 0, "reachable": 0, "unreachable": 0},
+            "error": row["why"]}
 
 
 def visible(state: State, name: str, timeout: float = PROBE_TIMEOUT,
@@ -136,10 +162,11 @@ def visible(state: State, name: str, timeout: float = PROBE_TIMEOUT,
     NAME and CorruptMetadata if NAME's own record does not parse.
     """
     doc = store.read(state, name)
-    rows = [{"pod_name": name, "visibility": "self", "state": "ok", "doc": doc, "why": None}]
+    rows = [{"pod_name": name, "visibility": "self_pod", "state": "readable", "doc": doc,
+             "why": None}]
     rows += _peer_rows(state, doc, name)
-    to_probe = [r for r in rows if r["state"] == "ok" and not (
-        self_live is not None and r["visibility"] == "self")]
+    to_probe = [r for r in rows if r["state"] == "readable" and not (
+        self_live is not None and r["visibility"] == "self_pod")]
     probes = probe_many([state.socket_path(r["pod_name"], r["doc"]) for r in to_probe],
                         timeout)
     for r, live in zip(to_probe, probes):
@@ -147,10 +174,9 @@ def visible(state: State, name: str, timeout: float = PROBE_TIMEOUT,
     out = []
     for r in rows:
         live = r.get("live")
-        if r["visibility"] == "self" and self_live is not None:
+        if r["visibility"] == "self_pod" and self_live is not None:
             live = dict(self_live)
-        if live is None:
-            live = probe_result(None, error=r["state"])
-        out.append({"pod_name": r["pod_name"], "visibility": r["visibility"],
-                    "state": r["state"], "live": live, "restore": _restore(state, r, live)})
+        if live is None:  # no record to read the socket path from: where it would be
+            live = probe_result(state.default_socket_path(r["pod_name"]), error=r["state"])
+        out.append(_item(state, r, live))
     return out

@@ -6,7 +6,8 @@ import re
 
 from yoi.errors import UsageError
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z", re.ASCII)
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+NAME_RE = re.compile(NAME_PATTERN + r"\Z", re.ASCII)
 
 
 def is_valid_name(name: object) -> bool:

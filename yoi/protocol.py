@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 
+from yoi.names import NAME_PATTERN
 from yoi.parsing import MAX_DEPTH, ParseError, json_loads
 
 MAX_METHOD_LINE = 1 << 20        # one method line read by a Pod
@@ -23,6 +24,31 @@ SNAPSHOT_BYTES = 16 << 20        # (ours) and at most this many bytes of them, s
                                  # snapshot fits a client's line and the Pod's memory
 
 MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z", re.ASCII)
+
+# (ours) What a Pod announces in its snapshot (``data.yoi``, the snapshot's
+# first field, so a client reads it from the line's prefix): "id", it echoes
+# a notify's ``id`` in the acknowledgement and commits an id at most once;
+# "source", it takes a peer message's sender from ``source`` and checks the
+# relation itself. A Pod that announces nothing (the original) is answered
+# in the original's terms: acknowledgements are matched by message, and a
+# peer message carries its sender in a header inside the message.
+PROTOCOL_VERSION = 1
+SUPPORTS = ("id", "source")
+
+# The one alert source both generations of the original accept ("pod" became
+# "worker"/"engine" in its August 2026 release; "worker" was already known).
+ALERT_SOURCE = "worker"
+
+# The text an agent sees for a notification (``item.body``), as the original's Pod
+# builds it around the message.
+NOTIFICATION_HEAD = "[Notification]\n"
+NOTIFICATION_TAIL = ("\n\nThis is a notification, not a blocking request. If you are in "
+                     "the middle of a task, continue your current work and address this at "
+                     "a natural stopping point.")
+
+_PEER_HEADER_RE = re.compile(rf"\[Peer message from `({NAME_PATTERN})`\]\n", re.ASCII)
+_ANNOUNCEMENT_RE = re.compile(
+    rb'\s*\{\s*"event"\s*:\s*"snapshot"\s*,\s*"data"\s*:\s*\{\s*"yoi"\s*:\s*(\{[^{}]*\})')
 
 
 
@@ -48,12 +74,25 @@ def event(name: str, data: dict | None = None) -> bytes:
     return _dumps(obj)
 
 
-def notify_method(message: str, msg_id: str, source: str | None = None) -> bytes:
-    """A ``notify`` line: the message, its id and, for a peer message, its source."""
-    params = {"message": message, "id": msg_id}
-    if source is not None:
+def notify_method(message: str, msg_id: str, source: str | None = None,
+                  supports=SUPPORTS) -> bytes:
+    """A ``notify`` line: the message, its id and, for a peer message, its source.
+
+    Towards a Pod that SUPPORTS no ``source`` (the original), a peer message
+    is written as the original's sender writes it: the header in the message.
+    The id rides along either way (a Pod that does not know it ignores it).
+    """
+    params = {"message": wire_message(message, source, supports), "id": msg_id}
+    if source is not None and "source" in supports:
         params["source"] = source
     return method("notify", params)
+
+
+def wire_message(message: str, source: str | None, supports=SUPPORTS) -> str:
+    """The ``message`` a notify carries for MESSAGE from SOURCE to a Pod that SUPPORTS."""
+    if source is not None and "source" not in supports:
+        return with_peer_header(source, message)
+    return message
 
 
 def error_event(code: str, message: str, **extra) -> bytes:
@@ -92,9 +131,48 @@ def parse_event(line: bytes) -> tuple[str, dict]:
     return parse_line(line, "event")
 
 
-def peer_body(source: str, message: str) -> str:
-    """The text an agent sees for a peer message, exactly as the reference."""
+def with_peer_header(source: str, message: str) -> str:
+    """MESSAGE as the original's peer sender writes it: its header, then the text."""
     return f"[Peer message from `{source}`]\n{message}"
+
+
+def peer_header_source(message: str) -> str | None:
+    """The sender named by a peer header at the start of MESSAGE (the original's
+    form of a peer message), or None if it has none."""
+    m = _PEER_HEADER_RE.match(message)
+    return m.group(1) if m else None
+
+
+def notification_body(message: str) -> str:
+    """``item.body`` for MESSAGE (as sent in the original's form), exactly as the original."""
+    return NOTIFICATION_HEAD + message + NOTIFICATION_TAIL
+
+
+def announcement() -> dict:
+    """The snapshot's ``yoi`` field *(ours)*."""
+    return {"protocol": PROTOCOL_VERSION, "supports": list(SUPPORTS)}
+
+
+def supports_of(value: object) -> frozenset:
+    """What an announcement (the snapshot's ``yoi`` value) says the Pod supports."""
+    if not isinstance(value, dict):
+        return frozenset()
+    supports = value.get("supports")
+    if not isinstance(supports, list):
+        return frozenset()
+    return frozenset(s for s in supports if isinstance(s, str))
+
+
+def announced_in_prefix(prefix: bytes) -> frozenset:
+    """What a snapshot line announces, read from its first bytes alone (the line
+    itself may be many MiB, and is not parsed)."""
+    m = _ANNOUNCEMENT_RE.match(prefix)
+    if m is None:
+        return frozenset()
+    try:
+        return supports_of(json.loads(m.group(1)))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return frozenset()
 
 
 def is_valid_message_id(value: object) -> bool:

@@ -180,12 +180,13 @@ def _list_visible(name: str, as_json: bool, state) -> None:
         emit(True, {"as": name, "pods": items})
         return
     width = max(4, *(len(i["pod_name"]) for i in items))
-    lines = [f"{'NAME':<{width}}  {'VISIBILITY':<10}  {'STATE':<7}  {'LIVE':<4}  "
+    vis = max(10, *(len(i["visibility"]) for i in items))
+    lines = [f"{'NAME':<{width}}  {'VISIBILITY':<{vis}}  {'STATE':<8}  {'LIVE':<4}  "
              f"{'STATUS':<7}  RESTORE"]
     for i in items:
         live = i["live"]
         restore = "possible" if i["restore"]["possible"] else i["restore"]["reason"]
-        lines.append(f"{i['pod_name']:<{width}}  {i['visibility']:<10}  {i['state']:<7}  "
+        lines.append(f"{i['pod_name']:<{width}}  {i['visibility']:<{vis}}  {i['state']:<8}  "
                      f"{'yes' if live['reachable'] else 'no':<4}  "
                      f"{live.get('status') or '-':<7}  {restore}")
     click.echo("\n".join(lines))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import click
 
@@ -168,17 +169,25 @@ def render(obj: dict) -> str:
     if "event" in obj:
         return _render_event(obj["event"], obj.get("data") or {})
     seq = f"#{obj['seq']} " if isinstance(obj.get("seq"), int) else ""
-    at = f"{obj['at']} " if isinstance(obj.get("at"), str) else ""
+    at = obj.get("at")
+    if not isinstance(at, str) and isinstance(obj.get("ts"), int):  # the original's entries
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(obj["ts"] // 1000))
+    at = f"{at} " if isinstance(at, str) else ""
     return f"{seq}{at}{_render_entry(obj)}"
 
 
 def _render_entry(entry: dict) -> str:
     kind = entry.get("kind")
     if kind == "system_item":
+        from yoi.protocol import peer_header_source, with_peer_header
         item = entry.get("item") or {}
-        who = f"from {item['source']}" if item.get("source") else "from operator"
+        message = str(item.get("message", ""))
+        source = item.get("source") or peer_header_source(message)
+        if source and message.startswith(with_peer_header(source, "")):
+            message = message[len(with_peer_header(source, "")):]  # the header names it
+        who = f"from {source}" if source else "from operator"
         ident = f" [{item['id']}]" if item.get("id") else ""
-        return f"{item.get('kind', 'item')} {who}{ident}: {_one_line(item.get('message', ''))}"
+        return f"{item.get('kind', 'item')} {who}{ident}: {_one_line(message)}"
     if kind == "user_message":
         text = "".join(s.get("content", "") for s in entry.get("segments", [])
                        if isinstance(s, dict))

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from yoi.cli.common import (PodNameType, YoiCommand, emit, json_option, state_options,
+from yoi.cli.common import (PodNameType, YoiCommand, emit, json_option, say, state_options,
                             timeout_option)
 
 
@@ -50,6 +50,10 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
     PREFIX-N for line N (PREFIX from --id, else random), all sent over one
     connection with acknowledgements read as they come. It prints a summary
     and exits 0 only if every message was acknowledged.
+
+    A Pod of the original Yoi has no message ids: a peer message is sent to
+    it in the original's form (the sender in a header in the message), and
+    a note says that sending again could deliver twice.
 
     Exit status: 0 delivered, 1 not acknowledged or malformed reply, 2 usage
     (bad name, empty or over-long message), 3 no such Pod, 4 not a peer or
@@ -95,3 +99,6 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
     text = (f"delivered {what}" if not no_wait
             else f"sent {what}; no acknowledgement was awaited")
     emit(as_json, result, text)
+    if not result["deduplicates_retries"] and not as_json:
+        say(f"yoi: note: {target} cannot deduplicate retries (it announces no message "
+            "ids): sending again would deliver twice")

@@ -9,7 +9,6 @@ raising ``Invalid`` (answered with ``error invalid_request``).
 
 from __future__ import annotations
 
-import os
 
 from yoi import control, discovery, peers, protocol
 from yoi.faults import fault
@@ -53,6 +52,10 @@ def shutdown(pod, c: Client, params: dict) -> None:
 
 
 def notify(pod, c: Client, params: dict) -> None:
+    """A notification; a peer message names its sender in ``source`` (ours) or, as the
+    original's sender writes it, in a header at the start of ``message``. Either way
+    the sender must be a peer now, and ``body`` is what the original's Pod makes of
+    the message in the original's form."""
     message = params.get("message")
     if not isinstance(message, str):
         raise Invalid("notify needs a string 'message'")
@@ -62,12 +65,17 @@ def notify(pod, c: Client, params: dict) -> None:
         raise Invalid("'source' must be a Pod name")
     if msg_id is not None and not protocol.is_valid_message_id(msg_id):
         raise Invalid("'id' must be 1-128 characters of [A-Za-z0-9._:-]")
+    if source is None:
+        source = protocol.peer_header_source(message)
+        original = message
+    else:
+        original = protocol.with_peer_header(source, message)
     if source is not None and not pod.is_peer(source):
         raise Invalid(f"{source!r} is not a peer of {pod.name!r}; message refused")
     if msg_id is not None and _answered_by_id(pod, c, msg_id):
         return
     item = {"kind": "notification", "message": message,
-            "body": protocol.peer_body(source, message) if source is not None else message}
+            "body": protocol.notification_body(original)}
     if source is not None:
         item["source"] = source
     if msg_id is not None:
@@ -109,9 +117,12 @@ def run(pod, c: Client, params: dict) -> None:
     if isinstance(segments, str):
         segments = [{"kind": "text", "content": segments}]
     if not isinstance(segments, list) or not all(
-            isinstance(s, dict) and isinstance(s.get("content", ""), str) for s in segments):
+            isinstance(s, dict) and s.get("kind", "text") == "text"
+            and isinstance(s.get("content", ""), str) for s in segments):
         raise Invalid("run needs 'input': a list of segments "
                       '{"kind":"text","content":"..."}')
+    # as the original's clients read them: each with its kind and content
+    segments = [{**s, "kind": "text", "content": s.get("content", "")} for s in segments]
     pod.busy(+1)  # status running is announced before the user message
     entry = Entry("user_message", {"segments": segments})
 
@@ -123,29 +134,57 @@ def run(pod, c: Client, params: dict) -> None:
     pod.commit(c, entry, after)
 
 
-def list_pods(pod, c: Client, params: dict) -> None:
-    live = discovery.probe_result(pod.socket_path, True, pod.status)
-    pod.ops.offload(c, "pods_listed", lambda: {
-        "pods": discovery.visible(pod.state, pod.name, self_live=live)})
+def _listing(answer: str, key: str, worker_names: bool = False):
+    """``list_pods`` (answered ``pods_listed {pods}``) and its later alias
+    ``list_workers`` (``workers_listed {workers}``, each item also with ``worker_name``)."""
+
+    def method(pod, c: Client, params: dict) -> None:
+        live = discovery.probe_result(pod.socket_path, True, pod.status)
+
+        def op():
+            items = discovery.visible(pod.state, pod.name, self_live=live)
+            if worker_names:
+                items = [{"worker_name": i["pod_name"], **i} for i in items]
+            return {key: items}
+
+        pod.ops.offload(c, answer, op)
+
+    return method
 
 
-def restore_pod(pod, c: Client, params: dict) -> None:
-    target = name_param(params)
+def _restoring(answer: str, worker_names: bool = False):
+    """``restore_pod`` (answered ``pod_restored``) and its later alias ``restore_worker``
+    (``worker_restored``, also with ``worker_name``). The result is tagged by
+    ``action``, as the original's: ``already_live`` (with the status, when known)
+    or ``restored``."""
 
-    def op():
-        if target != pod.name and not pod.is_peer(target):
-            raise Invalid(f"Pod {target!r} is not visible from {pod.name!r}")
-        if target == pod.name:
-            return {"result": {"pod_name": target, "restored": False,
-                               "message": "already live", "pid": os.getpid(),
-                               "socket_path": str(pod.socket_path)}}
-        return {"result": control.restore(pod.state, target)}
+    def method(pod, c: Client, params: dict) -> None:
+        target = name_param(params)
 
-    pod.ops.offload(c, "pod_restored", op)
+        def op():
+            if target != pod.name and not pod.is_peer(target):
+                raise Invalid(f"Pod {target!r} is not visible from {pod.name!r}")
+            if target == pod.name:
+                result = {"action": "already_live", "pod_name": target,
+                          "socket_path": str(pod.socket_path), "status": pod.status}
+            else:
+                res = control.restore(pod.state, target)
+                result = {"action": "restored" if res["restored"] else "already_live",
+                          "pod_name": target, "socket_path": res["socket_path"]}
+            if worker_names:
+                result["worker_name"] = target
+            return {"result": result}
+
+        pod.ops.offload(c, answer, op)
+
+    return method
 
 
 def _peer_change(action):
-    """A method running ``peers.ACTION`` with this Pod as the source (the CLI's routine)."""
+    """A method running ``peers.ACTION`` with this Pod as the source (the CLI's routine).
+
+    ``peer_registered`` goes to every client, as the original's; our own
+    ``peer_unregistered`` only to the requester. A refusal goes to the requester."""
     answer = {"register": "peer_registered", "unregister": "peer_unregistered"}[action]
 
     def method(pod, c: Client, params: dict) -> None:
@@ -155,7 +194,7 @@ def _peer_change(action):
             res = getattr(peers, action)(pod.state, pod.name, target)
             return {"result": {"source": res["source"], "peer": res["peer"]}}
 
-        pod.ops.offload(c, answer, op)
+        pod.ops.offload(c, answer, op, broadcast=action == "register")
 
     return method
 
@@ -171,8 +210,11 @@ METHODS = {
     "run": run,
     "notify": notify,
     "shutdown": shutdown,
-    "list_pods": list_pods,
-    "restore_pod": restore_pod,
+    "list_pods": _listing("pods_listed", "pods"),
+    "restore_pod": _restoring("pod_restored"),
+    # the names of the original's later release (Pod became Worker on the wire)
+    "list_workers": _listing("workers_listed", "workers", worker_names=True),
+    "restore_worker": _restoring("worker_restored", worker_names=True),
     "register_peer": _peer_change("register"),
     "unregister_peer": _peer_change("unregister"),
 }

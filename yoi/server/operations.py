@@ -1,9 +1,10 @@
 """Operation threads: methods that take metadata locks or probe other Pods.
 
-``list_pods``, ``restore_pod``, ``register_peer`` and ``unregister_peer`` can
-wait on a lock or a hung peer, so they run here, never on the loop. Each
-operation is a function returning the answer's data; its event line goes
-back to the requesting client through the loop.
+``list_pods``, ``restore_pod`` (and their aliases), ``register_peer`` and
+``unregister_peer`` can wait on a lock or a hung peer, so they run here, never
+on the loop. Each operation is a function returning the answer's data; its
+event line goes back to the requesting client (or, for a broadcast answer,
+to every client) through the loop.
 """
 
 from __future__ import annotations
@@ -26,23 +27,25 @@ class Invalid(Exception):
 
 
 def answer_line(answer: str, fn: Callable[[], dict],
-                on_internal: Callable[[str, BaseException], None] | None = None) -> bytes:
-    """FN's result as the event ANSWER, or the ``error`` event its failure maps to;
-    an unexpected failure also goes to ON_INTERNAL(what, exception)."""
+                on_internal: Callable[[str, BaseException], None] | None = None
+                ) -> tuple[bytes, bool]:
+    """FN's result as the event ANSWER, or the ``error`` event its failure maps to,
+    and whether it succeeded; an unexpected failure also goes to ON_INTERNAL(what,
+    exception)."""
     try:
-        return protocol.event(answer, metadata.to_jsonable(fn()))
+        return protocol.event(answer, metadata.to_jsonable(fn())), True
     except Invalid as e:
-        return protocol.error_event("invalid_request", str(e))
+        return protocol.error_event("invalid_request", str(e)), False
     except (UsageError, NotFound, Refused) as e:
-        return protocol.error_event("invalid_request", e.message)
+        return protocol.error_event("invalid_request", e.message), False
     except YoiError as e:
-        return protocol.error_event("internal", e.message)
+        return protocol.error_event("internal", e.message), False
     except Exception as e:
         if on_internal is None:
             report(answer, e)
         else:
             on_internal(answer, e)
-        return protocol.error_event("internal", f"internal error ({answer})")
+        return protocol.error_event("internal", f"internal error ({answer})"), False
 
 
 class Operations:
@@ -64,26 +67,31 @@ class Operations:
         for _ in range(OPS_THREADS):
             self.queue.put(None)
 
-    def offload(self, c: Client, answer: str, fn: Callable[[], dict]) -> None:
-        """Run FN on an operation thread and send C its answer (loop thread)."""
+    def offload(self, c: Client, answer: str, fn: Callable[[], dict],
+                broadcast: bool = False) -> None:
+        """Run FN on an operation thread and send C its answer (loop thread); with
+        BROADCAST, a successful answer goes to every client (C among them)."""
         if self.pending >= MAX_PENDING_OPS:
             self.hub.send(c, protocol.error_event("internal", "too many operations in progress"))
             return
         self.pending += 1
         self.hub.owe(c)
-        self.queue.put((c, answer, fn))
+        self.queue.put((c, answer, fn, broadcast))
 
     def _operate(self) -> None:
         while True:
             task = self.queue.get()
             if task is None:
                 return
-            c, answer, fn = task
-            line = answer_line(answer, fn,
-                               lambda what, e: self.loop.call_soon(self.on_error, what, e))
-            self.loop.call_soon(self._answered, c, line)
+            c, answer, fn, broadcast = task
+            line, ok = answer_line(answer, fn,
+                                   lambda what, e: self.loop.call_soon(self.on_error, what, e))
+            self.loop.call_soon(self._answered, c, line, ok, broadcast)
 
-    def _answered(self, c: Client, line: bytes) -> None:
+    def _answered(self, c: Client, line: bytes, ok: bool, broadcast: bool) -> None:
         self.pending -= 1
-        self.hub.send(c, line)
+        if ok and broadcast:
+            self.hub.broadcast(line)
+        else:
+            self.hub.send(c, line)
         self.hub.paid(c)

@@ -95,8 +95,10 @@ class Pod:
         self.exec_cmd = self.exec_override or runtime.get("exec") or None
         self.cwd = runtime.get("cwd") or None
         self.handler_timeout = float(runtime.get("handler_timeout") or timeouts.HANDLER)
+        # Both generations of the original read the greeting: "worker_name" is
+        # the later one's name for "pod_name".
         self.greeting = {
-            "pod_name": self.name, "cwd": self.cwd or os.getcwd(),
+            "pod_name": self.name, "worker_name": self.name, "cwd": self.cwd or os.getcwd(),
             "provider": "exec" if self.exec_cmd else "none", "model": self.exec_cmd or "",
             "scope_summary": "", "tools": [], "context_window": 0, "context_tokens": 0,
         }
@@ -172,16 +174,18 @@ class Pod:
     def snapshot(self) -> bytes:
         """The ``snapshot`` event, rebuilt only when an entry or the status changed.
 
-        Entries are the most recent committed lines (at most
-        ``protocol.SNAPSHOT_ENTRIES`` of them, and ``protocol.SNAPSHOT_BYTES``
-        bytes), spliced in as they are; ``entries`` comes last so that a
-        reader who wants only the status can stop early. ``session_offset``
-        *(ours)* is the size of the log the entries reach up to (``yoi pod
-        log --follow`` uses it).
+        Entries are the most recent committed lines (see ``session.Recent``:
+        of the last ``protocol.SNAPSHOT_ENTRIES``, those of kinds the original
+        knows, within ``protocol.SNAPSHOT_BYTES``), spliced in as they are;
+        ``entries`` comes last so that a reader who wants only the status can
+        stop early. ``yoi`` *(ours)* comes first: what this Pod supports
+        (``protocol.announcement``), read by clients from the line's prefix.
+        ``session_offset`` *(ours)* is the size of the log the entries reach
+        up to (``yoi pod log --follow`` uses it).
         """
         if self.snap is None:
-            head = json.dumps({"greeting": self.greeting, "status": self.status,
-                               "session_offset": self.log_end},
+            head = json.dumps({"yoi": protocol.announcement(), "greeting": self.greeting,
+                               "status": self.status, "session_offset": self.log_end},
                               ensure_ascii=False, separators=(",", ":"))
             self.snap = b"".join([b'{"event":"snapshot","data":', head[:-1].encode(),
                                   b',"entries":[', self.recent.joined(b","), b"]}}\n"])
@@ -203,7 +207,8 @@ class Pod:
     def alert(self, level: str, message: str) -> None:
         """Record (for replay to later clients) and broadcast an alert. Loop thread."""
         log(f"alert ({level}): {message}")
-        line = protocol.event("alert", {"level": level, "source": "pod", "message": message,
+        line = protocol.event("alert", {"level": level, "source": protocol.ALERT_SOURCE,
+                                        "message": message,
                                         "timestamp_ms": int(time.time() * 1000)})
         self.alerts.append(line)
         self._alerts_blob = None
@@ -237,7 +242,7 @@ class Pod:
                   err: OSError | None, after) -> None:
         if err is None:
             line = entry.line(res.seq)
-            self.recent.append(line[:-1])
+            self.recent.append(line[:-1], entry.kind)
             self.log_end = max(self.log_end, res.end)
             self.snap = None
             self.hub.broadcast(event_of(line, entry.kind))

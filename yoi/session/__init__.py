@@ -321,37 +321,49 @@ def last_seq(path: Path | str, end: int | None = None) -> int:
         want *= 4
 
 
-class Recent:
-    """The most recent entries: at most COUNT lines and, beyond the newest, BUDGET bytes.
+# The entry kinds the original's clients know. A snapshot carries entries of
+# these kinds only: an original client rejects a whole snapshot for one entry
+# of a kind it does not know. Entries of other kinds (``text_done``,
+# ``run_end``, ...) stay in the log, and are broadcast when committed as the
+# events of the same name; they are only held back from snapshots.
+SNAPSHOT_KINDS = frozenset({"system_item", "user_message"})
 
-    This is what a connect-time snapshot holds. Entries can be large (a
-    notification of 1 MiB, handler output), so a count alone would let the
-    snapshot, and the Pod's memory, grow to gigabytes.
+
+class Recent:
+    """What a connect-time snapshot holds: of the most recent COUNT entries, those of
+    ``SNAPSHOT_KINDS``, and beyond the newest of them at most BUDGET bytes.
+
+    Entries can be large (a notification of 1 MiB, handler output), so a count
+    alone would let the snapshot, and the Pod's memory, grow to gigabytes.
     """
 
     def __init__(self, count: int = protocol.SNAPSHOT_ENTRIES,
                  budget: int = protocol.SNAPSHOT_BYTES):
-        self.lines: deque[bytes] = deque()
+        self.lines: deque[bytes] = deque()  # b"" for an entry held back (it still counts)
         self.count = count
         self.budget = budget
         self.size = 0
+        self.kept = 0  # lines not held back
 
-    def append(self, line: bytes) -> None:
+    def append(self, line: bytes, kind: str) -> None:
+        """Add the newest entry LINE (without its newline), of KIND."""
+        if kind not in SNAPSHOT_KINDS:
+            line = b""
         lines = self.lines
         lines.append(line)
         self.size += len(line)
-        while len(lines) > self.count or (self.size > self.budget and len(lines) > 1):
-            self.size -= len(lines.popleft())
+        self.kept += line != b""
+        while len(lines) > self.count or (self.size > self.budget and self.kept > 1):
+            old = lines.popleft()
+            self.size -= len(old)
+            self.kept -= old != b""
 
     def joined(self, sep: bytes) -> bytes:
-        """The lines kept, oldest first, joined by SEP."""
-        return sep.join(self.lines)
+        """The lines kept (not those held back), oldest first, joined by SEP."""
+        return sep.join(iter(self))
 
     def __iter__(self):
-        return iter(self.lines)
-
-    def __len__(self) -> int:
-        return len(self.lines)
+        return (line for line in self.lines if line)
 
 
 # -- a torn last line (``yoi doctor``) ---------------------------------------------

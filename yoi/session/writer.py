@@ -92,8 +92,9 @@ class SessionLog:
         self.size = os.fstat(self._fd).st_size
         self.seq = last_seq(self.path, self.size)
         for line in tail(self.path, protocol.SNAPSHOT_ENTRIES, self.size):
-            if parse_entry(line) is not None:
-                self.recent.append(line)
+            entry = parse_entry(line)
+            if entry is not None:
+                self.recent.append(line, entry["kind"])
         self._catch_up_index(problems)
         self._thread = threading.Thread(target=self._writer, name="session-writer",
                                         daemon=True)
