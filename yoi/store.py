@@ -24,7 +24,7 @@ def read(state: State, name: str) -> dict:
     check_name(name)
     pod = read_pod_file(state, name)
     if not pod.exists:
-        raise NotFound(f"no such Pod: {name}", pod=name)
+        raise state.no_such_pod(name)
     return pod.doc
 
 
@@ -37,10 +37,38 @@ def _utf8(value: str, what: str) -> str:
     return value
 
 
+def check_labels(labels: dict[str, str] | None) -> dict[str, str]:
+    """LABELS if every KEY=VALUE is valid (UsageError naming the first bad one)."""
+    for key, value in (labels or {}).items():
+        problem = metadata.label_problem(key, value)
+        if problem:
+            raise UsageError(f"invalid {problem}")
+    return dict(labels or {})
+
+
+def _differs(name: str, differences: list[dict]) -> AlreadyExists:
+    def show(v):
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}={x}" for k, x in sorted(v.items())) + "}"
+        return "none" if v is None else repr(v) if isinstance(v, str) else str(v).lower()
+    what = "; ".join(f"{d['setting']} is {show(d['stored'])}, not {show(d['given'])}"
+                     for d in differences)
+    return AlreadyExists(f"Pod {name!r} already exists with other settings ({what}); "
+                         f"change them with `yoi pod config {name}`", pod_name=name,
+                         differences=differences)
+
+
 def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None = None,
-           accept_peers: bool = True, exist_ok: bool = False) -> tuple[dict, bool]:
-    """Create Pod NAME. Returns (record, created)."""
+           accept_peers: bool = True, exist_ok: bool = False,
+           labels: dict[str, str] | None = None) -> tuple[dict, bool]:
+    """Create Pod NAME. Returns (record, created).
+
+    With EXIST_OK an existing Pod is accepted only if its settings are the
+    ones given (AlreadyExists naming each difference otherwise): "create" must
+    not silently keep another handler than the one asked for.
+    """
     check_name(name)
+    labels = check_labels(labels)
     if exec_cmd is not None:
         _utf8(exec_cmd, "handler command")
     if cwd is not None:
@@ -49,10 +77,16 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
         pod = locked.read(name)
         if pod.exists:
             if exist_ok:
+                differences = metadata.setting_differences(pod.doc, {
+                    "exec": exec_cmd, "cwd": cwd, "accept_peers": accept_peers,
+                    "labels": labels})
+                if differences:
+                    raise _differs(name, differences)
                 return pod.doc, False
-            raise AlreadyExists(f"Pod {name!r} already exists", pod=name)
+            raise AlreadyExists(f"Pod {name!r} already exists", pod_name=name)
         remove_trash(state, name)
-        record = metadata.new_record(name, exec_cmd=exec_cmd, cwd=cwd, accept_peers=accept_peers)
+        record = metadata.new_record(name, exec_cmd=exec_cmd, cwd=cwd, accept_peers=accept_peers,
+                                     labels=labels)
         # Build the directory aside and rename it into place: a crash leaves
         # either no Pod or a whole one.
         staging = state.pods_dir / f".{name}{CREATING_MARK}{os.getpid()}"
@@ -77,16 +111,22 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
         return record, True
 
 
-def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd=_UNSET) -> dict:
+def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd=_UNSET,
+              labels=_UNSET, set_labels: dict[str, str] | None = None,
+              unset_labels=()) -> dict:
     """Change settings of NAME under its lock; everything else is preserved.
 
-    ``exec_cmd=None`` removes the handler command.
+    ``exec_cmd=None`` removes the handler command. LABELS replaces the whole
+    label table; SET_LABELS and UNSET_LABELS change single labels.
     """
     check_name(name)
     if exec_cmd is not _UNSET and exec_cmd is not None:
         _utf8(exec_cmd, "handler command")
     if cwd is not _UNSET:
         cwd = _utf8(os.path.abspath(cwd), "working directory")
+    if labels is not _UNSET:
+        labels = check_labels(labels)
+    set_labels = check_labels(set_labels)
     with lock_pods(state, [name]) as locked:
         doc = locked.require(name).doc
         runtime = doc.setdefault("runtime", {})
@@ -99,6 +139,15 @@ def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd
             runtime["cwd"] = cwd
         if accept_peers is not _UNSET:
             doc["accept_peers"] = bool(accept_peers)
+        if labels is not _UNSET or set_labels or unset_labels:
+            new = metadata.labels_of(doc) if labels is _UNSET else labels
+            new.update(set_labels)
+            for key in unset_labels:
+                new.pop(key, None)
+            if new:
+                doc["labels"] = dict(sorted(new.items()))
+            else:
+                doc.pop("labels", None)
         locked.write_one(name, doc)
         return doc
 
@@ -122,7 +171,7 @@ class Listed:
 
     @property
     def state(self) -> str:
-        return "ok" if self.doc is not None else "corrupt"
+        return "readable" if self.doc is not None else "corrupt"
 
 
 def list_all(state: State) -> list[Listed]:
@@ -142,7 +191,7 @@ def list_all(state: State) -> list[Listed]:
 def remove(state: State, name: str) -> dict:
     """Remove Pod NAME and NAME from every peer's list, in one transaction.
 
-    Refuses a live Pod (Busy). Returns ``{"pod": NAME, "peers_updated": [...]}``.
+    Refuses a live Pod (Busy). Returns ``{"pod_name": NAME, "peers_updated": [...]}``.
     """
     check_name(name)
     names = {name}
@@ -158,7 +207,7 @@ def remove(state: State, name: str) -> dict:
             except Busy as e:
                 who = f" (pid {e.details['pid']})" if e.details["pid"] else ""
                 raise Busy(f"Pod {name!r} is running{who}; stop it first with "
-                           f"`yoi pod stop {name}`", pod=name) from None
+                           f"`yoi pod stop {name}`", pod_name=name) from None
             try:
                 changes = []
                 updated = []
@@ -173,7 +222,8 @@ def remove(state: State, name: str) -> dict:
                 locked.commit(changes)
             finally:
                 os.close(runtime_fd)
-            return {"pod": name, "peers_updated": updated}
+            return {"pod_name": name, "removed": True,
+                    "peers_updated": [{"pod_name": p} for p in updated]}
 
 
 def hold_runtime_lock(state: State, name: str, grace: float = RUNTIME_LOCK_GRACE) -> int:
@@ -191,6 +241,6 @@ def hold_runtime_lock(state: State, name: str, grace: float = RUNTIME_LOCK_GRACE
     if fd is None:
         pid = lock_holder_pid(path)
         who = f" (pid {pid})" if pid else ""
-        raise Busy(f"Pod {name!r} is already running{who}", pod=name, pid=pid)
+        raise Busy(f"Pod {name!r} is already running{who}", pod_name=name, pid=pid)
     write_pid(fd)
     return fd

@@ -93,8 +93,9 @@ class YoiCommand(HouseUsageErrors, click.Command):
             report_error(StorageError(f"{e.strerror or e}{where}"), as_json)
             ctx.exit(1)
         except KeyboardInterrupt:
-            click.echo("yoi: interrupted", err=True)
-            ctx.exit(130)
+            from yoi.errors import Interrupted
+            report_error(Interrupted("interrupted"), as_json)
+            ctx.exit(Interrupted.exit_code)
 
 
 class LazyGroup(HouseUsageErrors, click.Group):
@@ -164,29 +165,68 @@ def timeout_option(default: float = timeouts.DEFAULT, help: str = "How long to w
                         metavar="SECONDS", help=help)
 
 
+STATE_DIR_HELP = "State directory (default: $YOI_HOME, else ~/.yoi)."
+LOCK_TIMEOUT_HELP = ("Wait this long for a Pod's lock before failing with exit 6 "
+                     f"(default: $YOI_LOCK_TIMEOUT, else {timeouts.DEFAULT:g}).")
+
+
+def root_state_options(f):
+    """--state-dir and --lock-timeout on the root group (``yoi --state-dir D pod list``);
+    a command's own option wins over them (see ``given_state_dir``)."""
+    f = click.option("--lock-timeout", type=Seconds(zero_ok=True), default=None,
+                     metavar="SECONDS", help=LOCK_TIMEOUT_HELP)(f)
+    return click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+                        help=STATE_DIR_HELP)(f)
+
+
+def _given(name: str, own, ctx: click.Context | None = None):
+    """OWN if the command was given it, else the root group's value (or None)."""
+    if own is not None:
+        return own
+    ctx = ctx or click.get_current_context(silent=True)
+    return None if ctx is None else ctx.find_root().params.get(name)
+
+
+def given_state_dir(own: str | None, ctx: click.Context | None = None) -> str | None:
+    """The --state-dir in force: the command's own, else the root group's."""
+    state_dir = _given("state_dir", own, ctx)
+    if state_dir == "":
+        raise UsageError("--state-dir must not be empty")
+    return state_dir
+
+
 def state_options(f):
-    """Add --state-dir and --lock-timeout; pass the resolved ``state`` instead."""
+    """Add --state-dir and --lock-timeout; pass the resolved ``state`` instead.
+
+    The same options on the root group apply when the command is not given its
+    own (the command's own wins)."""
 
     @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
-                  help="State directory (default: $YOI_HOME, else ~/.yoi).")
+                  help=STATE_DIR_HELP)
     @click.option("--lock-timeout", type=Seconds(zero_ok=True), default=None,
-                  metavar="SECONDS",
-                  help="Wait this long for a Pod's lock before failing with exit 6 "
-                       f"(default: $YOI_LOCK_TIMEOUT, else {timeouts.DEFAULT:g}).")
+                  metavar="SECONDS", help=LOCK_TIMEOUT_HELP)
     @functools.wraps(f)
     def wrapper(*args, state_dir, lock_timeout, **kwargs):
         from yoi.state import State
-        if state_dir == "":
-            raise UsageError("--state-dir must not be empty")
-        return f(*args, state=State.resolve(state_dir, lock_timeout), **kwargs)
+        return f(*args, state=State.resolve(given_state_dir(state_dir),
+                                            _given("lock_timeout", lock_timeout)), **kwargs)
 
     return wrapper
+
+
+def note_missing_state(state) -> bool:
+    """For a command that only reads: say on stderr that STATE's directory does not
+    exist (an empty answer would look like "no Pods" in a real one). True if so."""
+    if state.root.exists():
+        return False
+    say(f"yoi: note: no state directory at {state.root}")
+    return True
 
 
 def _complete_pod_names(ctx, param, incomplete):
     from yoi.state import State
     try:
-        state = State.resolve(ctx.params.get("state_dir"))
+        state = State.resolve(given_state_dir(ctx.params.get("state_dir"), ctx) or None)
         return [n for n in state.pod_names() if n.startswith(incomplete)]
     except Exception:
         return []

@@ -96,30 +96,35 @@ def status_command(name, timeout, as_json, state):
     """Show whether a Pod is live, its status (idle/running), pid and socket.
 
     Exit 0 if live, 5 if not, so scripts can write
-    `yoi pod status x || yoi pod start x`.
+    `yoi pod status x || yoi pod start x`. With --json, `live` is the same
+    object as in `yoi pod list` (socket_path, reachable, status, error).
 
     \b
     Examples:
       yoi pod status reviewer
-      yoi pod status reviewer --json | jq .status
+      yoi pod status reviewer --json | jq -r .live.status
     """
     from yoi import control
     st = control.probe_status(state, name, timeout)
-    if st["live"]:
-        emit(as_json, st, f"{name}: live, {st['status']}, pid {st['pid']}, "
-                          f"socket {st['socket_path']}")
+    live = st["live"]
+    if live["reachable"]:
+        emit(as_json, st, f"{name}: live, {live['status']}, pid {st['pid']}, "
+                          f"socket {live['socket_path']}")
         return
     from yoi.errors import Unreachable
-    why = "not running" if not st["running"] else f"running but not answering ({st['error']})"
+    why = ("not running" if not st["running"]
+           else f"running but not answering ({live['error']})")
     if not as_json:
         click.echo(f"{name}: {why}")
-    raise Unreachable(f"Pod {name!r} is not live: {why}", data=st, pod=name)
+    raise Unreachable(f"Pod {name!r} is not live: {why}", data=st, pod_name=name)
 
 
 @click.command("log", cls=YoiCommand)
 @pod_argument()
-@click.option("-n", "--lines", "count", type=click.IntRange(min=0), default=None, metavar="N",
+@click.option("-n", "--tail", "count", type=click.IntRange(min=0), default=None, metavar="N",
               help="Only the last N entries (default: all).")
+@click.option("--lines", "old_count", type=click.IntRange(min=0), default=None, hidden=True,
+              help="The old name of --tail (kept for one release).")
 @click.option("--after", type=click.IntRange(min=0), default=None, metavar="SEQ",
               help="Only entries with a sequence number above SEQ.")
 @click.option("--follow", "-f", is_flag=True,
@@ -127,7 +132,7 @@ def status_command(name, timeout, as_json, state):
 @timeout_option(help="How long to wait for the Pod.")
 @json_option
 @state_options
-def log_command(name, count, after, follow, timeout, as_json, state):
+def log_command(name, count, old_count, after, follow, timeout, as_json, state):
     """Print a Pod's session log, one line per entry: `#SEQ TIME what`.
 
     Every entry has a sequence number, strictly increasing and never reused;
@@ -139,12 +144,19 @@ def log_command(name, count, after, follow, timeout, as_json, state):
 
     \b
     Examples:
-      yoi pod log reviewer -n 20
+      yoi pod log reviewer --tail 20
       yoi pod log reviewer --after 120 --json
       yoi pod log reviewer --follow
       yoi pod log reviewer --json | jq -r '.item.body? // empty'
     """
     from yoi import history
+    if old_count is not None:
+        if count is not None:
+            from yoi.errors import UsageError
+            raise UsageError("--lines is the old name of --tail: give one of them")
+        say("yoi: note: `yoi pod log --lines N` is now `--tail N`; --lines goes away "
+            "in the next release")
+        count = old_count
     with history.Log(state, name, follow, timeout) as log:
         skipped = 0
         for raw, entry in log.entries(count, after):
