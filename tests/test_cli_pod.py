@@ -411,10 +411,10 @@ def test_symlinked_pod_dir_is_refused(cli, state, tmp_path):
 # -- Click's own usage errors follow the house format ------------------------------
 
 @pytest.mark.parametrize("args, message", [
-    (["pod", "create", "a", "--bogus"], "No such option '--bogus' (see 'yoi pod create -h')"),
+    (["pod", "create", "a", "--bogus"], "no such option '--bogus' for yoi pod create (see 'yoi pod create -h')"),
     (["pod", "create"], "Missing argument 'NAME' (see 'yoi pod create -h')"),
-    (["pod", "nope"], "No such command 'nope' (see 'yoi pod -h')"),
-    (["--bogus"], "No such option '--bogus' (see 'yoi -h')"),
+    (["pod", "nope"], "no such command 'nope' in yoi pod (see 'yoi pod -h')"),
+    (["--bogus"], "no such option '--bogus' for yoi (see 'yoi -h')"),
     (["pod", "show", "a", "b"], "Got unexpected extra argument (b) (see 'yoi pod show -h')"),
 ])
 def test_click_usage_errors_are_one_line_exit_2(cli, yoi_home, args, message):

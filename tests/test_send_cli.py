@@ -110,10 +110,14 @@ def test_yoi_pod_not_a_peer_exits_4(cli, pair, state, monkeypatch):
     assert pair.connections == 0
 
 
-def test_sending_to_yourself_is_not_a_peer_message(cli, pair):
+def test_sending_to_yourself_is_refused_without_suggesting_a_self_peer(cli, pair):
     r = cli("pod", "send", "--from", "B", "B", "hi")
     assert r.exit_code == 4, r
-    assert "not a peer: B does not list B" in r.stderr
+    assert r.stderr == ("yoi: error: B cannot send itself a peer message; to notify it as the "
+                        "operator, send without --from and with YOI_POD unset "
+                        "(`yoi pod send --from '' B ...`)\n")
+    assert "peer register" not in r.stderr
+    assert pair.connections == 0
 
 
 def test_stopped_peer_exits_5_and_is_not_started(cli, state):

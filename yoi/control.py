@@ -245,6 +245,24 @@ def stop(state: State, name: str, timeout: float = DEFAULT, force: bool = False)
     return result
 
 
+def stop_labelled(state: State, labels: dict[str, str], timeout: float = DEFAULT,
+                  force: bool = False) -> tuple[list[dict], YoiError | None]:
+    """Stop every Pod carrying LABELS, one after the other; one that fails does not
+    keep the others running. Returns (one result per Pod, the first error)."""
+    from yoi.metadata import has_labels
+    results, first = [], None
+    for pod in store.list_all(state):
+        if pod.doc is None or not has_labels(pod.doc, labels):
+            continue
+        try:
+            results.append(stop(state, pod.name, timeout=timeout, force=force))
+        except YoiError as e:
+            first = first or e
+            results.append({"pod_name": pod.name, "stopped": False, "forced": None,
+                            "pid": None, "message": f"not stopped: {e.message}"})
+    return results, first
+
+
 def _wait_unlocked(lock: Path, deadline: float) -> bool:
     while True:
         if not is_locked(lock):

@@ -88,6 +88,11 @@ def resolve_target(state: State, target: str, source: str | None):
     pod = read_pod_file(state, target)
     if not pod.exists:
         raise state.no_such_pod(target)
+    if source == target:
+        raise Refused(f"{source} cannot send itself a peer message; to notify it as the "
+                      f"operator, send without --from and with YOI_POD unset "
+                      f"(`yoi pod send --from '' {target} ...`)", pod_name=target,
+                      source=pod_ref(source))
     if source is not None:
         src = read_pod_file(state, source)
         if not src.exists:

@@ -64,9 +64,36 @@ class HouseUsageErrors:
             _usage_exit(ctx, e, given)
 
 
+def _did_you_mean(word: str, choices) -> str:
+    import difflib
+    close = difflib.get_close_matches(word, sorted(set(choices)), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+def _visible_options(command: click.Command) -> list[str]:
+    return [o for p in command.params if isinstance(p, click.Option) and not p.hidden
+            for o in (*p.opts, *p.secondary_opts) if o.startswith("--")]
+
+
+def _usage_message(ctx: click.Context, e: click.UsageError, args: list[str]) -> str:
+    """Click's message, with a suggestion of what was meant where one is close."""
+    where = e.ctx or ctx
+    if isinstance(e, click.NoSuchOption):
+        return (f"no such option {e.option_name!r} for {where.command_path}"
+                + _did_you_mean(e.option_name, _visible_options(where.command)))
+    message = e.format_message().rstrip(".")
+    if message.startswith("No such command ") and isinstance(where.command, click.Group):
+        name = message.split("'")[1] if "'" in message else ""
+        return (f"no such command {name!r} in {where.command_path}"
+                + _did_you_mean(name, where.command.list_commands(where)))
+    return message
+
+
 def _usage_exit(ctx: click.Context, e: click.UsageError, args: list[str]):
     where = (e.ctx or ctx).command_path
-    message = e.format_message().rstrip(".")
+    message = _usage_message(ctx, e, args)
     report_error(UsageError(f"{message} (see '{where} -h')"), "--json" in args)
     ctx.exit(UsageError.exit_code)
 
@@ -109,6 +136,18 @@ class LazyGroup(HouseUsageErrors, click.Group):
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.lazy_subcommands))
+
+    def format_commands(self, ctx, formatter):
+        """The command list with each summary line whole (Click cuts them at 45
+        characters with "..."); the formatter wraps a long one instead."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=1000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def get_command(self, ctx, cmd_name):
         target = self.lazy_subcommands.get(cmd_name)

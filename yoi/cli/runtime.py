@@ -47,25 +47,49 @@ def start_command(name, exec_cmd, foreground, timeout, as_json, state):
 
 
 @click.command("stop", cls=YoiCommand)
-@pod_argument()
+@pod_argument(required=False)
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Stop every Pod with this label instead of NAME (repeatable: all must "
+                   "match).")
 @timeout_option(help="How long to wait for the Pod.")
 @click.option("--force", is_flag=True,
               help="If it does not stop in time, SIGTERM then SIGKILL the process "
                    "holding its runtime lock.")
 @json_option
 @state_options
-def stop_command(name, timeout, force, as_json, state):
+def stop_command(name, labels, timeout, force, as_json, state):
     """Stop a Pod: send `shutdown` and wait until its process has exited.
 
     A Pod that is not running is not an error ("not running", exit 0). Exit 5
-    if it does not stop within --timeout (unless --force).
+    if it does not stop within --timeout (unless --force). With --label
+    instead of NAME, stop every Pod that carries all the labels given (only
+    this job's Pods, when each job labels its own); a Pod that fails to stop
+    does not keep the others from stopping, and the exit status is the first
+    failure's.
 
     \b
     Examples:
       yoi pod stop reviewer
       yoi pod stop reviewer --timeout 3 --force
+      yoi pod stop --label job=$CI_JOB_ID
     """
     from yoi import control
+    from yoi.errors import UsageError
+    if (name is None) == (not labels):
+        raise UsageError("give a Pod NAME or --label KEY=VALUE (not both)")
+    if labels:
+        from yoi.cli.pod import parse_labels
+        results, first = control.stop_labelled(state, parse_labels(labels), timeout=timeout,
+                                               force=force)
+        text = "\n".join(f"{r['pod_name']}: {r['message']}" for r in results)
+        if first is not None:
+            if not as_json and text:
+                click.echo(text)
+            raise type(first)(first.message, data={"pods": results}, **first.details)
+        emit(as_json, {"pods": results}, text or None)
+        if not results:
+            say("no Pods with these labels")
+        return
     res = control.stop(state, name, timeout=timeout, force=force)
     emit(as_json, res, res["message"] if res["stopped"] else f"{name}: not running")
 
