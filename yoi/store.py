@@ -129,27 +129,53 @@ def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd
     set_labels = check_labels(set_labels)
     with lock_pods(state, [name]) as locked:
         doc = locked.require(name).doc
-        runtime = doc.setdefault("runtime", {})
-        if exec_cmd is not _UNSET:
-            if exec_cmd is None:
-                runtime.pop("exec", None)
-            else:
-                runtime["exec"] = exec_cmd
-        if cwd is not _UNSET:
-            runtime["cwd"] = cwd
-        if accept_peers is not _UNSET:
-            doc["accept_peers"] = bool(accept_peers)
+        given = (("exec", exec_cmd), ("cwd", cwd), ("accept_peers", accept_peers))
+        changes = {key: value for key, value in given if value is not _UNSET}
         if labels is not _UNSET or set_labels or unset_labels:
             new = metadata.labels_of(doc) if labels is _UNSET else labels
             new.update(set_labels)
             for key in unset_labels:
                 new.pop(key, None)
-            if new:
-                doc["labels"] = dict(sorted(new.items()))
-            else:
-                doc.pop("labels", None)
+            changes["labels"] = new
+        _apply_settings(doc, changes)
         locked.write_one(name, doc)
         return doc
+
+
+def _apply_settings(doc: dict, changes: dict) -> None:
+    """Set the settings in CHANGES (keys of ``metadata.settings_of``) in DOC; None for
+    exec or cwd, or no labels, removes them."""
+    runtime = doc.setdefault("runtime", {})
+    for key, value in changes.items():
+        if key in ("exec", "cwd"):
+            if value is None:
+                runtime.pop(key, None)
+            else:
+                runtime[key] = value
+        elif key == "accept_peers":
+            doc["accept_peers"] = bool(value)
+        elif value:
+            doc["labels"] = dict(sorted(value.items()))
+        else:
+            doc.pop("labels", None)
+
+
+def converge_settings(state: State, name: str, wanted: dict) -> list[str]:
+    """Give NAME the settings WANTED (keys of ``metadata.settings_of``), under its lock,
+    writing only if one differs. Returns the names of the settings changed."""
+    check_name(name)
+    check_labels(wanted.get("labels"))
+    for key in ("exec", "cwd"):
+        if wanted.get(key) is not None:
+            _utf8(wanted[key], key)
+    with lock_pods(state, [name]) as locked:
+        doc = locked.require(name).doc
+        differences = metadata.setting_differences(doc, wanted)
+        if not differences:
+            return []
+        _apply_settings(doc, {d["setting"]: d["given"] for d in differences})
+        locked.write_one(name, doc)
+        return [d["setting"] for d in differences]
 
 
 def update(state: State, name: str, fn) -> dict:

@@ -12,6 +12,8 @@ from yoi.cli.common import CONTEXT_SETTINGS, LazyGroup, root_state_options
     "doctor": "yoi.cli.doctor:doctor",
     "pod": "yoi.cli.pod:pod",
     "demo": "yoi.cli.demo:demo",
+    "up": "yoi.cli.up:up",
+    "down": "yoi.cli.up:down",
 })
 @click.version_option(__version__, "--version", "-V", prog_name="yoi")
 @root_state_options
