@@ -67,12 +67,13 @@ def yoi_cmd() -> list[str]:
 def run_yoi(yoi_home):
     """Run the real `yoi` in a subprocess (YOI_HOME inherited), with a timeout."""
 
-    def run(*args, input=None, env=None, timeout=60):
+    def run(*args, input=None, env=None, timeout=60, cwd=None):
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
         p = subprocess.run(yoi_cmd() + [str(a) for a in args], input=input,
-                           capture_output=True, text=True, env=full_env, timeout=timeout)
+                           capture_output=True, text=True, env=full_env, timeout=timeout,
+                           cwd=cwd)
         return Result(p.returncode, p.stdout, p.stderr, args)
 
     return run

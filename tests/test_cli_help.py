@@ -189,3 +189,46 @@ def test_readme_shows_the_commands_ci_runs():
     assert "python3 -m venv .venv" in ci and "python3 -m venv .venv" in readme
     assert re.search(r"^\.venv/bin/python -m pytest\b", ci, re.M)
     assert ".venv/bin/python -m pytest" in readme
+
+
+def test_completion_of_from_as_and_check_codes(state, tmp_path):
+    from yoi import store
+    from yoi.doctor import CHECKS
+    for n in ("reviewer", "coder", "rover"):
+        store.create(state, n)
+    assert complete("yoi pod send --from r", 4) == ["plain,reviewer", "plain,rover"]
+    assert complete("yoi pod send --from reviewer c", 5) == ["plain,coder"]
+    assert complete("yoi pod list --as c", 4) == ["plain,coder"]
+    assert complete("yoi doctor --check peer-", 3) == [
+        f"plain,{c}" for c in CHECKS if c.startswith("peer-")]
+    other = state_dir_with(tmp_path / "other", "remote")
+    assert complete(f"yoi --state-dir {other} pod show r", 5) == ["plain,remote"]
+
+
+def state_dir_with(root, *names):
+    from yoi import store
+    from yoi.state import State
+    state = State.resolve(root)
+    for n in names:
+        store.create(state, n)
+    return root
+
+
+@pytest.mark.parametrize("path, command", [c for c in COMMANDS if isinstance(c[1], click.Group)],
+                         ids=[i for i, c in zip(IDS, COMMANDS) if isinstance(c[1], click.Group)])
+def test_command_summaries_are_not_cut_off(cli, path, command):
+    r = cli(*path[1:], "--help")
+    listing = r.stdout.split("Commands:\n", 1)[1]
+    assert "..." not in listing, listing
+
+
+def test_root_options_apply_to_the_command_and_the_command_wins(run_yoi, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_yoi("--state-dir", a, "pod", "create", "x").exit_code == 0
+    assert (a / "pods" / "x").is_dir()
+    r = run_yoi("--state-dir", a, "pod", "list", "--json")
+    assert [p["pod_name"] for p in r.json["pods"]] == ["x"], r
+    r = run_yoi("--state-dir", a, "pod", "list", "--state-dir", b)
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "", f"yoi: note: no state directory at {b}\n")
+    r = run_yoi("--lock-timeout", "soon", "pod", "list")
+    assert r.exit_code == 2, r

@@ -49,7 +49,8 @@ def test_create_prints_the_pod(cli, state):
     assert re.fullmatch(
         f"name:         a\ncreated_at:   {CREATED_AT}\naccept_peers: no\n"
         "exec:         agent --stdin\ncwd:          /w\n"
-        r"timeout:      3600s per handler run \(default\)\npeers:        -\n", r.stdout), r
+        r"timeout:      3600s per handler run \(default\)\nlabels:       -\npeers:        -\n",
+        r.stdout), r
     assert r.stderr == ""
     doc = record(state, "a")
     assert doc["runtime"] == {"exec": "agent --stdin", "cwd": "/w"}
@@ -60,8 +61,8 @@ def test_create_json(cli):
     r = cli("pod", "create", "a", "--json")
     assert r.exit_code == 0, r
     doc = json.loads(r.stdout)
-    assert re.fullmatch(CREATED_AT, doc["pod"].pop("created_at"))
-    assert doc == {"ok": True, "created": True, "pod": {
+    assert re.fullmatch(CREATED_AT, doc["record"].pop("created_at"))
+    assert doc == {"ok": True, "pod_name": "a", "created": True, "record": {
         "schema": 1, "pod_name": "a", "accept_peers": True, "runtime": {}, "peers": []}}
 
 
@@ -74,13 +75,28 @@ def test_create_existing_is_exit_1_unless_exist_ok(cli, state):
     assert r.stdout == ""
     r = cli("pod", "create", "a", "--json")
     assert failure_doc(r, "exists", 1)["message"] == "Pod 'a' already exists"
-    r = cli("pod", "create", "a", "--exist-ok", "--exec", "second")
+    r = cli("pod", "create", "a", "--exist-ok", "--exec", "first")
     assert r.exit_code == 0, r
     assert r.stdout.startswith("name:         a\n"), r  # the record, as for a new Pod
     assert r.stderr == "Pod 'a' already exists\n", r
     assert "exec:         first\n" in r.stdout
-    r = cli("pod", "create", "a", "--exist-ok", "--json")
+    r = cli("pod", "create", "a", "--exist-ok", "--exec", "first", "--json")
     assert r.exit_code == 0 and r.json["created"] is False
+    assert state.metadata_path("a").read_bytes() == before
+
+
+def test_create_exist_ok_with_other_settings_fails_naming_the_difference(cli, state):
+    """It used to exit 0 and keep the old handler: a job then ran the wrong one."""
+    assert cli("pod", "create", "a", "--exec", "first", "--label", "job=1").exit_code == 0
+    before = state.metadata_path("a").read_bytes()
+    r = cli("pod", "create", "a", "--exist-ok", "--exec", "second", "--label", "job=1")
+    assert r.exit_code == 1, r
+    one_error_line(r, "Pod 'a' already exists with other settings (exec is 'first', not "
+                      "'second'); change them with `yoi pod config a`")
+    r = cli("pod", "create", "a", "--exist-ok", "--exec", "first", "--json")
+    err = failure_doc(r, "exists", 1)
+    assert err["differences"] == [{"setting": "labels", "stored": {"job": "1"}, "given": {}}]
+    assert "labels is {job=1}, not {}" in err["message"]
     assert state.metadata_path("a").read_bytes() == before
 
 
@@ -117,7 +133,7 @@ def test_config_changes_settings_and_preserves_everything_else(cli, state):
     assert [p["pod_name"] for p in doc["peers"]] == ["b"]
     r = cli("pod", "config", "a", "--no-exec", "--accept-peers", "--json")
     assert r.exit_code == 0, r
-    assert r.json["pod"]["runtime"] == {"pid": 42, "cwd": "/w"}
+    assert r.json["record"]["runtime"] == {"pid": 42, "cwd": "/w"}
     assert record(state, "a")["accept_peers"] is True
 
 
@@ -126,7 +142,7 @@ def test_handler_timeout_is_a_setting_in_the_record(cli, state):
     assert r.exit_code == 0 and "timeout:      90s per handler run\n" in r.stdout, r
     assert record(state, "a")["runtime"] == {"handler_timeout": 90.0}
     r = cli("pod", "config", "a", "--handler-timeout", "0.5", "--json")
-    assert r.exit_code == 0 and r.json["pod"]["runtime"] == {"handler_timeout": 0.5}, r
+    assert r.exit_code == 0 and r.json["record"]["runtime"] == {"handler_timeout": 0.5}, r
     for bad in ("0", "-1", "nan", "soon"):
         r = cli("pod", "config", "a", "--handler-timeout", bad)
         assert r.exit_code == 2 and "--handler-timeout" in r.stderr, r
@@ -138,8 +154,8 @@ def test_handler_timeout_is_a_setting_in_the_record(cli, state):
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "nothing to change: give --exec, --no-exec, --accept-peers, --no-accept-peers, --cwd "
-         "or --handler-timeout"),
+    ([], "nothing to change: give --exec, --no-exec, --accept-peers, --no-accept-peers, --cwd, "
+         "--handler-timeout, --label or --unset-label"),
     (["--exec", "x", "--no-exec"], "--exec and --no-exec are mutually exclusive"),
 ])
 def test_config_usage_errors(cli, state, args, message):
@@ -153,7 +169,8 @@ def test_config_usage_errors(cli, state, args, message):
 
 
 @pytest.mark.parametrize("command", [["config", "--exec", "x"], ["show"], ["rm"]])
-def test_missing_pod_is_exit_3(cli, command):
+def test_missing_pod_is_exit_3(cli, state, command):
+    state.ensure()
     r = cli("pod", command[0], "ghost", *command[1:])
     assert r.exit_code == 3, r
     one_error_line(r, "no such Pod: ghost")
@@ -212,10 +229,10 @@ def test_list_shows_peers_count_and_live_state(cli, state, started_pod):
     r = cli("pod", "list")
     assert r.exit_code == 0, r
     assert r.stdout == ("NAME    PEERS  LIVE  STATE\n"
-                        "a           2  yes   ok\n"
-                        "b           1  no    ok\n"
-                        "c           1  no    ok\n"
-                        "lonely      0  no    ok\n")
+                        "a           2  yes   readable\n"
+                        "b           1  no    readable\n"
+                        "c           1  no    readable\n"
+                        "lonely      0  no    readable\n")
     r = cli("pod", "list", "--json")
     assert r.exit_code == 0, r
     pods = {p["pod_name"]: p for p in r.json["pods"]}
@@ -223,16 +240,20 @@ def test_list_shows_peers_count_and_live_state(cli, state, started_pod):
     assert pods["a"]["live"] == {"socket_path": str(live.socket_path), "reachable": True,
                                  "status": "idle", "error": None}
     assert pods["b"]["live"]["reachable"] is False
-    assert [pods[n]["peers"] for n in pods] == [2, 1, 1, 0]
-    assert all(p["state"] == "ok" and p["error"] is None for p in pods.values())
+    assert [pods[n]["peer_count"] for n in pods] == [2, 1, 1, 0]
+    assert all(p["state"] == "readable" and p["error"] is None for p in pods.values())
 
 
 def test_list_empty(cli, yoi_home):
     r = cli("pod", "list")
-    assert (r.exit_code, r.stdout, r.stderr) == (0, "", "no Pods\n")
+    assert (r.exit_code, r.stdout, r.stderr) == \
+        (0, "", f"yoi: note: no state directory at {yoi_home}\n")
     r = cli("pod", "list", "--json")
     assert (r.exit_code, r.json) == (0, {"ok": True, "pods": []})
     assert not yoi_home.exists()  # reading creates nothing
+    yoi_home.mkdir()
+    r = cli("pod", "list")
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "", "no Pods\n")
 
 
 def test_list_does_not_call_a_socket_that_never_answers_live(cli, state, listening):
@@ -251,11 +272,11 @@ def test_show(cli, state, started_pod):
     assert re.fullmatch(
         f"name:         a\ncreated_at:   {CREATED_AT}\naccept_peers: yes\nexec:         -\n"
         r"cwd:          -\ntimeout:      3600s per handler run \(default\)\n"
-        f"socket:       {re.escape(str(live.socket_path))}\nlive:         yes\npeers:        b\n",
-        r.stdout), r
-    doc = cli("pod", "show", "b", "--json").json["pod"]
-    assert doc["pod_name"] == "b" and doc["peers"][0]["pod_name"] == "a"
-    assert re.fullmatch(CREATED_AT, doc["peers"][0]["registered_at"])
+        f"labels:       -\nsocket:       {re.escape(str(live.socket_path))}\n"
+        "live:         yes\npeers:        b\n", r.stdout), r
+    doc = cli("pod", "show", "b", "--json").json
+    assert doc["pod_name"] == "b" and doc["record"]["peers"][0]["pod_name"] == "a"
+    assert re.fullmatch(CREATED_AT, doc["record"]["peers"][0]["registered_at"])
     assert doc["live"]["reachable"] is False and doc["live"]["error"] == "no socket"
 
 
@@ -269,7 +290,8 @@ def test_rm_removes_the_pod_and_its_peer_entries(cli, state):
     assert [p["pod_name"] for p in record(state, "a")["peers"]] == ["c"]
     assert [p["pod_name"] for p in record(state, "c")["peers"]] == ["a"]
     r = cli("pod", "rm", "c", "--json")
-    assert r.json == {"ok": True, "pod": "c", "peers_updated": ["a"]}
+    assert r.json == {"ok": True, "pod_name": "c", "removed": True,
+                      "peers_updated": [{"pod_name": "a"}]}
     assert sorted(os.listdir(state.pods_dir)) == ["a"]
 
 
@@ -282,7 +304,7 @@ def test_rm_refuses_a_live_pod(cli, state):
         assert r.exit_code == 6, r
         one_error_line(r, f"Pod 'b' is running (pid {live.pid}); stop it first with "
                           "`yoi pod stop b`")
-        assert failure_doc(cli("pod", "rm", "b", "--json"), "busy", 6)["pod"] == "b"
+        assert failure_doc(cli("pod", "rm", "b", "--json"), "busy", 6)["pod_name"] == "b"
         assert {n: state.metadata_path(n).read_bytes() for n in "ab"} == before
     assert cli("pod", "rm", "b").exit_code == 0  # no longer live
 
@@ -383,9 +405,9 @@ def test_list_reports_a_corrupt_pod_and_goes_on(cli, state):
     assert r.exit_code == 0, r
     assert r.stdout == ("NAME  PEERS  LIVE  STATE\n"
                         "a         -  no    corrupt\n"
-                        "b         0  no    ok\n")
+                        "b         0  no    readable\n")
     a = cli("pod", "list", "--json").json["pods"][0]
-    assert a["state"] == "corrupt" and a["peers"] is None
+    assert a["state"] == "corrupt" and a["peer_count"] is None
     assert a["error"] == (f"{state.metadata_path('a')}: does not parse: "
                           "Invalid value (at line 3, column 16)")
     assert state.metadata_path("a").read_bytes() == CORRUPT
@@ -407,10 +429,10 @@ def test_symlinked_pod_dir_is_refused(cli, state, tmp_path):
 # -- Click's own usage errors follow the house format ------------------------------
 
 @pytest.mark.parametrize("args, message", [
-    (["pod", "create", "a", "--bogus"], "No such option '--bogus' (see 'yoi pod create -h')"),
+    (["pod", "create", "a", "--bogus"], "no such option '--bogus' for yoi pod create (see 'yoi pod create -h')"),
     (["pod", "create"], "Missing argument 'NAME' (see 'yoi pod create -h')"),
-    (["pod", "nope"], "No such command 'nope' (see 'yoi pod -h')"),
-    (["--bogus"], "No such option '--bogus' (see 'yoi -h')"),
+    (["pod", "nope"], "no such command 'nope' in yoi pod (see 'yoi pod -h')"),
+    (["--bogus"], "no such option '--bogus' for yoi (see 'yoi -h')"),
     (["pod", "show", "a", "b"], "Got unexpected extra argument (b) (see 'yoi pod show -h')"),
 ])
 def test_click_usage_errors_are_one_line_exit_2(cli, yoi_home, args, message):

@@ -194,6 +194,16 @@ def test_every_doctor_check_is_documented_with_whether_fix_repairs_it():
             assert "Not fixable" in text, text
 
 
+@needs_groff
+def test_every_doctor_check_is_documented_with_its_severity():
+    from yoi.doctor import CHECKS, severity
+    entries = tagged(page(MAN / "yoi-doctor.1").section("CHECKS"))
+    for code in CHECKS:
+        first = entries[code].splitlines()[1].strip()
+        assert first.startswith("Error." if severity(code) == "error" else "Warning."), \
+            (code, first)
+
+
 # -- yoi(1): exit codes, environment ------------------------------------------------
 
 @needs_groff

@@ -74,7 +74,7 @@ def test_bad_name_json_failure_document(cli, yoi_home, command):
 def test_leading_dash_without_separator_is_an_option_error(cli, yoi_home):
     r = cli("pod", "create", "-a")
     assert r.exit_code == 2, r
-    assert r.stderr == "yoi: error: No such option '-a' (see 'yoi pod create -h')\n"
+    assert r.stderr == "yoi: error: no such option '-a' for yoi pod create (see 'yoi pod create -h')\n"
     assert not yoi_home.exists()
 
 

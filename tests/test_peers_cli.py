@@ -41,7 +41,7 @@ def test_register_makes_both_pods_list_each_other(cli, state, pods):
 def test_register_json(cli, pods):
     r = cli("pod", "peer", "register", "a", "b", "--json")
     assert r.exit_code == 0, r
-    assert r.json == {"ok": True, "source": "a", "peer": "b", "changed": True}
+    assert r.json == {"ok": True, "pod_name": "a", "peer": {"pod_name": "b"}, "changed": True}
 
 
 def test_register_existing_relation_succeeds_and_rewrites_nothing(cli, state, pods):
@@ -52,7 +52,8 @@ def test_register_existing_relation_succeeds_and_rewrites_nothing(cli, state, po
         r = cli("pod", "peer", "register", *args)
         assert (r.exit_code, r.stdout) == (0, f"already peers: {args[0]} <-> {args[1]}\n"), r
         r = cli("pod", "peer", "register", *args, "--json")
-        assert r.json == {"ok": True, "source": args[0], "peer": args[1], "changed": False}
+        assert r.json == {"ok": True, "pod_name": args[0], "peer": {"pod_name": args[1]},
+                          "changed": False}
     assert pods() == before
     # An atomic replace would have given the files new inodes.
     assert {n: os.stat(state.metadata_path(n)).st_ino for n in "ab"} == inodes
@@ -90,8 +91,8 @@ def test_remove_deletes_both_directions(cli, state, pods):
 def test_remove_missing_relation_is_success_without_change(cli, state, pods):
     before = pods()
     r = cli("pod", "peer", "remove", "a", "b", "--json")
-    assert (r.exit_code, r.json) == (0, {"ok": True, "source": "a", "peer": "b",
-                                         "changed": False}), r
+    assert (r.exit_code, r.json) == (0, {"ok": True, "pod_name": "a",
+                                         "peer": {"pod_name": "b"}, "changed": False}), r
     r = cli("pod", "peer", "remove", "a", "b")
     assert (r.exit_code, r.stdout) == (0, "not peers: a <-> b\n"), r
     assert pods() == before
@@ -107,7 +108,7 @@ def test_list_shows_registered_at_and_reciprocity(cli, state, pods):
     assert r.exit_code == 0, r
     registered = peer_entries(state, "b")[0]["registered_at"]
     stamp = registered.strftime("%Y-%m-%dT%H:%M:%SZ")
-    assert r.json == {"ok": True, "pod": "a", "peers": [
+    assert r.json == {"ok": True, "pod_name": "a", "peers": [
         {"pod_name": "b", "registered_at": stamp, "exists": True, "reciprocal": True},
         {"pod_name": "c", "registered_at": "then", "exists": True, "reciprocal": False},
         {"pod_name": "gone", "registered_at": "then", "exists": False, "reciprocal": False},
@@ -125,14 +126,15 @@ def test_list_shows_registered_at_and_reciprocity(cli, state, pods):
 def test_list_without_peers(cli, pods):
     r = cli("pod", "peer", "list", "a")
     assert (r.exit_code, r.stdout, r.stderr) == (0, "", "a has no peers\n"), r
-    assert cli("pod", "peer", "list", "a", "--json").json == {"ok": True, "pod": "a", "peers": []}
+    assert cli("pod", "peer", "list", "a", "--json").json == {"ok": True, "pod_name": "a",
+                                                                      "peers": []}
 
 
 def test_list_missing_pod_is_not_found_and_creates_nothing(cli, yoi_home):
     r = cli("pod", "peer", "list", "nope", "--json")
     assert r.exit_code == 3, r
     assert r.json["error"]["code"] == "not_found"
-    assert r.stderr == "yoi: error: no such Pod: nope\n"
+    assert r.stderr == f"yoi: error: no such Pod: nope (no state directory at {yoi_home})\n"
     assert not yoi_home.exists()
 
 
@@ -220,8 +222,8 @@ def test_real_process_round_trip(run_yoi, yoi_home):
     assert [(p["pod_name"], p["reciprocal"]) for p in r.json["peers"]] == [("reviewer", True)]
     assert pairs_of(relations(yoi_home)) == {frozenset(("reviewer", "coder"))}
     r = run_yoi("pod", "peer", "remove", "coder", "reviewer", "--json")
-    assert json.loads(r.stdout) == {"ok": True, "source": "coder", "peer": "reviewer",
-                                    "changed": True}
+    assert json.loads(r.stdout) == {"ok": True, "pod_name": "coder",
+                                    "peer": {"pod_name": "reviewer"}, "changed": True}
     assert pairs_of(relations(yoi_home)) == set()
 
 

@@ -78,7 +78,7 @@ def test_list_as_reports_self_and_peers_with_liveness_and_restore(state, run_yoi
         r = run_yoi("pod", "list", "--as", "a", "--json")
         assert r.exit_code == 0, r
         pods = {p["pod_name"]: p for p in r.json["pods"]}
-        assert r.json["as"] == "a"
+        assert r.json["as"] == {"pod_name": "a"}
         assert [p["pod_name"] for p in r.json["pods"]] == ["a", "b", "c", "d"]  # not "other"
         assert pods["a"]["visibility"] == "self_pod"
         assert pods["a"]["live"] == {"socket_path": pod_a.socket_path, "reachable": True,
@@ -115,7 +115,11 @@ def test_list_as_reports_self_and_peers_with_liveness_and_restore(state, run_yoi
     assert "d" not in pods
 
 
-def test_list_as_unknown_pod_is_exit_3(run_yoi):
+def test_list_as_unknown_pod_is_exit_3(run_yoi, state):
+    r = run_yoi("pod", "list", "--as", "ghost")
+    assert (r.exit_code, r.stderr) == \
+        (3, f"yoi: error: no such Pod: ghost (no state directory at {state.root})\n")
+    state.ensure()
     r = run_yoi("pod", "list", "--as", "ghost")
     assert (r.exit_code, r.stderr) == (3, "yoi: error: no such Pod: ghost\n")
 

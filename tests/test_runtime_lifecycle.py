@@ -52,9 +52,10 @@ def test_start_status_stop_round_trip(state, run_yoi, started_pod):
     assert r.stdout == f"a: live, idle, pid {pod.pid}, socket {pod.socket_path}\n"
     r = run_yoi("pod", "status", "a", "--json")
     assert r.exit_code == 0, r
-    assert r.json == {"ok": True, "pod_name": "a", "live": True, "running": True,
-                      "status": "idle", "pid": pod.pid, "socket_path": pod.socket_path,
-                      "exec": None, "error": None}
+    assert r.json == {"ok": True, "pod_name": "a", "running": True, "pid": pod.pid,
+                      "exec": None, "live": {"socket_path": pod.socket_path,
+                                             "reachable": True, "status": "idle",
+                                             "error": None}}
 
     r = run_yoi("pod", "start", "a")
     assert r.exit_code == 6, r
@@ -72,16 +73,21 @@ def test_start_status_stop_round_trip(state, run_yoi, started_pod):
     assert (r.exit_code, r.stdout) == (5, "a: not running\n"), r
     assert r.stderr == "yoi: error: Pod 'a' is not live: not running\n"
     r = run_yoi("pod", "status", "a", "--json")
-    assert r.exit_code == 5 and r.json["ok"] is False and r.json["live"] is False
+    assert r.exit_code == 5 and r.json["ok"] is False and r.json["live"]["reachable"] is False
     assert r.json["error"]["code"] == "unreachable"
     r = run_yoi("pod", "stop", "a")
     assert (r.exit_code, r.stdout) == (0, "a: not running\n"), r
 
 
-def test_unknown_pod_is_exit_3_for_every_command(run_yoi):
+def test_unknown_pod_is_exit_3_for_every_command(run_yoi, state):
     for cmd in ("start", "stop", "restore", "status", "log"):
         r = run_yoi("pod", cmd, "ghost")
         assert r.exit_code == 3, r
+        assert r.stderr == ("yoi: error: no such Pod: ghost (no state directory at "
+                            f"{state.root})\n"), r
+    state.ensure()
+    for cmd in ("start", "stop", "restore", "status", "log"):
+        r = run_yoi("pod", cmd, "ghost")
         assert r.stderr == "yoi: error: no such Pod: ghost\n", r
     assert run_yoi("pod", "start", "-bad").exit_code == 2
 

@@ -82,6 +82,9 @@ def test_invalid_utf8_on_stdin(cli, pair):
 
 
 def test_unknown_target_exits_3(cli, state):
+    fails(cli("pod", "send", "nosuch", "hi"), 3,
+          f"no such Pod: nosuch (no state directory at {state.root})")
+    state.ensure()
     fails(cli("pod", "send", "nosuch", "hi"), 3, "no such Pod: nosuch")
 
 
@@ -107,10 +110,14 @@ def test_yoi_pod_not_a_peer_exits_4(cli, pair, state, monkeypatch):
     assert pair.connections == 0
 
 
-def test_sending_to_yourself_is_not_a_peer_message(cli, pair):
+def test_sending_to_yourself_is_refused_without_suggesting_a_self_peer(cli, pair):
     r = cli("pod", "send", "--from", "B", "B", "hi")
     assert r.exit_code == 4, r
-    assert "not a peer: B does not list B" in r.stderr
+    assert r.stderr == ("yoi: error: B cannot send itself a peer message; to notify it as the "
+                        "operator, send without --from and with YOI_POD unset "
+                        "(`yoi pod send --from '' B ...`)\n")
+    assert "peer register" not in r.stderr
+    assert pair.connections == 0
 
 
 def test_stopped_peer_exits_5_and_is_not_started(cli, state):
@@ -123,11 +130,12 @@ def test_stopped_peer_exits_5_and_is_not_started(cli, state):
 
 
 def test_json_failure_document(cli, state):
+    state.ensure()
     r = cli("pod", "send", "--json", "nosuch", "hi")
     assert r.exit_code == 3
     assert r.json == {"ok": False, "error": {"code": "not_found", "exit_code": 3,
                                              "message": "no such Pod: nosuch",
-                                             "pod": "nosuch"}}
+                                             "pod_name": "nosuch"}}
 
 
 def test_timeout_must_be_positive(cli, pair):
@@ -174,5 +182,5 @@ def test_one_shot_send_keeps_its_imports_lean(pair, state):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 0, p.stderr
-    assert p.stdout == "delivered to B (id imp-1)\n[]\n"
+    assert p.stdout == "delivered to B as operator (id imp-1)\n[]\n"
     assert pair.notified_ids() == ["imp-1"]

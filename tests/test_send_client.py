@@ -33,7 +33,7 @@ def test_send_drains_alert_and_snapshot_before_writing(cli, fake, script):
     pod = fake(script)
     r = cli("pod", "send", "--id", "seed-1", "B", "hello after the prelude")
     assert r.exit_code == 0, r
-    assert r.stdout == "delivered to B (id seed-1)\n"
+    assert r.stdout == "delivered to B as operator (id seed-1)\n"
     assert r.stderr == ""
     assert pod.early == []
     assert pod.methods == [("notify", {"message": "hello after the prelude", "id": "seed-1"})]
@@ -103,7 +103,7 @@ def test_json_success_document(cli, fake):
     fake(fake_pods.good)
     r = cli("pod", "send", "--json", "--id", "j-1", "B", "hi")
     assert r.exit_code == 0, r
-    assert r.json == {"ok": True, "target": "B", "source": None, "id": "j-1",
+    assert r.json == {"ok": True, "pod_name": "B", "source": None, "id": "j-1",
                       "acknowledged": True, "at": "2026-11-27T10:00:00Z",
                       "deduplicates_retries": True}
 
@@ -131,13 +131,13 @@ def test_no_wait_returns_after_the_write(cli, fake):
     pod = fake(fake_pods.silent)
     r = cli("pod", "send", "--no-wait", "--id", "nw-1", "B", "fire and forget")
     assert r.exit_code == 0, r
-    assert r.stdout == "sent to B (id nw-1); no acknowledgement was awaited\n"
+    assert r.stdout == "sent to B as operator (id nw-1); no acknowledgement was awaited\n"
     deadline = time.monotonic() + 10
     while not pod.methods and time.monotonic() < deadline:
         time.sleep(0.01)
     assert pod.notified_ids() == ["nw-1"]
     r = cli("pod", "send", "--no-wait", "--json", "--id", "nw-2", "B", "again")
-    assert r.json == {"ok": True, "target": "B", "source": None, "id": "nw-2",
+    assert r.json == {"ok": True, "pod_name": "B", "source": None, "id": "nw-2",
                       "acknowledged": False, "at": None, "deduplicates_retries": True}
 
 
@@ -208,7 +208,7 @@ def test_error_json_document(cli, fake):
     assert r.exit_code == 4
     err = r.json["error"]
     assert r.json["ok"] is False
-    assert (err["code"], err["exit_code"], err["pod_error"], err["pod"]) == \
+    assert (err["code"], err["exit_code"], err["pod_error"], err["pod_name"]) == \
         ("refused", 4, "invalid_request", "B")
 
 

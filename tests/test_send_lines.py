@@ -18,7 +18,7 @@ def test_lines_are_sent_in_order_with_line_numbered_ids(cli, fake):
     pod = fake(fake_pods.good)
     r = cli("pod", "send", "--lines", "--id", "run", "B", input=numbered(1000))
     assert r.exit_code == 0, r
-    assert r.stdout == "delivered 1000 messages to B (ids run-1 .. run-1000)\n"
+    assert r.stdout == "delivered 1000 messages to B as operator (ids run-1 .. run-1000)\n"
     assert pod.methods == [("notify", {"message": f"message {i}", "id": f"run-{i}"})
                            for i in range(1, 1001)]
     assert pod.connections == 1
@@ -29,10 +29,10 @@ def test_blank_lines_are_skipped_but_counted(cli, fake):
     r = cli("pod", "send", "--lines", "--json", "--id", "b", "B", "-",
             input="first\n\n   \nfourth\r\nfifth")
     assert r.exit_code == 0, r
-    assert r.json == {"ok": True, "target": "B", "source": None, "id_prefix": "b",
-                      "messages": 3, "first_id": "b-1", "last_id": "b-5", "skipped_blank": 2,
-                      "acknowledged": True, "acknowledged_count": 3,
-                      "deduplicates_retries": True}
+    assert r.json == {"ok": True, "pod_name": "B", "source": None, "id_prefix": "b",
+                      "messages": 3, "first_id": "b-1", "last_id": "b-5", "lines_read": 5,
+                      "skipped_blank": 2, "acknowledged": True, "acknowledged_count": 3,
+                      "interrupted": False, "deduplicates_retries": True}
     assert [(p["id"], p["message"]) for _, p in pod.methods] == \
         [("b-1", "first"), ("b-4", "fourth"), ("b-5", "fifth")]
 
@@ -76,16 +76,17 @@ def test_closed_midway_names_what_is_in_doubt(cli, fake):
     r = cli("pod", "send", "--lines", "--json", "--id", "k", "--timeout", "2", "B",
             input=numbered(50))
     assert r.exit_code == 1, r
-    err = r.json["error"]
-    assert err["acknowledged_count"] == 10
-    assert err["acknowledged"] is False
-    assert err["refused"] == []
-    doubt = err["not_acknowledged"] + err["not_sent"]
+    doc, err = r.json, r.json["error"]
+    assert doc["acknowledged_count"] == 10
+    assert doc["acknowledged"] is False
+    assert doc["refused"] == []
+    doubt = doc["not_acknowledged"] + doc["not_sent"]
     assert sorted(doubt, key=lambda i: int(i[2:])) == [f"k-{i}" for i in range(11, 51)]
-    assert "k-11" in err["not_acknowledged"]
+    assert "k-11" in doc["not_acknowledged"]
     assert err["message"].startswith("40 of 50 messages to B not acknowledged; "
                                      "the Pod closed the connection")
-    assert err["message"].endswith("; retry with --id k")
+    assert err["message"].endswith("; retry with --id k over the same input "
+                                   "(what was delivered is not delivered again)")
     assert pod.notified_ids()[:11] == [f"k-{i}" for i in range(1, 12)]
 
 
@@ -94,11 +95,11 @@ def test_refusal_stops_the_stream_and_exits_4(cli, fake):
     r = cli("pod", "send", "--lines", "--json", "--id", "f", "--timeout", "2", "B",
             input=numbered(20))
     assert r.exit_code == 4, r
-    err = r.json["error"]
-    assert err["acknowledged_count"] == 5
-    assert err["refused"][0] == "f-6"
-    assert err["not_acknowledged"] == []
-    assert sorted(err["refused"] + err["not_sent"], key=lambda i: int(i[2:])) == \
+    doc, err = r.json, r.json["error"]
+    assert doc["acknowledged_count"] == 5
+    assert doc["refused"][0] == "f-6"
+    assert doc["not_acknowledged"] == []
+    assert sorted(doc["refused"] + doc["not_sent"], key=lambda i: int(i[2:])) == \
         [f"f-{i}" for i in range(6, 21)]
     assert err["message"].startswith("15 of 20 messages to B not acknowledged; "
                                      "B refused f-6: source is not a peer of this Pod "
@@ -111,9 +112,8 @@ def test_silent_server_times_out_with_everything_in_doubt(cli, fake):
     r = cli("pod", "send", "--lines", "--json", "--id", "s", "--timeout", "0.5", "B",
             input=numbered(3))
     assert r.exit_code == 5, r
-    err = r.json["error"]
-    assert err["not_acknowledged"] == ["s-1", "s-2", "s-3"]
-    assert "timed out after 0.5s without progress" in err["message"]
+    assert r.json["not_acknowledged"] == ["s-1", "s-2", "s-3"]
+    assert "timed out after 0.5s without progress" in r.json["error"]["message"]
 
 
 def test_no_wait_is_refused_with_lines(cli, fake):
@@ -143,14 +143,20 @@ def test_an_error_that_overtakes_an_acknowledgement_refuses_the_right_message(st
     assert isinstance(batch.failure, Refused)
 
 
-def test_one_bad_line_sends_nothing(cli, fake):
+def test_a_bad_line_stops_the_stream_there(cli, fake):
+    """Lines are sent as they are read, so the lines before a bad one are delivered;
+    nothing from the bad line on is sent, and the report says where it stopped."""
     pod = fake(fake_pods.good)
     big = "y" * (protocol.MAX_METHOD_LINE + 1)
-    r = cli("pod", "send", "--lines", "B", input=f"fine\n{big}\nfine too\n")
+    r = cli("pod", "send", "--lines", "--json", "--id", "v", "B",
+            input=f"fine\n{big}\nfine too\n")
     assert r.exit_code == 2, r
-    assert r.stderr.startswith("yoi: error: line 2: message too long")
+    assert r.stderr.startswith("yoi: error: 0 of 1 messages to B not acknowledged; "
+                               "line 2: message too long"), r
     assert str(protocol.MAX_METHOD_LINE) in r.stderr
-    assert pod.connections == 0
+    assert pod.notified_ids() == ["v-1"]
+    assert (r.json["acknowledged_count"], r.json["lines_read"]) == (1, 2)
+    assert r.json["error"]["code"] == "usage"
 
 
 @pytest.mark.parametrize("data", ["", "\n\n  \n"], ids=["empty", "blank"])
@@ -159,7 +165,7 @@ def test_no_messages_is_a_usage_error(cli, fake, data):
     r = cli("pod", "send", "--lines", "B", input=data)
     assert r.exit_code == 2, r
     assert "no messages" in r.stderr
-    assert pod.connections == 0
+    assert pod.methods == []
 
 
 def test_lines_rejects_a_message_argument(cli, fake):

@@ -76,14 +76,14 @@ def test_peer_message_is_recorded_once_with_source_id_and_body(run_yoi, state, p
                          "body": notification_body("[Peer message from `A`]\nhello B"),
                          "source": "A", "id": "m-1",
                          "at": item["at"]}}
-    assert r.json == {"ok": True, "target": "B", "source": "A", "id": "m-1",
+    assert r.json == {"ok": True, "pod_name": "B", "source": {"pod_name": "A"}, "id": "m-1",
                       "acknowledged": True, "at": item["at"], "deduplicates_retries": True}
 
 
 def test_operator_notification_has_no_source(run_yoi, state, pair):
     r = run_yoi("pod", "send", "--id", "op-1", "B", "-", input="deploy finished\n")
     assert r.exit_code == 0, r
-    assert r.stdout == "delivered to B (id op-1)\n"
+    assert r.stdout == "delivered to B as operator (id op-1)\n"
     [item] = notifications(state, "B")
     assert (item["message"], item["body"], item["id"]) == \
         ("deploy finished", notification_body("deploy finished"), "op-1")

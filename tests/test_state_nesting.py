@@ -40,7 +40,7 @@ def test_a_nested_metadata_file_is_corrupt_for_every_command(state, run_yoi, con
     no_traceback(r)
     assert r.exit_code == 0, r
     assert [line.split() for line in r.stdout.splitlines()[1:]] == [
-        ["a", "-", "no", "corrupt"], ["b", "0", "no", "ok"]]
+        ["a", "-", "no", "corrupt"], ["b", "0", "no", "readable"]]
     r = run_yoi("doctor")
     no_traceback(r)
     assert r.exit_code == 1, r
@@ -95,7 +95,7 @@ def test_a_nested_session_line_is_skipped_kept_and_reported(state, run_yoi, star
     assert r.stdout.splitlines()[0] == (
         "session-unreadable a: 1 line(s) do not parse (not JSON, or nested too deep): "
         "line 2; the Pod and `yoi pod log` keep and skip them. To drop them, stop the Pod and "
-        f"delete those lines by hand ({log}) [not fixable]")
+        f"delete those lines by hand ({log}) [error, not fixable]")
     assert log.read_bytes().startswith(ENTRY + DEEP_LINE + ENTRY3)  # kept
 
 

@@ -86,7 +86,7 @@ def test_a_receiver_out_of_space_is_a_failure_to_retry_not_a_refusal(small_disk,
 
     os.unlink(state.root.parent / "filler")  # room again: the same id delivers, once
     r = run_yoi("pod", "send", "--id", "full-1", "t", "hello")
-    assert r.exit_code == 0 and r.stdout == "delivered to t (id full-1)\n", r
+    assert r.exit_code == 0 and r.stdout == "delivered to t as operator (id full-1)\n", r
     r = run_yoi("pod", "send", "--id", "full-1", "t", "hello")
     assert r.exit_code == 0, r
     ids = [json.loads(line)["id"]

@@ -140,7 +140,9 @@ def test_create_existing_pod(state):
     first, _ = store.create(state, "a")
     with pytest.raises(AlreadyExists, match="Pod 'a' already exists"):
         store.create(state, "a", exec_cmd="other")
-    again, created = store.create(state, "a", exec_cmd="other", exist_ok=True)
+    with pytest.raises(AlreadyExists, match="already exists with other settings"):
+        store.create(state, "a", exec_cmd="other", exist_ok=True)
+    again, created = store.create(state, "a", exist_ok=True)
     assert (again, created) == (first, False)
 
 
@@ -203,7 +205,8 @@ def test_remove_drops_the_pod_from_every_peer_and_keeps_other_relations(state):
     peers.register(state, "a", "c")
     store.update(state, "a", lambda d: {**d, "extra": "kept"})
     result = store.remove(state, "b")
-    assert result == {"pod": "b", "peers_updated": ["a", "c"]}
+    assert result == {"pod_name": "b", "removed": True,
+                      "peers_updated": [{"pod_name": "a"}, {"pod_name": "c"}]}
     assert not state.pod_dir("b").exists()
     assert metadata.peer_names(store.read(state, "a")) == ["c"]
     assert metadata.peer_names(store.read(state, "c")) == ["a"]
@@ -216,7 +219,7 @@ def test_remove_drops_the_pod_from_every_peer_and_keeps_other_relations(state):
 def test_remove_with_a_dangling_peer_entry(state):
     store.create(state, "a")
     store.update(state, "a", lambda d: {**d, "peers": [{"pod_name": "gone"}]})
-    assert store.remove(state, "a") == {"pod": "a", "peers_updated": []}
+    assert store.remove(state, "a") == {"pod_name": "a", "removed": True, "peers_updated": []}
     assert not state.pod_dir("a").exists()
 
 

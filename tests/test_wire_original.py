@@ -290,10 +290,11 @@ def messages(pod) -> list[dict]:
 def test_send_to_the_original_is_acknowledged_by_its_message(cli, original):
     pod = original(fake_pods.original)
     r = cli("pod", "send", "--id", "o-1", "B", "hello")
-    assert (r.exit_code, r.stdout, r.stderr) == (0, "delivered to B (id o-1)\n", NOTE), r
+    assert (r.exit_code, r.stdout, r.stderr) == (
+        0, "delivered to B as operator (id o-1)\n", NOTE), r
     r = cli("pod", "send", "--json", "--id", "o-2", "B", "again")
     assert r.exit_code == 0, r
-    assert r.json == {"ok": True, "target": "B", "source": None, "id": "o-2",
+    assert r.json == {"ok": True, "pod_name": "B", "source": None, "id": "o-2",
                       "acknowledged": True, "at": None, "deduplicates_retries": False}
     assert r.stderr == ""
     assert messages(pod) == [{"message": "hello", "id": "o-1"},
@@ -312,7 +313,7 @@ def test_lines_to_the_original_operator_and_peer(cli, original):
     pod = original(fake_pods.original)
     r = cli("pod", "send", "--lines", "--id", "L", "B", input="one\ntwo\n\none\n")
     assert (r.exit_code, r.stdout, r.stderr) == (
-        0, "delivered 3 messages to B (ids L-1 .. L-4)\n", NOTE), r
+        0, "delivered 3 messages to B as operator (ids L-1 .. L-4)\n", NOTE), r
     assert [m["message"] for m in messages(pod)] == ["one", "two", "one"]
     r = cli("pod", "send", "--lines", "--from", "A", "--json", "B", input="x\ny\n")
     assert r.exit_code == 0, r

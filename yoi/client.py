@@ -329,8 +329,14 @@ def request(path: str | os.PathLike, method_line: bytes, answers: set[str],
         return conn.wait_for(answers, timeout, what, match)
 
 
-def ack_id(data: dict) -> object:
-    """The message id a ``system_item``'s data carries (in ``item``, else in ``data``)."""
+def acknowledged_id(name: str, data: dict) -> object:
+    """The message id that the event NAME with DATA acknowledges, or None.
+
+    The one place that knows what an acknowledgement looks like: the broadcast
+    ``system_item`` carrying the message's id (in ``item``, else in ``data``).
+    """
+    if name != "system_item":
+        return None
     item = data.get("item")
     if isinstance(item, dict) and "id" in item:
         return item["id"]
@@ -346,8 +352,8 @@ def ack_message(data: dict) -> object:
 
 
 def notify_ack_matches(msg_id: str):
-    """Predicate: a ``system_item`` whose id is MSG_ID."""
-    return lambda data: ack_id(data) == msg_id
+    """Predicate on a ``system_item``'s data: it acknowledges MSG_ID."""
+    return lambda data: acknowledged_id("system_item", data) == msg_id
 
 
 def ack_key(supports):
@@ -358,7 +364,9 @@ def ack_key(supports):
     notification whose ``message`` equals the one sent, and a retry cannot
     be told from a new message.
     """
-    return ack_id if "id" in supports else ack_message
+    if "id" in supports:
+        return lambda data: acknowledged_id("system_item", data)
+    return ack_message
 
 
 def sent_key(line: bytes, supports) -> object:
@@ -437,15 +445,26 @@ UNSENT, SENT, ACKED, REFUSED, FAILED = 0, 1, 2, 3, 4  # FAILED: the Pod could no
 
 
 class Batch:
-    """The outcome of ``notify_pipelined``: one status per message, the first failure."""
+    """The outcome of ``notify_pipelined``: one status per message, the first failure.
 
-    def __init__(self, ids: list[str]):
-        self.ids = ids
-        self.status = bytearray(len(ids))  # UNSENT / SENT (in flight) / ACKED / REFUSED / FAILED
+    ``interrupted`` is set when an interrupt (SIGINT, SIGTERM, SIGHUP under
+    ``Interrupts``) stopped the run; ``complete`` when the input was read to
+    its end."""
+
+    def __init__(self, ids=()):
+        self.ids: list[str] = list(ids)
+        self.status = bytearray(len(self.ids))  # UNSENT / SENT / ACKED / REFUSED / FAILED
         self.acked = 0
         self.refused = 0  # error events received: one per refused (or failed) message
         self.failure: Exception | None = None
         self.supports: frozenset = frozenset()  # what the Pod announced
+        self.interrupted = False
+        self.complete = False
+
+    def add(self, msg_id: str) -> int:
+        self.ids.append(msg_id)
+        self.status.append(UNSENT)
+        return len(self.ids) - 1
 
     def with_status(self, status: int) -> list[str]:
         st = self.status
@@ -456,45 +475,133 @@ class Batch:
             self.failure = err
 
 
-def notify_pipelined(path: str | os.PathLike, lines, ids: list[str],
-                     timeout: float = DEFAULT,
-                     chunk_bytes: int = 256 << 10, in_flight: int = MAX_IN_FLIGHT) -> Batch:
-    """Send encoded ``notify`` LINES (ids IDS) over one connection, pipelined.
+class ListFeed:
+    """Messages known up front: encoded LINES with ids IDS; LINES may also be a
+    function of what the Pod supports that returns them."""
 
-    LINES is a list of encoded lines, or a function of what the Pod supports
-    (``Connection.supports``) that returns it.
+    fd = None  # nothing to wait for
 
-    One thread, one non-blocking socket, ``poll``: lines are written in chunks
-    of whole lines while events are read, so neither side blocks the other.
+    def __init__(self, lines, ids: list[str]):
+        self.lines, self.ids = lines, ids
+        self.supports: frozenset = frozenset()  # set once connected
+        self.exhausted = False
+        self.error: Exception | None = None
+
+    def pull(self) -> list[tuple[str, bytes]]:
+        lines = self.lines(self.supports) if callable(self.lines) else self.lines
+        self.exhausted = True
+        self.lines = []
+        return list(zip(self.ids, lines))
+
+
+class Interrupts:
+    """While active (main thread only), SIGINT, SIGTERM and SIGHUP ask a pipelined
+    send to stop cleanly instead of killing it: the first one sets ``requested``
+    (and wakes its poll through ``fd``), a second one raises KeyboardInterrupt."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self):
+        self.requested = False
+        self.fd: int | None = None
+
+    def __enter__(self) -> "Interrupts":
+        import signal
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.fd = self._r
+        self._old_wakeup = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        self._old = {}
+
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self._old[sig] = signal.signal(sig, handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is None:
+            return
+        import signal
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        signal.set_wakeup_fd(self._old_wakeup)
+        os.close(self._r)
+        os.close(self._w)
+        self.fd = None
+
+    def drain(self) -> None:
+        try:
+            while os.read(self._r, 64):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+
+def notify_pipelined(path: str | os.PathLike, lines=None,
+                     ids: list[str] | None = None, timeout: float = DEFAULT,
+                     chunk_bytes: int = 256 << 10, in_flight: int = MAX_IN_FLIGHT,
+                     feed=None, interrupts: Interrupts | None = None,
+                     on_open=None) -> Batch:
+    """Send encoded ``notify`` lines over one connection, pipelined.
+
+    The messages are LINES with ids IDS (LINES may be a function of what the Pod
+    supports that returns them), or come from FEED as they arrive: an object
+    with ``supports`` (set to what the Pod announced once connected, so that
+    lines are encoded for it), ``fd`` (a descriptor to wait on for more input, or None),
+    ``pull()`` -> ``[(id, line), ...]`` (called when ``fd`` is readable, or at
+    once when it is None; it must not block), ``exhausted`` (no more will
+    come) and ``error`` (why the input stopped early, e.g. a bad line; it
+    becomes the batch's failure). Each message is written as soon as it is
+    pulled and the in-flight bound allows.
+
+    One thread, one socket, ``poll``: lines are written in chunks of whole
+    lines while events are read, so neither side blocks the other.
     Acknowledgements are matched by id (by message, in order, from a Pod
-    without ids: see ``ack_key``). The Pod answers every method either
-    with the acknowledgement or with an ``error`` event (which carries no id
-    and may overtake an acknowledgement still being committed), so errors are
-    counted: once acknowledgements plus errors cover every message written,
-    the messages left unacknowledged are exactly the refused ones. The first
-    error also stops further writing (a refusal here means the relation
-    changed; the rest would be refused too). At most IN_FLIGHT bytes of
-    lines (but always at least one line) are written and not yet
-    acknowledged, so the echoed acknowledgements cannot pile up in the Pod
-    faster than they are read.
+    without ids: see ``ack_key``). The Pod answers
+    every method either with the acknowledgement or with an ``error`` event
+    (which carries no id and may overtake an acknowledgement still being
+    committed), so errors are counted: once acknowledgements plus errors cover
+    every message written, the messages left unacknowledged are exactly the
+    refused ones. The first error also stops further writing (a refusal here
+    means the relation changed; the rest would be refused too). At most
+    IN_FLIGHT bytes of lines (but always at least one line) are written and
+    not yet acknowledged, so the echoed acknowledgements cannot pile up in the
+    Pod faster than they are read; no more input is pulled while the window
+    is full.
+
+    With INTERRUPTS, the first interrupt stops pulling input and writing new
+    lines; the messages in flight are still awaited (bounded by TIMEOUT), so
+    the batch tells exactly what was acknowledged (``Batch.interrupted``).
 
     The deadline is progress-based: ``TimedOut`` once TIMEOUT seconds pass
-    with neither a byte written nor an answer received. A failure before the
-    first write raises; later ones end up in ``Batch.failure``, with the
-    messages in doubt left in status SENT.
+    with messages in flight and neither a byte written nor an answer
+    received; waiting for input has no deadline. A failure before the first
+    write raises; later ones end up in ``Batch.failure``, with the messages in
+    doubt left in status SENT. ON_OPEN() is called once connected.
     """
-    batch = Batch(ids)
+    if feed is None:
+        feed = ListFeed(lines or [], ids or [])
+    batch = Batch()
     conn = open_for_sending(path, timeout)
-    batch.supports = conn.supports
+    batch.supports = feed.supports = conn.supports
+    if on_open is not None:
+        on_open()
+    pipe = _Pipeline(conn, feed, batch, timeout, chunk_bytes, in_flight, interrupts)
     try:
-        if callable(lines):
-            lines = lines(conn.supports)
-        pipe = _Pipeline(conn, lines, batch, timeout, chunk_bytes, in_flight)
         pipe.run()
     except (Failed, Unreachable) as e:
         batch.fail(e)
     except OSError as e:
         batch.fail(Failed(f"talking to {conn.path}: {e.strerror or e}"))
+    except KeyboardInterrupt:  # a second interrupt: stop waiting, report what is known
+        batch.interrupted = True
     finally:
         conn.close()
     return batch
@@ -503,47 +610,89 @@ def notify_pipelined(path: str | os.PathLike, lines, ids: list[str],
 class _Pipeline:
     """The state of one ``notify_pipelined`` run (see there)."""
 
-    def __init__(self, conn: Connection, lines: list[bytes], batch: Batch, timeout: float,
-                 chunk_bytes: int, in_flight: int):
-        self.conn, self.lines, self.batch = conn, lines, batch
+    def __init__(self, conn: Connection, feed, batch: Batch, timeout: float,
+                 chunk_bytes: int, in_flight: int, interrupts: Interrupts | None):
+        self.conn, self.feed, self.batch = conn, feed, batch
         self.timeout, self.chunk_bytes, self.in_flight = timeout, chunk_bytes, in_flight
+        self.interrupts = interrupts
+        self.lines: list[bytes] = []  # by message index; emptied once acknowledged
         self.by_id = "id" in batch.supports
-        if self.by_id:
-            self.index = {mid: i for i, mid in enumerate(batch.ids)}
-        else:  # message -> the indices sent with it, in order (the same text may repeat)
-            self.waiting: dict[object, deque] = {}
-            for i, line in enumerate(lines):
-                self.waiting.setdefault(sent_key(line, batch.supports), deque()).append(i)
+        # by id: id -> message index; from a Pod without ids: message -> the indices
+        # sent with it, in order (the same text may repeat)
+        self.index: dict = {}
         self.scanned = 0    # bytes of conn.buf known to hold no newline
         self.queued = 0     # messages before this one are written or being written
         self.unacked = 0    # bytes of the lines written (or being written), not acknowledged
+        self.pending = 0    # bytes of the lines pulled but not yet written
         self.view = None    # the rest of the chunk being written
         self.stop = False
         self.refusal = None
         self.last = time.monotonic()  # the last progress
 
+    def _pull(self) -> None:
+        feed, batch = self.feed, self.batch
+        for msg_id, line in feed.pull():
+            i = batch.add(msg_id)
+            if self.by_id:
+                self.index[msg_id] = i
+            else:
+                self.index.setdefault(sent_key(line, batch.supports), deque()).append(i)
+            self.lines.append(line)
+            self.pending += len(line)
+        if feed.error is not None:  # what came before the bad input is still sent
+            batch.fail(feed.error)
+        elif feed.exhausted:
+            batch.complete = True
+
+    def _wants_input(self) -> bool:
+        return (not self.stop and not self.feed.exhausted
+                and self.unacked + self.pending < self.in_flight)
+
     def run(self) -> None:
-        batch, n = self.batch, len(self.lines)
+        batch = self.batch
         self.conn.sock.setblocking(False)
         poller = select.poll()
         fd = self.conn.sock.fileno()
+        in_fd = self.feed.fd
+        stop_fd = self.interrupts.fd if self.interrupts is not None else None
+        if stop_fd is not None:
+            poller.register(stop_fd, select.POLLIN)
         while True:
+            if stop_fd is not None and self.interrupts.requested and not batch.interrupted:
+                batch.interrupted = self.stop = True
+                self.last = time.monotonic()  # the in-flight wait gets a whole TIMEOUT
+            if in_fd is None and self._wants_input():
+                self._pull()
             self._read_answers()
             if self.view is None:
                 self._next_chunk()
-            if (self.view is None and batch.acked + batch.refused >= self.queued
-                    and (self.stop or self.queued == n)):
+            outstanding = self.queued - batch.acked - batch.refused
+            if self.view is None and outstanding <= 0 and (
+                    self.stop or (self.feed.exhausted and self.queued == len(self.lines))):
                 break
-            remaining = self.last + self.timeout - time.monotonic()
-            if remaining <= 0:
-                pending = self.queued - batch.acked - batch.refused
-                raise TimedOut(f"timed out after {self.timeout:g}s without progress sending to "
-                               f"{self.conn.path} ({pending} in flight, {n - self.queued} "
-                               "not sent)")
+            if self.view is not None or outstanding > 0:
+                remaining = self.last + self.timeout - time.monotonic()
+                if remaining <= 0:
+                    raise TimedOut(
+                        f"timed out after {self.timeout:g}s without progress sending to "
+                        f"{self.conn.path} ({outstanding} in flight, "
+                        f"{len(self.lines) - self.queued} not sent)")
+            else:
+                remaining = POLL_CHUNK  # only waiting for input: no deadline
             poller.register(fd, select.POLLIN | (select.POLLOUT if self.view is not None else 0))
+            reading = in_fd is not None and self._wants_input()
+            if reading:
+                poller.register(in_fd, select.POLLIN)
             ready = poller.poll(min(remaining, POLL_CHUNK) * 1000 + 1)
-            if ready:
-                self._io(ready[0][1])
+            if reading:
+                poller.unregister(in_fd)
+            for ready_fd, events in ready:
+                if ready_fd == fd:
+                    self._io(events)
+                elif ready_fd == in_fd:
+                    self._pull()
+                elif ready_fd == stop_fd:
+                    self.interrupts.drain()
         if self.refusal is not None:
             status, q = batch.status, self.queued
             answered = FAILED if isinstance(self.refusal, PodFailed) else REFUSED
@@ -570,24 +719,25 @@ class _Pipeline:
                 name, data = protocol.parse_event(line)
             except protocol.ProtocolError as e:
                 raise self.conn._malformed(str(e))
-            if name == "system_item":
-                i = self._acknowledged(data)
-                if i is not None and status[i] == SENT:
-                    status[i] = ACKED
-                    batch.acked += 1
-                    self.unacked -= len(self.lines[i])
-                    self.last = time.monotonic()
-            elif name == "error":
+            if name == "error":
                 batch.refused += 1
                 self.refusal = self.refusal or _refusal(data)
                 self.stop = True
+                self.last = time.monotonic()
+                continue
+            i = self._acknowledged(data) if name == "system_item" else None
+            if i is not None and status[i] == SENT:
+                status[i] = ACKED
+                batch.acked += 1
+                self.unacked -= len(self.lines[i])
+                self.lines[i] = b""  # a long stream keeps only the ids of what is done
                 self.last = time.monotonic()
 
     def _acknowledged(self, data: dict) -> int | None:
         """The index of the message a ``system_item`` acknowledges, if one of ours."""
         if self.by_id:
-            return self.index.get(ack_id(data))
-        waiting = self.waiting.get(ack_message(data))
+            return self.index.get(acknowledged_id("system_item", data))
+        waiting = self.index.get(ack_message(data))
         if waiting and self.batch.status[waiting[0]] == SENT:
             return waiting.popleft()
         return None
@@ -608,6 +758,7 @@ class _Pipeline:
             self.batch.status[q:j] = bytes([SENT]) * (j - q)
             self.queued = j
             self.unacked += size
+            self.pending -= size
 
     def _io(self, events: int) -> None:
         sock = self.conn.sock

@@ -76,9 +76,8 @@ def probe_status(state: State, name: str, timeout: float) -> dict:
     path = state.socket_path(name, doc)
     live = probe(path, timeout) if running else probe_result(path, error="not running")
     pid = holder_pid(state.runtime_lock_path(name)) if running else None
-    return {"pod_name": name, "live": live["reachable"], "running": running,
-            "status": live.get("status"), "pid": pid, "socket_path": str(path),
-            "exec": (doc.get("runtime") or {}).get("exec"), "error": live["error"]}
+    return {"pod_name": name, "running": running, "pid": pid,
+            "exec": (doc.get("runtime") or {}).get("exec"), "live": live}
 
 
 # -- start ---------------------------------------------------------------------
@@ -86,7 +85,7 @@ def probe_status(state: State, name: str, timeout: float) -> dict:
 def _already_running(name: str, lock: Path) -> Busy:
     pid = holder_pid(lock)
     return Busy(f"Pod {name!r} is already running" + (f" (pid {pid})" if pid else ""),
-                pod=name, pid=pid)
+                pod_name=name, pid=pid)
 
 
 def start(state: State, name: str, exec_cmd: str | None = None,
@@ -139,17 +138,17 @@ def _wait_ready(state: State, name: str, child, timeout: float, log_path: Path,
                     raise _already_running(name, lock)
                 # busy for another reason (its metadata lock timed out): say what it said
                 raise Busy(f"Pod {name!r} could not start" + (f": {tail}" if tail else ""),
-                           pod=name, log=str(log_path), log_tail=tail)
+                           pod_name=name, log=str(log_path), log_tail=tail)
             raise Unreachable(f"Pod {name!r} exited with status {code} while starting"
                               + (f"; its log says: {tail}" if tail else ""),
-                              pod=name, log=str(log_path), log_tail=tail)
+                              pod_name=name, log=str(log_path), log_tail=tail)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             _stop_child(child)
             tail = _log_tail(log_path, log_start)
             raise Unreachable(f"Pod {name!r} did not answer within {timeout:g}s and was stopped"
                               + (f"; its log says: {tail}" if tail else ""),
-                              pod=name, log=str(log_path), log_tail=tail)
+                              pod_name=name, log=str(log_path), log_tail=tail)
         if os.path.exists(path) and lock_holder_pid(lock) == child.pid:
             try:
                 Connection.open(path, min(remaining, 2.0)).close()
@@ -211,14 +210,14 @@ def stop(state: State, name: str, timeout: float = DEFAULT, force: bool = False)
     if not force:
         raise Unreachable(f"Pod {name!r}" + (f" (pid {pid})" if pid else "")
                           + f" did not stop within {timeout:g}s; "
-                          f"`yoi pod stop {name} --force` kills it", pod=name, pid=pid)
+                          f"`yoi pod stop {name} --force` kills it", pod_name=name, pid=pid)
     def send(sig: int) -> None:
         holder = holder_pid(lock)
         if holder is None:
             if not is_locked(lock):
                 raise ProcessLookupError  # gone meanwhile: nothing to kill
             raise Failed(f"cannot tell which process holds {lock}; not killing anything",
-                         pod=name)
+                         pod_name=name)
         try:
             os.kill(holder, sig)
         except ProcessLookupError:
@@ -230,10 +229,28 @@ def stop(state: State, name: str, timeout: float = DEFAULT, force: bool = False)
     try:
         result["forced"] = terminate(send, gone, grace=min(max(timeout, 1.0), 5.0))
     except StillThere:
-        raise Failed(f"Pod {name!r} still holds its runtime lock after SIGKILL", pod=name)
+        raise Failed(f"Pod {name!r} still holds its runtime lock after SIGKILL", pod_name=name)
     result["stale_socket_removed"] = clean_stale(state, name)
     result.update(stopped=True, message=f"stopped ({result['forced']})")
     return result
+
+
+def stop_labelled(state: State, labels: dict[str, str], timeout: float = DEFAULT,
+                  force: bool = False) -> tuple[list[dict], YoiError | None]:
+    """Stop every Pod carrying LABELS, one after the other; one that fails does not
+    keep the others running. Returns (one result per Pod, the first error)."""
+    from yoi.metadata import has_labels
+    results, first = [], None
+    for pod in store.list_all(state):
+        if pod.doc is None or not has_labels(pod.doc, labels):
+            continue
+        try:
+            results.append(stop(state, pod.name, timeout=timeout, force=force))
+        except YoiError as e:
+            first = first or e
+            results.append({"pod_name": pod.name, "stopped": False, "forced": None,
+                            "pid": None, "message": f"not stopped: {e.message}"})
+    return results, first
 
 
 def _wait_unlocked(lock: Path, deadline: float) -> bool:

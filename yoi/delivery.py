@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 
 from yoi import client, protocol
-from yoi.errors import NotFound, Refused, Unreachable, UsageError, YoiError
+from yoi.errors import Interrupted, Refused, Unreachable, UsageError, YoiError
 from yoi.metadata import has_peer
 from yoi.names import check_name
 from yoi.state import State
@@ -52,15 +52,6 @@ def message_from_stdin(raw: bytes) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
-def split_lines(raw: bytes) -> list[str]:
-    """``--lines`` input: one message per line (``\\n`` or ``\\r\\n``)."""
-    text = decode(raw, "input")
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
-
-
 def encode(message: str, msg_id: str, source: str | None, where: str = "",
            supports=protocol.SUPPORTS) -> bytes:
     """The ``notify`` line for MESSAGE to a Pod that SUPPORTS (see
@@ -84,6 +75,12 @@ def check_id(msg_id: str, what: str = "--id") -> str:
     return msg_id
 
 
+def pod_ref(name: str | None) -> dict | None:
+    """A second Pod in a JSON document (``source``, ``peer``): ``{"pod_name": NAME}``,
+    or None (a message without a source is the operator's)."""
+    return None if name is None else {"pod_name": name}
+
+
 def _check_names(target: str, source: str | None) -> None:
     check_name(target, "target Pod name")
     if source is not None:
@@ -97,26 +94,31 @@ def resolve_target(state: State, target: str, source: str | None):
     """
     pod = read_pod_file(state, target)
     if not pod.exists:
-        raise NotFound(f"no such Pod: {target}", pod=target)
+        raise state.no_such_pod(target)
+    if source == target:
+        raise Refused(f"{source} cannot send itself a peer message; to notify it as the "
+                      f"operator, send without --from and with YOI_POD unset "
+                      f"(`yoi pod send --from '' {target} ...`)", pod_name=target,
+                      source=pod_ref(source))
     if source is not None:
         src = read_pod_file(state, source)
         if not src.exists:
-            raise NotFound(f"no such Pod: {source} (the source)", pod=source)
+            raise state.no_such_pod(source, "the source")
         if not has_peer(src.doc, target):
             raise Refused(f"not a peer: {source} does not list {target} as a peer "
                           f"(introduce them with `yoi pod peer register {source} {target}`)",
-                          source=source, target=target)
+                          pod_name=target, source=pod_ref(source))
     return state.socket_path(target, pod.doc)
 
 
 def _not_running(target: str, err: YoiError) -> Unreachable:
     return Unreachable(f"{target} is not running; start it with `yoi pod restore {target}`",
-                       pod=target, **err.details)
+                       pod_name=target, **err.details)
 
 
 def _refused(target: str, err: Refused, what: str = "the message") -> Refused:
     return Refused(f"{target} refused {what}: {err.details.get('pod_message', '')} "
-                   f"({err.details.get('pod_error', 'error')})", pod=target, **err.details)
+                   f"({err.details.get('pod_error', 'error')})", pod_name=target, **err.details)
 
 
 def _not_recorded(target: str, err: client.PodFailed, msg_id: str,
@@ -124,7 +126,7 @@ def _not_recorded(target: str, err: client.PodFailed, msg_id: str,
     """TARGET failed to record (e.g. its disk is full): exit 1, and a retry is safe."""
     return client.PodFailed(f"{target} could not record {what}: "
                             f"{err.details.get('pod_message', '')}; retry with --id {msg_id}",
-                            pod=target, id=msg_id, **err.details)
+                            pod_name=target, id=msg_id, **err.details)
 
 
 def send(state: State, target: str, message: str, *, source: str | None = None,
@@ -132,7 +134,7 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
          wait: bool = True) -> dict:
     """Send one message; with WAIT, return only once TARGET acknowledged it.
 
-    Returns ``{"target", "source", "id", "acknowledged", "at",
+    Returns ``{"pod_name": TARGET, "source", "id", "acknowledged", "at",
     "deduplicates_retries"}``.
     """
     _check_names(target, source)
@@ -150,8 +152,9 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
     except client.PodFailed as e:
         raise _not_recorded(target, e, msg_id)
     item = (data or {}).get("item") or {}
-    return {"target": target, "source": source, "id": msg_id, "acknowledged": wait,
-            "at": item.get("at"), "deduplicates_retries": "id" in supports}
+    return {"pod_name": target, "source": pod_ref(source), "id": msg_id,
+            "acknowledged": wait, "at": item.get("at"),
+            "deduplicates_retries": "id" in supports}
 
 
 def _abbrev(ids: list[str], most: int = 5) -> str:
@@ -159,49 +162,124 @@ def _abbrev(ids: list[str], most: int = 5) -> str:
     return shown + (f" and {len(ids) - most} more" if len(ids) > most else "")
 
 
-def send_lines(state: State, target: str, lines: list[str], *, source: str | None = None,
-               id_prefix: str | None = None,
-               timeout: float = DEFAULT) -> dict:
-    """Send every non-blank line as one message over one connection, pipelined.
+class LineFeed:
+    """``--lines`` input as messages, as it arrives (a feed of ``client.notify_pipelined``).
 
-    The message on input line N gets the id ``PREFIX-N`` (blank lines are
-    skipped but counted), so re-running the same input with the same prefix
-    retries exactly the messages that were not acknowledged. Every line is
-    checked before anything is sent. Returns a summary; if a message was not
-    acknowledged, raises the first failure's error type with the summary in
-    its details.
+    Line N (``\\n`` or ``\\r\\n``; a last line without a newline counts) is the
+    message with id ``PREFIX-N``; blank lines are counted but not sent. Reads
+    FD when ``pull`` is called (after poll said it is readable, so one read
+    does not block), or takes DATA, all of it known. A bad line (not UTF-8,
+    too long) stops the feed there with ``error`` set: the lines before it
+    are sent, nothing from it on.
+    """
+
+    def __init__(self, id_prefix: str, source: str | None, fd: int | None = None,
+                 data: bytes = b""):
+        self.id_prefix, self.source, self.fd = id_prefix, source, fd
+        self.supports = protocol.SUPPORTS  # what the Pod announced, once connected
+        self.buf = bytearray(data)
+        self.eof = fd is None
+        self.scan = 0           # bytes of buf known to hold no newline
+        self.lines = 0          # input lines read so far
+        self.blank = 0
+        self.exhausted = False
+        self.error: YoiError | None = None
+
+    def pull(self) -> list[tuple[str, bytes]]:
+        if self.fd is not None and not self.eof:
+            chunk = os.read(self.fd, 1 << 16)
+            if chunk:
+                self.buf += chunk
+            else:
+                self.eof = True
+        out: list[tuple[str, bytes]] = []
+        buf = self.buf
+        while True:
+            i = buf.find(b"\n", self.scan)
+            if i < 0:
+                if not (self.eof and buf):
+                    break
+                i = len(buf)
+            raw = bytes(buf[:i])
+            del buf[:i + 1]
+            self.scan = 0
+            self.lines += 1
+            try:
+                item = self._message(raw)
+            except YoiError as e:
+                self.error, self.exhausted = e, True
+                return out
+            if item is not None:
+                out.append(item)
+        self.scan = len(buf)
+        if len(buf) > protocol.MAX_METHOD_LINE:  # no message can come of it
+            self.error = UsageError(f"line {self.lines + 1}: message too long: over "
+                                    f"{protocol.MAX_METHOD_LINE} bytes (1 MiB) without a "
+                                    "newline")
+            self.exhausted = True
+        elif self.eof and not buf:
+            self.exhausted = True
+        return out
+
+    def _message(self, raw: bytes) -> tuple[str, bytes] | None:
+        n = self.lines
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        text = decode(raw, f"input on line {n}")
+        if not text.strip():
+            self.blank += 1
+            return None
+        msg_id = f"{self.id_prefix}-{n}"
+        if not protocol.is_valid_message_id(msg_id):
+            raise UsageError(f"line {n}: the id {msg_id!r} is too long: {_ID_RULE}")
+        return msg_id, encode(text, msg_id, self.source, f"line {n}: ", self.supports)
+
+
+def lines_prefix(id_prefix: str | None) -> str:
+    """The --lines id prefix: ID_PREFIX checked (room for '-1' included), else a random one."""
+    if id_prefix is None:
+        return new_id(6)
+    if not protocol.is_valid_message_id(f"{id_prefix}-1"):
+        raise UsageError(f"invalid --id prefix {id_prefix!r}: {_ID_RULE}, leaving room "
+                         "for '-N' (N the line number)")
+    return id_prefix
+
+
+def send_lines(state: State, target: str, *, source: str | None = None,
+               id_prefix: str | None = None, timeout: float = DEFAULT,
+               fd: int | None = None, data: bytes = b"",
+               interrupts: client.Interrupts | None = None, on_open=None) -> dict:
+    """Send every non-blank input line as one message over one connection, pipelined,
+    each as soon as it is read (from FD as it arrives, or from DATA).
+
+    The message on input line N gets the id ``PREFIX-N`` (ID_PREFIX is
+    checked by ``lines_prefix``), so re-running over the same input with the
+    same prefix delivers exactly the messages that were not acknowledged (the
+    Pod commits an id once and acknowledges a repeat again). Returns a
+    summary; if a message was not acknowledged, or INTERRUPTS stopped the
+    run, raises the matching error (``Interrupted`` for an interrupt) with the
+    summary in its data.
     """
     _check_names(target, source)
-    width = len(str(max(len(lines), 1)))
-    if id_prefix is None:
-        id_prefix = new_id(6)
-    elif not protocol.is_valid_message_id(id_prefix) or len(id_prefix) + 1 + width > 128:
-        raise UsageError(f"invalid --id prefix {id_prefix!r}: {_ID_RULE}, leaving room "
-                         f"for '-{len(lines)}'")
-    numbered = [(n, text) for n, text in enumerate(lines, 1) if text.strip()]
-    if not numbered:
-        raise UsageError("no messages: the input has no non-blank line")
-    ids = [f"{id_prefix}-{n}" for n, _ in numbered]
-
-    def encoded(supports=protocol.SUPPORTS) -> list[bytes]:
-        return [encode(text, mid, source, f"line {n}: ", supports)
-                for (n, text), mid in zip(numbered, ids)]
-
-    the_lines = encoded()  # every line checked before anything is sent
+    id_prefix = lines_prefix(id_prefix)
     path = resolve_target(state, target, source)
+    feed = LineFeed(id_prefix, source, fd, data)
     try:
-        batch = client.notify_pipelined(
-            path, lambda supports: the_lines if source is None or "source" in supports
-            else encoded(supports), ids, timeout)
+        batch = client.notify_pipelined(path, timeout=timeout, feed=feed,
+                                        interrupts=interrupts, on_open=on_open)
     except client.NotRunning as e:
         raise _not_running(target, e)
-    summary = {"target": target, "source": source, "id_prefix": id_prefix,
-               "messages": len(ids), "first_id": ids[0], "last_id": ids[-1],
-               "skipped_blank": len(lines) - len(ids), "acknowledged": False,
-               "acknowledged_count": batch.acked,
+    ids = batch.ids
+    summary = {"pod_name": target, "source": pod_ref(source), "id_prefix": id_prefix,
+               "messages": len(ids), "first_id": ids[0] if ids else None,
+               "last_id": ids[-1] if ids else None, "lines_read": feed.lines,
+               "skipped_blank": feed.blank, "acknowledged": False,
+               "acknowledged_count": batch.acked, "interrupted": batch.interrupted,
                "deduplicates_retries": "id" in batch.supports}
-    if batch.failure is None:
-        summary["acknowledged"] = True
+    if batch.failure is None and not batch.interrupted:
+        if not ids:
+            raise UsageError("no messages: the input has no non-blank line", data=summary)
+        summary["acknowledged"] = batch.acked == len(ids)
         return summary
     raise _batch_failure(target, batch, summary, id_prefix)
 
@@ -215,6 +293,11 @@ def _batch_failure(target: str, batch, summary: dict, id_prefix: str) -> YoiErro
     not_sent = batch.with_status(client.UNSENT)
     summary.update(refused=refused, not_recorded=failed, not_acknowledged=in_doubt,
                    not_sent=not_sent)
+    resume = (f"retry with --id {id_prefix} over the same input "
+              "(what was delivered is not delivered again)" if "id" in batch.supports
+              else client.retry_advice(batch.supports, id_prefix))
+    if failure is None:  # interrupted, and nothing failed
+        failure = Interrupted("interrupted")
     parts = [f"{len(ids) - batch.acked} of {len(ids)} messages to {target} not acknowledged"]
     if isinstance(failure, Refused):
         parts.append(_refused(target, failure, refused[0] if refused else "a message").message)
@@ -225,6 +308,8 @@ def _batch_failure(target: str, batch, summary: dict, id_prefix: str) -> YoiErro
         parts.append(failure.message)
         if batch.refused:
             parts.append(f"{batch.refused} refused by {target}")
+    if batch.interrupted and not isinstance(failure, Interrupted):
+        parts.append("interrupted")
     if refused:
         parts.append(f"refused: {_abbrev(refused)}")
     if failed:
@@ -233,6 +318,9 @@ def _batch_failure(target: str, batch, summary: dict, id_prefix: str) -> YoiErro
         parts.append(f"may or may not have been delivered: {_abbrev(in_doubt)}")
     if not_sent:
         parts.append(f"not sent: {_abbrev(not_sent)}")
-    parts.append(client.retry_advice(batch.supports, id_prefix))
+    if not batch.complete and not isinstance(failure, UsageError):
+        parts.append(f"input read up to line {summary['lines_read']}")
+    parts.append(resume)
     details = {k: v for k, v in failure.details.items() if k not in summary}
-    return type(failure)("; ".join(parts), **details, **summary)
+    cls = Interrupted if batch.interrupted else type(failure)
+    return cls("; ".join(parts), data=summary, **details)

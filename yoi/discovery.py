@@ -29,7 +29,7 @@ from yoi import store
 from yoi.client import Connection, TimedOut
 from yoi.errors import YoiError
 from yoi.lock import is_locked
-from yoi.metadata import peer_names
+from yoi.metadata import has_labels, labels_of, peer_names
 from yoi.state import State
 from yoi.txn import read_pod_file
 
@@ -89,12 +89,16 @@ def probe_many(paths: list[Path], timeout: float = PROBE_TIMEOUT) -> list[dict]:
     return results  # type: ignore[return-value]
 
 
-def list_pods(state: State) -> list[dict]:
-    """Every Pod of the state directory with its peer count, probed concurrently."""
+def list_pods(state: State, labels: dict[str, str] | None = None) -> list[dict]:
+    """Every Pod of the state directory (only those with LABELS, if given) with its
+    peer count and labels, probed concurrently."""
     listed = store.list_all(state)
+    if labels:
+        listed = [p for p in listed if p.doc is not None and has_labels(p.doc, labels)]
     probes = probe_many([state.socket_path(p.name, p.doc) for p in listed])
     return [{"pod_name": p.name, "state": p.state,
-             "peers": len(peer_names(p.doc)) if p.doc else None, "live": live,
+             "peer_count": len(peer_names(p.doc)) if p.doc else None,
+             "labels": labels_of(p.doc), "live": live,
              "error": p.error.message if p.error else None}
             for p, live in zip(listed, probes)]
 

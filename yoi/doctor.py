@@ -76,6 +76,19 @@ CHECKS: dict[str, tuple[str, bool]] = {
                            False),
 }
 
+# Severities. A warning is a harmless leftover of a crash that `--fix`, or the
+# next start or command on that Pod, clears by itself: `yoi doctor` reports it
+# and still exits 0 (unless --strict), so it can gate a job after a crashed
+# one. Every other check is an error (exit 1).
+WARNINGS: frozenset[str] = frozenset({"stale-socket", "stale-pid", "temp-file", "staging-dir",
+                                      "session-torn"})
+ERROR, WARNING = "error", "warning"
+
+
+def severity(code: str) -> str:
+    return WARNING if code in WARNINGS else ERROR
+
+
 PROBE_TIMEOUT = 0.2
 PEERS_PER_LOCK = 64  # how many peers of one Pod are re-checked under one set of locks
 STATE_SUBDIRS = ("pods", "locks", "journal", "run")
@@ -93,27 +106,43 @@ class Problem:
     fixable: bool
     fixed: bool = False
 
+    @property
+    def severity(self) -> str:
+        return severity(self.code)
+
     def to_json(self) -> dict:
-        return {"code": self.code, "pod": self.pod, "path": self.path, "message": self.message,
-                "fixable": self.fixable, "fixed": self.fixed}
+        return {"code": self.code, "severity": self.severity, "pod_name": self.pod,
+                "path": self.path, "message": self.message, "fixable": self.fixable,
+                "fixed": self.fixed}
 
 
 @dataclass
 class Report:
     checked: dict[str, int]
     problems: list[Problem] = field(default_factory=list)
+    strict: bool = False  # warnings fail too
+    state_exists: bool = True
 
     @property
     def ok(self) -> bool:
-        """True when nothing is wrong, or everything found was fixed."""
-        return all(p.fixed for p in self.problems)
+        """True when no error (with STRICT: no problem at all) remains unfixed."""
+        return not any(self.failing(p) for p in self.problems)
+
+    def failing(self, p: Problem) -> bool:
+        return not p.fixed and (self.strict or p.severity == ERROR)
 
     @property
     def remaining(self) -> list[Problem]:
         return [p for p in self.problems if not p.fixed]
 
+    def count(self, level: str) -> int:
+        """Problems of severity LEVEL that remain unfixed."""
+        return sum(1 for p in self.remaining if p.severity == level)
+
     def to_json(self) -> dict:
-        return {"ok": self.ok, "checked": dict(self.checked),
+        return {"ok": self.ok, "strict": self.strict, "state_exists": self.state_exists,
+                "checked": dict(self.checked),
+                "errors": self.count(ERROR), "warnings": self.count(WARNING),
                 "problems": [p.to_json() for p in self.problems]}
 
 
@@ -128,10 +157,14 @@ def check_codes(codes: Iterable[str]) -> set[str]:
 
 
 def run(state: State, fix: bool = False, codes: Iterable[str] | None = None,
-        progress: Progress | None = None) -> Report:
-    """Check STATE (and with FIX repair it); only the checks in CODES if given."""
+        progress: Progress | None = None, strict: bool = False) -> Report:
+    """Check STATE (and with FIX repair it); only the checks in CODES if given.
+    With STRICT, warnings make the report fail too."""
     wanted = check_codes(codes) if codes else set(CHECKS)
-    return _Doctor(state, fix, wanted, progress).run()
+    report = _Doctor(state, fix, wanted, progress).run()
+    report.strict = strict
+    report.state_exists = _lstat(state.root) is not None
+    return report
 
 
 # -- small file helpers -------------------------------------------------------

@@ -74,3 +74,10 @@ class Unreachable(YoiError):
 class Busy(YoiError):
     exit_code = 6
     code = "busy"
+
+
+class Interrupted(YoiError):
+    """Stopped by SIGINT/SIGTERM/SIGHUP (exit 130, as a shell reports SIGINT)."""
+
+    exit_code = 130
+    code = "interrupted"

@@ -23,7 +23,8 @@ def utcnow() -> _dt.datetime:
 
 
 def new_record(name: str, exec_cmd: str | None = None, cwd: str | None = None,
-               accept_peers: bool = True, handler_timeout: float | None = None) -> dict:
+               accept_peers: bool = True, handler_timeout: float | None = None,
+               labels: dict[str, str] | None = None) -> dict:
     record: dict = {
         "schema": SCHEMA,
         "pod_name": name,
@@ -38,7 +39,54 @@ def new_record(name: str, exec_cmd: str | None = None, cwd: str | None = None,
         record["runtime"]["cwd"] = cwd
     if handler_timeout is not None:
         record["runtime"]["handler_timeout"] = handler_timeout
+    if labels:
+        record["labels"] = dict(sorted(labels.items()))
     return record
+
+
+# -- labels: KEY=VALUE tags a job puts on its Pods (`yoi pod list --label`) ----------
+
+LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}\Z", re.ASCII)
+LABEL_VALUE_MAX = 256
+
+
+def label_problem(key: object, value: object) -> str | None:
+    """What is wrong with the label KEY=VALUE, or None."""
+    if not isinstance(key, str) or not LABEL_KEY_RE.match(key):
+        return (f"label key {key!r}: use 1-63 characters of [A-Za-z0-9._/-], "
+                "starting with a letter or digit")
+    if not isinstance(value, str):
+        return f"label {key}: the value must be a string, not {value!r}"
+    if len(value) > LABEL_VALUE_MAX or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return (f"label {key}: the value must be at most {LABEL_VALUE_MAX} characters "
+                "without control characters")
+    return None
+
+
+def labels_of(doc: dict | None) -> dict[str, str]:
+    labels = (doc or {}).get("labels")
+    return dict(labels) if isinstance(labels, dict) else {}
+
+
+def has_labels(doc: dict | None, wanted: dict[str, str]) -> bool:
+    """True if DOC carries every label in WANTED with the same value."""
+    have = labels_of(doc)
+    return all(have.get(k) == v for k, v in wanted.items())
+
+
+def settings_of(doc: dict) -> dict:
+    """The settings a user gives (create, config, yoi.toml), as stored in DOC."""
+    runtime = doc.get("runtime") or {}
+    return {"exec": runtime.get("exec"), "cwd": runtime.get("cwd"),
+            "accept_peers": accepts_peers(doc),
+            "handler_timeout": runtime.get("handler_timeout"), "labels": labels_of(doc)}
+
+
+def setting_differences(doc: dict, wanted: dict) -> list[dict]:
+    """The settings in WANTED (keys of ``settings_of``) whose stored value differs."""
+    have = settings_of(doc)
+    return [{"setting": k, "stored": have[k], "given": v}
+            for k, v in wanted.items() if have[k] != v]
 
 
 def parse(text: bytes | str, path: Path | str, expect_name: str | None = None) -> dict:
@@ -98,6 +146,13 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)
                                   or (key == "handler_timeout" and not 0 < value < math.inf)):
             return f"runtime.{key} must be {what}, not {value!r}"
+    labels = doc.get("labels", {})
+    if not isinstance(labels, dict):
+        return "labels must be a table"
+    for key, value in labels.items():
+        problem = label_problem(key, value)
+        if problem:
+            return problem
     peers = doc.get("peers", [])
     if not isinstance(peers, list):
         return "peers must be an array of tables"

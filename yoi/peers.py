@@ -19,14 +19,14 @@ def _check_pair(source: str, target: str) -> None:
     check_name(source, "source Pod name")
     check_name(target, "target Pod name")
     if source == target:
-        raise Refused(f"a Pod cannot be its own peer ({source!r})", pod=source)
+        raise Refused(f"a Pod cannot be its own peer ({source!r})", pod_name=source)
 
 
 def _read_pair(locked, source: str, target: str):
     """Both records under the locks; SOURCE must exist (TARGET is the caller's call)."""
     a = locked.read(source)
     if not a.exists:
-        raise NotFound(f"no such Pod: {source} (source)", pod=source)
+        raise NotFound(f"no such Pod: {source} (source)", pod_name=source)
     return a, locked.read(target)
 
 
@@ -41,12 +41,12 @@ def register(state: State, source: str, target: str) -> dict:
     with lock_pods(state, [source, target]) as locked:
         a, b = _read_pair(locked, source, target)
         if not b.exists:
-            raise NotFound(f"no such Pod: {target} (target)", pod=target)
+            raise NotFound(f"no such Pod: {target} (target)", pod_name=target)
         a_has, b_has = metadata.has_peer(a.doc, target), metadata.has_peer(b.doc, source)
         if a_has and b_has:
             return {"source": source, "peer": target, "changed": False}
         if not metadata.accepts_peers(b.doc):
-            raise Refused(f"Pod {target!r} does not accept peers", pod=target)
+            raise Refused(f"Pod {target!r} does not accept peers", pod_name=target)
         now = metadata.utcnow()
         changes = []
         for pod, other, has in ((a, target, a_has), (b, source, b_has)):
@@ -69,7 +69,7 @@ def unregister(state: State, source: str, target: str) -> dict:
         a_has = metadata.has_peer(a.doc, target)
         b_has = b.exists and metadata.has_peer(b.doc, source)
         if not b.exists and not a_has:
-            raise NotFound(f"no such Pod: {target} (target)", pod=target)
+            raise NotFound(f"no such Pod: {target} (target)", pod_name=target)
         changes = []
         for pod, other, has in ((a, target, a_has), (b, source, b_has)):
             if has:
@@ -91,7 +91,7 @@ def list_peers(state: State, name: str) -> list[dict]:
     # interrupted is only set aside: its journal's rollback brings it back.
     if not state.pod_dir(name).exists() and not any(
             name in j.pods for j in list_journals(state)):
-        raise NotFound(f"no such Pod: {name}", pod=name)
+        raise state.no_such_pod(name)
     with lock_pods(state, [name]) as locked:
         pod = locked.require(name)
         out = []

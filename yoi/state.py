@@ -11,7 +11,7 @@ import stat
 from pathlib import Path
 
 from yoi import timeouts
-from yoi.errors import Failed
+from yoi.errors import Failed, NotFound
 from yoi.names import check_name, is_valid_name
 
 SUN_PATH_MAX = 107  # bytes usable in sockaddr_un.sun_path, without the NUL
@@ -120,6 +120,15 @@ class State:
         if not base or not os.path.isdir(base):
             base = os.path.join(tempfile.gettempdir(), f"yoi-{os.getuid()}")
         return Path(base) / f"{SHORT_DIR_PREFIX}{digest}"
+
+    def no_such_pod(self, name: str, role: str = "") -> NotFound:
+        """"no such Pod: NAME[ (ROLE)]", saying so when the whole state directory is
+        missing (a mistyped --state-dir or $YOI_HOME looks like a missing Pod)."""
+        notes = [role] if role else []
+        if not self.root.exists():
+            notes.append(f"no state directory at {self.root}")
+        extra = f" ({'; '.join(notes)})" if notes else ""
+        return NotFound(f"no such Pod: {name}{extra}", pod_name=name)
 
     # -- creation -----------------------------------------------------------
     def ensure(self) -> None:

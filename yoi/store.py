@@ -10,7 +10,7 @@ import os
 
 from yoi import metadata
 from yoi.atomic import atomic_write, fsync_dir
-from yoi.errors import AlreadyExists, Busy, NotFound, StorageError, UsageError, YoiError
+from yoi.errors import AlreadyExists, Busy, StorageError, UsageError, YoiError
 from yoi.lock import RUNTIME_LOCK_GRACE, lock_holder_pid, try_lock, write_pid
 from yoi.names import check_name
 from yoi.state import State, make_private_dir, refuse_symlink
@@ -24,7 +24,7 @@ def read(state: State, name: str) -> dict:
     check_name(name)
     pod = read_pod_file(state, name)
     if not pod.exists:
-        raise NotFound(f"no such Pod: {name}", pod=name)
+        raise state.no_such_pod(name)
     return pod.doc
 
 
@@ -37,11 +37,39 @@ def _utf8(value: str, what: str) -> str:
     return value
 
 
+def check_labels(labels: dict[str, str] | None) -> dict[str, str]:
+    """LABELS if every KEY=VALUE is valid (UsageError naming the first bad one)."""
+    for key, value in (labels or {}).items():
+        problem = metadata.label_problem(key, value)
+        if problem:
+            raise UsageError(f"invalid {problem}")
+    return dict(labels or {})
+
+
+def _differs(name: str, differences: list[dict]) -> AlreadyExists:
+    def show(v):
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}={x}" for k, x in sorted(v.items())) + "}"
+        return "none" if v is None else repr(v) if isinstance(v, str) else str(v).lower()
+    what = "; ".join(f"{d['setting']} is {show(d['stored'])}, not {show(d['given'])}"
+                     for d in differences)
+    return AlreadyExists(f"Pod {name!r} already exists with other settings ({what}); "
+                         f"change them with `yoi pod config {name}`", pod_name=name,
+                         differences=differences)
+
+
 def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None = None,
            accept_peers: bool = True, exist_ok: bool = False,
-           handler_timeout: float | None = None) -> tuple[dict, bool]:
-    """Create Pod NAME. Returns (record, created)."""
+           handler_timeout: float | None = None,
+           labels: dict[str, str] | None = None) -> tuple[dict, bool]:
+    """Create Pod NAME. Returns (record, created).
+
+    With EXIST_OK an existing Pod is accepted only if its settings are the
+    ones given (AlreadyExists naming each difference otherwise): "create" must
+    not silently keep another handler than the one asked for.
+    """
     check_name(name)
+    labels = check_labels(labels)
     if exec_cmd is not None:
         _utf8(exec_cmd, "handler command")
     if cwd is not None:
@@ -50,11 +78,16 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
         pod = locked.read(name)
         if pod.exists:
             if exist_ok:
+                differences = metadata.setting_differences(pod.doc, {
+                    "exec": exec_cmd, "cwd": cwd, "accept_peers": accept_peers,
+                    "handler_timeout": handler_timeout, "labels": labels})
+                if differences:
+                    raise _differs(name, differences)
                 return pod.doc, False
-            raise AlreadyExists(f"Pod {name!r} already exists", pod=name)
+            raise AlreadyExists(f"Pod {name!r} already exists", pod_name=name)
         remove_trash(state, name)
         record = metadata.new_record(name, exec_cmd=exec_cmd, cwd=cwd, accept_peers=accept_peers,
-                                     handler_timeout=handler_timeout)
+                                     handler_timeout=handler_timeout, labels=labels)
         # Build the directory aside and rename it into place: a crash leaves
         # either no Pod or a whole one.
         staging = state.pods_dir / f".{name}{CREATING_MARK}{os.getpid()}"
@@ -85,32 +118,71 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
 
 
 def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd=_UNSET,
-              handler_timeout=_UNSET) -> dict:
+              handler_timeout=_UNSET, labels=_UNSET, set_labels: dict[str, str] | None = None,
+              unset_labels=()) -> dict:
     """Change settings of NAME under its lock; everything else is preserved.
 
-    ``exec_cmd=None`` removes the handler command.
+    ``exec_cmd=None`` removes the handler command. LABELS replaces the whole
+    label table; SET_LABELS and UNSET_LABELS change single labels.
     """
     check_name(name)
     if exec_cmd is not _UNSET and exec_cmd is not None:
         _utf8(exec_cmd, "handler command")
     if cwd is not _UNSET:
         cwd = _utf8(os.path.abspath(cwd), "working directory")
+    if labels is not _UNSET:
+        labels = check_labels(labels)
+    set_labels = check_labels(set_labels)
     with lock_pods(state, [name]) as locked:
         doc = locked.require(name).doc
-        runtime = doc.setdefault("runtime", {})
-        if exec_cmd is not _UNSET:
-            if exec_cmd is None:
-                runtime.pop("exec", None)
-            else:
-                runtime["exec"] = exec_cmd
-        if cwd is not _UNSET:
-            runtime["cwd"] = cwd
-        if handler_timeout is not _UNSET:
-            runtime["handler_timeout"] = handler_timeout
-        if accept_peers is not _UNSET:
-            doc["accept_peers"] = bool(accept_peers)
+        given = (("exec", exec_cmd), ("cwd", cwd), ("accept_peers", accept_peers),
+                 ("handler_timeout", handler_timeout))
+        changes = {key: value for key, value in given if value is not _UNSET}
+        if labels is not _UNSET or set_labels or unset_labels:
+            new = metadata.labels_of(doc) if labels is _UNSET else labels
+            new.update(set_labels)
+            for key in unset_labels:
+                new.pop(key, None)
+            changes["labels"] = new
+        _apply_settings(doc, changes)
         locked.write_one(name, doc)
         return doc
+
+
+def _apply_settings(doc: dict, changes: dict) -> None:
+    """Set the settings in CHANGES (keys of ``metadata.settings_of``) in DOC; None for
+    exec or cwd, or no labels, removes them."""
+    runtime = doc.setdefault("runtime", {})
+    for key, value in changes.items():
+        if key in ("exec", "cwd", "handler_timeout"):
+            if value is None:
+                runtime.pop(key, None)
+            else:
+                runtime[key] = value
+        elif key == "accept_peers":
+            doc["accept_peers"] = bool(value)
+        elif value:
+            doc["labels"] = dict(sorted(value.items()))
+        else:
+            doc.pop("labels", None)
+
+
+def converge_settings(state: State, name: str, wanted: dict) -> list[str]:
+    """Give NAME the settings WANTED (keys of ``metadata.settings_of``), under its lock,
+    writing only if one differs. Returns the names of the settings changed."""
+    check_name(name)
+    check_labels(wanted.get("labels"))
+    for key in ("exec", "cwd"):
+        if wanted.get(key) is not None:
+            _utf8(wanted[key], key)
+    with lock_pods(state, [name]) as locked:
+        doc = locked.require(name).doc
+        differences = metadata.setting_differences(doc, wanted)
+        if not differences:
+            return []
+        _apply_settings(doc, {d["setting"]: d["given"] for d in differences})
+        locked.write_one(name, doc)
+        return [d["setting"] for d in differences]
 
 
 def update(state: State, name: str, fn) -> dict:
@@ -132,7 +204,7 @@ class Listed:
 
     @property
     def state(self) -> str:
-        return "ok" if self.doc is not None else "corrupt"
+        return "readable" if self.doc is not None else "corrupt"
 
 
 def list_all(state: State) -> list[Listed]:
@@ -152,7 +224,7 @@ def list_all(state: State) -> list[Listed]:
 def remove(state: State, name: str) -> dict:
     """Remove Pod NAME and NAME from every peer's list, in one transaction.
 
-    Refuses a live Pod (Busy). Returns ``{"pod": NAME, "peers_updated": [...]}``.
+    Refuses a live Pod (Busy). Returns ``{"pod_name": NAME, "peers_updated": [...]}``.
     """
     check_name(name)
     names = {name}
@@ -168,7 +240,7 @@ def remove(state: State, name: str) -> dict:
             except Busy as e:
                 who = f" (pid {e.details['pid']})" if e.details["pid"] else ""
                 raise Busy(f"Pod {name!r} is running{who}; stop it first with "
-                           f"`yoi pod stop {name}`", pod=name) from None
+                           f"`yoi pod stop {name}`", pod_name=name) from None
             try:
                 changes = []
                 updated = []
@@ -183,7 +255,8 @@ def remove(state: State, name: str) -> dict:
                 locked.commit(changes)
             finally:
                 os.close(runtime_fd)
-            return {"pod": name, "peers_updated": updated}
+            return {"pod_name": name, "removed": True,
+                    "peers_updated": [{"pod_name": p} for p in updated]}
 
 
 def hold_runtime_lock(state: State, name: str, grace: float = RUNTIME_LOCK_GRACE) -> int:
@@ -201,6 +274,6 @@ def hold_runtime_lock(state: State, name: str, grace: float = RUNTIME_LOCK_GRACE
     if fd is None:
         pid = lock_holder_pid(path)
         who = f" (pid {pid})" if pid else ""
-        raise Busy(f"Pod {name!r} is already running{who}", pod=name, pid=pid)
+        raise Busy(f"Pod {name!r} is already running{who}", pod_name=name, pid=pid)
     write_pid(fd)
     return fd

@@ -287,7 +287,7 @@ class Locked:
     def require(self, name: str) -> Pod:
         pod = self.read(name)
         if not pod.exists:
-            raise NotFound(f"no such Pod: {name}", pod=name)
+            raise NotFound(f"no such Pod: {name}", pod_name=name)
         return pod
 
     def write_one(self, name: str, doc: dict) -> None:
@@ -346,7 +346,7 @@ class Locked:
                 prior = (self._raw[ch.pod] if ch.pod in self._raw
                          else read_pod_file(self.state, ch.pod).raw)
                 if prior is None:
-                    raise NotFound(f"no such Pod: {ch.pod}", pod=ch.pod)
+                    raise NotFound(f"no such Pod: {ch.pod}", pod_name=ch.pod)
                 entry["prior"] = prior.decode("utf-8")
                 entry["new"] = ch.new.decode("utf-8")
             entries.append(entry)

@@ -64,9 +64,36 @@ class HouseUsageErrors:
             _usage_exit(ctx, e, given)
 
 
+def _did_you_mean(word: str, choices) -> str:
+    import difflib
+    close = difflib.get_close_matches(word, sorted(set(choices)), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+def _visible_options(command: click.Command) -> list[str]:
+    return [o for p in command.params if isinstance(p, click.Option) and not p.hidden
+            for o in (*p.opts, *p.secondary_opts) if o.startswith("--")]
+
+
+def _usage_message(ctx: click.Context, e: click.UsageError, args: list[str]) -> str:
+    """Click's message, with a suggestion of what was meant where one is close."""
+    where = e.ctx or ctx
+    if isinstance(e, click.NoSuchOption):
+        return (f"no such option {e.option_name!r} for {where.command_path}"
+                + _did_you_mean(e.option_name, _visible_options(where.command)))
+    message = e.format_message().rstrip(".")
+    if message.startswith("No such command ") and isinstance(where.command, click.Group):
+        name = message.split("'")[1] if "'" in message else ""
+        return (f"no such command {name!r} in {where.command_path}"
+                + _did_you_mean(name, where.command.list_commands(where)))
+    return message
+
+
 def _usage_exit(ctx: click.Context, e: click.UsageError, args: list[str]):
     where = (e.ctx or ctx).command_path
-    message = e.format_message().rstrip(".")
+    message = _usage_message(ctx, e, args)
     report_error(UsageError(f"{message} (see '{where} -h')"), "--json" in args)
     ctx.exit(UsageError.exit_code)
 
@@ -93,8 +120,9 @@ class YoiCommand(HouseUsageErrors, click.Command):
             report_error(StorageError(f"{e.strerror or e}{where}"), as_json)
             ctx.exit(1)
         except KeyboardInterrupt:
-            click.echo("yoi: interrupted", err=True)
-            ctx.exit(130)
+            from yoi.errors import Interrupted
+            report_error(Interrupted("interrupted"), as_json)
+            ctx.exit(Interrupted.exit_code)
 
 
 class LazyGroup(HouseUsageErrors, click.Group):
@@ -108,6 +136,18 @@ class LazyGroup(HouseUsageErrors, click.Group):
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.lazy_subcommands))
+
+    def format_commands(self, ctx, formatter):
+        """The command list with each summary line whole (Click cuts them at 45
+        characters with "..."); the formatter wraps a long one instead."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=1000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def get_command(self, ctx, cmd_name):
         target = self.lazy_subcommands.get(cmd_name)
@@ -164,29 +204,68 @@ def timeout_option(default: float = timeouts.DEFAULT, help: str = "How long to w
                         metavar="SECONDS", help=help)
 
 
+STATE_DIR_HELP = "State directory (default: $YOI_HOME, else ~/.yoi)."
+LOCK_TIMEOUT_HELP = ("Wait this long for a Pod's lock before failing with exit 6 "
+                     f"(default: $YOI_LOCK_TIMEOUT, else {timeouts.DEFAULT:g}).")
+
+
+def root_state_options(f):
+    """--state-dir and --lock-timeout on the root group (``yoi --state-dir D pod list``);
+    a command's own option wins over them (see ``given_state_dir``)."""
+    f = click.option("--lock-timeout", type=Seconds(zero_ok=True), default=None,
+                     metavar="SECONDS", help=LOCK_TIMEOUT_HELP)(f)
+    return click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+                        help=STATE_DIR_HELP)(f)
+
+
+def _given(name: str, own, ctx: click.Context | None = None):
+    """OWN if the command was given it, else the root group's value (or None)."""
+    if own is not None:
+        return own
+    ctx = ctx or click.get_current_context(silent=True)
+    return None if ctx is None else ctx.find_root().params.get(name)
+
+
+def given_state_dir(own: str | None, ctx: click.Context | None = None) -> str | None:
+    """The --state-dir in force: the command's own, else the root group's."""
+    state_dir = _given("state_dir", own, ctx)
+    if state_dir == "":
+        raise UsageError("--state-dir must not be empty")
+    return state_dir
+
+
 def state_options(f):
-    """Add --state-dir and --lock-timeout; pass the resolved ``state`` instead."""
+    """Add --state-dir and --lock-timeout; pass the resolved ``state`` instead.
+
+    The same options on the root group apply when the command is not given its
+    own (the command's own wins)."""
 
     @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
-                  help="State directory (default: $YOI_HOME, else ~/.yoi).")
+                  help=STATE_DIR_HELP)
     @click.option("--lock-timeout", type=Seconds(zero_ok=True), default=None,
-                  metavar="SECONDS",
-                  help="Wait this long for a Pod's lock before failing with exit 6 "
-                       f"(default: $YOI_LOCK_TIMEOUT, else {timeouts.DEFAULT:g}).")
+                  metavar="SECONDS", help=LOCK_TIMEOUT_HELP)
     @functools.wraps(f)
     def wrapper(*args, state_dir, lock_timeout, **kwargs):
         from yoi.state import State
-        if state_dir == "":
-            raise UsageError("--state-dir must not be empty")
-        return f(*args, state=State.resolve(state_dir, lock_timeout), **kwargs)
+        return f(*args, state=State.resolve(given_state_dir(state_dir),
+                                            _given("lock_timeout", lock_timeout)), **kwargs)
 
     return wrapper
+
+
+def note_missing_state(state) -> bool:
+    """For a command that only reads: say on stderr that STATE's directory does not
+    exist (an empty answer would look like "no Pods" in a real one). True if so."""
+    if state.root.exists():
+        return False
+    say(f"yoi: note: no state directory at {state.root}")
+    return True
 
 
 def _complete_pod_names(ctx, param, incomplete):
     from yoi.state import State
     try:
-        state = State.resolve(ctx.params.get("state_dir"))
+        state = State.resolve(given_state_dir(ctx.params.get("state_dir"), ctx) or None)
         return [n for n in state.pod_names() if n.startswith(incomplete)]
     except Exception:
         return []

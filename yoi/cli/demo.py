@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from yoi.cli.common import YoiCommand, emit, json_option, say
+from yoi.cli.common import YoiCommand, emit, given_state_dir, json_option, say
 
 
 @click.command("demo", cls=YoiCommand)
@@ -30,6 +30,6 @@ def demo(state_dir, keep, as_json):
     """
     from yoi.demo import run_demo
     # With --json the running commentary is talk (stderr); stdout gets the summary.
-    state, steps = run_demo(state_dir, keep, say if as_json else click.echo)
+    state, steps = run_demo(given_state_dir(state_dir), keep, say if as_json else click.echo)
     emit(as_json, {"state_dir": str(state), "kept": keep, "steps": steps},
          "\ndemo: ok" + (f" (state kept in {state})" if keep else ""))

@@ -29,7 +29,8 @@ def _run_pair(operation: str, source: str, target: str, as_json: bool, state,
     """Call ``yoi.peers.OPERATION`` on the pair and report it."""
     from yoi import peers
     result = getattr(peers, operation)(state, source, target)
-    data = {"source": result["source"], "peer": result["peer"], "changed": result["changed"]}
+    data = {"pod_name": result["source"], "peer": {"pod_name": result["peer"]},
+            "changed": result["changed"]}
     emit(as_json, data, f"{changed if data['changed'] else unchanged} {source} <-> {target}")
 
 
@@ -90,7 +91,7 @@ def list_command(name, as_json, state):
     from yoi.metadata import to_jsonable
     items = to_jsonable(peers.list_peers(state, name))
     if as_json:
-        emit(True, {"pod": name, "peers": items})
+        emit(True, {"pod_name": name, "peers": items})
         return
     if not items:
         click.echo(f"{name} has no peers", err=True)

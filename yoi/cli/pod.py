@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from yoi import timeouts
-from yoi.cli.common import (POD, SECONDS, LazyGroup, emit, json_option, pod_argument, say,
-                            state_options)
+from yoi.cli.common import (POD, SECONDS, LazyGroup, emit, json_option, note_missing_state,
+                            pod_argument, say, state_options)
 
 POD_SUBCOMMANDS: dict[str, str] = {
     "peer": "yoi.cli.peer:peer",
@@ -37,18 +37,23 @@ def pod():
     """
 
 
-def _record_json(name: str, doc: dict, live: dict | None = None) -> dict:
+def _record_json(name: str, doc: dict) -> dict:
+    """A Pod's record (its metadata.toml) as JSON, named ``pod_name`` like everything."""
     from yoi.metadata import to_jsonable
     out = to_jsonable(doc)
     out["pod_name"] = name
-    if live is not None:
-        out["live"] = live
     return out
 
 
+def _pod_document(name: str, doc: dict, **extra) -> dict:
+    """What create, config and show print: ``pod_name``, ``record``, then EXTRA."""
+    return {"pod_name": name, **extra, "record": _record_json(name, doc)}
+
+
 def _record_text(name: str, doc: dict, live: dict | None = None) -> str:
-    from yoi.metadata import peer_names, to_jsonable
+    from yoi.metadata import labels_of, peer_names, to_jsonable
     runtime = doc.get("runtime") or {}
+    labels = labels_of(doc)
     rows = [
         ("name", name),
         ("created_at", to_jsonable(doc.get("created_at"))),
@@ -57,6 +62,7 @@ def _record_text(name: str, doc: dict, live: dict | None = None) -> str:
         ("cwd", runtime.get("cwd", "-")),
         ("timeout", f"{runtime['handler_timeout']:g}s per handler run" if "handler_timeout"
          in runtime else f"{timeouts.HANDLER:g}s per handler run (default)"),
+        ("labels", ", ".join(f"{k}={v}" for k, v in labels.items()) if labels else "-"),
     ]
     if live is not None:
         rows.append(("socket", live.get("socket_path") or "-"))
@@ -67,6 +73,26 @@ def _record_text(name: str, doc: dict, live: dict | None = None) -> str:
     return "\n".join(f"{k + ':':<14}{v}" for k, v in rows)
 
 
+def parse_labels(values, option: str = "--label") -> dict[str, str]:
+    """KEY=VALUE arguments of a repeatable option -> {KEY: VALUE} (UsageError if bad)."""
+    from yoi.errors import UsageError
+    from yoi.store import check_labels
+    labels: dict[str, str] = {}
+    for value in values:
+        key, eq, val = value.partition("=")
+        if not eq:
+            raise UsageError(f"{option} {value!r}: give KEY=VALUE")
+        if key in labels and labels[key] != val:
+            raise UsageError(f"{option}: {key} is given twice with different values")
+        labels[key] = val
+    return check_labels(labels)
+
+
+label_option = click.option(
+    "--label", "labels", multiple=True, metavar="KEY=VALUE",
+    help="A label (repeatable), e.g. --label job=$CI_JOB_ID.")
+
+
 @pod.command("create")
 @pod_argument()
 @click.option("--exec", "exec_cmd", metavar="CMD",
@@ -74,25 +100,33 @@ def _record_text(name: str, doc: dict, live: dict | None = None) -> str:
 @click.option("--cwd", type=click.Path(file_okay=False), help="Working directory of the handler.")
 @click.option("--no-accept-peers", is_flag=True, help="Refuse new peer registrations.")
 @handler_timeout_option
-@click.option("--exist-ok", is_flag=True, help="Succeed if the Pod already exists.")
+@label_option
+@click.option("--exist-ok", is_flag=True,
+              help="Succeed if the Pod already exists with these settings (exit 1 naming "
+                   "what differs if not).")
 @json_option
 @state_options
-def create_command(name, exec_cmd, cwd, no_accept_peers, handler_timeout, exist_ok, as_json,
-                   state):
+def create_command(name, exec_cmd, cwd, no_accept_peers, handler_timeout, labels, exist_ok,
+                   as_json, state):
     """Create a Pod: its metadata record and an empty session log.
+
+    With --exist-ok an existing Pod is fine if its settings (--exec, --cwd,
+    --no-accept-peers, --label) are the ones given; if one differs the
+    command exits 1 naming it: change settings with `yoi pod config`.
 
     \b
     Examples:
       yoi pod create reviewer
       yoi pod create coder --exec 'my-agent --stdin' --cwd ~/project
+      yoi pod create build-bot --label job=$CI_JOB_ID --exist-ok
     """
     from yoi import store
     doc, created = store.create(state, name, exec_cmd=exec_cmd, cwd=cwd,
                                 accept_peers=not no_accept_peers, exist_ok=exist_ok,
-                                handler_timeout=handler_timeout)
+                                handler_timeout=handler_timeout, labels=parse_labels(labels))
     if not created and not as_json:
         say(f"Pod {name!r} already exists")  # talk: stdout stays the record alone
-    emit(as_json, {"created": created, "pod": _record_json(name, doc)}, _record_text(name, doc))
+    emit(as_json, _pod_document(name, doc, created=created), _record_text(name, doc))
 
 
 @pod.command("config")
@@ -103,15 +137,21 @@ def create_command(name, exec_cmd, cwd, no_accept_peers, handler_timeout, exist_
               help="Accept or refuse new peer registrations.")
 @click.option("--cwd", type=click.Path(file_okay=False), help="Set the handler's working directory.")
 @handler_timeout_option
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Set a label (repeatable).")
+@click.option("--unset-label", "unset", multiple=True, metavar="KEY",
+              help="Remove a label (repeatable).")
 @json_option
 @state_options
-def config_command(name, exec_cmd, no_exec, accept_peers, cwd, handler_timeout, as_json, state):
+def config_command(name, exec_cmd, no_exec, accept_peers, cwd, handler_timeout, labels, unset,
+                   as_json, state):
     """Change a Pod's settings; everything else in its record is preserved.
 
     \b
     Examples:
       yoi pod config reviewer --no-accept-peers
       yoi pod config coder --exec 'my-agent --stdin'
+      yoi pod config coder --label team=infra --unset-label job
     """
     from yoi import store
     from yoi.errors import UsageError
@@ -128,48 +168,71 @@ def config_command(name, exec_cmd, no_exec, accept_peers, cwd, handler_timeout, 
         kwargs["cwd"] = cwd
     if handler_timeout is not None:
         kwargs["handler_timeout"] = handler_timeout
+    if labels:
+        kwargs["set_labels"] = parse_labels(labels)
+    if unset:
+        kwargs["unset_labels"] = unset
     if not kwargs:
         raise UsageError("nothing to change: give --exec, --no-exec, --accept-peers, "
-                         "--no-accept-peers, --cwd or --handler-timeout")
+                         "--no-accept-peers, --cwd, --handler-timeout, --label or "
+                         "--unset-label")
     doc = store.configure(state, name, **kwargs)
-    emit(as_json, {"pod": _record_json(name, doc)}, _record_text(name, doc))
+    emit(as_json, _pod_document(name, doc), _record_text(name, doc))
 
 
 @pod.command("list")
 @click.option("--as", "as_name", type=POD, metavar="NAME",
               help="Only what Pod NAME can see: itself and its peers.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Only Pods with this label (repeatable: all must match).")
 @json_option
 @state_options
-def list_command(as_name, as_json, state):
+def list_command(as_name, labels, as_json, state):
     """List every Pod in the state directory with its peers count and live state.
 
     With --as NAME, list NAME's visibility set instead: NAME itself and its
     peers, with their state, liveness and whether they can be restored. Live
-    Pods are probed concurrently with a short timeout.
+    Pods are probed concurrently with a short timeout. With --label, only
+    the Pods that carry every label given.
 
     \b
     Examples:
       yoi pod list
       yoi pod list --json | jq -r '.pods[].pod_name'
+      yoi pod list --label job=$CI_JOB_ID
       yoi pod list --as reviewer
     """
+    wanted = parse_labels(labels)
     if as_name is not None:
+        if wanted:
+            from yoi.errors import UsageError
+            raise UsageError("--label cannot be used with --as")
         _list_visible(as_name, as_json, state)
         return
     from yoi.discovery import list_pods
-    items = list_pods(state)
+    missing = note_missing_state(state)
+    items = list_pods(state, wanted)
     if as_json:
         emit(True, {"pods": items})
         return
     if not items:
-        click.echo("no Pods", err=True)
+        if not missing:
+            say("no Pods" + (" with these labels" if wanted else ""))
         return
     width = max(4, *(len(i["pod_name"]) for i in items))
-    lines = [f"{'NAME':<{width}}  {'PEERS':>5}  {'LIVE':<4}  STATE"]
+    labelled = any(i["labels"] for i in items)  # the LABELS column only when there are any
+    lines = [f"{'NAME':<{width}}  {'PEERS':>5}  {'LIVE':<4}  "
+             + (f"{'STATE':<8}  LABELS" if labelled else "STATE")]
     for i in items:
-        peers = "-" if i["peers"] is None else str(i["peers"])
-        lines.append(f"{i['pod_name']:<{width}}  {peers:>5}  "
-                     f"{'yes' if i['live']['reachable'] else 'no':<4}  {i['state']}")
+        peers = "-" if i["peer_count"] is None else str(i["peer_count"])
+        line = (f"{i['pod_name']:<{width}}  {peers:>5}  "
+                f"{'yes' if i['live']['reachable'] else 'no':<4}  ")
+        if labelled:
+            line += f"{i['state']:<8}  " + (",".join(f"{k}={v}" for k, v in i["labels"].items())
+                                           or "-")
+        else:
+            line += i["state"]
+        lines.append(line)
     click.echo("\n".join(lines))
 
 
@@ -177,7 +240,7 @@ def _list_visible(name: str, as_json: bool, state) -> None:
     from yoi.discovery import visible
     items = visible(state, name)
     if as_json:
-        emit(True, {"as": name, "pods": items})
+        emit(True, {"as": {"pod_name": name}, "pods": items})
         return
     width = max(4, *(len(i["pod_name"]) for i in items))
     vis = max(10, *(len(i["visibility"]) for i in items))
@@ -206,7 +269,7 @@ def show_command(name, as_json, state):
     """
     from yoi.discovery import show
     doc, live = show(state, name)
-    emit(as_json, {"pod": _record_json(name, doc, live)}, _record_text(name, doc, live))
+    emit(as_json, _pod_document(name, doc, live=live), _record_text(name, doc, live))
 
 
 @pod.command("rm")

@@ -48,25 +48,49 @@ def start_command(name, exec_cmd, foreground, timeout, as_json, state):
 
 
 @click.command("stop", cls=YoiCommand)
-@pod_argument()
+@pod_argument(required=False)
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Stop every Pod with this label instead of NAME (repeatable: all must "
+                   "match).")
 @timeout_option(help="How long to wait for the Pod.")
 @click.option("--force", is_flag=True,
               help="If it does not stop in time, SIGTERM then SIGKILL the process "
                    "holding its runtime lock.")
 @json_option
 @state_options
-def stop_command(name, timeout, force, as_json, state):
+def stop_command(name, labels, timeout, force, as_json, state):
     """Stop a Pod: send `shutdown` and wait until its process has exited.
 
     A Pod that is not running is not an error ("not running", exit 0). Exit 5
-    if it does not stop within --timeout (unless --force).
+    if it does not stop within --timeout (unless --force). With --label
+    instead of NAME, stop every Pod that carries all the labels given (only
+    this job's Pods, when each job labels its own); a Pod that fails to stop
+    does not keep the others from stopping, and the exit status is the first
+    failure's.
 
     \b
     Examples:
       yoi pod stop reviewer
       yoi pod stop reviewer --timeout 3 --force
+      yoi pod stop --label job=$CI_JOB_ID
     """
     from yoi import control
+    from yoi.errors import UsageError
+    if (name is None) == (not labels):
+        raise UsageError("give a Pod NAME or --label KEY=VALUE (not both)")
+    if labels:
+        from yoi.cli.pod import parse_labels
+        results, first = control.stop_labelled(state, parse_labels(labels), timeout=timeout,
+                                               force=force)
+        text = "\n".join(f"{r['pod_name']}: {r['message']}" for r in results)
+        if first is not None:
+            if not as_json and text:
+                click.echo(text)
+            raise type(first)(first.message, data={"pods": results}, **first.details)
+        emit(as_json, {"pods": results}, text or None)
+        if not results:
+            say("no Pods with these labels")
+        return
     res = control.stop(state, name, timeout=timeout, force=force)
     emit(as_json, res, res["message"] if res["stopped"] else f"{name}: not running")
 
@@ -97,30 +121,35 @@ def status_command(name, timeout, as_json, state):
     """Show whether a Pod is live, its status (idle/running), pid and socket.
 
     Exit 0 if live, 5 if not, so scripts can write
-    `yoi pod status x || yoi pod start x`.
+    `yoi pod status x || yoi pod start x`. With --json, `live` is the same
+    object as in `yoi pod list` (socket_path, reachable, status, error).
 
     \b
     Examples:
       yoi pod status reviewer
-      yoi pod status reviewer --json | jq .status
+      yoi pod status reviewer --json | jq -r .live.status
     """
     from yoi import control
     st = control.probe_status(state, name, timeout)
-    if st["live"]:
-        emit(as_json, st, f"{name}: live, {st['status']}, pid {st['pid']}, "
-                          f"socket {st['socket_path']}")
+    live = st["live"]
+    if live["reachable"]:
+        emit(as_json, st, f"{name}: live, {live['status']}, pid {st['pid']}, "
+                          f"socket {live['socket_path']}")
         return
     from yoi.errors import Unreachable
-    why = "not running" if not st["running"] else f"running but not answering ({st['error']})"
+    why = ("not running" if not st["running"]
+           else f"running but not answering ({live['error']})")
     if not as_json:
         click.echo(f"{name}: {why}")
-    raise Unreachable(f"Pod {name!r} is not live: {why}", data=st, pod=name)
+    raise Unreachable(f"Pod {name!r} is not live: {why}", data=st, pod_name=name)
 
 
 @click.command("log", cls=YoiCommand)
 @pod_argument()
-@click.option("-n", "--lines", "count", type=click.IntRange(min=0), default=None, metavar="N",
+@click.option("-n", "--tail", "count", type=click.IntRange(min=0), default=None, metavar="N",
               help="Only the last N entries (default: all).")
+@click.option("--lines", "old_count", type=click.IntRange(min=0), default=None, hidden=True,
+              help="The old name of --tail (kept for one release).")
 @click.option("--after", type=click.IntRange(min=0), default=None, metavar="SEQ",
               help="Only entries with a sequence number above SEQ.")
 @click.option("--follow", "-f", is_flag=True,
@@ -128,7 +157,7 @@ def status_command(name, timeout, as_json, state):
 @timeout_option(help="How long to wait for the Pod.")
 @json_option
 @state_options
-def log_command(name, count, after, follow, timeout, as_json, state):
+def log_command(name, count, old_count, after, follow, timeout, as_json, state):
     """Print a Pod's session log, one line per entry: `#SEQ TIME what`.
 
     Every entry has a sequence number, strictly increasing and never reused;
@@ -140,12 +169,19 @@ def log_command(name, count, after, follow, timeout, as_json, state):
 
     \b
     Examples:
-      yoi pod log reviewer -n 20
+      yoi pod log reviewer --tail 20
       yoi pod log reviewer --after 120 --json
       yoi pod log reviewer --follow
       yoi pod log reviewer --json | jq -r '.item.body? // empty'
     """
     from yoi import history
+    if old_count is not None:
+        if count is not None:
+            from yoi.errors import UsageError
+            raise UsageError("--lines is the old name of --tail: give one of them")
+        say("yoi: note: `yoi pod log --lines N` is now `--tail N`; --lines goes away "
+            "in the next release")
+        count = old_count
     with history.Log(state, name, follow, timeout) as log:
         skipped = 0
         for raw, entry in log.entries(count, after):

@@ -46,10 +46,15 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
     after the write) the command fails and names the id: re-run it with
     `--id ID` and the message is delivered exactly once.
 
-    With --lines every non-blank line of stdin is one message, with the id
-    PREFIX-N for line N (PREFIX from --id, else random), all sent over one
-    connection with acknowledgements read as they come. It prints a summary
-    and exits 0 only if every message was acknowledged.
+    With --lines every non-blank line of stdin is one message, sent as soon
+    as it is read (`tail -f log | yoi pod send --lines T` works), with the id
+    PREFIX-N for line N (PREFIX from --id, else random and shown on stderr),
+    all over one connection with acknowledgements read as they come. It
+    prints a summary and exits 0 only if every message was acknowledged. On
+    Ctrl-C, SIGTERM or SIGHUP it stops reading, waits for the messages in
+    flight, reports what was acknowledged and the prefix, and exits 130;
+    re-running over the same input with --id PREFIX then delivers each line
+    exactly once. A bad line stops the stream there (exit 2).
 
     A Pod of the original Yoi has no message ids: a peer message is sent to
     it in the original's form (the sender in a header in the message), and
@@ -57,7 +62,7 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
 
     Exit status: 0 delivered, 1 not acknowledged or malformed reply, 2 usage
     (bad name, empty or over-long message), 3 no such Pod, 4 not a peer or
-    refused by TARGET, 5 TARGET not running or timed out.
+    refused by TARGET, 5 TARGET not running or timed out, 130 interrupted.
 
     \b
     Examples:
@@ -66,6 +71,7 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
       yoi pod send reviewer - < release-notes.txt
       yoi pod send --id deploy-1234 --json reviewer 'deployed'
       yoi pod send --lines --id run-17 reviewer < events.txt
+      yoi pod send --lines --id build-9 reviewer < <(tail -n +1 -f build.log)
     """
     from yoi import delivery
     from yoi.errors import UsageError
@@ -74,6 +80,7 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
         source = os.environ.get("YOI_POD") or None
     elif source == "":
         source = None
+    who = " as operator" if source is None else ""
     if lines:
         if message not in (None, "-"):
             raise UsageError("--lines reads the messages from stdin: give - or no MESSAGE")
@@ -81,13 +88,11 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
             raise UsageError("--no-wait cannot be used with --lines: the Pod reads a stream "
                              "while it answers, and a sender that left early would lose the "
                              "messages not read yet (--lines already pipelines)")
-        raw = sys.stdin.buffer.read()
-        result = delivery.send_lines(state, target, delivery.split_lines(raw), source=source,
-                                     id_prefix=msg_id, timeout=timeout)
+        result = _send_lines(delivery, state, target, source, msg_id, timeout)
         count = result["messages"]
         ids = (f"id {result['first_id']}" if count == 1
                else f"ids {result['first_id']} .. {result['last_id']}")
-        what = f"{count} message{'s' if count != 1 else ''} to {target} ({ids})"
+        what = f"{count} message{'s' if count != 1 else ''} to {target}{who} ({ids})"
     else:
         if message is None:
             raise UsageError("missing MESSAGE (give - to read it from stdin)")
@@ -95,10 +100,31 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
             message = delivery.message_from_stdin(sys.stdin.buffer.read())
         result = delivery.send(state, target, message, source=source, msg_id=msg_id,
                                timeout=timeout, wait=not no_wait)
-        what = f"to {target} (id {result['id']})"
+        what = f"to {target}{who} (id {result['id']})"
     text = (f"delivered {what}" if not no_wait
             else f"sent {what}; no acknowledgement was awaited")
     emit(as_json, result, text)
     if not result["deduplicates_retries"] and not as_json:
         say(f"yoi: note: {target} cannot deduplicate retries (it announces no message "
             "ids): sending again would deliver twice")
+
+
+def _send_lines(delivery, state, target, source, msg_id, timeout) -> dict:
+    """--lines: stream stdin, each line sent as it arrives; interrupts stop cleanly."""
+    from yoi import client
+    try:
+        fd = sys.stdin.buffer.fileno()
+        data = b""
+    except (AttributeError, OSError, ValueError):  # not a real file (e.g. a test runner's)
+        fd, data = None, sys.stdin.buffer.read()
+    prefix = delivery.lines_prefix(msg_id)
+
+    def opened():
+        if msg_id is None:  # a random prefix: the only way to resume is to know it now
+            say(f"yoi: sending with ids {prefix}-N (N = input line); to resume, re-run "
+                f"over the same input with --id {prefix}")
+
+    with client.Interrupts() as interrupts:
+        return delivery.send_lines(state, target, source=source, id_prefix=prefix,
+                                   timeout=timeout, fd=fd, data=data,
+                                   interrupts=interrupts, on_open=opened)

@@ -1,0 +1,256 @@
+"""The JSON shapes of every `--json` document, written once (yoi(1), JSON OUTPUT), and
+a small checker for them.
+
+A shape is a Python value:
+  * a type (``str``, ``int``, ``bool``) or ``None``: a value of that type (bool is not int);
+  * ``Nullable(S)``: null or S; ``Enum(a, b, ...)``: one of those values;
+  * ``ListOf(S)``: an array of S; ``MapOf(S)``: an object whose values are S;
+  * a dict ``{key: S}``: an object with exactly those keys (a key ending in ``?``
+    may be absent); ``Open({...})``: the same, other keys allowed too;
+  * ``ANY``: anything.
+
+Besides each command's own shape, ``check`` applies the rules every document
+follows, at any depth: a Pod is named ``pod_name`` (never ``pod``); a second
+Pod in a role (``source``, ``peer``, ``as``) is ``{"pod_name": ...}`` or null;
+``live`` is always the live object. A new command adds a row to ``COMMANDS``
+(and a scenario to ``test_json_contract.py``); a new document kind adds a
+shape here and a line to the man page.
+"""
+
+from __future__ import annotations
+
+
+class Nullable:
+    def __init__(self, shape):
+        self.shape = shape
+
+
+class Enum:
+    def __init__(self, *values):
+        self.values = values
+
+
+class ListOf:
+    def __init__(self, shape):
+        self.shape = shape
+
+
+class MapOf:
+    def __init__(self, shape):
+        self.shape = shape
+
+
+class Open:
+    def __init__(self, fields: dict):
+        self.fields = fields
+
+
+ANY = object()
+
+# -- the pieces ------------------------------------------------------------------------
+
+POD_REF = {"pod_name": str}
+# `live`, in every document: the same object as the wire's pods_listed item.
+LIVE = {"socket_path": Nullable(str), "reachable": bool, "status?": Nullable(str),
+        "error?": Nullable(str)}
+# A Pod's metadata record as JSON: unknown keys are kept, so the object is open.
+RECORD = Open({"schema": int, "pod_name": str, "created_at": str, "accept_peers?": ANY,
+               "runtime?": Open({"exec?": str, "cwd?": str, "pid?": int,
+                                 "socket_path?": str}),
+               "labels?": MapOf(str),
+               "peers?": ListOf(Open({"pod_name": str, "registered_at?": str}))})
+ERROR = Open({"code": str, "message": str, "exit_code": int})
+# A session log entry (`yoi pod log --json`, one per line): as stored. `id` is the
+# message id where the entry has one (system_item; handler_result: the message it
+# answers).
+ENTRY = Open({"seq": int, "kind": str, "ts": int, "at": str, "id?": str})
+ENTRY_KINDS = {
+    "system_item": Open({"seq": int, "kind": str, "ts": int, "at": str, "id?": str,
+                         "item": Open({"kind": str, "message": str, "body": str,
+                                       "source?": str, "id?": str, "at?": str})}),
+    # What a handler's run of one message produced (the Pod commits it when the
+    # handler exits). Not written yet: `text_done` entries are until it is.
+    "handler_result": {"seq": int, "kind": str, "ts": int, "at": str, "id": str,
+                       "exit_status": Nullable(int), "duration_ms": int, "stdout": str,
+                       "stderr_tail": str},
+}
+EVENT = {"event": str, "data?": ANY}  # `log --follow --json`: a Pod event that is no entry
+LIST_ITEM = {"pod_name": str, "state": Enum("readable", "corrupt"),
+             "peer_count": Nullable(int), "labels": MapOf(str), "live": LIVE,
+             "error": Nullable(str)}
+# The wire's pods_listed item (yoi.discovery.visible), the original's visible-Pod item.
+VISIBLE_ITEM = {"pod_name": str,
+                "visibility": Enum("self_pod", "peer", "spawned_child"),
+                "state": Enum("readable", "missing", "corrupt"),
+                "live": LIVE,
+                "restore": {"possible": bool, "restore_name?": Nullable(str),
+                            "reason?": Nullable(str)},
+                "comm_registry": {"registered": bool, "socket_path?": Nullable(str)},
+                "spawned_children": {"count": int, "reachable": int, "unreachable": int},
+                "active?": ANY, "error?": Nullable(str)}
+STOPPED = {"pod_name": str, "stopped": bool, "forced": Nullable(str), "pid": Nullable(int),
+           "message": str, "stale_socket_removed?": bool}
+PROBLEM = {"code": str, "severity": Enum("error", "warning"), "pod_name": Nullable(str),
+           "path": str, "message": str, "fixable": bool, "fixed": bool}
+CHANGE = {"action": Enum("created", "configured", "registered", "started", "stopped",
+                         "removed"),
+          "pod_name": str, "peer?": POD_REF, "settings?": ListOf(str)}
+FAILED_STEP = {"action": str, "pod_name": str, "peer?": POD_REF, "error": ERROR}
+CONVERGED = {"file": str, "changed": bool, "changes": ListOf(CHANGE),
+             "failed": ListOf(FAILED_STEP), "pods": ListOf(POD_REF), "relations": int}
+LINES_SENT = {"pod_name": str, "source": Nullable(POD_REF), "id_prefix": str, "messages": int,
+              "first_id": Nullable(str), "last_id": Nullable(str), "lines_read": int,
+              "skipped_blank": int, "acknowledged": bool, "acknowledged_count": int,
+              "interrupted": bool, "deduplicates_retries": bool, "refused?": ListOf(str),
+              "not_recorded?": ListOf(str), "not_acknowledged?": ListOf(str),
+              "not_sent?": ListOf(str)}
+
+# -- one shape per kind of document (the `ok`/`error` frame is added by `check`) ----------
+
+DOCUMENTS = {
+    "pod-created": {"pod_name": str, "created": bool, "record": RECORD},
+    "pod-record": {"pod_name": str, "record": RECORD},
+    "pod-shown": {"pod_name": str, "live": LIVE, "record": RECORD},
+    "pod-list": {"pods": ListOf(LIST_ITEM)},
+    "pod-visible": {"as": POD_REF, "pods": ListOf(VISIBLE_ITEM)},
+    "pod-removed": {"pod_name": str, "removed": bool, "peers_updated": ListOf(POD_REF)},
+    "pod-started": {"pod_name": str, "started": bool, "pid": int, "socket_path": str,
+                    "log": str},
+    "pod-serving": {"pod_name": str, "socket_path": str},  # start --foreground, once ready
+    "pod-stopped": STOPPED,
+    "pods-stopped": {"pods": ListOf(STOPPED)},
+    "pod-restored": {"pod_name": str, "restored": bool, "message": str, "pid": Nullable(int),
+                     "socket_path": str, "log?": str},
+    "pod-status": {"pod_name": str, "running": bool, "pid": Nullable(int),
+                   "exec": Nullable(str), "live": LIVE},
+    "sent": {"pod_name": str, "source": Nullable(POD_REF), "id": str, "acknowledged": bool,
+             "at": Nullable(str), "deduplicates_retries": bool},
+    "lines-sent": LINES_SENT,
+    "peer-changed": {"pod_name": str, "peer": POD_REF, "changed": bool},
+    "peer-list": {"pod_name": str,
+                  "peers": ListOf({"pod_name": str, "registered_at": Nullable(str),
+                                   "exists": bool, "reciprocal": bool})},
+    "doctor": {"strict": bool, "state_exists": bool,
+               "checked": {"pods": int, "relations": int, "journals": int, "sessions": int,
+                           "sockets": int},
+               "errors": int, "warnings": int, "problems": ListOf(PROBLEM)},
+    "doctor-checks": {"checks": ListOf({"code": str, "severity": Enum("error", "warning"),
+                                        "description": str, "fixable": bool})},
+    "demo": {"state_dir": str, "kept": bool, "steps": ListOf(ANY)},
+    "converged": CONVERGED,
+}
+
+# Which kinds each command prints (`log` prints JSON Lines of ENTRY/EVENT, not a document).
+COMMANDS = {
+    "yoi pod create": ["pod-created"],
+    "yoi pod config": ["pod-record"],
+    "yoi pod show": ["pod-shown"],
+    "yoi pod list": ["pod-list", "pod-visible"],
+    "yoi pod rm": ["pod-removed"],
+    "yoi pod start": ["pod-started", "pod-serving"],
+    "yoi pod stop": ["pod-stopped", "pods-stopped"],
+    "yoi pod restore": ["pod-restored"],
+    "yoi pod status": ["pod-status"],
+    "yoi pod log": ["entries"],
+    "yoi pod send": ["sent", "lines-sent"],
+    "yoi pod peer register": ["peer-changed"],
+    "yoi pod peer remove": ["peer-changed"],
+    "yoi pod peer list": ["peer-list"],
+    "yoi doctor": ["doctor", "doctor-checks"],
+    "yoi demo": ["demo"],
+    "yoi up": ["converged"],
+    "yoi down": ["converged"],
+}
+
+ROLE_KEYS = ("source", "peer", "as")
+
+
+def _fail(where: str, what: str, value) -> str:
+    return f"{where or '.'}: {what}, not {value!r}"[:300]
+
+
+def conform(value, shape, where: str = "") -> list[str]:
+    """The ways VALUE does not fit SHAPE (empty if it fits)."""
+    if shape is ANY:
+        return []
+    if shape is None:
+        return [] if value is None else [_fail(where, "null", value)]
+    if isinstance(shape, Nullable):
+        return [] if value is None else conform(value, shape.shape, where)
+    if isinstance(shape, Enum):
+        return [] if value in shape.values else [_fail(where, f"one of {shape.values}", value)]
+    if isinstance(shape, ListOf):
+        if not isinstance(value, list):
+            return [_fail(where, "an array", value)]
+        return [p for i, v in enumerate(value) for p in conform(v, shape.shape, f"{where}[{i}]")]
+    if isinstance(shape, MapOf):
+        if not isinstance(value, dict):
+            return [_fail(where, "an object", value)]
+        return [p for k, v in value.items() for p in conform(v, shape.shape, f"{where}.{k}")]
+    if isinstance(shape, (dict, Open)):
+        fields = shape.fields if isinstance(shape, Open) else shape
+        if not isinstance(value, dict):
+            return [_fail(where, "an object", value)]
+        problems = []
+        known = set()
+        for key, sub in fields.items():
+            name = key.rstrip("?")
+            known.add(name)
+            if name in value:
+                problems += conform(value[name], sub, f"{where}.{name}")
+            elif not key.endswith("?"):
+                problems.append(f"{where}.{name}: missing")
+        if not isinstance(shape, Open):
+            problems += [f"{where}.{k}: not in the documented shape" for k in value
+                         if k not in known]
+        return problems
+    if shape is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, shape)
+    return [] if ok else [_fail(where, shape.__name__, value)]
+
+
+def rules(value, where: str = "") -> list[str]:
+    """The rules every document follows, at any depth (see the module docstring)."""
+    problems = []
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            at = f"{where}.{key}"
+            if key == "pod":
+                problems.append(f"{at}: a Pod is named pod_name, never pod")
+            elif key in ROLE_KEYS and where.count(".") < 2:  # not inside a record or item
+                problems += conform(sub, Nullable(POD_REF), at)
+            elif key == "live":
+                problems += conform(sub, LIVE, at)
+            elif key == "pod_name" and sub is not None and not isinstance(sub, str):
+                problems.append(_fail(at, "a Pod name", sub))
+            problems += rules(sub, at)
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            problems += rules(sub, f"{where}[{i}]")
+    return problems
+
+
+def check(doc: dict, kind: str, ok: bool = True) -> list[str]:
+    """Problems of DOC as a `--json` document of KIND (success if OK, else failure:
+    the same fields, each optional, plus ``error``)."""
+    shape = dict(DOCUMENTS[kind])
+    if ok:
+        shape["ok"] = Enum(True)
+    else:
+        shape = {k if k.endswith("?") else k + "?": v for k, v in shape.items()}
+        shape.update({"ok": Enum(False), "error": ERROR})
+    return conform(doc, shape) + rules(doc)
+
+
+def check_failure(doc: dict) -> list[str]:
+    """Problems of DOC as a failure document of a command whose report is not known."""
+    return conform(doc, Open({"ok": Enum(False), "error": ERROR})) + rules(doc)
+
+
+def check_entry(entry: dict) -> list[str]:
+    if "event" in entry:
+        return conform(entry, EVENT)
+    shape = ENTRY_KINDS.get(entry.get("kind"), ENTRY)
+    return conform(entry, shape) + conform(entry, ENTRY)

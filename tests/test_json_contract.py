@@ -1,0 +1,138 @@
+"""Every command's `--json` output, success and failure, against the shapes written
+down once in tests/shapes.py (and in yoi(1), JSON OUTPUT)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import click
+import pytest
+
+import shapes
+from clitree import walk
+from conftest import yoi_cmd
+from yoi.cli import main
+
+LEAVES = [" ".join(p) for p, c in walk(main) if not isinstance(c, click.Group)]
+
+# (command, extra args after it, kind, stdin): run in this order against one state
+# directory, given to the root group (`yoi --state-dir D ...`). A new command adds
+# its rows here; test_every_command_has_a_scenario fails until it does.
+SCENARIOS = [
+    ("yoi pod create", ["a", "--exec", "cat", "--label", "job=1"], "pod-created", None),
+    ("yoi pod create", ["b"], "pod-created", None),
+    ("yoi pod create", ["c", "--exist-ok"], "pod-created", None),
+    ("yoi pod config", ["c", "--label", "job=1"], "pod-record", None),
+    ("yoi pod peer register", ["a", "b"], "peer-changed", None),
+    ("yoi pod peer list", ["a"], "peer-list", None),
+    ("yoi pod start", ["a"], "pod-started", None),
+    ("yoi pod restore", ["a"], "pod-restored", None),
+    ("yoi pod restore", ["c"], "pod-restored", None),
+    ("yoi pod status", ["a"], "pod-status", None),
+    ("yoi pod show", ["a"], "pod-shown", None),
+    ("yoi pod list", [], "pod-list", None),
+    ("yoi pod list", ["--label", "job=1"], "pod-list", None),
+    ("yoi pod list", ["--as", "a"], "pod-visible", None),
+    ("yoi pod send", ["a", "hello"], "sent", None),
+    ("yoi pod send", ["--from", "b", "a", "from b"], "sent", None),
+    ("yoi pod send", ["--lines", "--id", "L", "a"], "lines-sent", "one\n\ntwo\n"),
+    ("yoi pod log", ["a"], "entries", None),
+    ("yoi pod log", ["a", "--tail", "1"], "entries", None),
+    ("yoi doctor", [], "doctor", None),
+    ("yoi doctor", ["--list-checks"], "doctor-checks", None),
+    ("yoi pod stop", ["c"], "pod-stopped", None),
+    ("yoi pod stop", ["--label", "job=1"], "pods-stopped", None),
+    ("yoi pod peer remove", ["a", "b"], "peer-changed", None),
+    ("yoi pod rm", ["c"], "pod-removed", None),
+    ("yoi up", ["-f", "{project}/yoi.toml"], "converged", None),
+    ("yoi down", ["-f", "{project}/yoi.toml", "--rm"], "converged", None),
+    ("yoi demo", [], "demo", None),
+]
+
+# A failing run of each command (with `--json`): (command, args). Each prints the
+# failure frame with the command's report fields where it has one.
+FAILURES = {
+    "yoi pod create": ["a", "--exist-ok", "--exec", "other"],
+    "yoi pod config": ["ghost", "--no-exec"],
+    "yoi pod show": ["ghost"],
+    "yoi pod list": ["--as", "ghost"],
+    "yoi pod rm": ["ghost"],
+    "yoi pod start": ["ghost"],
+    "yoi pod stop": ["ghost"],
+    "yoi pod restore": ["ghost"],
+    "yoi pod status": ["b"],
+    "yoi pod log": ["ghost"],
+    "yoi pod send": ["--from", "b", "b", "hi"],
+    "yoi pod peer register": ["a", "ghost"],
+    "yoi pod peer remove": ["a", "ghost"],
+    "yoi pod peer list": ["ghost"],
+    "yoi doctor": ["--check", "no-such-check"],
+    "yoi demo": ["--bogus"],
+    "yoi up": ["-f", "{project}/missing.toml"],
+    "yoi down": ["-f", "{project}/missing.toml"],
+}
+
+
+def test_every_command_has_a_scenario_and_a_documented_shape():
+    assert sorted(shapes.COMMANDS) == sorted(LEAVES)
+    assert sorted({s[0] for s in SCENARIOS}) == sorted(LEAVES)
+    assert sorted(FAILURES) == sorted(LEAVES)
+    for command, kinds in shapes.COMMANDS.items():
+        assert all(k == "entries" or k in shapes.DOCUMENTS for k in kinds), command
+    used = {s[2] for s in SCENARIOS} | {"pod-serving"}  # --foreground: test_runtime_*
+    assert used == {k for kinds in shapes.COMMANDS.values() for k in kinds}
+
+
+def run(state_dir, command: str, args: list[str], project, stdin=None):
+    argv = ["--state-dir", str(state_dir), *command.split()[1:],
+            *[a.format(project=project) for a in args], "--json"]
+    p = subprocess.run(yoi_cmd() + argv, input=stdin, capture_output=True, text=True,
+                       timeout=120)
+    return p
+
+
+@pytest.fixture
+def project(tmp_path):
+    d = tmp_path / "project"
+    d.mkdir()
+    (d / "yoi.toml").write_text("[pods.u]\nexec = 'cat'\npeers = ['v']\n[pods.v]\n")
+    return d
+
+
+def test_every_json_document_has_its_documented_shape(tmp_path, project, started_pod):
+    # started_pod: its teardown stops every Pod of the test's state directory,
+    # which is given to the root group as `yoi --state-dir D ...`
+    from yoi.state import State
+    state_dir = State.resolve().root
+    for command, args, kind, stdin in SCENARIOS:
+        p = run(state_dir, command, args, project, stdin)
+        where = f"{command} {' '.join(args)}"
+        assert p.returncode == 0, (where, p.stdout, p.stderr)
+        if kind == "entries":
+            lines = p.stdout.splitlines()
+            assert lines, where
+            for line in lines:
+                entry = json.loads(line)
+                assert shapes.check_entry(entry) == [], (where, entry)
+            continue
+        doc = json.loads(p.stdout)  # exactly one document
+        assert shapes.check(doc, kind) == [], (where, doc)
+        assert kind in shapes.COMMANDS[command], where
+
+
+def test_every_failure_document_has_the_frame(tmp_path, project, state):
+    from yoi import store
+    store.create(state, "a")
+    store.create(state, "b")
+    for command, args in FAILURES.items():
+        p = run(state.root, command, args, project)
+        where = f"{command} {' '.join(args)}"
+        assert p.returncode not in (0, None), (where, p.stdout, p.stderr)
+        doc = json.loads(p.stdout)
+        assert doc["error"]["exit_code"] == p.returncode, (where, doc)
+        assert p.stderr.startswith("yoi: error: "), (where, p.stderr)
+        kinds = [k for k in shapes.COMMANDS[command] if k != "entries"]
+        fits = [k for k in kinds if shapes.check(doc, k, ok=False) == []]
+        assert fits or shapes.check_failure(doc) == [], (where, doc, [
+            shapes.check(doc, k, ok=False) for k in kinds])

@@ -1,0 +1,224 @@
+"""`yoi up` / `yoi down`: converge to a yoi.toml idempotently, refuse bad files whole,
+finish after a crash, and end converged when two runs race."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import textwrap
+import time
+
+import pytest
+
+from conftest import yoi_cmd
+from yoi import control, metadata, peers, store
+
+FILE = """
+[pods.reviewer]
+peers = ["coder"]
+labels = { team = "infra" }
+
+[pods.coder]
+exec = "cat"
+cwd = "work"
+
+[pods.idle]
+start = false
+peers = ["coder"]
+"""
+
+
+@pytest.fixture
+def project(tmp_path):
+    d = tmp_path / "project"
+    (d / "work").mkdir(parents=True)
+    (d / "yoi.toml").write_text(FILE)
+    return d
+
+
+def up(run_yoi, project, *args, **kwargs):
+    return run_yoi("up", "-f", project / "yoi.toml", *args, **kwargs)
+
+
+def assert_converged(state, project):
+    for name in ("reviewer", "coder", "idle"):
+        assert state.metadata_path(name).exists(), name
+    settings = metadata.settings_of(store.read(state, "coder"))
+    assert settings == {"exec": "cat", "cwd": str(project / "work"), "accept_peers": True,
+                        "handler_timeout": None, "labels": {}}
+    assert metadata.labels_of(store.read(state, "reviewer")) == {"team": "infra"}
+    assert peers.is_peer(state, "reviewer", "coder") and peers.is_peer(state, "idle", "coder")
+    assert control.is_running(state, "reviewer") and control.is_running(state, "coder")
+    assert not control.is_running(state, "idle")
+
+
+def test_up_converges_then_changes_nothing(run_yoi, state, project, started_pod):
+    r = up(run_yoi, project)
+    assert r.exit_code == 0, r
+    assert r.stdout.splitlines() == [
+        "created coder", "created idle", "created reviewer",
+        "registered coder <-> idle", "registered coder <-> reviewer",
+        "started coder", "started reviewer", "up: 7 changes"]
+    assert_converged(state, project)
+    r = up(run_yoi, project, "--json")
+    assert r.exit_code == 0, r
+    assert (r.json["changed"], r.json["changes"], r.json["failed"]) == (False, [], [])
+    r = up(run_yoi, project)
+    assert r.stdout == "up: nothing to change (3 Pods, 2 relations)\n", r
+
+
+def test_up_changes_only_what_differs(run_yoi, state, project, started_pod):
+    assert up(run_yoi, project, "--no-start").exit_code == 0
+    store.configure(state, "coder", exec_cmd="other")
+    peers.unregister(state, "reviewer", "coder")
+    r = up(run_yoi, project, "--no-start", "--label", "job=7", "--json")
+    assert r.exit_code == 0, r
+    assert r.json["changes"] == [
+        {"action": "configured", "pod_name": "coder", "settings": ["exec", "labels"]},
+        {"action": "configured", "pod_name": "idle", "settings": ["labels"]},
+        {"action": "configured", "pod_name": "reviewer", "settings": ["labels"]},
+        {"action": "registered", "pod_name": "coder", "peer": {"pod_name": "reviewer"}}]
+    assert metadata.labels_of(store.read(state, "reviewer")) == {"job": "7", "team": "infra"}
+
+
+BAD_FILES = [
+    ("[pods.a]\nexce = 'cat'\n", "pods.a.exce: unknown key (known: exec, cwd, accept_peers, "
+                                "handler_timeout, labels, peers, start)"),
+    ("version = 2\n[pods.a]\n", "version: unknown key (known: pods)"),
+    ("[pods.'bad/name']\n", "pods.bad/name: invalid Pod name"),
+    ("[pods.a]\npeers = ['ghost']\n",
+     "pods.a.peers: 'ghost' is neither declared in this file nor an existing Pod"),
+    ("[pods.a]\npeers = ['a']\n", "pods.a.peers: a Pod cannot be its own peer"),
+    ("[pods.a]\nstart = 'yes'\n", "pods.a.start: must be true or false"),
+    ("[pods.a]\nlabels = { 'bad key' = 'x' }\n", "pods.a.labels: label key 'bad key'"),
+    ("[pods.a\n", "does not parse"),
+    ("", "pods: declare at least one Pod"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_FILES, ids=[m.split(":")[0] for _, m in BAD_FILES])
+def test_an_invalid_file_is_refused_and_nothing_changes(run_yoi, state, tmp_path, text, message):
+    store.create(state, "existing")
+    path = tmp_path / "yoi.toml"
+    path.write_text("[pods.fine]\n" + text if text.startswith("[pods.a]") else text)
+    before = sorted(os.listdir(state.pods_dir))
+    r = run_yoi("up", "-f", path)
+    assert r.exit_code == 2, r
+    assert r.stderr.startswith(f"yoi: error: {path}: "), r
+    assert message in r.stderr, r
+    assert sorted(os.listdir(state.pods_dir)) == before
+
+
+def test_a_relation_to_an_existing_undeclared_pod_is_fine(run_yoi, state, tmp_path):
+    store.create(state, "outside")
+    path = tmp_path / "yoi.toml"
+    path.write_text("[pods.a]\nstart = false\npeers = ['outside']\n")
+    r = run_yoi("up", "-f", path)
+    assert r.exit_code == 0, r
+    assert peers.is_peer(state, "a", "outside")
+
+
+def test_up_uses_yoi_toml_in_the_working_directory_and_says_when_there_is_none(
+        run_yoi, project, tmp_path, state):
+    r = run_yoi("up", "--no-start", cwd=project)
+    assert r.exit_code == 0, r
+    r = run_yoi("up", cwd=tmp_path)
+    assert r.exit_code == 2, r
+    assert r.stderr == ("yoi: error: no declaration file 'yoi.toml' in the current directory "
+                        "(or give -f FILE)\n")
+
+
+def test_a_failed_step_keeps_the_rest_and_a_rerun_finishes(run_yoi, state, project,
+                                                            started_pod):
+    store.create(state, "idle")
+    good = state.metadata_path("idle").read_bytes()
+    state.metadata_path("idle").write_text("not [toml")  # damaged: every step on it fails
+    r = up(run_yoi, project, "--json")
+    assert r.exit_code == 1, r
+    assert [(f["action"], f["pod_name"]) for f in r.json["failed"]] == \
+        [("create", "idle"), ("register", "coder")]
+    assert r.json["failed"][1]["peer"] == {"pod_name": "idle"}
+    assert [c["action"] for c in r.json["changes"]] == \
+        ["created", "created", "registered", "started", "started"]
+    assert r.json["error"]["code"] == "corrupt"
+    assert r.stderr.startswith("yoi: error: up: 2 steps failed (create idle: "), r
+    assert r.stderr.endswith("; 5 changes made and kept; run `yoi up` again to finish\n"), r
+    state.metadata_path("idle").write_bytes(good)
+    r = up(run_yoi, project)
+    assert r.stdout == "registered coder <-> idle\nup: 1 change\n", r
+    assert_converged(state, project)
+
+
+def test_down_stops_and_removes_only_what_the_file_declares(run_yoi, state, project,
+                                                             started_pod):
+    started_pod("bystander")
+    assert up(run_yoi, project).exit_code == 0
+    r = run_yoi("down", "-f", project / "yoi.toml")
+    assert r.exit_code == 0, r
+    assert r.stdout == "stopped coder\nstopped reviewer\ndown: 2 changes\n"
+    assert control.is_running(state, "bystander")
+    r = run_yoi("down", "-f", project / "yoi.toml", "--rm", "--json")
+    assert r.exit_code == 0, r
+    assert [c["action"] for c in r.json["changes"]] == ["removed"] * 3
+    assert state.pod_names() == ["bystander"]
+    r = run_yoi("down", "-f", project / "yoi.toml")
+    assert r.stdout == "down: nothing to stop\n", r
+
+
+# -- crashes and races -----------------------------------------------------------
+
+@pytest.mark.parametrize("fault", ["atomic-before-replace:crash:1",
+                                   "atomic-before-replace:crash:3",
+                                   "after-journal:crash:1", "after-journal:crash:2",
+                                   "before-journal-remove:crash:1"])
+def test_up_killed_half_way_is_finished_by_the_next_up(run_yoi, state, project, started_pod,
+                                                       fault):
+    r = up(run_yoi, project, env={"YOI_FAULT": fault})
+    assert r.exit_code == 137, r  # died like SIGKILL at that point
+    r = up(run_yoi, project)
+    assert r.exit_code == 0, r
+    assert_converged(state, project)
+    r = run_yoi("doctor")
+    assert r.exit_code == 0, r
+    assert up(run_yoi, project).stdout.endswith("up: nothing to change (3 Pods, 2 relations)\n")
+
+
+def test_up_sigkilled_while_starting_is_finished_by_the_next_up(run_yoi, state, project,
+                                                                started_pod):
+    assert up(run_yoi, project, "--no-start").exit_code == 0
+    p = subprocess.Popen(yoi_cmd() + ["up", "-f", str(project / "yoi.toml")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not control.is_running(state, "coder") and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        p.kill()  # coder is up: `up` is now starting reviewer (or about to)
+        p.wait(timeout=30)
+    assert p.returncode == -9
+    r = up(run_yoi, project)
+    assert r.exit_code == 0, r
+    assert_converged(state, project)
+
+
+def test_two_ups_at_once_end_converged_without_a_lost_relation(run_yoi, state, project,
+                                                               started_pod):
+    many = FILE + "".join(textwrap.dedent(f"""
+        [pods.w{i}]
+        start = false
+        peers = ["reviewer", "coder"]
+        """) for i in range(6))
+    (project / "yoi.toml").write_text(many)
+    procs = [subprocess.Popen(yoi_cmd() + ["up", "-f", str(project / "yoi.toml")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    made = [line for out, _ in results for line in out.splitlines()
+            if line.startswith(("created", "registered"))]
+    assert sorted(made) == sorted(set(made))  # each change made by exactly one of them
+    assert_converged(state, project)
+    for i in range(6):
+        assert peers.is_peer(state, f"w{i}", "reviewer") and peers.is_peer(state, f"w{i}", "coder")
+    r = up(run_yoi, project)
+    assert r.stdout.endswith("up: nothing to change (9 Pods, 14 relations)\n"), r

@@ -1,0 +1,258 @@
+"""``yoi up`` / ``yoi down``: converge a state directory to a declaration file.
+
+A declaration (``yoi.toml``) names Pods with their settings and peers::
+
+    [pods.reviewer]
+    exec = "my-agent --stdin"     # handler command (none if absent)
+    cwd = "."                     # relative to the file's directory
+    accept_peers = true           # default true
+    labels = { team = "infra" }
+    peers = ["coder"]             # relations, from either side
+    start = true                  # default true: `yoi up` starts it
+
+    [pods.coder]
+
+``load`` reads and checks the whole file before anything is changed: an
+unknown key, a bad name or value, or a relation to a Pod that is neither
+declared nor present is a ``UsageError`` naming the file and the key.
+
+``up`` then converges step by step, each step through the normal operation
+that every command uses (its locks, its transaction): create a missing Pod,
+change the settings of one that differs, register each missing relation,
+start each Pod that is not live. Every step is idempotent, so a second run
+changes nothing, two runs at once end converged, and a run that was
+interrupted (even by SIGKILL) is finished by the next one. A step that fails
+does not stop the independent ones; the report lists what changed and what
+failed, and the error names the first failure.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+from yoi import control, metadata, peers, store, timeouts
+from yoi.errors import AlreadyExists, Failed, UsageError, YoiError
+from yoi.names import is_valid_name
+from yoi.state import State
+from yoi.timeouts import DEFAULT
+from yoi.txn import read_pod_file
+
+DEFAULT_FILE = "yoi.toml"
+POD_KEYS = {"exec": str, "cwd": str, "accept_peers": bool, "handler_timeout": (int, float),
+            "labels": dict, "peers": list, "start": bool}
+_TYPE_NAMES = {str: "a string", bool: "true or false", dict: "a table", list: "an array",
+               (int, float): "a number of seconds"}
+
+
+class Declared:
+    """One Pod of the file: its settings as ``metadata.settings_of`` names them."""
+
+    __slots__ = ("name", "settings", "peers", "start")
+
+    def __init__(self, name: str, settings: dict, peers: list[str], start: bool):
+        self.name, self.settings, self.peers, self.start = name, settings, peers, start
+
+
+class Plan:
+    def __init__(self, path: Path, pods: list[Declared], relations: list[tuple[str, str]]):
+        self.path, self.pods, self.relations = path, pods, relations
+
+
+def find_file(path: str | None) -> Path:
+    p = Path(path if path is not None else DEFAULT_FILE)
+    if not p.is_file():
+        where = "" if path is not None else " in the current directory (or give -f FILE)"
+        raise UsageError(f"no declaration file {str(p)!r}{where}")
+    return p.resolve()
+
+
+def load(path: Path, state: State, labels: dict[str, str] | None = None) -> Plan:
+    """Read and check PATH (LABELS are added to every Pod); UsageError if anything is
+    wrong, before anything is changed."""
+    def bad(where: str, what: str) -> UsageError:
+        return UsageError(f"{path}: {where}: {what}")
+
+    try:
+        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 (byte {e.start})")
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: does not parse: {e}")
+    unknown = sorted(set(doc) - {"pods"})
+    if unknown:
+        raise bad(unknown[0], "unknown key (known: pods)")
+    table = doc.get("pods", {})
+    if not isinstance(table, dict) or not table:
+        raise bad("pods", "declare at least one Pod, e.g. [pods.reviewer]")
+    base = path.parent
+    pods = []
+    for name, spec in table.items():
+        where = f"pods.{name}"
+        if not is_valid_name(name):
+            raise bad(where, "invalid Pod name: use 1-64 characters of [A-Za-z0-9._-], "
+                             "starting with a letter or digit")
+        if not isinstance(spec, dict):
+            raise bad(where, "must be a table")
+        for key, value in spec.items():
+            kind = POD_KEYS.get(key)
+            if kind is None:
+                raise bad(f"{where}.{key}", "unknown key (known: " + ", ".join(POD_KEYS) + ")")
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise bad(f"{where}.{key}", f"must be {_TYPE_NAMES[kind]}")
+        pod_labels = dict(spec.get("labels", {}))
+        pod_labels.update(labels or {})
+        for key, value in pod_labels.items():
+            problem = metadata.label_problem(key, value)
+            if problem:
+                raise bad(f"{where}.labels", problem)
+        names = spec.get("peers", [])
+        for other in names:
+            if not is_valid_name(other):
+                raise bad(f"{where}.peers", f"invalid Pod name {other!r}")
+            if other == name:
+                raise bad(f"{where}.peers", "a Pod cannot be its own peer")
+        cwd = spec.get("cwd")
+        settings = {"exec": spec.get("exec"),
+                    "cwd": os.path.abspath(base / cwd) if cwd is not None else None,
+                    "accept_peers": spec.get("accept_peers", True),
+                    "handler_timeout": _seconds(spec, where, bad),
+                    "labels": dict(sorted(pod_labels.items()))}
+        for key in ("exec", "cwd"):
+            value = settings[key]
+            if value is not None and (not value or "\0" in value):
+                raise bad(f"{where}.{key}", "must be a non-empty string without NUL")
+        pods.append(Declared(name, settings, list(names), spec.get("start", True)))
+    declared = {p.name for p in pods}
+    relations = set()
+    for p in pods:
+        for other in p.peers:
+            if other not in declared and not _exists(state, other):
+                raise bad(f"pods.{p.name}.peers",
+                          f"{other!r} is neither declared in this file nor an existing Pod")
+            relations.add(tuple(sorted((p.name, other))))
+    return Plan(path, sorted(pods, key=lambda p: p.name), sorted(relations))
+
+
+def _seconds(spec: dict, where: str, bad) -> float | None:
+    """The Pod's handler_timeout, checked by the rule of every duration."""
+    value = spec.get("handler_timeout")
+    if value is None:
+        return None
+    try:
+        return timeouts.parse(value, "")
+    except UsageError as e:
+        raise bad(f"{where}.handler_timeout", e.message)
+
+
+def _exists(state: State, name: str) -> bool:
+    try:
+        return read_pod_file(state, name).exists
+    except YoiError:
+        return True  # there, but damaged: registering will say so
+
+
+class Report:
+    """What a run changed and what failed; ``to_json`` is the command's document."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.changes: list[dict] = []
+        self.failed: list[dict] = []
+        self.first: YoiError | None = None
+        self.pods: list[str] = []
+        self.relations = 0
+
+    def change(self, action: str, name: str, **extra) -> None:
+        self.changes.append({"action": action, "pod_name": name, **extra})
+
+    def fail(self, action: str, name: str, err: YoiError, **extra) -> None:
+        self.first = self.first or err
+        self.failed.append({"action": action, "pod_name": name, **extra,
+                            "error": err.to_json()})
+
+    def to_json(self) -> dict:
+        return {"file": str(self.path), "changed": bool(self.changes),
+                "changes": self.changes, "failed": self.failed,
+                "pods": [{"pod_name": n} for n in self.pods], "relations": self.relations}
+
+    def error(self, verb: str) -> YoiError | None:
+        """The error to fail with (the first failure's type), or None if all went well."""
+        if self.first is None:
+            return None
+        n = len(self.failed)
+        steps = "; ".join(f"{f['action']} {f['pod_name']}"
+                          + (f" <-> {f['peer']['pod_name']}" if "peer" in f else "")
+                          + f": {f['error']['message']}" for f in self.failed)
+        done = len(self.changes)
+        msg = (f"{verb}: {n} step{'s' if n != 1 else ''} failed ({steps}); "
+               f"{done} change{'s' if done != 1 else ''} made and kept")
+        if verb == "up":
+            msg += "; run `yoi up` again to finish"
+        cls = type(self.first) if isinstance(self.first, YoiError) else Failed
+        return cls(msg, data=self.to_json())
+
+
+def up(state: State, plan: Plan, start: bool = True, timeout: float = DEFAULT) -> Report:
+    """Converge STATE to PLAN (see the module docstring)."""
+    report = Report(plan.path)
+    report.pods = [p.name for p in plan.pods]
+    report.relations = len(plan.relations)
+    ready = set()
+    for pod in plan.pods:
+        try:
+            _converge_pod(state, pod, report)
+            ready.add(pod.name)
+        except YoiError as e:
+            report.fail("create", pod.name, e)
+    for a, b in plan.relations:
+        try:
+            if peers.register(state, a, b)["changed"]:
+                report.change("registered", a, peer={"pod_name": b})
+        except YoiError as e:
+            report.fail("register", a, e, peer={"pod_name": b})
+    if start:
+        for pod in plan.pods:
+            if not pod.start or pod.name not in ready:
+                continue
+            try:
+                if control.restore(state, pod.name, timeout=timeout)["restored"]:
+                    report.change("started", pod.name)
+            except YoiError as e:
+                report.fail("start", pod.name, e)
+    return report
+
+
+def _converge_pod(state: State, pod: Declared, report: Report) -> None:
+    s = pod.settings
+    try:
+        store.create(state, pod.name, exec_cmd=s["exec"], cwd=s["cwd"],
+                     accept_peers=s["accept_peers"], labels=s["labels"])
+        report.change("created", pod.name)
+        return
+    except AlreadyExists:
+        pass  # then it is configured to match (another `yoi up` may have just made it)
+    changed = store.converge_settings(state, pod.name, s)
+    if changed:
+        report.change("configured", pod.name, settings=changed)
+
+
+def down(state: State, plan: Plan, remove: bool = False, timeout: float = DEFAULT,
+         force: bool = False) -> Report:
+    """Stop every Pod PLAN declares (and with REMOVE remove it); absent ones are fine."""
+    report = Report(plan.path)
+    report.pods = [p.name for p in plan.pods]
+    report.relations = len(plan.relations)
+    for pod in plan.pods:
+        try:
+            if not _exists(state, pod.name):
+                continue
+            if control.stop(state, pod.name, timeout=timeout, force=force)["stopped"]:
+                report.change("stopped", pod.name)
+            if remove:
+                store.remove(state, pod.name)
+                report.change("removed", pod.name)
+        except YoiError as e:
+            report.fail("remove" if remove else "stop", pod.name, e)
+    return report
