@@ -38,9 +38,18 @@ def _utf8(value: str, what: str) -> str:
 
 
 def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None = None,
-           accept_peers: bool = True, exist_ok: bool = False) -> tuple[dict, bool]:
-    """Create Pod NAME. Returns (record, created)."""
+           accept_peers: str | bool = "open", exist_ok: bool = False,
+           peer_request_ttl: float | None = None) -> tuple[dict, bool]:
+    """Create Pod NAME. Returns (record, created).
+
+    ACCEPT_PEERS is the peer policy (``open``, ``ask``, ``never``; ``True`` and
+    ``False`` mean ``open`` and ``never``), PEER_REQUEST_TTL how long a request
+    to it stays pending (seconds; default ``metadata.DEFAULT_PEER_REQUEST_TTL``).
+    """
     check_name(name)
+    accept_peers = metadata.policy_value(accept_peers)
+    if peer_request_ttl is not None:
+        peer_request_ttl = metadata.ttl_value(peer_request_ttl)
     if exec_cmd is not None:
         _utf8(exec_cmd, "handler command")
     if cwd is not None:
@@ -52,7 +61,8 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
                 return pod.doc, False
             raise AlreadyExists(f"Pod {name!r} already exists", pod=name)
         remove_trash(state, name)
-        record = metadata.new_record(name, exec_cmd=exec_cmd, cwd=cwd, accept_peers=accept_peers)
+        record = metadata.new_record(name, exec_cmd=exec_cmd, cwd=cwd, accept_peers=accept_peers,
+                                     peer_request_ttl=peer_request_ttl)
         # Build the directory aside and rename it into place: a crash leaves
         # either no Pod or a whole one.
         staging = state.pods_dir / f".{name}{CREATING_MARK}{os.getpid()}"
@@ -77,12 +87,20 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
         return record, True
 
 
-def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd=_UNSET) -> dict:
+def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd=_UNSET,
+              peer_request_ttl=_UNSET) -> dict:
     """Change settings of NAME under its lock; everything else is preserved.
 
-    ``exec_cmd=None`` removes the handler command.
+    ``exec_cmd=None`` removes the handler command. A policy given is written
+    in its current form (``"open"``, ``"ask"``, ``"never"``), also over the
+    older ``true``/``false``; a record whose policy is not given keeps its
+    form. Changing the policy leaves pending requests pending.
     """
     check_name(name)
+    if accept_peers is not _UNSET:
+        accept_peers = metadata.policy_value(accept_peers)
+    if peer_request_ttl is not _UNSET:
+        peer_request_ttl = metadata.ttl_value(peer_request_ttl)
     if exec_cmd is not _UNSET and exec_cmd is not None:
         _utf8(exec_cmd, "handler command")
     if cwd is not _UNSET:
@@ -98,7 +116,9 @@ def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd
         if cwd is not _UNSET:
             runtime["cwd"] = cwd
         if accept_peers is not _UNSET:
-            doc["accept_peers"] = bool(accept_peers)
+            doc["accept_peers"] = accept_peers
+        if peer_request_ttl is not _UNSET:
+            doc["peer_request_ttl"] = peer_request_ttl
         locked.write_one(name, doc)
         return doc
 
@@ -167,7 +187,7 @@ def remove(state: State, name: str) -> dict:
                     if not pod.exists:
                         continue  # dangling entry: nothing to update on that side
                     metadata.drop_peer(pod.doc, name)
-                    changes.append(Change(peer, "write", metadata.dumps(pod.doc)))
+                    changes.append(Change(peer, "write", metadata.dump_record(pod.doc)))
                     updated.append(peer)
                 changes.append(Change(name, "remove"))
                 locked.commit(changes)

@@ -299,7 +299,7 @@ class Locked:
         """Replace one Pod's metadata (a single-file change needs no journal)."""
         assert name in self.names
         self._raw.pop(name, None)
-        atomic_write(self.state.metadata_path(name), metadata.dumps(doc))
+        atomic_write(self.state.metadata_path(name), metadata.dump_record(doc))
 
     def commit(self, changes: list[Change]) -> None:
         """Apply CHANGES as one transaction (see module docstring)."""
