@@ -1,5 +1,5 @@
 """Peer consent in the records: the policy, requests, approve/deny, expiry, --wait,
-and send while pending. No live Pod here (see
+send while pending, and `yoi doctor` on requests. No live Pod here (see
 test_consent_live.py)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -406,3 +407,57 @@ def test_eight_concurrent_requesters_each_get_one_request_then_approval(state):
     assert all(peers.is_peer(state, n, "b") for n in names)
     assert "peer_requests" not in record(state, "b")
     assert leftover_files(state.root) == []
+
+
+# -- yoi doctor ----------------------------------------------------------------------------
+
+def test_doctor_reports_and_clears_stale_requests(cli, state):
+    for n in ("a", "c", "d", "gone"):
+        store.create(state, n)
+    store.create(state, "b", accept_peers="ask")
+    peers.register(state, "gone", "b")
+    peers.register(state, "d", "b")
+    peers.deny(state, "b", "d")
+    peers.register(state, "c", "b")
+    # gone and d are removed (`yoi pod rm` leaves the request and the denial that
+    # name them); damage from outside makes c a peer while its request stays.
+    store.remove(state, "gone")
+    shutil.rmtree(state.pod_dir("d"))
+    stale = record(state, "b")["peer_requests"][-1]
+    store.update(state, "b", lambda doc: {**doc, "peers": [{"pod_name": "c",
+                                                            "registered_at": doc["created_at"]}]})
+    store.update(state, "c", lambda doc: {**doc, "peers": [{"pod_name": "b",
+                                                            "registered_at": doc["created_at"]}]})
+    expired = peers.register(state, "a", "b")["request"]
+    doc = record(state, "b")
+    doc["peer_requests"][-1]["expires_at"] = expired["expires_at"] = past(10)
+    state.metadata_path("b").write_bytes(metadata.dumps(doc))
+    r = cli("doctor", "--json")
+    assert r.exit_code == 1, r
+    found = sorted((p["code"], p["message"]) for p in r.json["problems"])
+    meta = str(state.metadata_path("b"))
+    assert found == [
+        ("peer-request-dangling", "has a peer request from 'gone', but there is no Pod 'gone'"),
+        ("peer-request-dangling", "records a denied peer request from 'd', but there is no "
+                                  "Pod 'd'"),
+        ("peer-request-expired", f"has a peer request from 'a' (id {expired['id']}) that "
+                                 f"expired at {metadata.to_jsonable(expired['expires_at'])}"),
+        ("peer-request-stale", f"has a peer request from 'c' (id {stale['id']}) pending, but "
+                               "'b' and 'c' are peers already"),
+    ], r.json
+    assert {p["path"] for p in r.json["problems"]} == {meta}
+    r = cli("doctor", "--fix", "--json")
+    assert r.exit_code == 0, r
+    assert all(p["fixed"] for p in r.json["problems"]), r.json
+    doc = record(state, "b")
+    assert "peer_requests" not in doc and "peer_denials" not in doc
+    assert metadata.peer_names(doc) == ["c"]
+    assert cli("doctor").exit_code == 0
+
+
+def test_doctor_leaves_live_requests_alone(cli, asked):
+    peers.register(asked, "a", "b")
+    before = raw(asked, "a", "b")
+    r = cli("doctor", "--fix")
+    assert r.exit_code == 0, r
+    assert raw(asked, "a", "b") == before
