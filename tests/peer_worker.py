@@ -13,7 +13,11 @@ Modes:
 
 ``run --state-dir D (--pods a,b,c | --pairs a:b,c:d) --count N --seed S [--mix M] [--wait]``
     perform N random operations, then exit 0. ``--mix register`` only
-    registers, ``--mix both`` (default) registers or removes at random.
+    registers, ``--mix both`` (default) registers or removes at random,
+    ``--mix consent`` (for Pods on ``accept_peers = "ask"``) registers (a
+    request), approves, denies or removes, the first Pod of a pair always
+    being the one that asks (``approve a b``: b approves a's request); an
+    approval or denial with no request pending is reported as ``skip``.
     ``--wait`` reads one line from stdin first, so that a test can start many
     workers and release them together.
 
@@ -74,6 +78,27 @@ def pairs_of(rel: dict[str, list[str]]) -> set[frozenset]:
     return pairs
 
 
+def requests_of(state_dir: Path) -> dict[str, list[str]]:
+    """Every Pod's pending (unexpired) requests: asked Pod -> the Pods that asked it."""
+    from yoi import metadata
+    from yoi.state import State
+    from yoi.txn import read_pod_file
+    state = State.resolve(state_dir)
+    return {name: [r["pod_name"] for r in metadata.pending_requests(
+        read_pod_file(state, name).doc)] for name in state.pod_names()}
+
+
+def disagreements(pairs: set[frozenset], requests: dict[str, list[str]]) -> list[str]:
+    """Requests that contradict the relations: pending between peers, or asked twice."""
+    out = []
+    for asked, askers in requests.items():
+        if len(set(askers)) != len(askers):
+            out.append(f"{asked} holds two requests from one Pod: {askers}")
+        out += [f"{asker} -> {asked}: a request is pending, but they are peers"
+                for asker in askers if frozenset((asker, asked)) in pairs]
+    return out
+
+
 def leftover_files(state_dir: Path) -> list[str]:
     """Journals, temp files and removed-Pod directories left anywhere in STATE."""
     out = []
@@ -105,10 +130,21 @@ def _say(line: str) -> None:
 def perform(state, op: str, a: str, b: str) -> bool | None:
     """Run one operation and report it; returns changed, or None on failure."""
     from yoi import peers
-    from yoi.errors import YoiError
+    from yoi.errors import NotFound, YoiError
     _say(f"begin {op} {a} {b}")
     try:
-        result = (peers.register if op == "register" else peers.unregister)(state, a, b)
+        if op == "approve":
+            result = peers.approve(state, b, a)
+        elif op == "deny":
+            result = peers.deny(state, b, a)
+        else:
+            result = (peers.register if op == "register" else peers.unregister)(state, a, b)
+    except NotFound as e:
+        if op in ("approve", "deny") and "no pending peer request" in e.message:
+            _say(f"skip {op} {a} {b}")
+            return False
+        _say(f"fail {op} {a} {b} {e.code}: {e.message}")
+        return None
     except YoiError as e:
         _say(f"fail {op} {a} {b} {e.code}: {e.message}")
         return None
@@ -116,8 +152,13 @@ def perform(state, op: str, a: str, b: str) -> bool | None:
     return result["changed"]
 
 
+CONSENT_OPS = ["register"] * 4 + ["approve"] * 3 + ["deny"] + ["remove"] * 2
+
+
 def random_op(rng: random.Random, pairs: list[tuple[str, str]], mix: str) -> tuple[str, str, str]:
     a, b = rng.choice(pairs)
+    if mix == "consent":
+        return rng.choice(CONSENT_OPS), a, b
     if rng.random() < 0.5:
         a, b = b, a  # either side may start the operation
     op = "register" if mix == "register" or rng.random() < 0.5 else "remove"
@@ -174,7 +215,7 @@ def main(argv=None) -> int:
     group.add_argument("--pairs", help="comma-separated a:b pairs")
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mix", choices=["register", "both"], default="both")
+    parser.add_argument("--mix", choices=["register", "both", "consent"], default="both")
     parser.add_argument("--wait", action="store_true")
     args = parser.parse_args(argv)
     return _run(args) if args.mode == "run" else _serve(args)
@@ -206,14 +247,20 @@ class KillLoop:
     recovery.
     """
 
-    def __init__(self, state_dir: Path, pods: list[str], seed: int = 0):
+    # What a completed operation leaves the pair as (True: peers; None: as it was).
+    EFFECTS = {"both": {"register": True, "remove": False},
+               "consent": {"register": None, "approve": True, "deny": None, "remove": False}}
+
+    def __init__(self, state_dir: Path, pods: list[str], seed: int = 0, mix: str = "both"):
         self.state_dir = Path(state_dir)
         self.pods = pods
         self.rng = random.Random(seed)
+        self.effects = self.EFFECTS[mix]
         self.allowed = {frozenset(p): {False} for p in itertools.combinations(pods, 2)}
         self.rounds = self.done = self.inflight_kills = 0
         self.proc = subprocess.Popen(
-            worker_command("serve", "--state-dir", str(state_dir), "--pods", ",".join(pods)),
+            worker_command("serve", "--state-dir", str(state_dir), "--pods", ",".join(pods),
+                           "--mix", mix),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
     def round(self, max_delay: float, max_ops: int = 2) -> None:
@@ -249,9 +296,11 @@ class KillLoop:
                 break
             elif words[0] == "begin":
                 inflight = (words[1], frozenset(words[2:4]))
-            elif words[0] == "done":
+            elif words[0] in ("done", "skip"):
                 op, pair = words[1], frozenset(words[2:4])
-                self.allowed[pair] = {op == "register"}
+                effect = self.effects[op] if words[0] == "done" else None
+                if effect is not None:
+                    self.allowed[pair] = {effect}
                 self.done += 1
                 done_here += 1
                 inflight = None
@@ -259,7 +308,8 @@ class KillLoop:
                 raise RuntimeError(f"operation failed in the kill loop: {line.strip()}")
         if inflight is not None:
             op, pair = inflight
-            self.allowed[pair] = self.allowed[pair] | {op == "register"}
+            if self.effects[op] is not None:
+                self.allowed[pair] = self.allowed[pair] | {self.effects[op]}
             self.inflight_kills += 1
         self.rounds += 1
 

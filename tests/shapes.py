@@ -92,6 +92,8 @@ STOPPED = {"pod_name": str, "stopped": bool, "forced": Nullable(str), "pid": Nul
            "message": str, "stale_socket_removed?": bool}
 PROBLEM = {"code": str, "severity": Enum("error", "warning"), "pod_name": Nullable(str),
            "path": str, "message": str, "fixable": bool, "fixed": bool}
+# A pending peer request (`peer register` of a Pod on `ask`, `peer list --pending`).
+REQUEST = Open({"pod_name": str, "id": str, "requested_at": str, "expires_at": str})
 CHANGE = {"action": Enum("created", "configured", "registered", "started", "stopped",
                          "removed"),
           "pod_name": str, "peer?": POD_REF, "settings?": ListOf(str)}
@@ -126,7 +128,11 @@ DOCUMENTS = {
     "sent": {"pod_name": str, "source": Nullable(POD_REF), "id": str, "acknowledged": bool,
              "at": Nullable(str), "deduplicates_retries": bool},
     "lines-sent": LINES_SENT,
-    "peer-changed": {"pod_name": str, "peer": POD_REF, "changed": bool},
+    "peer-changed": {"pod_name": str, "peer": POD_REF, "changed": bool,
+                     "state?": Enum("registered", "pending", "denied", "expired", "withdrawn"),
+                     "request?": REQUEST, "offered?": bool,
+                     "decider?": Enum("handler", "operator")},
+    "peer-requests": {"pod_name": str, "requests": ListOf(REQUEST)},
     "peer-list": {"pod_name": str,
                   "peers": ListOf({"pod_name": str, "registered_at": Nullable(str),
                                    "exists": bool, "reciprocal": bool})},
@@ -155,7 +161,9 @@ COMMANDS = {
     "yoi pod send": ["sent", "lines-sent"],
     "yoi pod peer register": ["peer-changed"],
     "yoi pod peer remove": ["peer-changed"],
-    "yoi pod peer list": ["peer-list"],
+    "yoi pod peer list": ["peer-list", "peer-requests"],
+    "yoi pod peer approve": ["peer-changed"],
+    "yoi pod peer deny": ["peer-changed"],
     "yoi doctor": ["doctor", "doctor-checks"],
     "yoi demo": ["demo"],
     "yoi up": ["converged"],

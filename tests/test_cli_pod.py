@@ -47,14 +47,14 @@ def test_create_prints_the_pod(cli, state):
     r = cli("pod", "create", "a", "--exec", "agent --stdin", "--cwd", "/w", "--no-accept-peers")
     assert r.exit_code == 0, r
     assert re.fullmatch(
-        f"name:         a\ncreated_at:   {CREATED_AT}\naccept_peers: no\n"
+        f"name:         a\ncreated_at:   {CREATED_AT}\naccept_peers: never\n"
         "exec:         agent --stdin\ncwd:          /w\n"
         r"timeout:      3600s per handler run \(default\)\nlabels:       -\npeers:        -\n",
         r.stdout), r
     assert r.stderr == ""
     doc = record(state, "a")
     assert doc["runtime"] == {"exec": "agent --stdin", "cwd": "/w"}
-    assert doc["accept_peers"] is False
+    assert doc["accept_peers"] == "never"
 
 
 def test_create_json(cli):
@@ -63,7 +63,7 @@ def test_create_json(cli):
     doc = json.loads(r.stdout)
     assert re.fullmatch(CREATED_AT, doc["record"].pop("created_at"))
     assert doc == {"ok": True, "pod_name": "a", "created": True, "record": {
-        "schema": 1, "pod_name": "a", "accept_peers": True, "runtime": {}, "peers": []}}
+        "schema": 1, "pod_name": "a", "accept_peers": "open", "runtime": {}, "peers": []}}
 
 
 def test_create_existing_is_exit_1_unless_exist_ok(cli, state):
@@ -129,12 +129,12 @@ def test_config_changes_settings_and_preserves_everything_else(cli, state):
     assert "exec:         agent\n" in r.stdout and "peers:        b\n" in r.stdout
     doc = record(state, "a")
     assert doc["runtime"] == {"pid": 42, "exec": "agent", "cwd": "/w"}
-    assert doc["accept_peers"] is False and doc["custom"] == {"k": "v"}
+    assert doc["accept_peers"] == "never" and doc["custom"] == {"k": "v"}
     assert [p["pod_name"] for p in doc["peers"]] == ["b"]
     r = cli("pod", "config", "a", "--no-exec", "--accept-peers", "--json")
     assert r.exit_code == 0, r
     assert r.json["record"]["runtime"] == {"pid": 42, "cwd": "/w"}
-    assert record(state, "a")["accept_peers"] is True
+    assert record(state, "a")["accept_peers"] == "open"
 
 
 def test_handler_timeout_is_a_setting_in_the_record(cli, state):
@@ -154,8 +154,8 @@ def test_handler_timeout_is_a_setting_in_the_record(cli, state):
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "nothing to change: give --exec, --no-exec, --accept-peers, --no-accept-peers, --cwd, "
-         "--handler-timeout, --label or --unset-label"),
+    ([], "nothing to change: give --exec, --no-exec, --accept-peers, --no-accept-peers, "
+         "--peer-request-ttl, --cwd, --handler-timeout, --label or --unset-label"),
     (["--exec", "x", "--no-exec"], "--exec and --no-exec are mutually exclusive"),
 ])
 def test_config_usage_errors(cli, state, args, message):
@@ -270,7 +270,7 @@ def test_show(cli, state, started_pod):
     r = cli("pod", "show", "a")
     assert r.exit_code == 0, r
     assert re.fullmatch(
-        f"name:         a\ncreated_at:   {CREATED_AT}\naccept_peers: yes\nexec:         -\n"
+        f"name:         a\ncreated_at:   {CREATED_AT}\naccept_peers: open\nexec:         -\n"
         r"cwd:          -\ntimeout:      3600s per handler run \(default\)\n"
         f"labels:       -\nsocket:       {re.escape(str(live.socket_path))}\n"
         "live:         yes\npeers:        b\n", r.stdout), r

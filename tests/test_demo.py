@@ -16,18 +16,19 @@ def test_demo_runs_every_step_and_removes_its_state(run_yoi):
     assert m, r
     from pathlib import Path
     assert not Path(m.group(1)).exists()
-    # The order of the issue: create, start, register, send, wait for the reply,
-    # doctor, stop.
+    # The order of the issue: create, start, register (coder is asked, its handler
+    # approves), send, wait for the reply, doctor, stop.
     commands = [re.sub(r" --exec .*", " --exec ...", line.split("$ ", 1)[1])
                 for line in r.stdout.splitlines() if re.match(r"\[\d+\] \$ ", line)]
     assert commands == [
-        "yoi pod create reviewer", "yoi pod create coder --exec ...",
+        "yoi pod create reviewer", "yoi pod create coder --accept-peers ask --exec ...",
         "yoi pod start reviewer", "yoi pod start coder",
-        "yoi pod peer register reviewer coder", "yoi pod list",
+        "yoi pod peer register reviewer coder --wait 30", "yoi pod list",
         "yoi pod send --from reviewer coder 'please review PR 42'",
         "yoi pod log reviewer --json   # waiting for the reply from coder",
         "yoi pod log coder", "yoi doctor", "yoi pod stop coder", "yoi pod stop reviewer"], r
     assert 'pong from coder: got \\"please review PR 42\\"' in r.stdout
+    assert re.search(r"registered reviewer <-> coder \(coder approved request \w+\)", r.stdout)
 
 
 def test_demo_json_in_a_kept_state_dir_leaves_stopped_pods_and_both_logs(run_yoi, tmp_path):
@@ -46,6 +47,17 @@ def test_demo_json_in_a_kept_state_dir_leaves_stopped_pods_and_both_logs(run_yoi
                  (state / "pods" / "coder" / "session.jsonl").read_text().splitlines()]
     items = [e["item"] for e in coder_log if e["kind"] == "system_item"]
     assert [(i["source"], i["message"]) for i in items] == [("reviewer", "please review PR 42")]
+    # coder was asked first: its handler approved the request, and only then was
+    # reviewer's message accepted.
+    kinds = [e["kind"] for e in coder_log]
+    assert kinds[:3] == ["peer_request", "peer_decision", "system_item"], kinds
+    request, decision = coder_log[0], coder_log[1]
+    assert request["source"] == "reviewer" and request["decider"] == "handler"
+    assert (decision["source"], decision["request_id"], decision["decision"]) == (
+        "reviewer", request["request_id"], "approved")
+    register = [s for s in doc["steps"] if s["command"].startswith("yoi pod peer register")]
+    assert register == [{"command": "yoi pod peer register reviewer coder --wait 30",
+                         "exit_code": 0}]
     assert run_yoi("doctor", "--state-dir", state).exit_code == 0
 
 

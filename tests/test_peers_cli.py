@@ -41,7 +41,8 @@ def test_register_makes_both_pods_list_each_other(cli, state, pods):
 def test_register_json(cli, pods):
     r = cli("pod", "peer", "register", "a", "b", "--json")
     assert r.exit_code == 0, r
-    assert r.json == {"ok": True, "pod_name": "a", "peer": {"pod_name": "b"}, "changed": True}
+    assert r.json == {"ok": True, "pod_name": "a", "peer": {"pod_name": "b"}, "changed": True,
+                      "state": "registered"}
 
 
 def test_register_existing_relation_succeeds_and_rewrites_nothing(cli, state, pods):
@@ -53,7 +54,7 @@ def test_register_existing_relation_succeeds_and_rewrites_nothing(cli, state, po
         assert (r.exit_code, r.stdout) == (0, f"already peers: {args[0]} <-> {args[1]}\n"), r
         r = cli("pod", "peer", "register", *args, "--json")
         assert r.json == {"ok": True, "pod_name": args[0], "peer": {"pod_name": args[1]},
-                          "changed": False}
+                          "changed": False, "state": "registered"}
     assert pods() == before
     # An atomic replace would have given the files new inodes.
     assert {n: os.stat(state.metadata_path(n)).st_ino for n in "ab"} == inodes

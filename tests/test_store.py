@@ -76,7 +76,7 @@ def test_state_dir_may_be_a_symlink(tmp_path):
     store.configure(state, "a", accept_peers=False)
     assert link.is_symlink()
     assert (real / "pods" / "a" / "metadata.toml").is_file()
-    assert store.read(state, "a")["accept_peers"] is False
+    assert store.read(state, "a")["accept_peers"] == "never"
 
 
 def test_pod_dir_symlink_is_refused_and_target_untouched(state, tmp_path):
@@ -130,7 +130,7 @@ def test_create_writes_a_schema_1_record_and_empty_session(state, tmp_path):
     on_disk = tomllib.loads(state.metadata_path("a").read_text())
     assert on_disk == record
     assert on_disk["schema"] == 1 and on_disk["pod_name"] == "a"
-    assert on_disk["accept_peers"] is False
+    assert on_disk["accept_peers"] == "never"
     assert on_disk["runtime"] == {"exec": "agent --stdin", "cwd": os.path.abspath("rel")}
     assert on_disk["peers"] == []
     assert state.session_path("a").read_bytes() == b""
@@ -177,7 +177,7 @@ def test_unknown_keys_survive_every_rewrite(state):
     assert doc["extension"] == expected["extension"]
     assert doc["peers"] == expected["peers"]
     assert doc["runtime"] == {**expected["runtime"], "exec": "new", "cwd": "/w"}
-    assert doc["accept_peers"] is False and doc["later"] == 1
+    assert doc["accept_peers"] == "never" and doc["later"] == 1
 
 
 def test_configure_no_exec_removes_only_the_handler(state):
@@ -251,7 +251,8 @@ CORRUPT_TEXTS = {
     "wrong-name": ('schema = 1\npod_name = "b"\n',
                    r"pod_name 'b' does not match its directory 'a'"),
     "accept-peers": ('schema = 1\npod_name = "a"\naccept_peers = "yes"\n',
-                     r"accept_peers must be true or false"),
+                     r"accept_peers must be \"open\", \"ask\" or \"never\" \(or true/false\), "
+                     r"not 'yes'"),
     "runtime": ('schema = 1\npod_name = "a"\nruntime = 3\n', r"runtime must be a table"),
     "peers": ('schema = 1\npod_name = "a"\npeers = "b"\n', r"peers must be an array of tables"),
     "peer-name": ('schema = 1\npod_name = "a"\n[[peers]]\npod_name = "../x"\n',
@@ -334,7 +335,7 @@ def test_lock_timeout_names_the_holder_pid(state):
         assert e.value.exit_code == 6
     # SIGKILL released the lock: the next writer gets it at once.
     store.configure(State.resolve(state.root, lock_timeout=0), "a", accept_peers=False)
-    assert store.read(state, "a")["accept_peers"] is False
+    assert store.read(state, "a")["accept_peers"] == "never"
     assert is_locked(state.lock_path("a")) is False
 
 

@@ -5,7 +5,9 @@ A declaration (``yoi.toml``) names Pods with their settings and peers::
     [pods.reviewer]
     exec = "my-agent --stdin"     # handler command (none if absent)
     cwd = "."                     # relative to the file's directory
-    accept_peers = true           # default true
+    accept_peers = "ask"          # "open" (the default), "ask" or "never"
+    peer_request_ttl = 3600       # seconds a peer request stays pending
+    handler_timeout = 600         # seconds one handler run may take
     labels = { team = "infra" }
     peers = ["coder"]             # relations, from either side
     start = true                  # default true: `yoi up` starts it
@@ -40,10 +42,12 @@ from yoi.timeouts import DEFAULT
 from yoi.txn import read_pod_file
 
 DEFAULT_FILE = "yoi.toml"
-POD_KEYS = {"exec": str, "cwd": str, "accept_peers": bool, "handler_timeout": (int, float),
+POD_KEYS = {"exec": str, "cwd": str, "accept_peers": (str, bool),
+            "peer_request_ttl": (int, float), "handler_timeout": (int, float),
             "labels": dict, "peers": list, "start": bool}
 _TYPE_NAMES = {str: "a string", bool: "true or false", dict: "a table", list: "an array",
-               (int, float): "a number of seconds"}
+               (int, float): "a number of seconds",
+               (str, bool): "\"open\", \"ask\" or \"never\" (or true/false)"}
 
 
 class Declared:
@@ -99,7 +103,8 @@ def load(path: Path, state: State, labels: dict[str, str] | None = None) -> Plan
             kind = POD_KEYS.get(key)
             if kind is None:
                 raise bad(f"{where}.{key}", "unknown key (known: " + ", ".join(POD_KEYS) + ")")
-            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (
+                    kind if isinstance(kind, tuple) else (kind,))):
                 raise bad(f"{where}.{key}", f"must be {_TYPE_NAMES[kind]}")
         pod_labels = dict(spec.get("labels", {}))
         pod_labels.update(labels or {})
@@ -116,8 +121,9 @@ def load(path: Path, state: State, labels: dict[str, str] | None = None) -> Plan
         cwd = spec.get("cwd")
         settings = {"exec": spec.get("exec"),
                     "cwd": os.path.abspath(base / cwd) if cwd is not None else None,
-                    "accept_peers": spec.get("accept_peers", True),
-                    "handler_timeout": _seconds(spec, where, bad),
+                    "accept_peers": _policy(spec, where, bad),
+                    "peer_request_ttl": _seconds(spec, "peer_request_ttl", where, bad),
+                    "handler_timeout": _seconds(spec, "handler_timeout", where, bad),
                     "labels": dict(sorted(pod_labels.items()))}
         for key in ("exec", "cwd"):
             value = settings[key]
@@ -135,15 +141,22 @@ def load(path: Path, state: State, labels: dict[str, str] | None = None) -> Plan
     return Plan(path, sorted(pods, key=lambda p: p.name), sorted(relations))
 
 
-def _seconds(spec: dict, where: str, bad) -> float | None:
-    """The Pod's handler_timeout, checked by the rule of every duration."""
-    value = spec.get("handler_timeout")
+def _seconds(spec: dict, key: str, where: str, bad) -> float | None:
+    """The Pod's KEY, a duration checked by the rule of every duration."""
+    value = spec.get(key)
     if value is None:
         return None
     try:
         return timeouts.parse(value, "")
     except UsageError as e:
-        raise bad(f"{where}.handler_timeout", e.message)
+        raise bad(f"{where}.{key}", e.message)
+
+
+def _policy(spec: dict, where: str, bad) -> str:
+    try:
+        return metadata.policy_value(spec.get("accept_peers", "open"))
+    except UsageError as e:
+        raise bad(f"{where}.accept_peers", e.message)
 
 
 def _exists(state: State, name: str) -> bool:
@@ -228,7 +241,8 @@ def _converge_pod(state: State, pod: Declared, report: Report) -> None:
     s = pod.settings
     try:
         store.create(state, pod.name, exec_cmd=s["exec"], cwd=s["cwd"],
-                     accept_peers=s["accept_peers"], labels=s["labels"])
+                     accept_peers=s["accept_peers"], peer_request_ttl=s["peer_request_ttl"],
+                     handler_timeout=s["handler_timeout"], labels=s["labels"])
         report.change("created", pod.name)
         return
     except AlreadyExists:

@@ -26,7 +26,7 @@ import os
 
 from yoi import client, protocol
 from yoi.errors import Interrupted, Refused, Unreachable, UsageError, YoiError
-from yoi.metadata import has_peer
+from yoi.metadata import has_peer, pending_between
 from yoi.names import check_name
 from yoi.state import State
 from yoi.timeouts import DEFAULT
@@ -105,6 +105,9 @@ def resolve_target(state: State, target: str, source: str | None):
         if not src.exists:
             raise state.no_such_pod(source, "the source")
         if not has_peer(src.doc, target):
+            pending = pending_between(src.doc, pod.doc, source, target)
+            if pending:
+                raise Refused(f"not a peer yet: {pending}", source=source, target=target)
             raise Refused(f"not a peer: {source} does not list {target} as a peer "
                           f"(introduce them with `yoi pod peer register {source} {target}`)",
                           pod_name=target, source=pod_ref(source))

@@ -20,8 +20,10 @@ from typing import Callable
 
 from yoi.errors import Failed
 
-# Pod "coder" answers every message it is sent by messaging its sender back.
-HANDLER = ('msg=$(cat); {yoi} pod send "$YOI_FROM" '
+# Pod "coder" (on `--accept-peers ask`) approves every peer request it is
+# asked, and answers every message it is sent by messaging its sender back.
+HANDLER = ('if [ "$YOI_EVENT" = peer_request ]; then echo approve; exit 0; fi; '
+           'msg=$(cat); {yoi} pod send "$YOI_FROM" '
            '"pong from $YOI_POD: got \\"$msg\\""')
 
 
@@ -83,13 +85,15 @@ class Demo:
         try:
             self.yoi("pod", "create", "reviewer")
             created.append("reviewer")
-            self.yoi("pod", "create", "coder", "--exec", handler)
+            self.yoi("pod", "create", "coder", "--accept-peers", "ask", "--exec", handler)
             created.append("coder")
             for name in ("reviewer", "coder"):
                 self.yoi("pod", "start", name)
                 started.append(name)
-            # Introduced while they run: live Pods see a new relation at once.
-            self.yoi("pod", "peer", "register", "reviewer", "coder")
+            # Introduced while they run: coder is asked, its handler approves, and
+            # live Pods see the new relation at once.
+            self.yoi("pod", "peer", "register", "reviewer", "coder",
+                     "--wait", f"{self.timeout:g}")
             self.yoi("pod", "list")
             self.yoi("pod", "send", "--from", "reviewer", "coder", "please review PR 42")
             self.wait_for_reply("reviewer", "coder")

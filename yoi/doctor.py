@@ -60,6 +60,12 @@ CHECKS: dict[str, tuple[str, bool]] = {
     "peer-dangling": ("a Pod lists a peer that does not exist (the entry is removed)", True),
     "peer-self": ("a Pod lists itself as a peer (the entry is removed)", True),
     "peer-duplicate": ("a Pod lists the same peer more than once (entries are merged)", True),
+    "peer-request-expired": ("a peer request is past its expiry: every command already treats it "
+                             "as absent (it is removed)", True),
+    "peer-request-dangling": ("a peer request, or a recorded denial, names a Pod that does not "
+                              "exist (it is removed)", True),
+    "peer-request-stale": ("a peer request is pending although the two Pods are peers already "
+                           "(it is removed)", True),
     "journal-leftover": ("the journal of an interrupted multi-Pod change (it is rolled back)",
                          True),
     "journal-corrupt": ("a journal that does not parse (left in place: inspect it by hand)",
@@ -81,7 +87,8 @@ CHECKS: dict[str, tuple[str, bool]] = {
 # and still exits 0 (unless --strict), so it can gate a job after a crashed
 # one. Every other check is an error (exit 1).
 WARNINGS: frozenset[str] = frozenset({"stale-socket", "stale-pid", "temp-file", "staging-dir",
-                                      "session-torn"})
+                                      "session-torn", "peer-request-expired",
+                                      "peer-request-dangling", "peer-request-stale"})
 ERROR, WARNING = "error", "warning"
 
 
@@ -253,6 +260,8 @@ class _Pod:
     temps: list[str] = field(default_factory=list)
     torn: tuple[int, int, str] | None = None  # see session.torn_tail
     has_session: bool = False
+    requests: list[tuple[str, float]] = field(default_factory=list)  # (requester, expires)
+    denied: list[str] = field(default_factory=list)  # Pods whose requests were denied
 
 
 Finding = tuple[str, str | None, str, str]  # code, pod, path, message
@@ -363,6 +372,9 @@ def _scan_metadata(pod: _Pod, meta: str, found: list[Finding]) -> None:
     else:
         pod.status = "ok"
         pod.peers = metadata.peer_names(doc)
+        pod.requests = [(r["pod_name"], r["expires_at"].timestamp())
+                        for r in doc.get("peer_requests", [])]
+        pod.denied = [d["pod_name"] for d in doc.get("peer_denials", [])]
         runtime = doc.get("runtime") or {}
         pod.pid, pod.socket_path = runtime.get("pid"), runtime.get("socket_path")
 
@@ -469,6 +481,7 @@ class _Doctor:
         # which removes its temp files without a word.
         self.check_temps()
         self.check_relations()
+        self.check_requests()
         self.check_runtime()
         self.check_sessions()
         self.problems.sort(key=lambda p: (p.pod or "", p.code, p.path))
@@ -765,6 +778,77 @@ class _Doctor:
 
             def repair():
                 doc["peers"] = _repaired_peers(doc.get("peers", []), drop, merge)
+                view.locked.write_one(name, doc)
+
+            self.attempt_all(found, repair)
+
+    # -- peer requests --------------------------------------------------------
+    def check_requests(self) -> None:
+        codes = {"peer-request-expired", "peer-request-dangling", "peer-request-stale"}
+        if not self.wanted & codes:
+            return
+        now = time.time()
+        for name, pod in sorted(self.pods.items()):
+            if pod.status != "ok" or not (pod.requests or pod.denied):
+                continue
+            others = {n for n, _ in pod.requests} | set(pod.denied)
+            suspects = {n for n, expires in pod.requests if expires <= now}
+            for other in others:
+                status, peers = self.effective_peers(other)
+                if status == "missing" or (other in (pod.peers or []) and name in (peers or [])):
+                    suspects.add(other)
+            # One Pod's requests, re-checked in batches under the locks.
+            suspects = sorted(suspects)
+            for k in range(0, len(suspects), PEERS_PER_LOCK):
+                self.recheck_requests(name, suspects[k:k + PEERS_PER_LOCK])
+
+    def recheck_requests(self, name: str, others: list[str]) -> None:
+        """Re-read NAME's requests from OTHERS under the locks; report and fix what persists."""
+        with self.locked_view([name, *others]) as view:
+            status, doc = view.read(name)
+            if status != "ok":
+                return
+            meta = self.state.metadata_path(name)
+            now = metadata.utcnow()
+            found: list[Problem | None] = []
+            drop_requests, drop_denials = set(), set()
+            for r in doc.get("peer_requests", []):
+                other = r["pod_name"]
+                if other not in others:
+                    continue
+                ostatus, odoc = view.read(other)
+                if ostatus == "missing":
+                    found.append(self.add("peer-request-dangling", name, meta, f"has a peer "
+                                          f"request from {other!r}, but there is no Pod "
+                                          f"{other!r}"))
+                elif metadata.is_expired(r, now):
+                    found.append(self.add("peer-request-expired", name, meta, f"has a peer "
+                                          f"request from {other!r} (id {r['id']}) that expired "
+                                          f"at {metadata.to_jsonable(r['expires_at'])}"))
+                elif (ostatus == "ok" and metadata.has_peer(doc, other)
+                      and metadata.has_peer(odoc, name)):
+                    found.append(self.add("peer-request-stale", name, meta, f"has a peer "
+                                          f"request from {other!r} (id {r['id']}) pending, but "
+                                          f"{name!r} and {other!r} are peers already"))
+                else:
+                    continue
+                if found[-1] is not None:
+                    drop_requests.add(other)
+            for d in doc.get("peer_denials", []):
+                other = d["pod_name"]
+                if other in others and view.read(other)[0] == "missing":
+                    found.append(self.add("peer-request-dangling", name, meta, f"records a "
+                                          f"denied peer request from {other!r}, but there is "
+                                          f"no Pod {other!r}"))
+                    if found[-1] is not None:
+                        drop_denials.add(other)
+            found = [p for p in found if p is not None]
+
+            def repair():
+                for other in drop_requests:
+                    metadata.drop_requests(doc, other)
+                for other in drop_denials:
+                    metadata.drop_denials(doc, other)
                 view.locked.write_one(name, doc)
 
             self.attempt_all(found, repair)

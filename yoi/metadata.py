@@ -2,20 +2,32 @@
 
 A record is kept as the plain dict ``tomllib`` returns, so keys this version
 does not know survive a rewrite untouched.
+
+Peer consent lives here too, as plain functions on a record: the policy
+``accept_peers`` (``"open"``, ``"ask"`` or ``"never"``; records written
+before it was a policy hold ``true``/``false``, read as ``"open"``/``"never"``
+and kept as they are until the policy is changed), the request lifetime
+``peer_request_ttl`` (seconds) and the ``[[peer_requests]]`` still pending
+and ``[[peer_denials]]`` recorded in the record of the Pod that was asked.
+An expired request is, to every reader, no request.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import re
 from pathlib import Path
 
-from yoi.errors import CorruptMetadata
+from yoi.errors import CorruptMetadata, UsageError
 from yoi.names import is_valid_name
 from yoi.parsing import ParseError, toml_loads
+from yoi.timeouts import MAX as MAX_SECONDS
 
 SCHEMA = 1
+POLICIES = ("open", "ask", "never")
+DEFAULT_PEER_REQUEST_TTL = 86400  # seconds a peer request stays pending: 24 h
 
 
 def utcnow() -> _dt.datetime:
@@ -23,16 +35,19 @@ def utcnow() -> _dt.datetime:
 
 
 def new_record(name: str, exec_cmd: str | None = None, cwd: str | None = None,
-               accept_peers: bool = True, handler_timeout: float | None = None,
+               accept_peers: str | bool = "open", peer_request_ttl: float | None = None,
+               handler_timeout: float | None = None,
                labels: dict[str, str] | None = None) -> dict:
     record: dict = {
         "schema": SCHEMA,
         "pod_name": name,
         "created_at": utcnow(),
-        "accept_peers": accept_peers,
+        "accept_peers": policy_value(accept_peers),
         "runtime": {},
         "peers": [],
     }
+    if peer_request_ttl is not None:
+        record["peer_request_ttl"] = ttl_value(peer_request_ttl)
     if exec_cmd is not None:
         record["runtime"]["exec"] = exec_cmd
     if cwd is not None:
@@ -78,7 +93,7 @@ def settings_of(doc: dict) -> dict:
     """The settings a user gives (create, config, yoi.toml), as stored in DOC."""
     runtime = doc.get("runtime") or {}
     return {"exec": runtime.get("exec"), "cwd": runtime.get("cwd"),
-            "accept_peers": accepts_peers(doc),
+            "accept_peers": peer_policy(doc), "peer_request_ttl": doc.get("peer_request_ttl"),
             "handler_timeout": runtime.get("handler_timeout"), "labels": labels_of(doc)}
 
 
@@ -137,8 +152,13 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
         return f"pod_name {name!r} is missing or not a valid Pod name"
     if expect_name is not None and name != expect_name:
         return f"pod_name {name!r} does not match its directory {expect_name!r}"
-    if "accept_peers" in doc and not isinstance(doc["accept_peers"], bool):
-        return "accept_peers must be true or false"
+    if "accept_peers" in doc and not (isinstance(doc["accept_peers"], bool)
+                                      or doc["accept_peers"] in POLICIES):
+        return (f"accept_peers must be \"open\", \"ask\" or \"never\" (or true/false), "
+                f"not {doc['accept_peers']!r}")
+    if "peer_request_ttl" in doc and _ttl_problem(doc["peer_request_ttl"]):
+        return (f"peer_request_ttl must be a number of seconds above 0 and at most "
+                f"{MAX_SECONDS:.0f}, not {doc['peer_request_ttl']!r}")
     if "runtime" in doc and not isinstance(doc["runtime"], dict):
         return "runtime must be a table"
     for key, (kind, what) in RUNTIME_TYPES.items():
@@ -159,12 +179,47 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
     for i, p in enumerate(peers):
         if not isinstance(p, dict) or not is_valid_name(p.get("pod_name")):
             return f"peers[{i}] has no valid pod_name"
+    for key, stamps in (("peer_requests", ("requested_at", "expires_at")),
+                        ("peer_denials", ("denied_at",))):
+        problem = _table_list_problem(doc, key, stamps)
+        if problem:
+            return problem
     return None
+
+
+def _table_list_problem(doc: dict, key: str, stamps: tuple[str, ...]) -> str | None:
+    entries = doc.get(key, [])
+    if not isinstance(entries, list):
+        return f"{key} must be an array of tables"
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not is_valid_name(e.get("pod_name")):
+            return f"{key}[{i}] has no valid pod_name"
+        if not isinstance(e.get("id"), str) or not REQUEST_ID_RE.match(e["id"]):
+            return f"{key}[{i}] has no valid id"
+        for stamp in stamps:
+            if not _is_utc_time(e.get(stamp)):
+                return f"{key}[{i}].{stamp} must be a date-time with a UTC offset"
+    return None
+
+
+def _is_utc_time(value) -> bool:
+    return isinstance(value, _dt.datetime) and value.tzinfo is not None
+
+
+def _ttl_problem(value) -> bool:
+    return (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not (math.isfinite(value) and 0 < value <= MAX_SECONDS))
 
 
 def dumps(doc: dict) -> bytes:
     import tomli_w  # measured: ~3 ms that readers (list, show, send) do not pay
     return tomli_w.dumps(doc).encode("utf-8")
+
+
+def dump_record(doc: dict) -> bytes:
+    """DOC serialised for writing; expired peer requests are cleared on the way."""
+    prune_expired(doc)
+    return dumps(doc)
 
 
 def peer_names(doc: dict) -> list[str]:
@@ -180,8 +235,142 @@ def drop_peer(doc: dict, name: str) -> None:
     doc["peers"] = [p for p in doc.get("peers", []) if p.get("pod_name") != name]
 
 
-def accepts_peers(doc: dict) -> bool:
-    return doc.get("accept_peers", True) is True
+# -- consent: the policy and the requests -------------------------------------
+
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z", re.ASCII)
+
+
+def peer_policy(doc: dict) -> str:
+    """``open``, ``ask`` or ``never``; the boolean form of older records read as such."""
+    value = doc.get("accept_peers", True)
+    if value is True:
+        return "open"
+    if value is False:
+        return "never"
+    return value
+
+
+def policy_value(value: str | bool) -> str:
+    """A policy as written now; a boolean (the older form) is translated."""
+    if value is True:
+        return "open"
+    if value is False:
+        return "never"
+    if value not in POLICIES:
+        raise UsageError(f"invalid peer policy {value!r}: use open, ask or never")
+    return value
+
+
+def ttl_value(seconds: float) -> int | float:
+    """SECONDS as stored: a whole number as an integer."""
+    if _ttl_problem(seconds):
+        raise UsageError(f"the peer request lifetime must be a number of seconds above 0 "
+                         f"and at most {MAX_SECONDS:.0f}, not {seconds!r}")
+    return int(seconds) if float(seconds).is_integer() else float(seconds)
+
+
+def peer_request_ttl(doc: dict) -> float:
+    return float(doc.get("peer_request_ttl", DEFAULT_PEER_REQUEST_TTL))
+
+
+def new_request_id() -> str:
+    return os.urandom(6).hex()
+
+
+def _now(now: _dt.datetime | None) -> _dt.datetime:
+    return utcnow() if now is None else now
+
+
+def is_expired(request: dict, now: _dt.datetime | None = None) -> bool:
+    return request["expires_at"] <= _now(now)
+
+
+def pending_requests(doc: dict, now: _dt.datetime | None = None) -> list[dict]:
+    """The requests in DOC that have not expired, in the order they were made."""
+    now = _now(now)
+    return [r for r in doc.get("peer_requests", []) if not is_expired(r, now)]
+
+
+def pending_request(doc: dict, source: str, now: _dt.datetime | None = None) -> dict | None:
+    """SOURCE's request to DOC's Pod, unless there is none or it has expired."""
+    for r in pending_requests(doc, now):
+        if r["pod_name"] == source:
+            return r
+    return None
+
+
+def pending_between(a_doc: dict, b_doc: dict, a: str, b: str) -> str | None:
+    """Describe the request pending between A and B (either way), if there is one."""
+    for asked, asker, doc in ((b, a, b_doc), (a, b, a_doc)):
+        request = pending_request(doc, asker)
+        if request is not None:
+            return (f"the peer request from {asker} to {asked} (id {request['id']}) is "
+                    f"pending: {asked} approves it with `yoi pod peer approve {asked} {asker}`")
+    return None
+
+
+def add_request(doc: dict, source: str, now: _dt.datetime | None = None) -> dict:
+    """Record SOURCE's request in DOC (expiring after DOC's lifetime); return it."""
+    now = _now(now)
+    ttl = _dt.timedelta(seconds=peer_request_ttl(doc))
+    expires = now + ttl
+    if expires.microsecond:  # whole seconds, rounded up: never before the lifetime is over
+        expires = expires.replace(microsecond=0) + _dt.timedelta(seconds=1)
+    request = {"pod_name": source, "id": new_request_id(), "requested_at": now,
+               "expires_at": expires}
+    drop_requests(doc, source)
+    doc.setdefault("peer_requests", []).append(request)
+    return request
+
+
+def drop_requests(doc: dict, source: str) -> bool:
+    """Remove every request of SOURCE from DOC (expired or not); True if there was one."""
+    return _drop_named(doc, "peer_requests", source)
+
+
+def record_denial(doc: dict, request: dict, by: str, now: _dt.datetime | None = None) -> None:
+    """Remember that REQUEST was denied: one entry per requester, the latest."""
+    source = request["pod_name"]
+    drop_denials(doc, source)
+    doc.setdefault("peer_denials", []).append(
+        {"pod_name": source, "id": request["id"], "denied_at": _now(now), "by": by})
+
+
+def drop_denials(doc: dict, source: str) -> bool:
+    return _drop_named(doc, "peer_denials", source)
+
+
+def _drop_named(doc: dict, key: str, source: str) -> bool:
+    before = doc.get(key, [])
+    after = [e for e in before if e.get("pod_name") != source]
+    if len(after) == len(before):
+        return False
+    _set_list(doc, key, after)
+    return True
+
+
+def denial(doc: dict, request_id: str) -> dict | None:
+    for d in doc.get("peer_denials", []):
+        if d.get("id") == request_id:
+            return d
+    return None
+
+
+def prune_expired(doc: dict, now: _dt.datetime | None = None) -> bool:
+    """Remove the expired requests from DOC (before it is written anyway)."""
+    before = doc.get("peer_requests", [])
+    after = pending_requests(doc, now)
+    if len(after) == len(before):
+        return False
+    _set_list(doc, "peer_requests", after)
+    return True
+
+
+def _set_list(doc: dict, key: str, entries: list) -> None:
+    if entries:
+        doc[key] = entries
+    else:
+        doc.pop(key, None)  # no empty table array left behind
 
 
 def to_jsonable(value):

@@ -30,35 +30,132 @@ def _read_pair(locked, source: str, target: str):
     return a, locked.read(target)
 
 
-def register(state: State, source: str, target: str) -> dict:
-    """Make SOURCE and TARGET mutual peers. Idempotent.
+def _linked(a, b) -> bool:
+    return (a.exists and b.exists and metadata.has_peer(a.doc, b.name)
+            and metadata.has_peer(b.doc, a.name))
 
-    Returns ``{"source", "peer", "changed"}``. Raises UsageError (bad name),
-    Refused (self-peer, target does not accept peers), NotFound, Busy,
-    CorruptMetadata, StorageError; on any of them neither file has changed.
+
+def _link(locked, a, b, now) -> None:
+    """Write the relation into both records as one transaction, clearing any request
+    (and recorded denial) between the two: a relation and a request never coexist."""
+    changes = []
+    for pod, other in ((a, b.name), (b, a.name)):
+        changed = False
+        if not metadata.has_peer(pod.doc, other):
+            pod.doc.setdefault("peers", []).append({"pod_name": other, "registered_at": now})
+            changed = True
+        changed = metadata.drop_requests(pod.doc, other) or changed
+        changed = metadata.drop_denials(pod.doc, other) or changed
+        if changed:
+            changes.append(Change(pod.name, "write", metadata.dump_record(pod.doc)))
+    locked.commit(changes)
+
+
+def _result(source: str, target: str, changed: bool, state: str = "registered",
+            request: dict | None = None) -> dict:
+    out = {"source": source, "peer": target, "changed": changed, "state": state}
+    if request is not None:
+        out["request"] = request_json(request)
+    return out
+
+
+def request_json(request: dict) -> dict:
+    """A request as reported: ``{"pod_name", "id", "requested_at", "expires_at"}``
+    (datetimes: ``metadata.to_jsonable`` makes them text)."""
+    return {k: request[k] for k in ("pod_name", "id", "requested_at", "expires_at")}
+
+
+def register(state: State, source: str, target: str, now=None) -> dict:
+    """Ask for SOURCE and TARGET to become mutual peers; TARGET's policy decides.
+
+    ``open``: the relation is written to both records in one transaction.
+    ``never``: Refused. ``ask``: a request from SOURCE is recorded in TARGET's
+    record (a single-record change) and left pending for TARGET to approve or
+    deny; registering again while it is pending changes nothing. If TARGET has
+    itself asked SOURCE, registering is SOURCE's approval of that request.
+    Idempotent: an existing relation is left as it is.
+
+    Returns ``{"source", "peer", "changed", "state"}`` with ``state``
+    ``"registered"`` or ``"pending"`` (then also ``"request"``). Raises
+    UsageError (bad name), Refused (self-peer, TARGET does not accept peers),
+    NotFound, Busy, CorruptMetadata, StorageError; on any of them neither file
+    has changed.
     """
     _check_pair(source, target)
+    now = now or metadata.utcnow()
     with lock_pods(state, [source, target]) as locked:
         a, b = _read_pair(locked, source, target)
         if not b.exists:
             raise NotFound(f"no such Pod: {target} (target)", pod_name=target)
-        a_has, b_has = metadata.has_peer(a.doc, target), metadata.has_peer(b.doc, source)
-        if a_has and b_has:
-            return {"source": source, "peer": target, "changed": False}
-        if not metadata.accepts_peers(b.doc):
-            raise Refused(f"Pod {target!r} does not accept peers", pod_name=target)
-        now = metadata.utcnow()
-        changes = []
-        for pod, other, has in ((a, target, a_has), (b, source, b_has)):
-            if not has:
-                pod.doc.setdefault("peers", []).append({"pod_name": other, "registered_at": now})
-                changes.append(Change(pod.name, "write", metadata.dumps(pod.doc)))
-        locked.commit(changes)
-        return {"source": source, "peer": target, "changed": True}
+        if _linked(a, b):
+            return _result(source, target, False)
+        policy = metadata.peer_policy(b.doc)
+        if metadata.pending_request(a.doc, target, now) is None:
+            if policy == "never":
+                raise Refused(f"Pod {target!r} does not accept peers", pod_name=target)
+            if policy == "ask":
+                request = metadata.pending_request(b.doc, source, now)
+                if request is not None:
+                    return _result(source, target, False, "pending", request)
+                request = metadata.add_request(b.doc, source, now)
+                locked.write_one(target, b.doc)
+                return _result(source, target, True, "pending", request)
+        _link(locked, a, b, now)
+        return _result(source, target, True)
+
+
+def approve(state: State, name: str, requester: str, request_id: str | None = None,
+            now=None) -> dict:
+    """NAME approves REQUESTER's pending request: the relation is written to both
+    records and the request cleared, in one transaction.
+
+    With REQUEST_ID, only that request (a handler decides the request it was
+    shown, not a later one). Approving when the two are peers already succeeds
+    with ``changed`` false. NotFound if there is no such pending request.
+    """
+    _check_pair(requester, name)
+    now = now or metadata.utcnow()
+    with lock_pods(state, [requester, name]) as locked:
+        b = locked.require(name)
+        a = locked.read(requester)
+        if _linked(a, b):
+            return _result(requester, name, False)
+        request = _the_request(b.doc, name, requester, request_id, now)
+        if not a.exists:
+            raise NotFound(f"no such Pod: {requester} (it asked {name}); `yoi doctor --fix` "
+                           "clears its request", pod_name=requester)
+        _link(locked, a, b, now)
+        return _result(requester, name, True, "registered", request)
+
+
+def deny(state: State, name: str, requester: str, request_id: str | None = None,
+         by: str = "operator", now=None) -> dict:
+    """NAME denies REQUESTER's pending request: it is cleared and the denial recorded
+    (``[[peer_denials]]``, the latest per requester), a single-record change.
+    NotFound if there is no such pending request."""
+    _check_pair(requester, name)
+    now = now or metadata.utcnow()
+    with lock_pods(state, [name]) as locked:
+        b = locked.require(name)
+        request = _the_request(b.doc, name, requester, request_id, now)
+        metadata.drop_requests(b.doc, requester)
+        metadata.record_denial(b.doc, request, by, now)
+        locked.write_one(name, b.doc)
+        return _result(requester, name, True, "denied", request)
+
+
+def _the_request(doc: dict, name: str, requester: str, request_id: str | None, now) -> dict:
+    request = metadata.pending_request(doc, requester, now)
+    if request is None or (request_id is not None and request["id"] != request_id):
+        which = f" {request_id}" if request_id is not None else ""
+        raise NotFound(f"no pending peer request{which} from {requester} to {name}",
+                       pod_name=name, requester=requester)
+    return request
 
 
 def unregister(state: State, source: str, target: str) -> dict:
-    """Remove the relation in both directions. Removing a missing relation is a no-op.
+    """Remove the relation in both directions, and any request between the two (so
+    this also withdraws a pending request). Removing nothing is a no-op.
 
     A TARGET that no longer exists is fine as long as SOURCE still lists it (a
     dangling entry is removed); otherwise NotFound.
@@ -67,14 +164,18 @@ def unregister(state: State, source: str, target: str) -> dict:
     with lock_pods(state, [source, target]) as locked:
         a, b = _read_pair(locked, source, target)
         a_has = metadata.has_peer(a.doc, target)
-        b_has = b.exists and metadata.has_peer(b.doc, source)
         if not b.exists and not a_has:
             raise NotFound(f"no such Pod: {target} (target)", pod_name=target)
         changes = []
-        for pod, other, has in ((a, target, a_has), (b, source, b_has)):
-            if has:
+        for pod, other in ((a, target), (b, source)):
+            if not pod.exists:
+                continue
+            changed = metadata.has_peer(pod.doc, other)
+            if changed:
                 metadata.drop_peer(pod.doc, other)
-                changes.append(Change(pod.name, "write", metadata.dumps(pod.doc)))
+            changed = metadata.drop_requests(pod.doc, other) or changed
+            if changed:
+                changes.append(Change(pod.name, "write", metadata.dump_record(pod.doc)))
         locked.commit(changes)
         return {"source": source, "peer": target, "changed": bool(changes)}
 
@@ -110,14 +211,37 @@ def list_peers(state: State, name: str) -> list[dict]:
         return out
 
 
+def list_requests(state: State, name: str) -> list[dict]:
+    """The peer requests pending in NAME's record (expired ones are not), oldest first.
+
+    Takes NAME's lock, as ``list_peers`` does, so an approval in progress is
+    either finished or rolled back first.
+    """
+    check_name(name)
+    if not state.pod_dir(name).exists() and not any(
+            name in j.pods for j in list_journals(state)):
+        raise NotFound(f"no such Pod: {name}", pod_name=name)
+    with lock_pods(state, [name]) as locked:
+        return [request_json(r) for r in metadata.pending_requests(locked.require(name).doc)]
+
+
 def is_peer(state: State, name: str, other: str, read=None) -> bool:
     """Are NAME and OTHER peers now? Both records must list each other: a one-sided
     entry (a registration interrupted between its two writes, not yet recovered)
     is no relation. No lock is taken; READ(name) -> record or None may supply
     cached records (the Pod runtime re-reads only files that changed).
     """
+    return relation(state, name, other, read)[0] == "peers"
+
+
+def relation(state: State, name: str, other: str, read=None) -> tuple[str, str | None]:
+    """``("peers", None)``, ``("pending", WHY)`` when only a request between the two
+    is pending (WHY names it), or ``("none", None)``; no lock (see ``is_peer``)."""
     if read is None:
         def read(n):
             return read_pod_file(state, n).doc
-    return (metadata.has_peer(read(name) or {}, other)
-            and metadata.has_peer(read(other) or {}, name))
+    mine, theirs = read(name) or {}, read(other) or {}
+    if metadata.has_peer(mine, other) and metadata.has_peer(theirs, name):
+        return "peers", None
+    why = metadata.pending_between(mine, theirs, name, other)
+    return ("pending", why) if why else ("none", None)

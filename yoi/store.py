@@ -59,17 +59,23 @@ def _differs(name: str, differences: list[dict]) -> AlreadyExists:
 
 
 def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None = None,
-           accept_peers: bool = True, exist_ok: bool = False,
-           handler_timeout: float | None = None,
+           accept_peers: str | bool = "open", exist_ok: bool = False,
+           peer_request_ttl: float | None = None, handler_timeout: float | None = None,
            labels: dict[str, str] | None = None) -> tuple[dict, bool]:
     """Create Pod NAME. Returns (record, created).
 
+    ACCEPT_PEERS is the peer policy (``open``, ``ask``, ``never``; ``True`` and
+    ``False`` mean ``open`` and ``never``), PEER_REQUEST_TTL how long a request
+    to it stays pending (seconds; default ``metadata.DEFAULT_PEER_REQUEST_TTL``).
     With EXIST_OK an existing Pod is accepted only if its settings are the
     ones given (AlreadyExists naming each difference otherwise): "create" must
     not silently keep another handler than the one asked for.
     """
     check_name(name)
     labels = check_labels(labels)
+    accept_peers = metadata.policy_value(accept_peers)
+    if peer_request_ttl is not None:
+        peer_request_ttl = metadata.ttl_value(peer_request_ttl)
     if exec_cmd is not None:
         _utf8(exec_cmd, "handler command")
     if cwd is not None:
@@ -80,13 +86,15 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
             if exist_ok:
                 differences = metadata.setting_differences(pod.doc, {
                     "exec": exec_cmd, "cwd": cwd, "accept_peers": accept_peers,
-                    "handler_timeout": handler_timeout, "labels": labels})
+                    "peer_request_ttl": peer_request_ttl, "handler_timeout": handler_timeout,
+                    "labels": labels})
                 if differences:
                     raise _differs(name, differences)
                 return pod.doc, False
             raise AlreadyExists(f"Pod {name!r} already exists", pod_name=name)
         remove_trash(state, name)
         record = metadata.new_record(name, exec_cmd=exec_cmd, cwd=cwd, accept_peers=accept_peers,
+                                     peer_request_ttl=peer_request_ttl,
                                      handler_timeout=handler_timeout, labels=labels)
         # Build the directory aside and rename it into place: a crash leaves
         # either no Pod or a whole one.
@@ -118,14 +126,22 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
 
 
 def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd=_UNSET,
-              handler_timeout=_UNSET, labels=_UNSET, set_labels: dict[str, str] | None = None,
-              unset_labels=()) -> dict:
+              peer_request_ttl=_UNSET, handler_timeout=_UNSET, labels=_UNSET,
+              set_labels: dict[str, str] | None = None, unset_labels=()) -> dict:
     """Change settings of NAME under its lock; everything else is preserved.
 
-    ``exec_cmd=None`` removes the handler command. LABELS replaces the whole
-    label table; SET_LABELS and UNSET_LABELS change single labels.
+    ``exec_cmd=None`` removes the handler command. A policy given is written
+    in its current form (``"open"``, ``"ask"``, ``"never"``), also over the
+    older ``true``/``false``; a record whose policy is not given keeps its
+    form. Changing the policy leaves pending requests pending. LABELS
+    replaces the whole label table; SET_LABELS and UNSET_LABELS change single
+    labels.
     """
     check_name(name)
+    if accept_peers is not _UNSET:
+        accept_peers = metadata.policy_value(accept_peers)
+    if peer_request_ttl is not _UNSET:
+        peer_request_ttl = metadata.ttl_value(peer_request_ttl)
     if exec_cmd is not _UNSET and exec_cmd is not None:
         _utf8(exec_cmd, "handler command")
     if cwd is not _UNSET:
@@ -136,7 +152,7 @@ def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd
     with lock_pods(state, [name]) as locked:
         doc = locked.require(name).doc
         given = (("exec", exec_cmd), ("cwd", cwd), ("accept_peers", accept_peers),
-                 ("handler_timeout", handler_timeout))
+                 ("peer_request_ttl", peer_request_ttl), ("handler_timeout", handler_timeout))
         changes = {key: value for key, value in given if value is not _UNSET}
         if labels is not _UNSET or set_labels or unset_labels:
             new = metadata.labels_of(doc) if labels is _UNSET else labels
@@ -151,7 +167,7 @@ def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd
 
 def _apply_settings(doc: dict, changes: dict) -> None:
     """Set the settings in CHANGES (keys of ``metadata.settings_of``) in DOC; None for
-    exec or cwd, or no labels, removes them."""
+    exec, cwd, handler_timeout or peer_request_ttl, or no labels, removes them."""
     runtime = doc.setdefault("runtime", {})
     for key, value in changes.items():
         if key in ("exec", "cwd", "handler_timeout"):
@@ -160,7 +176,12 @@ def _apply_settings(doc: dict, changes: dict) -> None:
             else:
                 runtime[key] = value
         elif key == "accept_peers":
-            doc["accept_peers"] = bool(value)
+            doc["accept_peers"] = metadata.policy_value(value)
+        elif key == "peer_request_ttl":
+            if value is None:
+                doc.pop(key, None)
+            else:
+                doc[key] = value
         elif value:
             doc["labels"] = dict(sorted(value.items()))
         else:
@@ -249,7 +270,7 @@ def remove(state: State, name: str) -> dict:
                     if not pod.exists:
                         continue  # dangling entry: nothing to update on that side
                     metadata.drop_peer(pod.doc, name)
-                    changes.append(Change(peer, "write", metadata.dumps(pod.doc)))
+                    changes.append(Change(peer, "write", metadata.dump_record(pod.doc)))
                     updated.append(peer)
                 changes.append(Change(name, "remove"))
                 locked.commit(changes)

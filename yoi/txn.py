@@ -296,7 +296,7 @@ class Locked:
         self._raw.pop(name, None)
         path = self.state.metadata_path(name)
         try:
-            atomic_write(path, metadata.dumps(doc))
+            atomic_write(path, metadata.dump_record(doc))
         except OSError as e:
             where = e.filename or str(path)
             raise StorageError(f"cannot write {where}: {e.strerror or e}", path=where) from e

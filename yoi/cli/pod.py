@@ -51,13 +51,13 @@ def _pod_document(name: str, doc: dict, **extra) -> dict:
 
 
 def _record_text(name: str, doc: dict, live: dict | None = None) -> str:
-    from yoi.metadata import labels_of, peer_names, to_jsonable
+    from yoi.metadata import labels_of, peer_names, peer_policy, pending_requests, to_jsonable
     runtime = doc.get("runtime") or {}
     labels = labels_of(doc)
     rows = [
         ("name", name),
         ("created_at", to_jsonable(doc.get("created_at"))),
-        ("accept_peers", "yes" if doc.get("accept_peers", True) else "no"),
+        ("accept_peers", peer_policy(doc)),
         ("exec", runtime.get("exec", "-")),
         ("cwd", runtime.get("cwd", "-")),
         ("timeout", f"{runtime['handler_timeout']:g}s per handler run" if "handler_timeout"
@@ -70,6 +70,10 @@ def _record_text(name: str, doc: dict, live: dict | None = None) -> str:
                      f"no ({live.get('error')})" if live.get("error") else "no"))
     peers = peer_names(doc)
     rows.append(("peers", ", ".join(peers) if peers else "-"))
+    requests = [r["pod_name"] for r in pending_requests(doc)]
+    if requests:
+        rows.append(("requests", ", ".join(requests) + " (`yoi pod peer list "
+                     f"{name} --pending`)"))
     return "\n".join(f"{k + ':':<14}{v}" for k, v in rows)
 
 
@@ -93,12 +97,37 @@ label_option = click.option(
     help="A label (repeatable), e.g. --label job=$CI_JOB_ID.")
 
 
+def policy_options(f):
+    """--accept-peers POLICY, its alias --no-accept-peers, --peer-request-ttl."""
+    f = click.option("--peer-request-ttl", type=SECONDS, default=None, metavar="SECONDS",
+                     help="How long a peer request to this Pod stays pending "
+                          "(default 86400: 24 hours).")(f)
+    f = click.option("--no-accept-peers", is_flag=True,
+                     help="The same as --accept-peers never.")(f)
+    return click.option("--accept-peers", "accept_peers",
+                        type=click.Choice(["open", "ask", "never"]), is_flag=False,
+                        flag_value="open", default=None, metavar="POLICY",
+                        help="Who may become a peer: open (anyone registers), ask (a request "
+                             "waits for this Pod's handler or the operator), never. Without "
+                             "a value: open.")(f)
+
+
+def _policy(accept_peers: str | None, no_accept_peers: bool) -> str | None:
+    from yoi.errors import UsageError
+    if no_accept_peers:
+        if accept_peers not in (None, "never"):
+            raise UsageError(f"--no-accept-peers and --accept-peers {accept_peers} "
+                             "contradict each other")
+        return "never"
+    return accept_peers
+
+
 @pod.command("create")
 @pod_argument()
 @click.option("--exec", "exec_cmd", metavar="CMD",
               help="Handler command run for each message (turns an agent CLI into a Pod).")
 @click.option("--cwd", type=click.Path(file_okay=False), help="Working directory of the handler.")
-@click.option("--no-accept-peers", is_flag=True, help="Refuse new peer registrations.")
+@policy_options
 @handler_timeout_option
 @label_option
 @click.option("--exist-ok", is_flag=True,
@@ -106,23 +135,28 @@ label_option = click.option(
                    "what differs if not).")
 @json_option
 @state_options
-def create_command(name, exec_cmd, cwd, no_accept_peers, handler_timeout, labels, exist_ok,
-                   as_json, state):
+def create_command(name, exec_cmd, cwd, accept_peers, no_accept_peers, peer_request_ttl,
+                   handler_timeout, labels, exist_ok, as_json, state):
     """Create a Pod: its metadata record and an empty session log.
 
+    --accept-peers sets who may become its peer (default open); with `ask`,
+    `yoi pod peer register X NAME` leaves a request for NAME to approve.
     With --exist-ok an existing Pod is fine if its settings (--exec, --cwd,
-    --no-accept-peers, --label) are the ones given; if one differs the
-    command exits 1 naming it: change settings with `yoi pod config`.
+    --accept-peers, --peer-request-ttl, --handler-timeout, --label) are the
+    ones given; if one differs the command exits 1 naming it: change
+    settings with `yoi pod config`.
 
     \b
     Examples:
       yoi pod create reviewer
       yoi pod create coder --exec 'my-agent --stdin' --cwd ~/project
       yoi pod create build-bot --label job=$CI_JOB_ID --exist-ok
+      yoi pod create vault --accept-peers ask --peer-request-ttl 3600
     """
     from yoi import store
-    doc, created = store.create(state, name, exec_cmd=exec_cmd, cwd=cwd,
-                                accept_peers=not no_accept_peers, exist_ok=exist_ok,
+    policy = _policy(accept_peers, no_accept_peers) or "open"
+    doc, created = store.create(state, name, exec_cmd=exec_cmd, cwd=cwd, accept_peers=policy,
+                                exist_ok=exist_ok, peer_request_ttl=peer_request_ttl,
                                 handler_timeout=handler_timeout, labels=parse_labels(labels))
     if not created and not as_json:
         say(f"Pod {name!r} already exists")  # talk: stdout stays the record alone
@@ -133,8 +167,7 @@ def create_command(name, exec_cmd, cwd, no_accept_peers, handler_timeout, labels
 @pod_argument()
 @click.option("--exec", "exec_cmd", metavar="CMD", help="Set the handler command.")
 @click.option("--no-exec", is_flag=True, help="Remove the handler command.")
-@click.option("--accept-peers/--no-accept-peers", default=None,
-              help="Accept or refuse new peer registrations.")
+@policy_options
 @click.option("--cwd", type=click.Path(file_okay=False), help="Set the handler's working directory.")
 @handler_timeout_option
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
@@ -143,13 +176,19 @@ def create_command(name, exec_cmd, cwd, no_accept_peers, handler_timeout, labels
               help="Remove a label (repeatable).")
 @json_option
 @state_options
-def config_command(name, exec_cmd, no_exec, accept_peers, cwd, handler_timeout, labels, unset,
-                   as_json, state):
+def config_command(name, exec_cmd, no_exec, accept_peers, no_accept_peers, peer_request_ttl,
+                   cwd, handler_timeout, labels, unset, as_json, state):
     """Change a Pod's settings; everything else in its record is preserved.
+
+    A new policy (--accept-peers) applies to new registrations: existing
+    relations stay, and pending requests stay pending until decided or
+    expired. A policy is written as open/ask/never, also over the true/false
+    of older records (which read as open/never until then).
 
     \b
     Examples:
       yoi pod config reviewer --no-accept-peers
+      yoi pod config coder --accept-peers ask
       yoi pod config coder --exec 'my-agent --stdin'
       yoi pod config coder --label team=infra --unset-label job
     """
@@ -162,8 +201,11 @@ def config_command(name, exec_cmd, no_exec, accept_peers, cwd, handler_timeout, 
         kwargs["exec_cmd"] = exec_cmd
     if no_exec:
         kwargs["exec_cmd"] = None
-    if accept_peers is not None:
-        kwargs["accept_peers"] = accept_peers
+    policy = _policy(accept_peers, no_accept_peers)
+    if policy is not None:
+        kwargs["accept_peers"] = policy
+    if peer_request_ttl is not None:
+        kwargs["peer_request_ttl"] = peer_request_ttl
     if cwd is not None:
         kwargs["cwd"] = cwd
     if handler_timeout is not None:
@@ -174,8 +216,8 @@ def config_command(name, exec_cmd, no_exec, accept_peers, cwd, handler_timeout, 
         kwargs["unset_labels"] = unset
     if not kwargs:
         raise UsageError("nothing to change: give --exec, --no-exec, --accept-peers, "
-                         "--no-accept-peers, --cwd, --handler-timeout, --label or "
-                         "--unset-label")
+                         "--no-accept-peers, --peer-request-ttl, --cwd, --handler-timeout, "
+                         "--label or --unset-label")
     doc = store.configure(state, name, **kwargs)
     emit(as_json, _pod_document(name, doc), _record_text(name, doc))
 

@@ -232,6 +232,14 @@ def _render_entry(entry: dict) -> str:
         return f"text: {_one_line(str(entry.get('text', '')).rstrip(chr(10)))}"
     if kind == "run_end":
         return f"run_end: {entry.get('result')}"
+    if kind == "peer_request":
+        return (f"peer request from {entry.get('source')} [{entry.get('request_id')}], "
+                f"expires {entry.get('expires_at')}; decided by the {entry.get('decider')}")
+    if kind == "peer_decision":
+        how = entry.get("decision")
+        why = f": {_one_line(entry.get('reason', ''))}" if how == "none" else ""
+        return (f"peer decision on {entry.get('source')} [{entry.get('request_id')}] by the "
+                f"{entry.get('by')}: {'undecided' if how == 'none' else how}{why}")
     rest = {k: v for k, v in entry.items() if k not in ("seq", "kind", "ts", "at")}
     return f"{kind}: {json.dumps(rest, ensure_ascii=False)}"
 

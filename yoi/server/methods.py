@@ -10,9 +10,11 @@ raising ``Invalid`` (answered with ``error invalid_request``).
 from __future__ import annotations
 
 
+from yoi import consent as live_consent
 from yoi import control, discovery, peers, protocol
 from yoi.faults import fault
 from yoi.names import is_valid_name
+from yoi.server import consent
 from yoi.server.connection import Client
 from yoi.server.log import now_iso
 from yoi.session import Entry, event_of
@@ -70,8 +72,9 @@ def notify(pod, c: Client, params: dict) -> None:
         original = message
     else:
         original = protocol.with_peer_header(source, message)
-    if source is not None and not pod.is_peer(source):
-        raise Invalid(f"{source!r} is not a peer of {pod.name!r}; message refused")
+    refusal = pod.peer_refusal(source) if source is not None else None
+    if refusal:
+        raise Invalid(refusal)
     if msg_id is not None and _answered_by_id(pod, c, msg_id):
         return
     item = {"kind": "notification", "message": message,
@@ -180,8 +183,15 @@ def _restoring(answer: str, worker_names: bool = False):
     return method
 
 
+# A Pod telling another that it has been asked waits this long for its answer
+# (on an operation thread: a hung Pod must not hold it for long).
+OFFER_TIMEOUT = 2.0
+
+
 def _peer_change(action):
-    """A method running ``peers.ACTION`` with this Pod as the source (the CLI's routine).
+    """A method running the CLI's routine with this Pod as the source: registering
+    follows the target's policy, so a target on ``ask`` is asked (and told, if live);
+    the request is pending and the answer an ``error`` saying so.
 
     ``peer_registered`` goes to every client, as the original's; our own
     ``peer_unregistered`` only to the requester. A refusal goes to the requester."""
@@ -191,12 +201,30 @@ def _peer_change(action):
         target = name_param(params)
 
         def op():
-            res = getattr(peers, action)(pod.state, pod.name, target)
+            if action == "register":
+                res = live_consent.request(pod.state, pod.name, target, OFFER_TIMEOUT)
+            else:
+                res = peers.unregister(pod.state, pod.name, target)
+            if res.get("state") == "pending":
+                raise Invalid(pending_message(res))
             return {"result": {"source": res["source"], "peer": res["peer"]}}
 
         pod.ops.offload(c, answer, op, broadcast=action == "register")
 
     return method
+
+
+def pending_message(res: dict) -> str:
+    """The words for a pending request (``yoi.consent.request``'s result)."""
+    return (f"peer request pending: {res['peer']} accepts peers only when asked; the "
+            f"request (id {res['request']['id']}) is recorded; "
+            f"{live_consent.how_decided(res)}")
+
+
+def offer_peer_request(pod, c: Client, params: dict) -> None:
+    """(ours) "Pod NAME has asked to become your peer": see ``yoi.server.consent``."""
+    requester = name_param(params)
+    pod.ops.offload(c, "peer_request_offered", lambda: consent.offer_request(pod, requester))
 
 
 def name_param(params: dict) -> str:
@@ -217,4 +245,5 @@ METHODS = {
     "restore_worker": _restoring("worker_restored", worker_names=True),
     "register_peer": _peer_change("register"),
     "unregister_peer": _peer_change("unregister"),
+    "offer_peer_request": offer_peer_request,
 }

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from yoi import peers, protocol, store, timeouts
 from yoi.errors import Failed, YoiError
-from yoi.server import methods
+from yoi.server import consent, methods
 from yoi.server.connection import Client, Hub, flush_then_close
 from yoi.server.log import log, rotate_by_size
 from yoi.server.loop import Loop, report
@@ -54,6 +54,7 @@ class Pod:
         self.log_end = 0               # session offset covered by ``recent``
         self.snap: bytes | None = None
         self.pending_ids: dict[str, list[Client]] = {}
+        self.offered: set[str] = set()   # peer request ids offered, their handler run ahead
         self._meta_cache: dict[str, tuple] = {}  # Pod name -> (stat key, record)
         self.socket_path: Path | None = None
         self.loop = Loop()
@@ -115,6 +116,7 @@ class Pod:
             self.loop.install_signals()
             self.worker.start()
             self.ops.start()
+            consent.offer_pending(self)
             log(f"Pod {self.name} serving on {self.socket_path} (pid {os.getpid()})")
             if ready is not None:
                 ready(self.socket_path)
@@ -267,10 +269,26 @@ class Pod:
         """Is OTHER a peer now? Both records must hold the relation: a one-sided entry
         (a registration interrupted between its two writes, not yet recovered) is
         not a relation, so the receiver's check does not trust its own file alone."""
+        return self._relation(other)[0] == "peers"
+
+    def peer_refusal(self, other: str) -> str | None:
+        """Why a message from OTHER is refused (naming a pending request), or None."""
+        kind, why = self._relation(other)
+        if kind == "peers":
+            return None
+        if kind == "pending":
+            return f"{other!r} is not a peer of {self.name!r} yet: {why}; message refused"
+        return f"{other!r} is not a peer of {self.name!r}; message refused"
+
+    def _relation(self, other: str) -> tuple[str, str | None]:
         try:
-            return peers.is_peer(self.state, self.name, other, read=self._record)
+            return peers.relation(self.state, self.name, other, read=self._record)
         except YoiError as e:  # a corrupt or unreadable record: no relation can be shown
             raise Invalid(f"cannot check the peer relation with {other!r}: {e.message}")
+
+    def handle_peer_request(self, worker, job) -> None:
+        """A queued peer request's handler run (the handler thread)."""
+        consent.handle(self, worker, job)
 
     def _record(self, name: str) -> dict | None:
         """NAME's current metadata, re-read only when the file changed (None: no Pod)."""

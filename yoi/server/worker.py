@@ -4,8 +4,10 @@ Handler contract: ``/bin/sh -c CMD`` with the raw ``message`` (for ``run``,
 the text of the segments) on stdin, cwd = ``[runtime] cwd`` if set, and the
 environment of the Pod plus ``YOI_POD``, ``YOI_HOME`` and ``YOI_STATE_DIR``
 (the Pod's state directory, so every ``yoi`` command the handler runs uses
-it), ``YOI_FROM`` (the source Pod, empty for the operator) and
-``YOI_MESSAGE_ID`` (empty if none). Its stdout (at most
+it), ``YOI_FROM`` (the source Pod, empty for the operator),
+``YOI_MESSAGE_ID`` (empty if none) and ``YOI_EVENT`` (``run``, ``notify`` or
+``peer_request``: a request to become a peer, whose run ``yoi.server.consent``
+handles). Its stdout (at most
 ``MAX_HANDLER_OUTPUT`` bytes) is committed and broadcast as ``text_done``.
 Its stderr is read by the Pod and written to the Pod's own log, at most
 ``STDERR_KEEP`` bytes per run (the beginning and the end, with a note of
@@ -111,8 +113,11 @@ class HandlerWorker:
 
     def _handle(self, job: Job) -> None:
         pod = self.pod
+        if job.kind == "peer_request":
+            pod.handle_peer_request(self, job)
+            return
         if pod.exec_cmd:
-            out, problems = self.run(self._input(job), job.source, job.msg_id)
+            out, problems = self.run(self._input(job), job.source, job.msg_id, job.kind)
             if pod.loop.stopping:
                 return
             if out:
@@ -142,21 +147,22 @@ class HandlerWorker:
             pass  # already reported by ``committed``
 
     # -- one run -------------------------------------------------------------------
-    def _env(self, source: str | None, msg_id: str | None) -> dict:
+    def _env(self, source: str | None, msg_id: str | None, event: str | None) -> dict:
         root = str(self.pod.state.root)
         env = dict(os.environ)
         env.update({"YOI_POD": self.pod.name, "YOI_HOME": root, "YOI_STATE_DIR": root,
-                    "YOI_FROM": source or "", "YOI_MESSAGE_ID": msg_id or ""})
+                    "YOI_FROM": source or "", "YOI_MESSAGE_ID": msg_id or "",
+                    "YOI_EVENT": event or ""})
         return env
 
-    def run(self, text: str, source: str | None,
-            msg_id: str | None) -> tuple[bytes, list[tuple[str, str]]]:
+    def run(self, text: str, source: str | None, msg_id: str | None,
+            event: str | None = None) -> tuple[bytes, list[tuple[str, str]]]:
         """Run the handler once on TEXT: (its stdout, capped; [(level, problem to alert)])."""
         what = f"message {msg_id}" if msg_id else ("run" if source is None else "message")
         try:
             proc = subprocess.Popen(["/bin/sh", "-c", self.pod.exec_cmd], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    cwd=self.pod.cwd, env=self._env(source, msg_id),
+                                    cwd=self.pod.cwd, env=self._env(source, msg_id, event),
                                     start_new_session=True)
         except OSError as e:
             return b"", [("error", f"handler could not start for {what}: {e.strerror or e}")]
