@@ -280,6 +280,25 @@ def case_start_with_history(quick):
                  f"yoi pod start with {entries} log entries / with an empty log")
 
 
+def case_round_trip(quick):
+    """A question and its reply (`send --wait-reply`) vs a one-shot send."""
+    n = 8 if quick else 20
+    with state_dir() as st:
+        env = env_for(st)
+        make_peers_a_b(env)
+        replier = (f'm=$(cat); {" ".join(yoi_argv())} pod send "$YOI_FROM" '
+                   '--reply-to "$YOI_MESSAGE_ID" "re: $m"')
+        yoi("pod", "config", "B", "--exec", replier, env=env)
+        with LivePods(st, env) as pods:
+            pods.start("A")
+            pods.start("B")
+            a, b = interleaved(
+                yoi_argv() + ["pod", "send", "--from", "A", "B", "q", "--wait-reply", "30"],
+                yoi_argv() + ["pod", "send", "--from", "A", "B", "msg"], n, env)
+    return judge("round trip", a * 1000, b * 1000, "ms", "<=", 3,
+                 "send --wait-reply to a Pod whose handler replies at once / one-shot send")
+
+
 CASES = [
     ("startup", case_startup),
     ("one-shot send", case_one_shot_send),
@@ -289,6 +308,7 @@ CASES = [
     ("doctor at scale", case_doctor_scale),
     ("log size", case_log_size),
     ("idle connections", case_idle_connections),
+    ("round trip", case_round_trip),
     ("history RSS", case_history_rss),
     ("start with history", case_start_with_history),
 ]

@@ -67,11 +67,14 @@ ENTRY = Open({"seq": int, "kind": str, "ts": int, "at": str, "id?": str})
 ENTRY_KINDS = {
     "system_item": Open({"seq": int, "kind": str, "ts": int, "at": str, "id?": str,
                          "item": Open({"kind": str, "message": str, "body": str,
-                                       "source?": str, "id?": str, "at?": str})}),
-    # What a handler's run of one message produced (the Pod commits it when the
-    # handler exits). Not written yet: `text_done` entries are until it is.
-    "handler_result": {"seq": int, "kind": str, "ts": int, "at": str, "id": str,
-                       "exit_status": Nullable(int), "duration_ms": int, "stdout": str,
+                                       "source?": str, "id?": str, "in_reply_to?": str,
+                                       "at?": str})}),
+    # One run of a Pod's handler (the Pod commits it when the run is over).
+    "handler_result": {"seq": int, "kind": str, "ts": int, "at": str, "id?": str,
+                       "handled": Enum("notify", "run"), "ok": bool,
+                       "ended": Enum("exited", "timed_out", "output_held", "not_started"),
+                       "exit_status": Nullable(int), "signal": Nullable(int),
+                       "duration_ms": int, "text": str, "truncated": bool,
                        "stderr_tail": str},
 }
 EVENT = {"event": str, "data?": ANY}  # `log --follow --json`: a Pod event that is no entry
@@ -124,9 +127,12 @@ DOCUMENTS = {
     "pod-restored": {"pod_name": str, "restored": bool, "message": str, "pid": Nullable(int),
                      "socket_path": str, "log?": str},
     "pod-status": {"pod_name": str, "running": bool, "pid": Nullable(int),
-                   "exec": Nullable(str), "live": LIVE},
+                   "exec": Nullable(str), "live": LIVE,
+                   "handler": {"last": Nullable(ENTRY), "recent_runs": int,
+                               "recent_failures": int, "failing_streak": int}},
     "sent": {"pod_name": str, "source": Nullable(POD_REF), "id": str, "acknowledged": bool,
-             "at": Nullable(str), "deduplicates_retries": bool},
+             "at": Nullable(str), "deduplicates_retries": bool, "reply?": ENTRY},
+    "waited": {"pod_name": str, "entry": ENTRY},
     "lines-sent": LINES_SENT,
     "peer-changed": {"pod_name": str, "peer": POD_REF, "changed": bool,
                      "state?": Enum("registered", "pending", "denied", "expired", "withdrawn"),
@@ -159,6 +165,7 @@ COMMANDS = {
     "yoi pod status": ["pod-status"],
     "yoi pod log": ["entries"],
     "yoi pod send": ["sent", "lines-sent"],
+    "yoi pod wait": ["waited"],
     "yoi pod peer register": ["peer-changed"],
     "yoi pod peer remove": ["peer-changed"],
     "yoi pod peer list": ["peer-list", "peer-requests"],

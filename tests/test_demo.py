@@ -17,17 +17,16 @@ def test_demo_runs_every_step_and_removes_its_state(run_yoi):
     from pathlib import Path
     assert not Path(m.group(1)).exists()
     # The order of the issue: create, start, register (coder is asked, its handler
-    # approves), send, wait for the reply, doctor, stop.
+    # approves), send and wait for the reply, doctor, stop.
     commands = [re.sub(r" --exec .*", " --exec ...", line.split("$ ", 1)[1])
                 for line in r.stdout.splitlines() if re.match(r"\[\d+\] \$ ", line)]
     assert commands == [
         "yoi pod create reviewer", "yoi pod create coder --accept-peers ask --exec ...",
         "yoi pod start reviewer", "yoi pod start coder",
         "yoi pod peer register reviewer coder --wait 30", "yoi pod list",
-        "yoi pod send --from reviewer coder 'please review PR 42'",
-        "yoi pod log reviewer --json   # waiting for the reply from coder",
+        "yoi pod send --from reviewer coder 'please review PR 42' --id pr-42 --wait-reply 30",
         "yoi pod log coder", "yoi doctor", "yoi pod stop coder", "yoi pod stop reviewer"], r
-    assert 'pong from coder: got \\"please review PR 42\\"' in r.stdout
+    assert ': pong from coder: got "please review PR 42"\n' in r.stdout
     assert re.search(r"registered reviewer <-> coder \(coder approved request \w+\)", r.stdout)
 
 
@@ -81,5 +80,5 @@ def test_demo_in_an_existing_state_dir_removes_only_its_own_pods(run_yoi, tmp_pa
     assert r.exit_code == 0, r
     assert r.stdout.startswith(f"state directory: {state} (the demo's Pods are removed "
                                "afterwards)\n"), r
-    assert r.stdout.endswith("[14] $ yoi pod rm reviewer\n    removed reviewer\n\ndemo: ok\n"), r
+    assert r.stdout.endswith("[13] $ yoi pod rm reviewer\n    removed reviewer\n\ndemo: ok\n"), r
     assert sorted(p.name for p in (state / "pods").iterdir()) == ["other"]

@@ -77,13 +77,16 @@ def test_a_handler_over_its_timeout_is_killed_with_its_group_and_the_pod_goes_on
         with Raw(pod.socket_path, timeout=30) as c:
             c.prelude()
             notify(pod.socket_path, "slow", "m-1")
-            alert, seen = c.until("alert")
+            ev, _ = c.until("text_done")  # the run's handler_result, as the original's event
+            assert (ev["data"]["kind"], ev["data"]["id"], ev["data"]["ended"],
+                    ev["data"]["ok"], ev["data"]["text"]) == (
+                "handler_result", "m-1", "timed_out", False, "")
+            alert, _ = c.until("alert")
             assert alert["data"] == {**alert["data"], "level": "error", "message":
                                      "handler timed out after 1s and was killed (message m-1)"}
-            assert not [e for e in seen if e["event"] == "text_done"]
             notify(pod.socket_path, "quick", "m-2")
             ev, _ = c.until("text_done")
-            assert ev["data"]["text"] == "done quick\n"
+            assert ev["data"]["text"] == "done quick\n" and ev["data"]["ok"] is True
         wait_until(lambda: all(gone(p) for p in pids(left)), "killed: the handler and its child")
         assert len(pids(left)) == 2
     finally:

@@ -4,6 +4,7 @@ down once in tests/shapes.py (and in yoi(1), JSON OUTPUT)."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 
 import click
@@ -15,12 +16,15 @@ from conftest import yoi_cmd
 from yoi.cli import main
 
 LEAVES = [" ".join(p) for p, c in walk(main) if not isinstance(c, click.Group)]
+# a's handler answers a peer message with a reply to it
+REPLIER = (f'm=$(cat); [ -z "$YOI_FROM" ] || {shlex.join(yoi_cmd())} pod send "$YOI_FROM" '
+           '--reply-to "$YOI_MESSAGE_ID" "re: $m"')
 
 # (command, extra args after it, kind, stdin): run in this order against one state
 # directory, given to the root group (`yoi --state-dir D ...`). A new command adds
 # its rows here; test_every_command_has_a_scenario fails until it does.
 SCENARIOS = [
-    ("yoi pod create", ["a", "--exec", "cat", "--label", "job=1"], "pod-created", None),
+    ("yoi pod create", ["a", "--exec", REPLIER, "--label", "job=1"], "pod-created", None),
     ("yoi pod create", ["b"], "pod-created", None),
     ("yoi pod create", ["c", "--exist-ok"], "pod-created", None),
     ("yoi pod config", ["c", "--label", "job=1"], "pod-record", None),
@@ -44,6 +48,11 @@ SCENARIOS = [
     ("yoi pod send", ["a", "hello"], "sent", None),
     ("yoi pod send", ["--from", "b", "a", "from b"], "sent", None),
     ("yoi pod send", ["--lines", "--id", "L", "a"], "lines-sent", "one\n\ntwo\n"),
+    ("yoi pod start", ["b"], "pod-started", None),
+    ("yoi pod send", ["--from", "b", "a", "question", "--id", "q-1", "--wait-reply", "20"],
+     "sent", None),
+    ("yoi pod wait", ["b", "--reply-to", "q-1"], "waited", None),
+    ("yoi pod wait", ["a", "--kind", "handler_result", "--id", "q-1"], "waited", None),
     ("yoi pod log", ["a"], "entries", None),
     ("yoi pod log", ["a", "--tail", "1"], "entries", None),
     ("yoi doctor", [], "doctor", None),
@@ -71,6 +80,7 @@ FAILURES = {
     "yoi pod status": ["b"],
     "yoi pod log": ["ghost"],
     "yoi pod send": ["--from", "b", "b", "hi"],
+    "yoi pod wait": ["a", "--reply-to", "never", "--timeout", "0.2"],
     "yoi pod peer register": ["a", "ghost"],
     "yoi pod peer remove": ["a", "ghost"],
     "yoi pod peer list": ["ghost"],

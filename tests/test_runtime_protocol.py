@@ -216,8 +216,10 @@ def test_run_broadcasts_status_message_output_end_in_order(state, started_pod):
         assert [ev["event"] for ev in seen] == [
             "status", "user_message", "text_done", "run_end", "status"]
         assert seen[0]["data"] == {"status": "running"} and seen[4]["data"] == {"status": "idle"}
-        # a committed entry's event carries the entry itself
-        assert [ev["data"]["kind"] for ev in seen[1:4]] == [ev["event"] for ev in seen[1:4]]
+        # a committed entry's event carries the entry itself; the handler's result goes
+        # out as the original's text_done, its output being its text
+        assert [ev["data"]["kind"] for ev in seen[1:4]] == [
+            "user_message", "handler_result", "run_end"]
         assert [ev["data"]["seq"] for ev in seen[1:4]] == [1, 2, 3]
         assert seen[1]["data"]["segments"] == segments
         assert seen[2]["data"]["text"] == "HELLO POD"
@@ -276,11 +278,12 @@ def test_a_handler_can_talk_to_its_own_pod_while_it_runs(state, started_pod):
     with Raw(pod.socket_path) as c:
         c.prelude()
         c.send({"method": "notify", "params": {"message": "start", "id": "m-1"}})
-        ev, _ = c.until("text_done")
+        ev, _ = c.until("text_done", lambda d: d["id"] == "echo-m-1")
         assert ev["data"]["text"] == "echo"
-    ids = [json.loads(x).get("item", {}).get("id")
-           for x in state.session_path("a").read_bytes().splitlines()]
-    assert ids == ["m-1", "echo-m-1", None]
+    entries = [json.loads(x) for x in state.session_path("a").read_bytes().splitlines()]
+    assert [e["id"] for e in entries if e["kind"] == "system_item"] == ["m-1", "echo-m-1"]
+    assert sorted(e["id"] for e in entries if e["kind"] == "handler_result") == [
+        "echo-m-1", "m-1"]
 
 
 def test_peer_methods_list_and_restore_over_the_socket(state, run_yoi, started_pod):

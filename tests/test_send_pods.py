@@ -265,9 +265,9 @@ def test_two_pods_talk_through_a_handler(run_yoi, state, started_pod, tmp_path):
                       "source": "A",
                       "id": "re-ping-1", "at": reply[0]["at"]}]
     a_log = wait_until(lambda: [e for e in log_entries(state, "A")
-                                if e["kind"] == "text_done"] and log_entries(state, "A"),
+                                if e["kind"] == "handler_result"] and log_entries(state, "A"),
                        30, "A's handler output")
     assert a_log[0]["item"]["id"] == "ping-1"
     assert a_log[0]["item"]["source"] == "B"
-    assert [e["text"] for e in a_log if e["kind"] == "text_done"] == \
+    assert [e["text"] for e in a_log if e["kind"] == "handler_result"] == \
         ["delivered to B (id re-ping-1)\n"]

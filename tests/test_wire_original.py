@@ -10,6 +10,7 @@ checked by our Pod.
 from __future__ import annotations
 
 import json
+import re
 
 import fake_pods
 from fake_pods import fake  # noqa: F401  (fixture)
@@ -127,7 +128,7 @@ def test_every_line_our_pod_writes_parses_as_both_generations_of_the_original(
         assert [json.loads(x)["event"] for x in later.lines] == ["alert", "snapshot"]
         assert json.loads(later.lines[0])["data"]["source"] == "worker"
         logged = [json.loads(x) for x in state.session_path("a").read_bytes().splitlines()]
-        assert {"text_done", "run_end"} <= {e["kind"] for e in logged}
+        assert {"handler_result", "run_end"} <= {e["kind"] for e in logged}
         # entries of kinds the original does not know are held back from the snapshot
         assert snap["data"]["entries"] == [e for e in logged
                                            if e["kind"] in ("system_item", "user_message")]
@@ -259,10 +260,12 @@ def test_original_form_peer_messages_are_attributed_and_checked_by_the_receiver(
         with pytest.raises(Refused):
             client.notify(pod.socket_path, "let me in", "m-2", source="c")
     r = run_yoi("pod", "log", "a")
-    assert [line.split(" ", 2)[2] for line in r.stdout.splitlines()] == [
-        "notification from b: hi from b", "text: b|[Peer message from `b`]\\nhi from b",
-        "notification from operator: [Peer message from `../x`]\\nhm", "text: |[Peer message "
-        "from `../x`]\\nhm", "notification from b [m-1]: hi from b", "text: b|hi from b"]
+    assert [re.sub(r" in \d+ ms:", ":", line.split(" ", 2)[2])
+            for line in r.stdout.splitlines()] == [
+        "notification from b: hi from b", "handler ok: b|[Peer message from `b`]\\nhi from b",
+        "notification from operator: [Peer message from `../x`]\\nhm", "handler ok: |[Peer "
+        "message from `../x`]\\nhm", "notification from b [m-1]: hi from b",
+        "handler ok [m-1]: b|hi from b"]
 
 
 def test_an_operator_notification_has_the_original_body(state, started_pod):

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from yoi import podlog, protocol, store
+from yoi import history, podlog, protocol, store
 from yoi.client import Connection, request
 from yoi.discovery import probe, probe_result
 from yoi.errors import Busy, Failed, Unreachable, YoiError
@@ -77,7 +77,8 @@ def probe_status(state: State, name: str, timeout: float) -> dict:
     live = probe(path, timeout) if running else probe_result(path, error="not running")
     pid = holder_pid(state.runtime_lock_path(name)) if running else None
     return {"pod_name": name, "running": running, "pid": pid,
-            "exec": (doc.get("runtime") or {}).get("exec"), "live": live}
+            "exec": (doc.get("runtime") or {}).get("exec"), "live": live,
+            "handler": history.handler_summary(state.session_path(name))}
 
 
 # -- start ---------------------------------------------------------------------

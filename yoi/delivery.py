@@ -25,7 +25,8 @@ from __future__ import annotations
 import os
 
 from yoi import client, protocol
-from yoi.errors import Interrupted, Refused, Unreachable, UsageError, YoiError
+from yoi.errors import (Interrupted, Refused, TimedOutWaiting, Unreachable, UsageError,
+                        YoiError)
 from yoi.metadata import has_peer, pending_between
 from yoi.names import check_name
 from yoi.state import State
@@ -53,13 +54,14 @@ def message_from_stdin(raw: bytes) -> str:
 
 
 def encode(message: str, msg_id: str, source: str | None, where: str = "",
-           supports=protocol.SUPPORTS) -> bytes:
+           supports=protocol.SUPPORTS, reply_to: str | None = None) -> bytes:
     """The ``notify`` line for MESSAGE to a Pod that SUPPORTS (see
-    ``protocol.notify_method``); UsageError if it is empty or over the limit."""
+    ``protocol.notify_method``), answering message REPLY_TO if given; UsageError
+    if it is empty or over the limit."""
     if not message.strip():
         raise UsageError(f"{where}empty message: nothing to send")
     try:
-        line = protocol.notify_method(message, msg_id, source, supports)
+        line = protocol.notify_method(message, msg_id, source, supports, reply_to)
     except UnicodeEncodeError:
         raise UsageError(f"{where}the message is not valid UTF-8")
     if len(line) - 1 > protocol.MAX_METHOD_LINE:  # the Pod's limit excludes the newline
@@ -134,19 +136,23 @@ def _not_recorded(target: str, err: client.PodFailed, msg_id: str,
 
 def send(state: State, target: str, message: str, *, source: str | None = None,
          msg_id: str | None = None, timeout: float = DEFAULT,
-         wait: bool = True) -> dict:
-    """Send one message; with WAIT, return only once TARGET acknowledged it.
+         wait: bool = True, reply_to: str | None = None) -> dict:
+    """Send one message (the answer to message REPLY_TO, if given); with WAIT, return
+    only once TARGET acknowledged it.
 
     Returns ``{"pod_name": TARGET, "source", "id", "acknowledged", "at",
     "deduplicates_retries"}``.
     """
     _check_names(target, source)
     msg_id = check_id(msg_id) if msg_id is not None else new_id()
-    encode(message, msg_id, source)  # checked before anything else happens
+    if reply_to is not None:
+        check_id(reply_to, "--reply-to")
+    encode(message, msg_id, source, reply_to=reply_to)  # checked before anything happens
     path = resolve_target(state, target, source)
     try:
         data, supports = client.deliver(
-            path, lambda supports: encode(message, msg_id, source, supports=supports),
+            path, lambda supports: encode(message, msg_id, source, supports=supports,
+                                          reply_to=reply_to),
             msg_id, timeout, wait)
     except client.NotRunning as e:
         raise _not_running(target, e)
@@ -158,6 +164,44 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
     return {"pod_name": target, "source": pod_ref(source), "id": msg_id,
             "acknowledged": wait, "at": item.get("at"),
             "deduplicates_retries": "id" in supports}
+
+
+def ask(state: State, target: str, message: str, *, source: str | None,
+        reply_timeout: float, msg_id: str | None = None, timeout: float = DEFAULT,
+        reply_to: str | None = None) -> dict:
+    """Send MESSAGE from SOURCE and wait up to REPLY_TIMEOUT seconds for the reply to it
+    (an entry ``in_reply_to`` its id) in SOURCE's log: the send's result with
+    ``reply``, the reply entry.
+
+    SOURCE must be a live Pod: the reply lands in its log (UsageError without
+    one, Unreachable if it is not live). The reply counts from the moment
+    before the message is sent, so a fast one is not missed. On timeout
+    ``TimedOutWaiting`` (exit 5) names the message id, so that ``yoi pod wait
+    SOURCE --reply-to ID`` can go on waiting.
+    """
+    # measured: a plain send does not need these (tests/test_cli_help.py pins its imports)
+    from yoi import discovery, history, session, store
+    if source is None:
+        raise UsageError("--wait-reply needs a Pod for the reply to land in: give --from "
+                         "POD (or set $YOI_POD); a script can create and start one, e.g. "
+                         "`yoi pod create ci && yoi pod start ci`")
+    check_name(source, "source Pod name")
+    msg_id = check_id(msg_id) if msg_id is not None else new_id()
+    if not discovery.probe(state.socket_path(source, store.read(state, source)))["reachable"]:
+        raise Unreachable(f"{source} is not running, so a reply to it has nowhere to land; "
+                          f"start it with `yoi pod start {source}`", pod_name=source)
+    after = session.last_seq(state.session_path(source))
+    result = send(state, target, message, source=source, msg_id=msg_id, timeout=timeout,
+                  reply_to=reply_to)
+    try:
+        reply = history.wait(state, source, history.Match(reply_to=msg_id), after,
+                             reply_timeout)
+    except TimedOutWaiting as e:
+        raise TimedOutWaiting(
+            f"{target} acknowledged message {msg_id}, but no reply to it came to {source} "
+            f"within {reply_timeout:g}s; go on waiting with `yoi pod wait {source} "
+            f"--reply-to {msg_id} --after {after}`", data=result, **e.details) from None
+    return {**result, "reply": reply}
 
 
 def _abbrev(ids: list[str], most: int = 5) -> str:

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +22,7 @@ from yoi.errors import Failed
 # Pod "coder" (on `--accept-peers ask`) approves every peer request it is
 # asked, and answers every message it is sent by messaging its sender back.
 HANDLER = ('if [ "$YOI_EVENT" = peer_request ]; then echo approve; exit 0; fi; '
-           'msg=$(cat); {yoi} pod send "$YOI_FROM" '
+           'msg=$(cat); {yoi} pod send "$YOI_FROM" --reply-to "$YOI_MESSAGE_ID" '
            '"pong from $YOI_POD: got \\"$msg\\""')
 
 
@@ -59,24 +58,15 @@ class Demo:
                          + (f": {last[-1]}" if last else ""))
         return p
 
-    def wait_for_reply(self, pod: str, source: str) -> dict:
-        """Poll POD's log until a notification from SOURCE is in it."""
-        self.steps += 1
-        self.echo(f"\n[{self.steps}] $ yoi pod log {pod} --json   "
-                  f"# waiting for the reply from {source}")
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            p = self.yoi("pod", "log", pod, "--json", show=False)
-            for line in p.stdout.splitlines():
-                entry = json.loads(line)
-                item = entry.get("item") or {}
-                if entry.get("kind") == "system_item" and item.get("source") == source:
-                    self.echo(f"    {json.dumps(entry)}")
-                    self.record.append({"command": f"yoi pod log {pod} --json",
-                                        "exit_code": 0, "reply": item.get("message")})
-                    return item
-            time.sleep(0.1)
-        raise Failed(f"no reply from {source} arrived in {pod}'s log within {self.timeout:g}s")
+    def ask(self, source: str, target: str, message: str, msg_id: str) -> dict:
+        """``yoi pod send --from SOURCE TARGET MESSAGE --id ID --wait-reply``; the reply."""
+        self.yoi("pod", "send", "--from", source, target, message, "--id", msg_id,
+                 "--wait-reply", f"{self.timeout:g}")
+        step = self.record[-1]
+        p = self.yoi("pod", "wait", source, "--reply-to", msg_id, "--json", show=False)
+        reply = json.loads(p.stdout)["entry"]["item"]
+        step["reply"] = reply["message"]
+        return reply
 
     def run(self, remove_pods: bool = False) -> None:
         """Every step; the Pods are stopped (and with REMOVE_PODS removed) also on failure."""
@@ -95,8 +85,8 @@ class Demo:
             self.yoi("pod", "peer", "register", "reviewer", "coder",
                      "--wait", f"{self.timeout:g}")
             self.yoi("pod", "list")
-            self.yoi("pod", "send", "--from", "reviewer", "coder", "please review PR 42")
-            self.wait_for_reply("reviewer", "coder")
+            # A question, and its answer: the reply to this very message.
+            self.ask("reviewer", "coder", "please review PR 42", "pr-42")
             self.yoi("pod", "log", "coder")
             self.yoi("doctor")
         finally:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from yoi import metadata, session
+from yoi import history, metadata, session
 from yoi.atomic import is_temp_name, read_bytes_nofollow
 from yoi.discovery import probe, probe_many
 from yoi.errors import CorruptMetadata, UsageError, YoiError
@@ -80,6 +80,8 @@ CHECKS: dict[str, tuple[str, bool]] = {
     "session-unreadable": ("a session log has whole lines that do not parse (not JSON, or "
                            "nested too deep); readers keep and skip them (remove them by hand)",
                            False),
+    "handler-failing": ("a Pod's handler failed its last 3 runs (fix its --exec or --cwd)",
+                        False),
 }
 
 # Severities. A warning is a harmless leftover of a crash that `--fix`, or the
@@ -307,7 +309,7 @@ def _scan_session(pod: _Pod, path: str, found: list[Finding]) -> None:
     try:
         pod.torn = session.torn_tail(path)
         pod.has_session = True
-        bad = _unreadable_lines(path)
+        bad, runs = _read_session(path)
     except FileNotFoundError:
         return
     except OSError as e:
@@ -324,13 +326,23 @@ def _scan_session(pod: _Pod, path: str, found: list[Finding]) -> None:
                       f"{len(bad)} line(s) do not parse (not JSON, or nested too deep): line "
                       f"{where}; the Pod and `yoi pod log` keep and skip them. "
                       "To drop them, stop the Pod and delete those lines by hand"))
+    if len(runs) == FAILING_RUNS and all(r.get("ok") is False for r in runs):
+        found.append(("handler-failing", pod.name, path,
+                      f"its handler failed its last {FAILING_RUNS} runs, the last "
+                      f"({runs[-1].get('at')}) with {history.failure_words(runs[-1])}; see "
+                      f"`yoi pod log {pod.name}` and fix it with `yoi pod config {pod.name} "
+                      "--exec ...` (or its --cwd)"))
 
 
-def _unreadable_lines(path: str) -> list[tuple[int, int]]:
-    """(line number, offset just past it) of each whole line of a session log that
-    is not JSON (or nested too deeply to be read); a last line without its newline
-    is session-torn's business."""
-    bad = []
+FAILING_RUNS = 3  # a handler whose last this many runs failed is reported
+
+
+def _read_session(path: str) -> tuple[list[tuple[int, int]], list[dict]]:
+    """One pass over a session log: (line number, offset just past it) of each whole
+    line that is not JSON (or nested too deeply to be read), and its last
+    ``FAILING_RUNS`` handler results. A last line without its newline is
+    session-torn's business."""
+    bad, runs = [], []
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with open(fd, "rb") as f:
         end = 0
@@ -338,10 +350,14 @@ def _unreadable_lines(path: str) -> list[tuple[int, int]]:
             end += len(line)
             if line.endswith(b"\n") and line.strip():
                 try:
-                    json_loads(line)  # what the entry is, is the readers' business
+                    obj = json_loads(line)  # what the entry is, is the readers' business
                 except ParseError:
                     bad.append((n, end))
-    return bad
+                    continue
+                if (b'"handler_result"' in line and isinstance(obj, dict)
+                        and obj.get("kind") == "handler_result"):
+                    runs = (runs + [obj])[-FAILING_RUNS:]
+    return bad, runs
 
 
 def _scan_metadata(pod: _Pod, meta: str, found: list[Finding]) -> None:

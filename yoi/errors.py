@@ -71,6 +71,12 @@ class Unreachable(YoiError):
     code = "unreachable"
 
 
+class TimedOutWaiting(Unreachable):
+    """Nothing that was waited for came in time (exit 5)."""
+
+    code = "timed_out"
+
+
 class Busy(YoiError):
     exit_code = 6
     code = "busy"

@@ -1,5 +1,8 @@
 """A Pod's history as a reader sees it: its session log, then what it commits live.
 
+``wait`` blocks until an entry that matches a ``Match`` is in a Pod's log: it
+looks at what is there, then at what the Pod commits, live or not.
+
 ``Log(state, name, follow=...)`` checks that the Pod exists and, to follow
 it, connects *before* the log file is read: the file is then read only up to
 the offset the Pod's snapshot names, and everything after comes over the
@@ -19,7 +22,7 @@ from typing import Iterator
 
 from yoi import session, store
 from yoi.client import Closed, Connection, TimedOut
-from yoi.errors import Unreachable
+from yoi.errors import Failed, TimedOutWaiting, Unreachable, YoiError
 from yoi.state import State
 from yoi.timeouts import DEFAULT
 
@@ -73,8 +76,9 @@ class Log:
                 continue  # a long quiet spell: keep waiting
             except Closed:
                 raise Unreachable("the Pod closed the connection")
-            if isinstance(data.get("seq"), int) and data.get("kind") == name:
-                yield data  # a committed entry
+            entry = session.from_event(name, data)
+            if entry is not None:
+                yield entry  # a committed entry
             elif name in ENTRY_EVENTS and "kind" not in data:
                 yield {"kind": name, **data}  # an entry, as the original broadcasts it
             else:
@@ -91,3 +95,172 @@ class Log:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# -- waiting for an entry ---------------------------------------------------------
+
+class Match:
+    """What ``wait`` waits for: every filter given must hold."""
+
+    __slots__ = ("reply_to", "source", "msg_id", "kind")
+
+    def __init__(self, reply_to: str | None = None, source: str | None = None,
+                 msg_id: str | None = None, kind: str | None = None):
+        self.reply_to, self.source, self.msg_id, self.kind = reply_to, source, msg_id, kind
+
+    def __call__(self, entry: dict) -> bool:
+        return ((self.reply_to is None or session.entry_reply_to(entry) == self.reply_to)
+                and (self.source is None or session.entry_source(entry) == self.source)
+                and (self.msg_id is None or session.entry_id(entry) == self.msg_id)
+                and (self.kind is None or entry.get("kind") == self.kind))
+
+    def describe(self) -> str:
+        parts = [f"{label} {value}" for label, value in (
+            ("a reply to", self.reply_to), ("from", self.source), ("with id", self.msg_id),
+            ("of kind", self.kind)) if value is not None]
+        return "an entry " + ", ".join(parts) if parts else "an entry"
+
+
+POLL_FIRST, POLL_MOST = 0.02, 0.5  # seconds between looks at a Pod that is not live
+
+
+def wait(state: State, name: str, match: Match, after: int | None = None,
+         timeout: float = DEFAULT) -> dict:
+    """The first entry of NAME's log (after seq AFTER, if given) that MATCH accepts,
+    waiting up to TIMEOUT seconds for it to be committed.
+
+    An entry already in the log counts. While NAME is live, its broadcasts are
+    followed: the connection is made before the log file is read up to the
+    offset its snapshot names, so nothing committed in between is missed;
+    while it is not, the log is looked at again, more and more slowly, and a
+    Pod that starts is followed from then on. Raises ``TimedOutWaiting`` (exit
+    5) saying what was waited for.
+    """
+    doc = store.read(state, name)
+    path = state.session_path(name)
+    deadline = time.monotonic() + timeout
+    seen = after  # entries up to this seq were looked at
+    pause = POLL_FIRST
+    while True:
+        conn = _follow(state, name, doc)
+        try:
+            end = _offset(conn) if conn is not None else None
+            found, seen = _scan(path, match, seen, end)
+            if found is not None:
+                return found
+            if conn is not None:
+                found, seen = _watch(conn, match, seen, deadline)
+                if found is not None:
+                    return found
+                pause = POLL_FIRST  # it went away: look again soon
+        finally:
+            if conn is not None:
+                conn.close()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimedOutWaiting(
+                f"timed out after {timeout:g}s waiting for {match.describe()} in {name}'s log"
+                + (f" after seq {after}" if after is not None else ""),
+                pod_name=name, waited_for=match.describe(), after=after)
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, POLL_MOST)
+
+
+def _follow(state: State, name: str, doc: dict) -> Connection | None:
+    """A connection to NAME if it is live (its prelude read), else None."""
+    path = state.socket_path(name, doc)
+    try:
+        return Connection.open(path, 2.0, keep_snapshot=True)
+    except YoiError:
+        return None
+
+
+def _offset(conn: Connection) -> int | None:
+    end = (conn.snapshot or {}).get("session_offset")
+    return end if isinstance(end, int) else None
+
+
+def _scan(path, match: Match, seen: int | None, end: int | None) -> tuple[dict | None, int | None]:
+    """The first matching entry of the file after seq SEEN (up to offset END)."""
+    for line, entry in session.entries(path, end=end, after=seen):
+        if entry is None or not line.endswith(b"}"):
+            continue  # damaged, or still being written (its commit comes live or later)
+        seq = session.entry_seq(entry)
+        if seq is not None:
+            seen = seq
+        if match(entry):
+            return entry, seen
+    return None, seen
+
+
+def _watch(conn: Connection, match: Match, seen: int | None,
+           deadline: float) -> tuple[dict | None, int | None]:
+    """Read the live Pod's broadcasts until a matching entry, DEADLINE, or its end."""
+    while True:
+        try:
+            name, data = conn.read_event(deadline, what="an entry")
+        except TimedOut:
+            return None, seen
+        except (Closed, Failed):
+            return None, seen  # it stopped: go on with its log file
+        entry = session.from_event(name, data)
+        if entry is None:
+            continue
+        seq = session.entry_seq(entry)
+        if seen is not None and seq is not None and seq <= seen:
+            continue  # already looked at in the file
+        if seq is not None:
+            seen = seq
+        if match(entry):
+            return entry, seen
+
+
+# -- what a Pod's handler did lately -------------------------------------------------
+
+RECENT_RUNS = 10        # handler runs `yoi pod status` looks back on
+SCAN_LINES = 2000       # at most this many of the last log lines are read for them
+
+
+def handler_runs(path, runs: int = RECENT_RUNS, scan: int = SCAN_LINES) -> list[dict]:
+    """The last RUNS ``handler_result`` entries of the log at PATH, newest first,
+    among its last SCAN lines (a log without handler runs costs one small read)."""
+    found: list[dict] = []
+    for line in reversed(session.tail(path, scan)):
+        if b'"handler_result"' not in line:
+            continue
+        entry = session.parse_entry(line)
+        if entry is not None and entry.get("kind") == "handler_result":
+            found.append(entry)
+            if len(found) == runs:
+                break
+    return found
+
+
+def handler_summary(path, runs: int = RECENT_RUNS) -> dict:
+    """``{"last", "recent_runs", "recent_failures", "failing_streak"}``: the last
+    handler result (or None), how many of the last RUNS failed, and how many of
+    the newest failed in a row."""
+    recent = handler_runs(path, runs)
+    streak = 0
+    for entry in recent:
+        if entry.get("ok") is not False:
+            break
+        streak += 1
+    return {"last": recent[0] if recent else None, "recent_runs": len(recent),
+            "recent_failures": sum(1 for e in recent if e.get("ok") is False),
+            "failing_streak": streak}
+
+
+def failure_words(entry: dict) -> str:
+    """How a failed run ended and the first line of what it said on stderr."""
+    if entry.get("ended") == "timed_out":
+        how = "timed out"
+    elif entry.get("ended") == "not_started":
+        how = "could not start"
+    elif entry.get("signal") is not None:
+        how = f"killed by signal {entry['signal']}"
+    else:
+        how = f"exit status {entry.get('exit_status')}"
+    said = next((ln.strip() for ln in str(entry.get("stderr_tail") or "").splitlines()
+                 if ln.strip()), "")
+    return f"{how}: {said}" if said else how

@@ -75,16 +75,20 @@ def event(name: str, data: dict | None = None) -> bytes:
 
 
 def notify_method(message: str, msg_id: str, source: str | None = None,
-                  supports=SUPPORTS) -> bytes:
-    """A ``notify`` line: the message, its id and, for a peer message, its source.
+                  supports=SUPPORTS, in_reply_to: str | None = None) -> bytes:
+    """A ``notify`` line: the message, its id, for a peer message its source and, for
+    a reply, the id of the message it answers (IN_REPLY_TO).
 
     Towards a Pod that SUPPORTS no ``source`` (the original), a peer message
     is written as the original's sender writes it: the header in the message.
-    The id rides along either way (a Pod that does not know it ignores it).
+    The id and ``in_reply_to`` ride along either way (a Pod that does not know
+    them ignores them).
     """
     params = {"message": wire_message(message, source, supports), "id": msg_id}
     if source is not None and "source" in supports:
         params["source"] = source
+    if in_reply_to is not None:
+        params["in_reply_to"] = in_reply_to
     return method("notify", params)
 
 

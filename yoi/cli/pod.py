@@ -16,6 +16,7 @@ POD_SUBCOMMANDS: dict[str, str] = {
     "restore": "yoi.cli.runtime:restore_command",
     "status": "yoi.cli.runtime:status_command",
     "log": "yoi.cli.runtime:log_command",
+    "wait": "yoi.cli.runtime:wait_command",
 }
 
 

@@ -7,8 +7,8 @@ import time
 
 import click
 
-from yoi.cli.common import (YoiCommand, emit, json_option, pod_argument, say, state_options,
-                            timeout_option)
+from yoi.cli.common import (PodNameType, YoiCommand, emit, json_option, pod_argument, say,
+                            state_options, timeout_option)
 
 
 @click.command("start", cls=YoiCommand)
@@ -132,16 +132,29 @@ def status_command(name, timeout, as_json, state):
     from yoi import control
     st = control.probe_status(state, name, timeout)
     live = st["live"]
+    handler = _handler_text(st["handler"])
     if live["reachable"]:
         emit(as_json, st, f"{name}: live, {live['status']}, pid {st['pid']}, "
-                          f"socket {live['socket_path']}")
+                          f"socket {live['socket_path']}" + handler)
         return
     from yoi.errors import Unreachable
     why = ("not running" if not st["running"]
            else f"running but not answering ({live['error']})")
     if not as_json:
-        click.echo(f"{name}: {why}")
+        click.echo(f"{name}: {why}{handler}")
     raise Unreachable(f"Pod {name!r} is not live: {why}", data=st, pod_name=name)
+
+
+def _handler_text(summary: dict) -> str:
+    """A second line of `status`: the last handler run and the recent failures."""
+    from yoi.history import failure_words
+    last = summary["last"]
+    if last is None:
+        return ""
+    ident = f" for {last['id']}" if last.get("id") else ""
+    how = "ok" if last.get("ok") else f"failed ({failure_words(last)})"
+    return (f"\nlast handler run{ident} at {last.get('at')}: {how}; "
+            f"{summary['recent_failures']} of the last {summary['recent_runs']} failed")
 
 
 @click.command("log", cls=YoiCommand)
@@ -202,7 +215,7 @@ def _one_line(text) -> str:
 
 def render(obj: dict) -> str:
     """One readable line for a log entry (``#SEQ AT what``) or another event."""
-    if "event" in obj:
+    if "kind" not in obj and "event" in obj:
         return _render_event(obj["event"], obj.get("data") or {})
     seq = f"#{obj['seq']} " if isinstance(obj.get("seq"), int) else ""
     at = obj.get("at")
@@ -228,6 +241,8 @@ def _render_entry(entry: dict) -> str:
         text = "".join(s.get("content", "") for s in entry.get("segments", [])
                        if isinstance(s, dict))
         return f"user: {_one_line(text)}"
+    if kind == "handler_result":
+        return _render_result(entry)
     if kind == "text_done":
         return f"text: {_one_line(str(entry.get('text', '')).rstrip(chr(10)))}"
     if kind == "run_end":
@@ -244,6 +259,15 @@ def _render_entry(entry: dict) -> str:
     return f"{kind}: {json.dumps(rest, ensure_ascii=False)}"
 
 
+def _render_result(entry: dict) -> str:
+    from yoi.history import failure_words
+    ident = f" [{entry['id']}]" if entry.get("id") else ""
+    how = "ok" if entry.get("ok") else f"failed, {failure_words(entry)}"
+    cut = " (output truncated)" if entry.get("truncated") else ""
+    text = _one_line(str(entry.get("text", "")).rstrip(chr(10)))
+    return f"handler {how}{ident} in {entry.get('duration_ms')} ms{cut}: {text}"
+
+
 def _render_event(name: str, data: dict) -> str:
     if name == "status":
         return f"status: {data.get('status')}"
@@ -255,3 +279,44 @@ def _render_event(name: str, data: dict) -> str:
         return "shutdown"
     rest = json.dumps(data, ensure_ascii=False) if data else ""
     return f"{name}: {rest}".rstrip(": ")
+
+
+@click.command("wait", cls=YoiCommand)
+@pod_argument()
+@click.option("--reply-to", "reply_to", metavar="ID",
+              help="An entry that answers message ID (sent with --reply-to ID).")
+@click.option("--from", "source", type=PodNameType("source Pod name"), metavar="POD",
+              help="An entry from Pod POD (a message it sent, a notice about it).")
+@click.option("--id", "msg_id", metavar="ID", help="An entry with id ID.")
+@click.option("--kind", metavar="KIND",
+              help="An entry of kind KIND (e.g. system_item, handler_result).")
+@click.option("--after", type=click.IntRange(min=0), default=None, metavar="SEQ",
+              help="Only entries after sequence number SEQ (default: any, also those "
+                   "already in the log).")
+@timeout_option(help="How long to wait.")
+@json_option
+@state_options
+def wait_command(name, reply_to, source, msg_id, kind, after, timeout, as_json, state):
+    """Wait until an entry that matches every filter given is in NAME's log.
+
+    An entry already in the log counts (give --after SEQ to look only at
+    later ones). Prints the entry (one line; --json: the whole entry, one
+    document) and exits 0. Works whether or not NAME is live: a live Pod is
+    followed as it commits, nothing committed in between is missed, and a
+    Pod that starts while this waits is picked up. Exit 5 on timeout, saying
+    what was waited for.
+
+    \b
+    Examples:
+      yoi pod wait ci --reply-to q-42 --timeout 60
+      yoi pod wait parent --from child --after 17 --json
+      yoi pod wait agent --kind handler_result --id q-42
+    """
+    from yoi import history
+    from yoi.delivery import check_id
+    for value, what in ((reply_to, "--reply-to"), (msg_id, "--id")):
+        if value is not None:
+            check_id(value, what)
+    match = history.Match(reply_to=reply_to, source=source, msg_id=msg_id, kind=kind)
+    entry = history.wait(state, name, match, after, timeout)
+    emit(as_json, {"pod_name": name, "entry": entry}, render(entry))

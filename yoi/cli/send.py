@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from yoi.cli.common import (PodNameType, YoiCommand, emit, json_option, say, state_options,
-                            timeout_option)
+from yoi.cli.common import (SECONDS, PodNameType, YoiCommand, emit, json_option, say,
+                            state_options, timeout_option)
 
 
 @click.command("send", cls=YoiCommand)
@@ -24,11 +24,17 @@ from yoi.cli.common import (PodNameType, YoiCommand, emit, json_option, say, sta
               help="Return after the write without waiting for the acknowledgement.")
 @click.option("--lines", is_flag=True,
               help="Send every line of stdin as one message over one connection.")
+@click.option("--reply-to", "reply_to", metavar="ID",
+              help="This message answers message ID (recorded as in_reply_to).")
+@click.option("--wait-reply", "wait_reply", type=SECONDS, default=None, metavar="SECONDS",
+              help="Then wait this long for the reply to it in the sender's log (needs "
+                   "--from or $YOI_POD naming a live Pod) and print it.")
 @click.argument("target", type=PodNameType("target Pod name"), metavar="TARGET")
 @click.argument("message", required=False, metavar="MESSAGE")
 @json_option
 @state_options
-def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, state):
+def send(source, msg_id, timeout, no_wait, lines, reply_to, wait_reply, target, message,
+         as_json, state):
     """Send MESSAGE to Pod TARGET and wait until TARGET has recorded it.
 
     With a source (--from, or $YOI_POD inside a handler) this is a peer
@@ -56,6 +62,14 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
     re-running over the same input with --id PREFIX then delivers each line
     exactly once. A bad line stops the stream there (exit 2).
 
+    A reply names the message it answers: --reply-to ID (inside a handler,
+    `yoi pod send "$YOI_FROM" --reply-to "$YOI_MESSAGE_ID" TEXT`). With
+    --wait-reply SECONDS the command then waits for the reply to its own
+    message in the sender's log and prints it (exit 0); with no reply in time
+    it exits 5 naming the message id, and `yoi pod wait SOURCE --reply-to ID`
+    waits on. A script that is no Pod uses a Pod as its mailbox: `yoi pod
+    create ci && yoi pod start ci`, then `yoi pod send --from ci ...`.
+
     A Pod of the original Yoi has no message ids: a peer message is sent to
     it in the original's form (the sender in a header in the message), and
     a note says that sending again could deliver twice.
@@ -72,6 +86,8 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
       yoi pod send --id deploy-1234 --json reviewer 'deployed'
       yoi pod send --lines --id run-17 reviewer < events.txt
       yoi pod send --lines --id build-9 reviewer < <(tail -n +1 -f build.log)
+      yoi pod send --from ci agent 'summarise the failures' --wait-reply 60 --json
+      yoi pod send "$YOI_FROM" --reply-to "$YOI_MESSAGE_ID" 'done'
     """
     from yoi import delivery
     from yoi.errors import UsageError
@@ -81,6 +97,9 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
     elif source == "":
         source = None
     who = " as operator" if source is None else ""
+    if wait_reply is not None and (lines or no_wait):
+        raise UsageError("--wait-reply waits for the reply to one message: not with "
+                         + ("--lines" if lines else "--no-wait"))
     if lines:
         if message not in (None, "-"):
             raise UsageError("--lines reads the messages from stdin: give - or no MESSAGE")
@@ -88,6 +107,9 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
             raise UsageError("--no-wait cannot be used with --lines: the Pod reads a stream "
                              "while it answers, and a sender that left early would lose the "
                              "messages not read yet (--lines already pipelines)")
+        if reply_to is not None:
+            raise UsageError("--reply-to names the one message a reply answers: not with "
+                             "--lines")
         result = _send_lines(delivery, state, target, source, msg_id, timeout)
         count = result["messages"]
         ids = (f"id {result['first_id']}" if count == 1
@@ -98,11 +120,19 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
             raise UsageError("missing MESSAGE (give - to read it from stdin)")
         if message == "-":
             message = delivery.message_from_stdin(sys.stdin.buffer.read())
-        result = delivery.send(state, target, message, source=source, msg_id=msg_id,
-                               timeout=timeout, wait=not no_wait)
+        if wait_reply is not None:
+            result = delivery.ask(state, target, message, source=source, msg_id=msg_id,
+                                  timeout=timeout, reply_to=reply_to,
+                                  reply_timeout=wait_reply)
+        else:
+            result = delivery.send(state, target, message, source=source, msg_id=msg_id,
+                                   timeout=timeout, wait=not no_wait, reply_to=reply_to)
         what = f"to {target}{who} (id {result['id']})"
     text = (f"delivered {what}" if not no_wait
             else f"sent {what}; no acknowledgement was awaited")
+    if "reply" in result:
+        from yoi.cli.runtime import render
+        text = f"{text}\nreply: {render(result['reply'])}"
     emit(as_json, result, text)
     if not result["deduplicates_retries"] and not as_json:
         say(f"yoi: note: {target} cannot deduplicate retries (it announces no message "

@@ -108,13 +108,13 @@ def handle(pod, worker, job: Job) -> None:
     entry = json.loads(pod.session.read(job.entry))
     text = consent.request_text(pod.name, job.source,
                                 {"id": job.msg_id, "expires_at": entry.get("expires_at")})
-    out, problems = worker.run(text, job.source, job.msg_id, event="peer_request")
+    outcome = worker.run(text, job.source, job.msg_id, event="peer_request")
     if pod.loop.stopping:
         return  # undecided: still pending in the record, offered again at the next start
-    for level, message in problems:
+    for level, message in outcome.problems:
         pod.loop.call_soon(pod.alert, level, message)
-    errors = [message for level, message in problems if level == "error"]
-    fields = decide(pod, job.source, job.msg_id, out, "; ".join(errors) or None)
+    errors = [message for level, message in outcome.problems if level == "error"]
+    fields = decide(pod, job.source, job.msg_id, outcome.out, "; ".join(errors) or None)
     pod.loop.call_soon(pod.commit, None, Entry("peer_decision", fields),
                        lambda res, err: pod.offered.discard(job.msg_id))
 

@@ -67,6 +67,10 @@ def notify(pod, c: Client, params: dict) -> None:
         raise Invalid("'source' must be a Pod name")
     if msg_id is not None and not protocol.is_valid_message_id(msg_id):
         raise Invalid("'id' must be 1-128 characters of [A-Za-z0-9._:-]")
+    reply_to = params.get("in_reply_to")
+    if reply_to is not None and not protocol.is_valid_message_id(reply_to):
+        raise Invalid("'in_reply_to' must be a message id: 1-128 characters of "
+                      "[A-Za-z0-9._:-]")
     if source is None:
         source = protocol.peer_header_source(message)
         original = message
@@ -83,6 +87,8 @@ def notify(pod, c: Client, params: dict) -> None:
         item["source"] = source
     if msg_id is not None:
         item["id"] = msg_id
+    if reply_to is not None:
+        item["in_reply_to"] = reply_to
     item["at"] = at = now_iso()
     entry = Entry("system_item", {"item": item}, msg_id, at=at)
 

@@ -7,12 +7,16 @@ environment of the Pod plus ``YOI_POD``, ``YOI_HOME`` and ``YOI_STATE_DIR``
 it), ``YOI_FROM`` (the source Pod, empty for the operator),
 ``YOI_MESSAGE_ID`` (empty if none) and ``YOI_EVENT`` (``run``, ``notify`` or
 ``peer_request``: a request to become a peer, whose run ``yoi.server.consent``
-handles). Its stdout (at most
-``MAX_HANDLER_OUTPUT`` bytes) is committed and broadcast as ``text_done``.
-Its stderr is read by the Pod and written to the Pod's own log, at most
-``STDERR_KEEP`` bytes per run (the beginning and the end, with a note of
-what was dropped between). A non-zero exit raises an alert; the Pod goes
-on. Entries are not re-handled after a restart.
+handles).
+
+Each run commits one ``handler_result`` entry: the id of the message it
+handled, how it ended (exit status or signal, a timeout), its duration, its
+stdout (at most ``MAX_HANDLER_OUTPUT`` bytes, ``truncated`` if cut) as
+``text``, and the last ``STDERR_TAIL`` bytes of its stderr. Its stderr also
+goes to the Pod's own log, at most ``STDERR_KEEP`` bytes per run (the
+beginning and the end, with a note of what was dropped between). A failed
+run raises an alert; the Pod goes on. Entries are not re-handled after a
+restart.
 
 A run is bounded, whatever the handler leaves behind. It runs in its own
 process group. Once the handler has exited, its output is read for at most
@@ -49,6 +53,7 @@ STDERR_KEEP = 64 << 10         # stderr written to the Pod's log per run: half h
 READ_CHUNK = 64 << 10
 HANDLER_KILL_GRACE = 2.0       # seconds between SIGTERM and SIGKILL
 OUTPUT_GRACE = 1.0             # seconds output is still read after the handler exited
+STDERR_TAIL = 2 << 10          # stderr bytes a handler_result entry keeps: the last ones
 POLL_EXIT = 0.05               # where pidfd_open is missing: how often to look for the exit
 
 
@@ -117,12 +122,11 @@ class HandlerWorker:
             pod.handle_peer_request(self, job)
             return
         if pod.exec_cmd:
-            out, problems = self.run(self._input(job), job.source, job.msg_id, job.kind)
+            outcome = self.run(self._input(job), job.source, job.msg_id, job.kind)
             if pod.loop.stopping:
                 return
-            if out:
-                self._commit(Entry("text_done", {"text": out.decode("utf-8", "replace")}))
-            for level, problem in problems:
+            self._commit(outcome.entry(job.kind, job.msg_id))
+            for level, problem in outcome.problems:
                 pod.loop.call_soon(pod.alert, level, problem)
         if job.kind == "run" and not pod.loop.stopping:
             self._commit(Entry("run_end", {"result": "finished"}))
@@ -156,8 +160,8 @@ class HandlerWorker:
         return env
 
     def run(self, text: str, source: str | None, msg_id: str | None,
-            event: str | None = None) -> tuple[bytes, list[tuple[str, str]]]:
-        """Run the handler once on TEXT: (its stdout, capped; [(level, problem to alert)])."""
+            event: str | None = None) -> "Outcome":
+        """Run the handler once on TEXT; what came of it."""
         what = f"message {msg_id}" if msg_id else ("run" if source is None else "message")
         try:
             proc = subprocess.Popen(["/bin/sh", "-c", self.pod.exec_cmd], stdin=subprocess.PIPE,
@@ -165,7 +169,8 @@ class HandlerWorker:
                                     cwd=self.pod.cwd, env=self._env(source, msg_id, event),
                                     start_new_session=True)
         except OSError as e:
-            return b"", [("error", f"handler could not start for {what}: {e.strerror or e}")]
+            why = f"handler could not start for {what}: {e.strerror or e}"
+            return Outcome(b"", False, None, "not_started", 0, why, [("error", why)])
         self._drain_wake()
         handled = _Run(proc, text.encode("utf-8"), self.pod.handler_timeout, self._wake_r,
                        self.halting, what)
@@ -173,7 +178,7 @@ class HandlerWorker:
             handled.collect()
         finally:
             handled.end()
-        return handled.out, handled.problems()
+        return handled.outcome()
 
     def _drain_wake(self) -> None:
         try:
@@ -181,6 +186,37 @@ class HandlerWorker:
                 pass
         except BlockingIOError:
             pass
+
+
+class Outcome:
+    """What came of one handler run: its output (capped), how it ended, how long it took,
+    the end of its stderr, and the problems to raise as alerts."""
+
+    __slots__ = ("out", "truncated", "rc", "ended", "duration_ms", "stderr_tail", "problems")
+
+    def __init__(self, out: bytes, truncated: bool, rc: int | None, ended: str,
+                 duration_ms: int, stderr_tail: str, problems: list[tuple[str, str]]):
+        self.out, self.truncated, self.rc, self.ended = out, truncated, rc, ended
+        self.duration_ms, self.stderr_tail, self.problems = duration_ms, stderr_tail, problems
+
+    @property
+    def failed(self) -> bool:
+        return self.ended in ("not_started", "timed_out") or (self.rc is not None
+                                                               and self.rc != 0)
+
+    def entry(self, event: str, msg_id: str | None) -> Entry:
+        """The ``handler_result`` log entry of this run of the EVENT (``notify``/``run``)
+        with MSG_ID (the message it handled, if it had an id)."""
+        rc = self.rc
+        fields = {} if msg_id is None else {"id": msg_id}
+        fields.update({
+            "handled": event, "ok": not self.failed, "ended": self.ended,
+            "exit_status": rc if rc is not None and rc >= 0 else None,
+            "signal": -rc if rc is not None and rc < 0 else None,
+            "duration_ms": self.duration_ms,
+            "text": self.out.decode("utf-8", "replace"), "truncated": self.truncated,
+            "stderr_tail": self.stderr_tail})
+        return Entry("handler_result", fields)
 
 
 class _Run:
@@ -197,6 +233,7 @@ class _Run:
         self.started = time.monotonic()
         self.out = b""
         self.out_total = 0
+        self.err_tail = b""
         self.stderr = _StderrToLog(what)
         self.exited_at: float | None = None
         self.ended = "exited"  # exited | output-held | timed-out | stopped
@@ -283,6 +320,7 @@ class _Run:
             return False
         if stream is self.proc.stderr:
             self.stderr.take(chunk)
+            self.err_tail = (self.err_tail + chunk)[-STDERR_TAIL:]
             return True
         room = MAX_HANDLER_OUTPUT - self.out_total
         if room > 0:
@@ -323,6 +361,13 @@ class _Run:
                 return False
             time.sleep(POLL_EXIT)
         return True
+
+    def outcome(self) -> Outcome:
+        ended = {"timed-out": "timed_out", "output-held": "output_held"}.get(self.ended,
+                                                                             self.ended)
+        tail = self.err_tail.decode("utf-8", "replace")
+        return Outcome(self.out, self.out_total > MAX_HANDLER_OUTPUT, self.rc, ended,
+                       int((time.monotonic() - self.started) * 1000), tail, self.problems())
 
     def problems(self) -> list[tuple[str, str]]:
         what, rc, out = self.what, self.rc, []

@@ -80,9 +80,44 @@ class Entry:
         return event_of(self.line(seq), self.kind)
 
 
+# How a committed entry is broadcast. The original's clients reject event names they
+# do not know, so an entry of a kind of ours goes out in a shape they know, with the
+# entry's own fields riding along (``data.kind`` and ``data.seq`` tell our clients
+# what it is): a handler's result as ``text_done`` (its output is its ``text``), any
+# other as a ``system_item`` notification whose message sums it up.
+ORIGINAL_EVENTS = frozenset({"system_item", "user_message", "text_done", "run_end"})
+BROADCAST_AS = {"handler_result": "text_done"}
+
+
 def event_of(line: bytes, kind: str) -> bytes:
     """The broadcast event of the committed log LINE (with or without its newline)."""
-    return b'{"event":"%s","data":%s}\n' % (kind.encode(), line.rstrip(b"\n"))
+    line = line.rstrip(b"\n")
+    if kind in ORIGINAL_EVENTS or kind in BROADCAST_AS:
+        return b'{"event":"%s","data":%s}\n' % (BROADCAST_AS.get(kind, kind).encode(), line)
+    entry = parse_entry(line) or {}
+    text = summary(entry)
+    item = _dumps({"kind": "notification", "message": text, "body": text})
+    return b'{"event":"system_item","data":%s,"item":%s}}\n' % (line[:-1], item)
+
+
+def summary(entry: dict) -> str:
+    """One line that says what an entry of one of our own kinds is."""
+    rest = {k: v for k, v in entry.items() if k not in ("seq", "kind", "ts", "at")}
+    text = json.dumps(rest, ensure_ascii=False, separators=(",", ":"))
+    return f"[{entry.get('kind')}] {text[:500]}"
+
+
+def from_event(name: str, data: dict) -> dict | None:
+    """The entry a broadcast event carries (see ``event_of``), or None for an event
+    that is no entry (status, alert, shutdown...)."""
+    kind = data.get("kind")
+    if not (isinstance(data.get("seq"), int) and isinstance(kind, str)):
+        return None
+    if kind in ORIGINAL_EVENTS or kind in BROADCAST_AS:
+        return data if BROADCAST_AS.get(kind, kind) == name else None
+    if name != "system_item":
+        return None
+    return {k: v for k, v in data.items() if k != "item"}  # the summary was for others
 
 
 def parse_entry(line: bytes) -> dict | None:
@@ -124,6 +159,21 @@ def entry_id(entry: dict) -> str | None:
     """The message id of an entry, if it has one."""
     msg_id = entry.get("id")
     return msg_id if isinstance(msg_id, str) else None
+
+
+def entry_source(entry: dict) -> str | None:
+    """The Pod an entry comes from: a message's sender (None for the operator), or the
+    ``source`` an entry of ours names."""
+    item = entry.get("item")
+    source = item.get("source") if isinstance(item, dict) else entry.get("source")
+    return source if isinstance(source, str) else None
+
+
+def entry_reply_to(entry: dict) -> str | None:
+    """The message id an entry answers: a reply's ``in_reply_to``."""
+    item = entry.get("item")
+    value = item.get("in_reply_to") if isinstance(item, dict) else entry.get("in_reply_to")
+    return value if isinstance(value, str) else None
 
 
 def entry_seq(entry: dict) -> int | None:
