@@ -289,14 +289,17 @@ def case_round_trip(quick):
         replier = (f'm=$(cat); {" ".join(yoi_argv())} pod send "$YOI_FROM" '
                    '--reply-to "$YOI_MESSAGE_ID" "re: $m"')
         yoi("pod", "config", "B", "--exec", replier, env=env)
+        yoi("pod", "create", "C", env=env)  # no handler: the baseline runs nothing after
+        yoi("pod", "peer", "register", "A", "C", env=env)
         with LivePods(st, env) as pods:
-            pods.start("A")
-            pods.start("B")
+            for name in ("A", "B", "C"):
+                pods.start(name)
             a, b = interleaved(
                 yoi_argv() + ["pod", "send", "--from", "A", "B", "q", "--wait-reply", "30"],
-                yoi_argv() + ["pod", "send", "--from", "A", "B", "msg"], n, env)
+                yoi_argv() + ["pod", "send", "--from", "A", "C", "msg"], n, env)
     return judge("round trip", a * 1000, b * 1000, "ms", "<=", 3,
-                 "send --wait-reply to a Pod whose handler replies at once / one-shot send")
+                 "send --wait-reply to a Pod whose handler replies at once / one-shot send "
+                 "to a Pod without a handler")
 
 
 CASES = [

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from conftest import yoi_cmd
+from fake_pods import Peer, fake  # noqa: F401  (fixture)
 from yoi import history, peers, store
 from yoi.client import notify
 from yoi.errors import TimedOutWaiting
@@ -180,8 +181,8 @@ def test_wait_times_out_within_a_fifth_of_its_limit_saying_what_it_waited_for(st
     r = run_yoi("pod", "wait", "ci", "--reply-to", "q-6", "--from", "agent",
                 "--timeout", "0.5")
     assert r.exit_code == 5, r
-    assert r.stderr == ("yoi: error: timed out after 0.5s waiting for an entry a reply to "
-                        "q-6, from agent in ci's log\n")
+    assert r.stderr == ("yoi: error: timed out after 0.5s waiting for a reply to q-6 from "
+                        "agent in ci's log\n")
 
 
 def test_wait_usage_and_missing_pod(run_yoi, state):
@@ -221,7 +222,50 @@ def test_wait_reply_timeout_names_the_id_and_yoi_pod_wait_resumes(state, pair, r
     assert "yoi pod wait ci --reply-to q-7" in r.json["error"]["message"]
     r = run_yoi("pod", "wait", "ci", "--reply-to", "q-7", "--timeout", "30")
     assert r.exit_code == 0, r
-    assert r.stdout.endswith(": late: slow?\n")
+    assert r.stdout.endswith(" (reply to q-7): late: slow?\n")
+
+
+def test_wait_reply_retried_with_the_same_id_finds_the_reply_that_came_in_between(
+        state, pair, run_yoi):
+    store.configure(state, "agent", exec_cmd=(
+        f'm=$(cat); sleep 1; {YOI} pod send "$YOI_FROM" --reply-to "$YOI_MESSAGE_ID" '
+        '"late: $m"'))
+    run_yoi("pod", "stop", "agent")
+    run_yoi("pod", "start", "agent")
+    r = run_yoi("pod", "send", "--from", "ci", "agent", "slow?", "--id", "q-8",
+                "--wait-reply", "0.2")
+    assert r.exit_code == 5, r
+    assert "`yoi pod wait ci --reply-to q-8`" in r.stderr  # no --after: any reply counts
+    history.wait(state, "ci", history.Match(reply_to="q-8"), timeout=30)
+    r = run_yoi("pod", "send", "--from", "ci", "agent", "slow?", "--id", "q-8",
+                "--wait-reply", "5", "--json")
+    assert r.exit_code == 0, r
+    assert r.json["reply"]["item"]["message"] == "late: slow?"
+    runs = [e for e in entries(state, "agent") if e["kind"] == "handler_result"]
+    assert len(runs) == 1  # the retry delivered nothing twice
+
+
+def test_wait_takes_an_entry_the_live_pod_broadcasts_before_it_is_in_the_file(
+        state, fake):
+    """The entry is only ever broadcast, never written: found only by following."""
+    from yoi import protocol
+
+    def pod(peer: Peer) -> None:
+        peer.event("snapshot", {"yoi": protocol.announcement(), "entries": [],
+                                "session_offset": 0, "status": "idle"})
+        time.sleep(0.3)
+        peer.event("system_item", {"seq": 7, "kind": "system_item", "id": "r-1",
+                                   "at": "2026-12-01T00:00:00Z", "item": {
+                                       "kind": "notification", "message": "answer",
+                                       "source": "agent", "id": "r-1",
+                                       "in_reply_to": "q-9"}})
+        peer.hang()
+
+    fake(pod, name="ci")
+    got = history.wait(state, "ci", history.Match(reply_to="q-9"), timeout=10)
+    assert (got["seq"], got["item"]["message"]) == (7, "answer")
+    assert not state.session_path("ci").exists() or not state.session_path(
+        "ci").read_bytes()
 
 
 # -- many at once ---------------------------------------------------------------------------
@@ -261,6 +305,10 @@ def test_a_handler_exiting_127_shows_in_status_and_doctor(state, run_yoi, starte
     assert (last["kind"], last["id"], last["ok"], last["exit_status"]) == (
         "handler_result", "b-2", False, 127)
     assert "not found" in last["stderr_tail"]
+    # a Pod whose handler was removed runs no handler: nothing for doctor to say
+    store.configure(state, "broken", exec_cmd=None)
+    assert run_yoi("doctor").exit_code == 0
+    store.configure(state, "broken", exec_cmd="cat > /dev/null; no-such-agent-cli --stdin")
     r = run_yoi("pod", "status", "broken")
     assert r.stdout.splitlines()[1].startswith(
         "last handler run for b-2 at "), r

@@ -3,6 +3,7 @@ it writes to stderr cannot freeze a Pod or grow its pod.log without bound."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -105,6 +106,16 @@ def test_stopping_the_pod_ends_the_run_and_its_process_group(
         r = run_yoi("pod", "stop", "h")
         assert r.exit_code == 0 and r.stdout == "stopped\n", r
         wait_until(lambda: gone(pids(left)[0]), "killed with the Pod's handler")
+        # the log says how the run ended, and it is no failure of the handler
+        [result] = [e for e in map(json.loads, state.session_path("h").read_bytes()
+                                   .splitlines()) if e["kind"] == "handler_result"]
+        assert (result["id"], result["ok"], result["ended"], result["signal"]) == (
+            "m-1", False, "stopped", 15), result
+        r = run_yoi("pod", "status", "h", "--json")
+        assert (r.json["handler"]["recent_failures"], r.json["handler"]["failing_streak"]) == (
+            0, 0), r
+        assert "handler cut short (the Pod stopped) [m-1]" in run_yoi(
+            "pod", "log", "h").stdout
     finally:
         for pid in pids(left):
             if not gone(pid):

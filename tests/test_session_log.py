@@ -261,3 +261,37 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def test_backward_reads_newest_first_and_no_further_than_its_limit(tmp_path):
+    path = tmp_path / "s.jsonl"
+    lines = [b"a" * n for n in (10, 3_000_000, 5, 1_500_000, 7)]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    assert list(session.backward(path, 1 << 30)) == lines[::-1]
+    # a limit that ends inside the 1.5 MB line yields only the whole lines after it
+    assert list(session.backward(path, 1_000_000)) == [lines[4]]
+    assert list(session.backward(path, 1_500_010)) == [lines[4], lines[3]]
+    assert list(session.backward(path, 1_500_016)) == [lines[4], lines[3], lines[2]]
+    assert list(session.backward(tmp_path / "missing", 100)) == []
+    path.write_bytes(b"no newline at the end")
+    assert list(session.backward(path, 100)) == [b"no newline at the end"]
+
+
+def test_handler_runs_stop_at_the_runs_wanted_and_the_byte_limit(tmp_path):
+    from yoi import history
+    path = tmp_path / "s.jsonl"
+    result = {"kind": "handler_result", "ok": False, "ended": "exited", "exit_status": 1}
+    with open(path, "wb") as f:
+        for i in range(30):
+            f.write(json.dumps({**result, "seq": i}).encode() + b"\n")
+            f.write(json.dumps({"kind": "system_item", "seq": 100 + i,
+                                "item": {"message": "x" * 50_000}}).encode() + b"\n")
+    assert [e["seq"] for e in history.handler_runs(path, 10)] == list(range(29, 19, -1))
+    # within the last 200 kB only the last 3 or 4 runs are seen
+    assert len(history.handler_runs(path, 10, scan=200_000)) in (3, 4)
+    stopped = {**result, "ok": False, "ended": "stopped", "seq": 99}
+    with open(path, "ab") as f:
+        f.write(json.dumps(stopped).encode() + b"\n")
+    summary = history.handler_summary(path)
+    assert (summary["last"]["ended"], summary["failing_streak"],
+            summary["recent_failures"]) == ("stopped", 9, 9)

@@ -174,8 +174,10 @@ def ask(state: State, target: str, message: str, *, source: str | None,
     ``reply``, the reply entry.
 
     SOURCE must be a live Pod: the reply lands in its log (UsageError without
-    one, Unreachable if it is not live). The reply counts from the moment
-    before the message is sent, so a fast one is not missed. On timeout
+    one, Unreachable if it is not live). With a fresh id the reply counts
+    from the moment before the message is sent, so a fast one is not missed;
+    with a given MSG_ID (a retry) any reply to it in SOURCE's log counts,
+    also one that came while an earlier try was no longer waiting. On timeout
     ``TimedOutWaiting`` (exit 5) names the message id, so that ``yoi pod wait
     SOURCE --reply-to ID`` can go on waiting.
     """
@@ -183,14 +185,16 @@ def ask(state: State, target: str, message: str, *, source: str | None,
     from yoi import discovery, history, session, store
     if source is None:
         raise UsageError("--wait-reply needs a Pod for the reply to land in: give --from "
-                         "POD (or set $YOI_POD); a script can create and start one, e.g. "
-                         "`yoi pod create ci && yoi pod start ci`")
+                         "POD (or set $YOI_POD); a script can create, start and introduce "
+                         "one, e.g. `yoi pod create ci && yoi pod start ci && "
+                         f"yoi pod peer register ci {target}`")
     check_name(source, "source Pod name")
-    msg_id = check_id(msg_id) if msg_id is not None else new_id()
+    retry = msg_id is not None  # a reply to a given id may have come before this run
+    msg_id = check_id(msg_id) if retry else new_id()
     if not discovery.probe(state.socket_path(source, store.read(state, source)))["reachable"]:
         raise Unreachable(f"{source} is not running, so a reply to it has nowhere to land; "
                           f"start it with `yoi pod start {source}`", pod_name=source)
-    after = session.last_seq(state.session_path(source))
+    after = None if retry else session.last_seq(state.session_path(source))
     result = send(state, target, message, source=source, msg_id=msg_id, timeout=timeout,
                   reply_to=reply_to)
     try:
@@ -200,7 +204,8 @@ def ask(state: State, target: str, message: str, *, source: str | None,
         raise TimedOutWaiting(
             f"{target} acknowledged message {msg_id}, but no reply to it came to {source} "
             f"within {reply_timeout:g}s; go on waiting with `yoi pod wait {source} "
-            f"--reply-to {msg_id} --after {after}`", data=result, **e.details) from None
+            f"--reply-to {msg_id}" + (f" --after {after}`" if after is not None else "`"),
+            data=result, **e.details) from None
     return {**result, "reply": reply}
 
 

@@ -264,6 +264,7 @@ class _Pod:
     has_session: bool = False
     requests: list[tuple[str, float]] = field(default_factory=list)  # (requester, expires)
     denied: list[str] = field(default_factory=list)  # Pods whose requests were denied
+    failing: str | None = None  # how its handler's last FAILING_RUNS runs, all failed, ended
 
 
 Finding = tuple[str, str | None, str, str]  # code, pod, path, message
@@ -292,7 +293,12 @@ def scan_pod(pods_dir: str, name: str) -> tuple[_Pod, list[Finding]]:
     if "metadata.toml" not in files:
         found.append(("metadata-missing", name, meta, "the Pod directory has no metadata.toml"))
     else:
-        _scan_metadata(pod, meta, found)
+        has_exec = _scan_metadata(pod, meta, found)
+        if pod.failing is not None and has_exec:  # else no handler runs any more
+            found.append(("handler-failing", name, os.path.join(path, "session.jsonl"),
+                          f"its handler failed its last {FAILING_RUNS} runs, the last "
+                          f"{pod.failing}; see `yoi pod log {name}` and fix it with "
+                          f"`yoi pod config {name} --exec ...` (or its --cwd)"))
     return pod, found
 
 
@@ -326,12 +332,8 @@ def _scan_session(pod: _Pod, path: str, found: list[Finding]) -> None:
                       f"{len(bad)} line(s) do not parse (not JSON, or nested too deep): line "
                       f"{where}; the Pod and `yoi pod log` keep and skip them. "
                       "To drop them, stop the Pod and delete those lines by hand"))
-    if len(runs) == FAILING_RUNS and all(r.get("ok") is False for r in runs):
-        found.append(("handler-failing", pod.name, path,
-                      f"its handler failed its last {FAILING_RUNS} runs, the last "
-                      f"({runs[-1].get('at')}) with {history.failure_words(runs[-1])}; see "
-                      f"`yoi pod log {pod.name}` and fix it with `yoi pod config {pod.name} "
-                      "--exec ...` (or its --cwd)"))
+    if len(runs) == FAILING_RUNS and all(history.failed(r) for r in runs):
+        pod.failing = f"({runs[-1].get('at')}) with {history.failure_words(runs[-1])}"
 
 
 FAILING_RUNS = 3  # a handler whose last this many runs failed is reported
@@ -355,30 +357,32 @@ def _read_session(path: str) -> tuple[list[tuple[int, int]], list[dict]]:
                     bad.append((n, end))
                     continue
                 if (b'"handler_result"' in line and isinstance(obj, dict)
-                        and obj.get("kind") == "handler_result"):
+                        and obj.get("kind") == "handler_result"
+                        and obj.get("ended") != "stopped"):  # the stop's doing
                     runs = (runs + [obj])[-FAILING_RUNS:]
     return bad, runs
 
 
-def _scan_metadata(pod: _Pod, meta: str, found: list[Finding]) -> None:
+def _scan_metadata(pod: _Pod, meta: str, found: list[Finding]) -> bool:
+    """Look at one metadata file; whether the Pod has a handler (an --exec)."""
     name = pod.name
     try:
         raw = read_bytes_nofollow(meta)
     except FileNotFoundError:
         pod.status = "gone"
-        return
+        return False
     except OSError as e:
         if e.errno == errno.ELOOP:
             found.append(("symlink", name, meta, "metadata.toml is a symlink; never followed"))
         else:
             found.append(("unreadable", name, meta, f"cannot read: {_describe(e)}"))
-        return
+        return False
     try:
         doc = metadata.loads(raw, meta)
     except CorruptMetadata as e:
         found.append(("metadata-parse", name, meta, e.message.removeprefix(f"{meta}: ")
                       + "; never rewritten by Yoi: repair or remove it by hand"))
-        return
+        return False
     problem = metadata.schema_problem(doc)
     if problem:
         found.append(("metadata-schema", name, meta, problem))
@@ -393,6 +397,8 @@ def _scan_metadata(pod: _Pod, meta: str, found: list[Finding]) -> None:
         pod.denied = [d["pod_name"] for d in doc.get("peer_denials", [])]
         runtime = doc.get("runtime") or {}
         pod.pid, pod.socket_path = runtime.get("pid"), runtime.get("socket_path")
+        return bool(runtime.get("exec"))
+    return False
 
 
 def _scan_chunk(args: tuple[str, list[str]]) -> list[tuple[_Pod, list[Finding]]]:

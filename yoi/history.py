@@ -115,10 +115,18 @@ class Match:
                 and (self.kind is None or entry.get("kind") == self.kind))
 
     def describe(self) -> str:
-        parts = [f"{label} {value}" for label, value in (
-            ("a reply to", self.reply_to), ("from", self.source), ("with id", self.msg_id),
-            ("of kind", self.kind)) if value is not None]
-        return "an entry " + ", ".join(parts) if parts else "an entry"
+        """E.g. ``a reply to q-1 from agent``, ``a handler_result entry with id q-1``."""
+        if self.reply_to is not None:
+            words = [f"a reply to {self.reply_to}"]
+            if self.kind is not None:
+                words.append(f"of kind {self.kind}")
+        else:
+            words = [f"a {self.kind} entry" if self.kind is not None else "an entry"]
+        if self.source is not None:
+            words.append(f"from {self.source}")
+        if self.msg_id is not None:
+            words.append(f"with id {self.msg_id}")
+        return " ".join(words)
 
 
 POLL_FIRST, POLL_MOST = 0.02, 0.5  # seconds between looks at a Pod that is not live
@@ -142,7 +150,7 @@ def wait(state: State, name: str, match: Match, after: int | None = None,
     seen = after  # entries up to this seq were looked at
     pause = POLL_FIRST
     while True:
-        conn = _follow(state, name, doc)
+        conn = _follow(state, name, doc, deadline)
         try:
             end = _offset(conn) if conn is not None else None
             found, seen = _scan(path, match, seen, end)
@@ -166,11 +174,12 @@ def wait(state: State, name: str, match: Match, after: int | None = None,
         pause = min(pause * 2, POLL_MOST)
 
 
-def _follow(state: State, name: str, doc: dict) -> Connection | None:
+def _follow(state: State, name: str, doc: dict, deadline: float) -> Connection | None:
     """A connection to NAME if it is live (its prelude read), else None."""
     path = state.socket_path(name, doc)
     try:
-        return Connection.open(path, 2.0, keep_snapshot=True)
+        return Connection.open(path, min(2.0, max(0.05, deadline - time.monotonic())),
+                               keep_snapshot=True)
     except YoiError:
         return None
 
@@ -217,15 +226,15 @@ def _watch(conn: Connection, match: Match, seen: int | None,
 
 # -- what a Pod's handler did lately -------------------------------------------------
 
-RECENT_RUNS = 10        # handler runs `yoi pod status` looks back on
-SCAN_LINES = 2000       # at most this many of the last log lines are read for them
+RECENT_RUNS = 10           # handler runs `yoi pod status` looks back on
+SCAN_BYTES = 4 * 1024 * 1024  # at most this much of the log's end is read for them
 
 
-def handler_runs(path, runs: int = RECENT_RUNS, scan: int = SCAN_LINES) -> list[dict]:
+def handler_runs(path, runs: int = RECENT_RUNS, scan: int = SCAN_BYTES) -> list[dict]:
     """The last RUNS ``handler_result`` entries of the log at PATH, newest first,
-    among its last SCAN lines (a log without handler runs costs one small read)."""
+    among its last SCAN bytes, read backwards only as far as needed."""
     found: list[dict] = []
-    for line in reversed(session.tail(path, scan)):
+    for line in session.backward(path, scan):
         if b'"handler_result"' not in line:
             continue
         entry = session.parse_entry(line)
@@ -236,18 +245,26 @@ def handler_runs(path, runs: int = RECENT_RUNS, scan: int = SCAN_LINES) -> list[
     return found
 
 
+def failed(entry: dict) -> bool:
+    """Whether a handler result is a failure of the handler; a run cut short because
+    the Pod stopped (``ended: stopped``) is not."""
+    return entry.get("ok") is False and entry.get("ended") != "stopped"
+
+
 def handler_summary(path, runs: int = RECENT_RUNS) -> dict:
     """``{"last", "recent_runs", "recent_failures", "failing_streak"}``: the last
     handler result (or None), how many of the last RUNS failed, and how many of
-    the newest failed in a row."""
+    the newest failed in a row (runs the Pod's stop cut short are passed over)."""
     recent = handler_runs(path, runs)
     streak = 0
     for entry in recent:
-        if entry.get("ok") is not False:
+        if entry.get("ended") == "stopped":
+            continue
+        if not failed(entry):
             break
         streak += 1
     return {"last": recent[0] if recent else None, "recent_runs": len(recent),
-            "recent_failures": sum(1 for e in recent if e.get("ok") is False),
+            "recent_failures": sum(1 for e in recent if failed(e)),
             "failing_streak": streak}
 
 
@@ -255,6 +272,8 @@ def failure_words(entry: dict) -> str:
     """How a failed run ended and the first line of what it said on stderr."""
     if entry.get("ended") == "timed_out":
         how = "timed out"
+    elif entry.get("ended") == "stopped":
+        how = "cut short: the Pod stopped"
     elif entry.get("ended") == "not_started":
         how = "could not start"
     elif entry.get("signal") is not None:

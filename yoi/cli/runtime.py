@@ -123,6 +123,9 @@ def status_command(name, timeout, as_json, state):
     Exit 0 if live, 5 if not, so scripts can write
     `yoi pod status x || yoi pod start x`. With --json, `live` is the same
     object as in `yoi pod list` (socket_path, reachable, status, error).
+    A Pod with a handler also shows how its last run ended and how many of
+    its last 10 runs failed (--json: `handler`, with `last`, the newest
+    handler_result entry).
 
     \b
     Examples:
@@ -180,12 +183,16 @@ def log_command(name, count, old_count, after, follow, timeout, as_json, state):
     other events as received). Lines that are not entries (e.g. damaged ones)
     are skipped with a note on stderr.
 
+    Each handler run is an entry too (handler_result: ok or failed, its
+    exit, its output), and a reply names the message it answers
+    ("(reply to ID)"; in JSON `item.in_reply_to`).
+
     \b
     Examples:
       yoi pod log reviewer --tail 20
       yoi pod log reviewer --after 120 --json
       yoi pod log reviewer --follow
-      yoi pod log reviewer --json | jq -r '.item.body? // empty'
+      yoi pod log reviewer --json | jq -r '.item.message? // empty'
     """
     from yoi import history
     if old_count is not None:
@@ -236,7 +243,8 @@ def _render_entry(entry: dict) -> str:
             message = message[len(with_peer_header(source, "")):]  # the header names it
         who = f"from {source}" if source else "from operator"
         ident = f" [{item['id']}]" if item.get("id") else ""
-        return f"{item.get('kind', 'item')} {who}{ident}: {_one_line(message)}"
+        answers = f" (reply to {item['in_reply_to']})" if item.get("in_reply_to") else ""
+        return f"{item.get('kind', 'item')} {who}{ident}{answers}: {_one_line(message)}"
     if kind == "user_message":
         text = "".join(s.get("content", "") for s in entry.get("segments", [])
                        if isinstance(s, dict))
@@ -262,10 +270,16 @@ def _render_entry(entry: dict) -> str:
 def _render_result(entry: dict) -> str:
     from yoi.history import failure_words
     ident = f" [{entry['id']}]" if entry.get("id") else ""
-    how = "ok" if entry.get("ok") else f"failed, {failure_words(entry)}"
+    if entry.get("ok"):
+        how = "ok"
+    elif entry.get("ended") == "stopped":
+        how = "cut short (the Pod stopped)"
+    else:
+        how = f"failed, {failure_words(entry)}"
     cut = " (output truncated)" if entry.get("truncated") else ""
     text = _one_line(str(entry.get("text", "")).rstrip(chr(10)))
-    return f"handler {how}{ident} in {entry.get('duration_ms')} ms{cut}: {text}"
+    return f"handler {how}{ident} in {entry.get('duration_ms')} ms{cut}" + (
+        f": {text}" if text else "")
 
 
 def _render_event(name: str, data: dict) -> str:

@@ -68,7 +68,9 @@ def send(source, msg_id, timeout, no_wait, lines, reply_to, wait_reply, target, 
     message in the sender's log and prints it (exit 0); with no reply in time
     it exits 5 naming the message id, and `yoi pod wait SOURCE --reply-to ID`
     waits on. A script that is no Pod uses a Pod as its mailbox: `yoi pod
-    create ci && yoi pod start ci`, then `yoi pod send --from ci ...`.
+    create ci && yoi pod start ci && yoi pod peer register ci agent`, then
+    `yoi pod send --from ci agent ...`. Given --id with --wait-reply (a
+    retry), a reply to that id already in the log counts.
 
     A Pod of the original Yoi has no message ids: a peer message is sent to
     it in the original's form (the sender in a header in the message), and
@@ -88,6 +90,7 @@ def send(source, msg_id, timeout, no_wait, lines, reply_to, wait_reply, target, 
       yoi pod send --lines --id build-9 reviewer < <(tail -n +1 -f build.log)
       yoi pod send --from ci agent 'summarise the failures' --wait-reply 60 --json
       yoi pod send "$YOI_FROM" --reply-to "$YOI_MESSAGE_ID" 'done'
+      yoi pod send --from reviewer coder --reply-to 5f1e0c 'looks good'
     """
     from yoi import delivery
     from yoi.errors import UsageError

@@ -15,8 +15,10 @@ stdout (at most ``MAX_HANDLER_OUTPUT`` bytes, ``truncated`` if cut) as
 ``text``, and the last ``STDERR_TAIL`` bytes of its stderr. Its stderr also
 goes to the Pod's own log, at most ``STDERR_KEEP`` bytes per run (the
 beginning and the end, with a note of what was dropped between). A failed
-run raises an alert; the Pod goes on. Entries are not re-handled after a
-restart.
+run raises an alert; the Pod goes on. A run cut short because the Pod
+stops is committed too (``ended: stopped``), before the log is closed.
+Entries are not re-handled after a restart. A peer request's run commits a
+``peer_decision`` instead (see ``yoi.server.consent``).
 
 A run is bounded, whatever the handler leaves behind. It runs in its own
 process group. Once the handler has exited, its output is read for at most
@@ -123,9 +125,11 @@ class HandlerWorker:
             return
         if pod.exec_cmd:
             outcome = self.run(self._input(job), job.source, job.msg_id, job.kind)
+            # Committed also when the Pod stops (``ended: stopped``): the session is
+            # closed only after this thread is done, so the log says how the run ended.
+            self._commit(outcome.entry(job.kind, job.msg_id))
             if pod.loop.stopping:
                 return
-            self._commit(outcome.entry(job.kind, job.msg_id))
             for level, problem in outcome.problems:
                 pod.loop.call_soon(pod.alert, level, problem)
         if job.kind == "run" and not pod.loop.stopping:
@@ -201,8 +205,10 @@ class Outcome:
 
     @property
     def failed(self) -> bool:
-        return self.ended in ("not_started", "timed_out") or (self.rc is not None
-                                                               and self.rc != 0)
+        """Whether the handler failed; a run the Pod's stop cut short did not fail (nor
+        succeed: its entry says ``ok: false, ended: stopped``)."""
+        return self.ended in ("not_started", "timed_out") or (
+            self.ended != "stopped" and self.rc is not None and self.rc != 0)
 
     def entry(self, event: str, msg_id: str | None) -> Entry:
         """The ``handler_result`` log entry of this run of the EVENT (``notify``/``run``)
@@ -210,7 +216,7 @@ class Outcome:
         rc = self.rc
         fields = {} if msg_id is None else {"id": msg_id}
         fields.update({
-            "handled": event, "ok": not self.failed, "ended": self.ended,
+            "handled": event, "ok": not self.failed and self.ended != "stopped", "ended": self.ended,
             "exit_status": rc if rc is not None and rc >= 0 else None,
             "signal": -rc if rc is not None and rc < 0 else None,
             "duration_ms": self.duration_ms,
@@ -384,7 +390,7 @@ class _Run:
                                 f"process?); it was read for {OUTPUT_GRACE:g}s more and the "
                                 f"handler's process group was killed ({what})"))
         if self.out_total > MAX_HANDLER_OUTPUT:
-            out.append(("error", f"handler output over {MAX_HANDLER_OUTPUT} bytes was "
+            out.append(("warn", f"handler output over {MAX_HANDLER_OUTPUT} bytes was "
                                  f"truncated ({what})"))
         return out
 

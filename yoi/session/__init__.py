@@ -290,6 +290,32 @@ def tail(path: Path | str, n: int | None = None, end: int | None = None) -> list
         os.close(fd)
 
 
+def backward(path: Path | str, limit: int) -> "Iterator[bytes]":
+    """PATH's lines newest first, read backwards in blocks, stopping after LIMIT
+    bytes: a reader that wants the last few of some kind pays for what it reads,
+    however long the lines or the log are. A line cut by LIMIT is not yielded."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        pos = os.fstat(fd).st_size
+        stop = max(0, pos - limit)
+        rest = b""  # the start of a line whose beginning is not read yet
+        while pos > stop:
+            step = min(READ_CHUNK, pos - stop)
+            pos -= step
+            lines = (os.pread(fd, step, pos) + rest).split(b"\n")
+            rest = lines[0]
+            for line in reversed(lines[1:]):
+                if line.strip():
+                    yield line
+        if pos == 0 and rest.strip():
+            yield rest
+    finally:
+        os.close(fd)
+
+
 def offset_after(path: Path | str, seq: int, end: int | None = None) -> int:
     """The offset of the first line with a ``seq`` above SEQ (END or the size if none).
 
