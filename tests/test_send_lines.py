@@ -129,7 +129,7 @@ def test_an_error_that_overtakes_an_acknowledgement_refuses_the_right_message(st
 
     def script(peer):
         peer.prelude()
-        first, second = peer.read_method(), peer.read_method()
+        first, _second = peer.read_method(), peer.read_method()
         peer.event("error", {"code": "invalid_request", "message": "not a peer"})
         peer.ack(first[1])
         peer.hang()

@@ -1127,7 +1127,6 @@ def test_doctor_reports_each_kind_of_damage(tickets, breakage):
 def test_doctor_reports_every_problem_of_a_tree_at_once(tickets):
     a = tickets.dir(tickets.create("Alpha"))
     b = tickets.dir(tickets.create("Beta"))
-    w = tickets.work
     _rm(a / "thread.md")
     _rm(a / "artifacts")
     set_field(b / "item.md", "status", "closed")
