@@ -18,6 +18,13 @@ result says ``deduplicates_retries: false``: a retry there may deliver twice.
 Order of checks (nothing is sent unless all pass): names, id and message
 (UsageError, 2); both Pods exist (NotFound, 3); the peer relation (Refused,
 4); the target is running (Unreachable, 5).
+
+With QUEUE, a target that is not running is no error: the message is appended
+to its queue (``yoi.offline``), durably, and the result's ``state`` says
+``queued``; TARGET commits it when it starts. Since the target may have
+started between our attempt and our append, we then ask it to drain
+(``client.request_drain``): if it is live, the message is committed at once
+and the state is ``delivered`` after all.
 """
 
 from __future__ import annotations
@@ -134,11 +141,14 @@ def _not_recorded(target: str, err: client.PodFailed, msg_id: str,
 
 def send(state: State, target: str, message: str, *, source: str | None = None,
          msg_id: str | None = None, timeout: float = DEFAULT,
-         wait: bool = True) -> dict:
-    """Send one message; with WAIT, return only once TARGET acknowledged it.
+         wait: bool = True, queue: bool = False, in_reply_to: str | None = None) -> dict:
+    """Send one message; with WAIT, return only once TARGET acknowledged it; with
+    QUEUE, queue it if TARGET is not running (see the module docstring).
 
     Returns ``{"pod_name": TARGET, "source", "id", "acknowledged", "at",
-    "deduplicates_retries"}``.
+    "deduplicates_retries", "state"}``, ``state`` being ``delivered``
+    (acknowledged), ``sent`` (not WAIT) or ``queued``; a queued message may add
+    ``notes`` (what its append repaired, in words).
     """
     _check_names(target, source)
     msg_id = check_id(msg_id) if msg_id is not None else new_id()
@@ -149,7 +159,9 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
             path, lambda supports: encode(message, msg_id, source, supports=supports),
             msg_id, timeout, wait)
     except client.NotRunning as e:
-        raise _not_running(target, e)
+        if not queue:
+            raise _not_running(target, e)
+        return _queue_one(state, target, path, message, source, msg_id, in_reply_to, timeout)
     except Refused as e:
         raise _refused(target, e)
     except client.PodFailed as e:
@@ -157,7 +169,40 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
     item = (data or {}).get("item") or {}
     return {"pod_name": target, "source": pod_ref(source), "id": msg_id,
             "acknowledged": wait, "at": item.get("at"),
-            "deduplicates_retries": "id" in supports}
+            "deduplicates_retries": "id" in supports,
+            "state": "delivered" if wait else "sent"}
+
+
+def _queue_one(state: State, target: str, path, message: str, source: str | None,
+               msg_id: str, in_reply_to: str | None, timeout: float) -> dict:
+    from yoi import offline  # measured: a live send does not pay for the queue's imports
+    appended = offline.append(state, target, [
+        (msg_id, offline.record_line(msg_id, message, source, in_reply_to))])
+    result = {"pod_name": target, "source": pod_ref(source), "id": msg_id,
+              "acknowledged": False, "at": None, "deduplicates_retries": True,
+              "state": "queued"}
+    drained = _ask_to_drain(path, [msg_id], timeout)
+    outcome = ((drained or {}).get("ids") or {}).get(msg_id) or {}
+    if outcome.get("state") == "delivered":
+        item = (drained["acks"].get(msg_id) or {}).get("item") or {}
+        result.update(state="delivered", acknowledged=True, at=item.get("at"))
+    elif outcome.get("state") == "rejected":
+        raise Refused(f"{target} started meanwhile and refused the queued message: "
+                      f"{outcome.get('reason', '')} (recorded in its session log as a "
+                      "rejected delivery)", pod_name=target, id=msg_id, source=pod_ref(source))
+    if appended["notes"]:
+        result["notes"] = [f"{target}'s queue: {n}" for n in appended["notes"]]
+    return result
+
+
+def _ask_to_drain(path, ids: list[str], timeout: float) -> dict | None:
+    """Ask TARGET (at PATH) to drain its queue, if it is live now; None if it is not, or
+    did not answer: what is queued stays queued, durably, and a live Pod finds it
+    by itself within a second (``yoi.server.drain``)."""
+    try:
+        return client.request_drain(path, ids, timeout)
+    except YoiError:
+        return None
 
 
 def _abbrev(ids: list[str], most: int = 5) -> str:
@@ -187,6 +232,7 @@ class LineFeed:
         self.blank = 0
         self.exhausted = False
         self.error: YoiError | None = None
+        self.record = None  # to queue: RECORD(id, text) is what each message becomes
 
     def pull(self) -> list[tuple[str, bytes]]:
         if self.fd is not None and not self.eof:
@@ -235,7 +281,8 @@ class LineFeed:
         msg_id = f"{self.id_prefix}-{n}"
         if not protocol.is_valid_message_id(msg_id):
             raise UsageError(f"line {n}: the id {msg_id!r} is too long: {_ID_RULE}")
-        return msg_id, encode(text, msg_id, self.source, f"line {n}: ", self.supports)
+        line = encode(text, msg_id, self.source, f"line {n}: ", self.supports)
+        return msg_id, (line if self.record is None else self.record(msg_id, text))
 
 
 def lines_prefix(id_prefix: str | None) -> str:
@@ -251,7 +298,8 @@ def lines_prefix(id_prefix: str | None) -> str:
 def send_lines(state: State, target: str, *, source: str | None = None,
                id_prefix: str | None = None, timeout: float = DEFAULT,
                fd: int | None = None, data: bytes = b"",
-               interrupts: client.Interrupts | None = None, on_open=None) -> dict:
+               interrupts: client.Interrupts | None = None, on_open=None,
+               queue: bool = False) -> dict:
     """Send every non-blank input line as one message over one connection, pipelined,
     each as soon as it is read (from FD as it arrives, or from DATA).
 
@@ -262,6 +310,9 @@ def send_lines(state: State, target: str, *, source: str | None = None,
     summary; if a message was not acknowledged, or INTERRUPTS stopped the
     run, raises the matching error (``Interrupted`` for an interrupt) with the
     summary in its data.
+
+    With QUEUE, a TARGET that is not running gets them all queued instead, in
+    line order (``queue_lines``).
     """
     _check_names(target, source)
     id_prefix = lines_prefix(id_prefix)
@@ -271,7 +322,9 @@ def send_lines(state: State, target: str, *, source: str | None = None,
         batch = client.notify_pipelined(path, timeout=timeout, feed=feed,
                                         interrupts=interrupts, on_open=on_open)
     except client.NotRunning as e:
-        raise _not_running(target, e)
+        if not queue:
+            raise _not_running(target, e)
+        return queue_lines(state, target, path, feed, timeout)
     ids = batch.ids
     summary = {"pod_name": target, "source": pod_ref(source), "id_prefix": id_prefix,
                "messages": len(ids), "first_id": ids[0] if ids else None,
@@ -283,8 +336,45 @@ def send_lines(state: State, target: str, *, source: str | None = None,
         if not ids:
             raise UsageError("no messages: the input has no non-blank line", data=summary)
         summary["acknowledged"] = batch.acked == len(ids)
+        summary["state"] = "delivered"
         return summary
     raise _batch_failure(target, batch, summary, id_prefix)
+
+
+def queue_lines(state: State, target: str, path, feed: LineFeed, timeout: float) -> dict:
+    """--lines --queue to a TARGET that is not running: read the input to its end,
+    then queue every message in line order under one lock: all of them, or none
+    if that would go over TARGET's limits. A bad line stops there, as a live
+    stream does: the lines before it are queued, then its error is raised."""
+    from yoi import offline  # measured: a live send does not pay for the queue's imports
+    feed.record = lambda msg_id, text: offline.record_line(msg_id, text, feed.source)
+    items = []
+    while not feed.exhausted:
+        if feed.fd is not None:
+            _wait_readable(feed.fd)
+        items += feed.pull()
+    summary = {"pod_name": target, "source": pod_ref(feed.source),
+               "id_prefix": feed.id_prefix, "messages": len(items),
+               "first_id": items[0][0] if items else None,
+               "last_id": items[-1][0] if items else None, "lines_read": feed.lines,
+               "skipped_blank": feed.blank, "acknowledged": False, "acknowledged_count": 0,
+               "interrupted": False, "deduplicates_retries": True, "state": "queued"}
+    if not items and feed.error is None:
+        raise UsageError("no messages: the input has no non-blank line", data=summary)
+    if items:
+        appended = offline.append(state, target, items)
+        if appended["notes"]:
+            summary["notes"] = [f"{target}'s queue: {n}" for n in appended["notes"]]
+        _ask_to_drain(path, [], timeout)
+    if feed.error is not None:
+        raise type(feed.error)(f"{feed.error.message}; the {len(items)} message(s) before it "
+                               f"were queued for {target}", data=summary, **feed.error.details)
+    return summary
+
+
+def _wait_readable(fd: int) -> None:
+    import select
+    select.select([fd], [], [])
 
 
 def _batch_failure(target: str, batch, summary: dict, id_prefix: str) -> YoiError:

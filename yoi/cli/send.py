@@ -24,11 +24,14 @@ from yoi.cli.common import (PodNameType, YoiCommand, emit, json_option, say, sta
               help="Return after the write without waiting for the acknowledgement.")
 @click.option("--lines", is_flag=True,
               help="Send every line of stdin as one message over one connection.")
+@click.option("--queue", is_flag=True,
+              help="If TARGET is not running, queue the message(s) for it (exit 0, state "
+                   "queued): TARGET commits them, in order, when it starts.")
 @click.argument("target", type=PodNameType("target Pod name"), metavar="TARGET")
 @click.argument("message", required=False, metavar="MESSAGE")
 @json_option
 @state_options
-def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, state):
+def send(source, msg_id, timeout, no_wait, lines, queue, target, message, as_json, state):
     """Send MESSAGE to Pod TARGET and wait until TARGET has recorded it.
 
     With a source (--from, or $YOI_POD inside a handler) this is a peer
@@ -56,13 +59,26 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
     re-running over the same input with --id PREFIX then delivers each line
     exactly once. A bad line stops the stream there (exit 2).
 
+    With --queue, a TARGET that is not running is no error: the message is
+    appended to TARGET's durable queue (after the same checks as a live
+    send) and the command exits 0 saying "queued for TARGET (id ID)"
+    (--json: "state": "queued"; a delivered message says "delivered").
+    TARGET commits what is queued for it, in order and each id once, when it
+    starts, and runs its handler for each as for a live message; the peer
+    relation is checked again then. A live TARGET is sent to as without
+    --queue. With --lines and a TARGET that is not running, the input is
+    read to its end and queued at once, in line order. A full queue
+    (`yoi pod config --queue-max-messages/--queue-max-bytes`) is exit 1 and
+    nothing is queued. `yoi pod log TARGET --queued` shows what waits.
+
     A Pod of the original Yoi has no message ids: a peer message is sent to
     it in the original's form (the sender in a header in the message), and
     a note says that sending again could deliver twice.
 
-    Exit status: 0 delivered, 1 not acknowledged or malformed reply, 2 usage
-    (bad name, empty or over-long message), 3 no such Pod, 4 not a peer or
-    refused by TARGET, 5 TARGET not running or timed out, 130 interrupted.
+    Exit status: 0 delivered (or queued, with --queue), 1 not acknowledged,
+    malformed reply or queue full, 2 usage (bad name, empty or over-long
+    message), 3 no such Pod, 4 not a peer or refused by TARGET, 5 TARGET not
+    running or timed out, 130 interrupted.
 
     \b
     Examples:
@@ -72,6 +88,7 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
       yoi pod send --id deploy-1234 --json reviewer 'deployed'
       yoi pod send --lines --id run-17 reviewer < events.txt
       yoi pod send --lines --id build-9 reviewer < <(tail -n +1 -f build.log)
+      yoi pod send --queue --from coder reviewer 'review PR 42 when you start'
     """
     from yoi import delivery
     from yoi.errors import UsageError
@@ -88,28 +105,34 @@ def send(source, msg_id, timeout, no_wait, lines, target, message, as_json, stat
             raise UsageError("--no-wait cannot be used with --lines: the Pod reads a stream "
                              "while it answers, and a sender that left early would lose the "
                              "messages not read yet (--lines already pipelines)")
-        result = _send_lines(delivery, state, target, source, msg_id, timeout)
+        result = _send_lines(delivery, state, target, source, msg_id, timeout, queue)
         count = result["messages"]
         ids = (f"id {result['first_id']}" if count == 1
                else f"ids {result['first_id']} .. {result['last_id']}")
-        what = f"{count} message{'s' if count != 1 else ''} to {target}{who} ({ids})"
+        what = f"{count} message{'s' if count != 1 else ''} {{to}} {target}{who} ({ids})"
     else:
         if message is None:
             raise UsageError("missing MESSAGE (give - to read it from stdin)")
         if message == "-":
             message = delivery.message_from_stdin(sys.stdin.buffer.read())
         result = delivery.send(state, target, message, source=source, msg_id=msg_id,
-                               timeout=timeout, wait=not no_wait)
-        what = f"to {target}{who} (id {result['id']})"
-    text = (f"delivered {what}" if not no_wait
-            else f"sent {what}; no acknowledgement was awaited")
+                               timeout=timeout, wait=not no_wait, queue=queue)
+        what = f"{{to}} {target}{who} (id {result['id']})"
+    for note in result.pop("notes", []):
+        say(f"yoi: note: {note}")
+    if result["state"] == "queued":
+        text = "queued " + what.format(to="for")
+    elif not no_wait:
+        text = "delivered " + what.format(to="to")
+    else:
+        text = f"sent {what.format(to='to')}; no acknowledgement was awaited"
     emit(as_json, result, text)
     if not result["deduplicates_retries"] and not as_json:
         say(f"yoi: note: {target} cannot deduplicate retries (it announces no message "
             "ids): sending again would deliver twice")
 
 
-def _send_lines(delivery, state, target, source, msg_id, timeout) -> dict:
+def _send_lines(delivery, state, target, source, msg_id, timeout, queue) -> dict:
     """--lines: stream stdin, each line sent as it arrives; interrupts stop cleanly."""
     from yoi import client
     try:
@@ -127,4 +150,4 @@ def _send_lines(delivery, state, target, source, msg_id, timeout) -> dict:
     with client.Interrupts() as interrupts:
         return delivery.send_lines(state, target, source=source, id_prefix=prefix,
                                    timeout=timeout, fd=fd, data=data,
-                                   interrupts=interrupts, on_open=opened)
+                                   interrupts=interrupts, on_open=opened, queue=queue)
