@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -65,6 +66,14 @@ def record_line(msg_id: str, message: str, source: str | None,
 def _id_marker(msg_id: str) -> bytes:
     # Records are written by record_line only, and an id needs no JSON escaping.
     return b'{"id":"%s",' % msg_id.encode("ascii")
+
+
+_ID_AT_LINE_START = re.compile(rb'^\{"id":"([A-Za-z0-9._:-]+)",', re.M)
+
+
+def _queued_ids(data: bytes) -> set[str]:
+    """The ids of the records in DATA (a queue's bytes), read from the line starts."""
+    return {m.decode("ascii") for m in _ID_AT_LINE_START.findall(data)}
 
 
 def parse_record(line: bytes) -> dict | None:
@@ -251,8 +260,10 @@ def _append_locked(path: Path, target: str, items, max_messages: int, max_bytes:
             data = _read_bytes(path)
         seen = set()
         new, already = [], []
+        queued = _queued_ids(data) if len(items) > 1 else None
         for msg_id, line in items:
-            if msg_id in seen or (data and _id_marker(msg_id) in data):
+            if msg_id in seen or (queued is not None and msg_id in queued) or (
+                    queued is None and data and _id_marker(msg_id) in data):
                 already.append(msg_id)
             else:
                 seen.add(msg_id)
