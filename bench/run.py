@@ -108,9 +108,13 @@ def case_one_shot_send(quick):
                  "yoi pod send --from A B (acknowledged) / python -c 'import click'")
 
 
+def numbered_lines(n: int) -> str:
+    return "".join(f"message number {i} with some text\n" for i in range(n))
+
+
 def case_streamed_send(quick):
     n = 2000 if quick else 20000
-    lines = "".join(f"message number {i} with some text\n" for i in range(n))
+    lines = numbered_lines(n)
     with state_dir() as st:
         env = env_for(st)
         make_peers_a_b(env)
@@ -300,7 +304,7 @@ def case_queued_send(quick):
 def case_drain_throughput(quick):
     """Delivering N queued messages at start vs streaming N live with --lines."""
     n = 2000 if quick else 10000
-    lines = "".join(f"message number {i} with some text\n" for i in range(n))
+    lines = numbered_lines(n)
     with state_dir() as st:
         env = env_for(st)
         for name in ("Q", "E", "L"):

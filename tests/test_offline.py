@@ -141,6 +141,31 @@ def test_queue_limits_are_settings_of_the_record_and_of_yoi_toml(run_yoi, state,
     assert r.exit_code == 1 and "queue_max_messages must be" in r.stderr, r
 
 
+def test_a_queued_reply_keeps_the_id_it_answers_for_the_notify(state):
+    store.create(state, "T")
+    from yoi import delivery
+    r = delivery.send(state, "T", "yes", msg_id="r-1", queue=True, in_reply_to="q-7")
+    assert r["state"] == "queued"
+    [rec] = offline.read(state.queue_path("T")).records
+    assert rec["in_reply_to"] == "q-7"
+    assert offline.notify_params(rec) == {"message": "yes", "id": "r-1", "in_reply_to": "q-7"}
+
+
+def test_an_interrupt_while_reading_lines_to_queue_queues_nothing(state, yoi_home):
+    store.create(state, "T")
+    p = subprocess.Popen(yoi_cmd() + ["pod", "send", "--queue", "--lines", "T"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    p.stdin.write("one\ntwo\n")
+    p.stdin.flush()
+    time.sleep(0.5)  # reading, waiting for more
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=10)
+    assert p.returncode == 130, err
+    assert "nothing was queued for T (2 line(s) read)" in err
+    assert offline.depth(state.queue_path("T")) == 0
+
+
 def test_rm_removes_the_queue_with_the_pod(run_yoi, state):
     store.create(state, "T")
     assert run_yoi("pod", "send", "--queue", "T", "x").exit_code == 0

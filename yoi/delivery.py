@@ -324,7 +324,7 @@ def send_lines(state: State, target: str, *, source: str | None = None,
     except client.NotRunning as e:
         if not queue:
             raise _not_running(target, e)
-        return queue_lines(state, target, path, feed, timeout)
+        return queue_lines(state, target, path, feed, timeout, interrupts)
     ids = batch.ids
     summary = {"pod_name": target, "source": pod_ref(source), "id_prefix": id_prefix,
                "messages": len(ids), "first_id": ids[0] if ids else None,
@@ -341,17 +341,22 @@ def send_lines(state: State, target: str, *, source: str | None = None,
     raise _batch_failure(target, batch, summary, id_prefix)
 
 
-def queue_lines(state: State, target: str, path, feed: LineFeed, timeout: float) -> dict:
+def queue_lines(state: State, target: str, path, feed: LineFeed, timeout: float,
+                interrupts: client.Interrupts | None = None) -> dict:
     """--lines --queue to a TARGET that is not running: read the input to its end,
     then queue every message in line order under one lock: all of them, or none
     if that would go over TARGET's limits. A bad line stops there, as a live
-    stream does: the lines before it are queued, then its error is raised."""
+    stream does: the lines before it are queued, then its error is raised. An
+    interrupt while reading queues nothing (``Interrupted``)."""
     from yoi import offline  # measured: a live send does not pay for the queue's imports
     feed.record = lambda msg_id, text: offline.record_line(msg_id, text, feed.source)
     items = []
     while not feed.exhausted:
         if feed.fd is not None:
-            _wait_readable(feed.fd)
+            _wait_readable(feed.fd, interrupts)
+        if interrupts is not None and interrupts.requested:
+            raise Interrupted(f"interrupted while reading the input; nothing was queued for "
+                              f"{target} ({feed.lines} line(s) read)")
         items += feed.pull()
     summary = {"pod_name": target, "source": pod_ref(feed.source),
                "id_prefix": feed.id_prefix, "messages": len(items),
@@ -372,9 +377,10 @@ def queue_lines(state: State, target: str, path, feed: LineFeed, timeout: float)
     return summary
 
 
-def _wait_readable(fd: int) -> None:
+def _wait_readable(fd: int, interrupts: client.Interrupts | None) -> None:
     import select
-    select.select([fd], [], [])
+    stop = [interrupts.fd] if interrupts is not None and interrupts.fd is not None else []
+    select.select([fd, *stop], [], [])
 
 
 def _batch_failure(target: str, batch, summary: dict, id_prefix: str) -> YoiError:

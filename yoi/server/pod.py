@@ -123,6 +123,8 @@ class Pod:
             def open_up(drained: dict) -> None:
                 # Clients wait in the listen backlog until the queue is drained:
                 # what was queued is committed before anything sent live.
+                if self.loop.stopping:
+                    return  # stopped meanwhile: accept nothing
                 self.hub.start_accepting()
                 log(f"Pod {self.name} serving on {self.socket_path} (pid {os.getpid()})"
                     + (f"; delivered {drained['committed']} queued message(s)"
