@@ -69,18 +69,26 @@ ENTRY_KINDS = {
                          "item": Open({"kind": str, "message": str, "body": str,
                                        "source?": str, "id?": str, "in_reply_to?": str,
                                        "at?": str})}),
+    # A queued message not committed: its relation was gone when the Pod started.
+    "delivery_rejected": {"seq": int, "kind": str, "ts": int, "at": str, "message_id": str,
+                          "source": Nullable(str), "reason": str, "message": str,
+                          "queued_at": str, "in_reply_to?": str},
     # One run of a Pod's handler (the Pod commits it when the run is over).
     "handler_result": {"seq": int, "kind": str, "ts": int, "at": str, "id?": str,
                        "handled": Enum("notify", "run"), "ok": bool,
-                       "ended": Enum("exited", "timed_out", "output_held", "not_started"),
+                       "ended": Enum("exited", "timed_out", "output_held", "not_started",
+                                     "stopped"),
                        "exit_status": Nullable(int), "signal": Nullable(int),
                        "duration_ms": int, "text": str, "truncated": bool,
                        "stderr_tail": str},
 }
 EVENT = {"event": str, "data?": ANY}  # `log --follow --json`: a Pod event that is no entry
+# `log --queued --json`, one per line: a message waiting in a Pod's queue, as stored.
+QUEUED = {"id": str, "source": Nullable(str), "message": str, "queued_at": str,
+          "in_reply_to?": str}
 LIST_ITEM = {"pod_name": str, "state": Enum("readable", "corrupt"),
              "peer_count": Nullable(int), "labels": MapOf(str), "live": LIVE,
-             "error": Nullable(str)}
+             "queued": int, "error": Nullable(str)}
 # The wire's pods_listed item (yoi.discovery.visible), the original's visible-Pod item.
 VISIBLE_ITEM = {"pod_name": str,
                 "visibility": Enum("self_pod", "peer", "spawned_child"),
@@ -106,7 +114,8 @@ CONVERGED = {"file": str, "changed": bool, "changes": ListOf(CHANGE),
 LINES_SENT = {"pod_name": str, "source": Nullable(POD_REF), "id_prefix": str, "messages": int,
               "first_id": Nullable(str), "last_id": Nullable(str), "lines_read": int,
               "skipped_blank": int, "acknowledged": bool, "acknowledged_count": int,
-              "interrupted": bool, "deduplicates_retries": bool, "refused?": ListOf(str),
+              "interrupted": bool, "deduplicates_retries": bool,
+              "state?": Enum("delivered", "queued"), "refused?": ListOf(str),
               "not_recorded?": ListOf(str), "not_acknowledged?": ListOf(str),
               "not_sent?": ListOf(str)}
 
@@ -127,11 +136,12 @@ DOCUMENTS = {
     "pod-restored": {"pod_name": str, "restored": bool, "message": str, "pid": Nullable(int),
                      "socket_path": str, "log?": str},
     "pod-status": {"pod_name": str, "running": bool, "pid": Nullable(int),
-                   "exec": Nullable(str), "live": LIVE,
+                   "exec": Nullable(str), "live": LIVE, "queued": int,
                    "handler": {"last": Nullable(ENTRY), "recent_runs": int,
                                "recent_failures": int, "failing_streak": int}},
     "sent": {"pod_name": str, "source": Nullable(POD_REF), "id": str, "acknowledged": bool,
-             "at": Nullable(str), "deduplicates_retries": bool, "reply?": ENTRY},
+             "at": Nullable(str), "deduplicates_retries": bool,
+             "state": Enum("delivered", "sent", "queued"), "reply?": ENTRY},
     "waited": {"pod_name": str, "entry": ENTRY},
     "lines-sent": LINES_SENT,
     "peer-changed": {"pod_name": str, "peer": POD_REF, "changed": bool,
@@ -152,7 +162,8 @@ DOCUMENTS = {
     "converged": CONVERGED,
 }
 
-# Which kinds each command prints (`log` prints JSON Lines of ENTRY/EVENT, not a document).
+# Which kinds each command prints (`log` prints JSON Lines, not a document: of ENTRY/EVENT,
+# "entries", or with --queued of QUEUED, "queued").
 COMMANDS = {
     "yoi pod create": ["pod-created"],
     "yoi pod config": ["pod-record"],
@@ -163,7 +174,7 @@ COMMANDS = {
     "yoi pod stop": ["pod-stopped", "pods-stopped"],
     "yoi pod restore": ["pod-restored"],
     "yoi pod status": ["pod-status"],
-    "yoi pod log": ["entries"],
+    "yoi pod log": ["entries", "queued"],
     "yoi pod send": ["sent", "lines-sent"],
     "yoi pod wait": ["waited"],
     "yoi pod peer register": ["peer-changed"],
@@ -262,6 +273,14 @@ def check(doc: dict, kind: str, ok: bool = True) -> list[str]:
 def check_failure(doc: dict) -> list[str]:
     """Problems of DOC as a failure document of a command whose report is not known."""
     return conform(doc, Open({"ok": Enum(False), "error": ERROR})) + rules(doc)
+
+
+LINE_KINDS = ("entries", "queued")  # kinds printed as JSON Lines
+
+
+def check_line(obj: dict, kind: str) -> list[str]:
+    """Problems of one JSON line that a command printing KIND wrote."""
+    return check_entry(obj) if kind == "entries" else conform(obj, QUEUED)
 
 
 def check_entry(entry: dict) -> list[str]:

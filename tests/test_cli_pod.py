@@ -155,7 +155,8 @@ def test_handler_timeout_is_a_setting_in_the_record(cli, state):
 
 @pytest.mark.parametrize("args, message", [
     ([], "nothing to change: give --exec, --no-exec, --accept-peers, --no-accept-peers, "
-         "--peer-request-ttl, --cwd, --handler-timeout, --label or --unset-label"),
+         "--peer-request-ttl, --cwd, --handler-timeout, --queue-max-messages, "
+         "--queue-max-bytes, --label or --unset-label"),
     (["--exec", "x", "--no-exec"], "--exec and --no-exec are mutually exclusive"),
 ])
 def test_config_usage_errors(cli, state, args, message):

@@ -48,6 +48,9 @@ SCENARIOS = [
     ("yoi pod send", ["a", "hello"], "sent", None),
     ("yoi pod send", ["--from", "b", "a", "from b"], "sent", None),
     ("yoi pod send", ["--lines", "--id", "L", "a"], "lines-sent", "one\n\ntwo\n"),
+    ("yoi pod send", ["--queue", "--from", "a", "b", "later"], "sent", None),
+    ("yoi pod send", ["--queue", "--lines", "--id", "Q", "b"], "lines-sent", "x\ny\n"),
+    ("yoi pod log", ["b", "--queued"], "queued", None),
     ("yoi pod start", ["b"], "pod-started", None),
     ("yoi pod send", ["--from", "b", "a", "question", "--id", "q-1", "--wait-reply", "20"],
      "sent", None),
@@ -98,7 +101,7 @@ def test_every_command_has_a_scenario_and_a_documented_shape():
     assert sorted({s[0] for s in SCENARIOS}) == sorted(LEAVES)
     assert sorted(FAILURES) == sorted(LEAVES)
     for command, kinds in shapes.COMMANDS.items():
-        assert all(k == "entries" or k in shapes.DOCUMENTS for k in kinds), command
+        assert all(k in shapes.LINE_KINDS or k in shapes.DOCUMENTS for k in kinds), command
     used = {s[2] for s in SCENARIOS} | {"pod-serving"}  # --foreground: test_runtime_*
     assert used == {k for kinds in shapes.COMMANDS.values() for k in kinds}
 
@@ -128,12 +131,12 @@ def test_every_json_document_has_its_documented_shape(tmp_path, project, started
         p = run(state_dir, command, args, project, stdin)
         where = f"{command} {' '.join(args)}"
         assert p.returncode == 0, (where, p.stdout, p.stderr)
-        if kind == "entries":
+        if kind in shapes.LINE_KINDS:
             lines = p.stdout.splitlines()
             assert lines, where
             for line in lines:
                 entry = json.loads(line)
-                assert shapes.check_entry(entry) == [], (where, entry)
+                assert shapes.check_line(entry, kind) == [], (where, entry)
             continue
         doc = json.loads(p.stdout)  # exactly one document
         assert shapes.check(doc, kind) == [], (where, doc)
@@ -151,7 +154,7 @@ def test_every_failure_document_has_the_frame(tmp_path, project, state):
         doc = json.loads(p.stdout)
         assert doc["error"]["exit_code"] == p.returncode, (where, doc)
         assert p.stderr.startswith("yoi: error: "), (where, p.stderr)
-        kinds = [k for k in shapes.COMMANDS[command] if k != "entries"]
+        kinds = [k for k in shapes.COMMANDS[command] if k not in shapes.LINE_KINDS]
         fits = [k for k in kinds if shapes.check(doc, k, ok=False) == []]
         assert fits or shapes.check_failure(doc) == [], (where, doc, [
             shapes.check(doc, k, ok=False) for k in kinds])

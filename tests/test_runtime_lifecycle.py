@@ -55,7 +55,7 @@ def test_start_status_stop_round_trip(state, run_yoi, started_pod):
     assert r.json == {"ok": True, "pod_name": "a", "running": True, "pid": pod.pid,
                       "exec": None, "live": {"socket_path": pod.socket_path,
                                              "reachable": True, "status": "idle",
-                                             "error": None},
+                                             "error": None}, "queued": 0,
                       "handler": {"last": None, "recent_runs": 0, "recent_failures": 0,
                                   "failing_streak": 0}}
 

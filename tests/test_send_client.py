@@ -105,7 +105,7 @@ def test_json_success_document(cli, fake):
     assert r.exit_code == 0, r
     assert r.json == {"ok": True, "pod_name": "B", "source": None, "id": "j-1",
                       "acknowledged": True, "at": "2026-11-27T10:00:00Z",
-                      "deduplicates_retries": True}
+                      "deduplicates_retries": True, "state": "delivered"}
 
 
 def test_fresh_ids_are_random_and_valid(cli, fake):
@@ -138,7 +138,8 @@ def test_no_wait_returns_after_the_write(cli, fake):
     assert pod.notified_ids() == ["nw-1"]
     r = cli("pod", "send", "--no-wait", "--json", "--id", "nw-2", "B", "again")
     assert r.json == {"ok": True, "pod_name": "B", "source": None, "id": "nw-2",
-                      "acknowledged": False, "at": None, "deduplicates_retries": True}
+                      "acknowledged": False, "at": None, "deduplicates_retries": True,
+                      "state": "sent"}
 
 
 # -- hostile servers ---------------------------------------------------------

@@ -32,7 +32,8 @@ def test_blank_lines_are_skipped_but_counted(cli, fake):
     assert r.json == {"ok": True, "pod_name": "B", "source": None, "id_prefix": "b",
                       "messages": 3, "first_id": "b-1", "last_id": "b-5", "lines_read": 5,
                       "skipped_blank": 2, "acknowledged": True, "acknowledged_count": 3,
-                      "interrupted": False, "deduplicates_retries": True}
+                      "interrupted": False, "deduplicates_retries": True,
+                      "state": "delivered"}
     assert [(p["id"], p["message"]) for _, p in pod.methods] == \
         [("b-1", "first"), ("b-4", "fourth"), ("b-5", "fifth")]
 

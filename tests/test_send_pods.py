@@ -77,7 +77,8 @@ def test_peer_message_is_recorded_once_with_source_id_and_body(run_yoi, state, p
                          "source": "A", "id": "m-1",
                          "at": item["at"]}}
     assert r.json == {"ok": True, "pod_name": "B", "source": {"pod_name": "A"}, "id": "m-1",
-                      "acknowledged": True, "at": item["at"], "deduplicates_retries": True}
+                      "acknowledged": True, "at": item["at"], "deduplicates_retries": True,
+                      "state": "delivered"}
 
 
 def test_operator_notification_has_no_source(run_yoi, state, pair):

@@ -45,7 +45,8 @@ def assert_converged(state, project):
         assert state.metadata_path(name).exists(), name
     settings = metadata.settings_of(store.read(state, "coder"))
     assert settings == {"exec": "cat", "cwd": str(project / "work"), "accept_peers": "open",
-                        "peer_request_ttl": None, "handler_timeout": None, "labels": {}}
+                        "peer_request_ttl": None, "handler_timeout": None, "labels": {},
+                        "queue_max_messages": None, "queue_max_bytes": None}
     assert metadata.labels_of(store.read(state, "reviewer")) == {"team": "infra"}
     assert peers.is_peer(state, "reviewer", "coder") and peers.is_peer(state, "idle", "coder")
     assert control.is_running(state, "reviewer") and control.is_running(state, "coder")
@@ -83,7 +84,7 @@ def test_up_changes_only_what_differs(run_yoi, state, project, started_pod):
 
 BAD_FILES = [
     ("[pods.a]\nexce = 'cat'\n", "pods.a.exce: unknown key (known: exec, cwd, accept_peers, "
-                                "peer_request_ttl, handler_timeout, labels, peers, start)"),
+                                "peer_request_ttl, handler_timeout, labels, peers, start, queue_max_messages, queue_max_bytes)"),
     ("version = 2\n[pods.a]\n", "version: unknown key (known: pods)"),
     ("[pods.'bad/name']\n", "pods.bad/name: invalid Pod name"),
     ("[pods.a]\npeers = ['ghost']\n",

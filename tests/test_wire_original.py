@@ -298,7 +298,8 @@ def test_send_to_the_original_is_acknowledged_by_its_message(cli, original):
     r = cli("pod", "send", "--json", "--id", "o-2", "B", "again")
     assert r.exit_code == 0, r
     assert r.json == {"ok": True, "pod_name": "B", "source": None, "id": "o-2",
-                      "acknowledged": True, "at": None, "deduplicates_retries": False}
+                      "acknowledged": True, "at": None, "deduplicates_retries": False,
+                      "state": "delivered"}
     assert r.stderr == ""
     assert messages(pod) == [{"message": "hello", "id": "o-1"},
                              {"message": "again", "id": "o-2"}]

@@ -439,6 +439,32 @@ def deliver(path: str | os.PathLike, line, msg_id: str, timeout: float = DEFAULT
         return data, supports
 
 
+def request_drain(path: str | os.PathLike, ids: list[str], timeout: float = DEFAULT) -> dict | None:
+    """Ask the Pod at PATH to commit what is queued for it (*ours*: ``drain_queue``).
+
+    Returns the ``queue_drained`` data (``ids``: what became of each of IDS),
+    with ``acks``: the ``system_item`` of each of IDS seen on the way (its
+    acknowledgement, as for a live send); None if nothing listens at PATH.
+    Other failures raise as ``request`` does.
+    """
+    try:
+        conn = Connection.open(path, timeout)
+    except NotRunning:
+        return None
+    with conn:
+        conn.send(protocol.method("drain_queue", {"ids": ids}), timeout)
+        deadline = time.monotonic() + timeout
+        acks = {}
+        while True:
+            name, data = conn.read_event(deadline, what="the end of the queue's delivery")
+            if name == "error":
+                raise _refusal(data)
+            if name == "system_item" and acknowledged_id(name, data) in ids:
+                acks[acknowledged_id(name, data)] = data
+            elif name == "queue_drained":
+                return {**data, "acks": acks}
+
+
 # -- pipelined notifications ---------------------------------------------------
 
 UNSENT, SENT, ACKED, REFUSED, FAILED = 0, 1, 2, 3, 4  # FAILED: the Pod could not record it

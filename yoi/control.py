@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from yoi import history, podlog, protocol, store
+from yoi import history, offline, podlog, protocol, store
 from yoi.client import Connection, request
 from yoi.discovery import probe, probe_result
 from yoi.errors import Busy, Failed, Unreachable, YoiError
@@ -70,7 +70,8 @@ def holder_pid(path: Path) -> int | None:
 
 
 def probe_status(state: State, name: str, timeout: float) -> dict:
-    """NAME's runtime status: running (lock held), live (socket answers), status, pid."""
+    """NAME's runtime status: running (lock held), live (socket answers), status, pid,
+    and how many messages wait in its queue."""
     doc = store.read(state, name)
     running = is_running(state, name)
     path = state.socket_path(name, doc)
@@ -78,6 +79,7 @@ def probe_status(state: State, name: str, timeout: float) -> dict:
     pid = holder_pid(state.runtime_lock_path(name)) if running else None
     return {"pod_name": name, "running": running, "pid": pid,
             "exec": (doc.get("runtime") or {}).get("exec"), "live": live,
+            "queued": offline.depth(state.queue_path(name)),
             "handler": history.handler_summary(state.session_path(name))}
 
 

@@ -8,6 +8,8 @@ A declaration (``yoi.toml``) names Pods with their settings and peers::
     accept_peers = "ask"          # "open" (the default), "ask" or "never"
     peer_request_ttl = 3600       # seconds a peer request stays pending
     handler_timeout = 600         # seconds one handler run may take
+    queue_max_messages = 10000    # bounds of its queue (yoi pod send --queue)
+    queue_max_bytes = 67108864
     labels = { team = "infra" }
     peers = ["coder"]             # relations, from either side
     start = true                  # default true: `yoi up` starts it
@@ -44,8 +46,9 @@ from yoi.txn import read_pod_file
 DEFAULT_FILE = "yoi.toml"
 POD_KEYS = {"exec": str, "cwd": str, "accept_peers": (str, bool),
             "peer_request_ttl": (int, float), "handler_timeout": (int, float),
-            "labels": dict, "peers": list, "start": bool}
-_TYPE_NAMES = {str: "a string", bool: "true or false", dict: "a table", list: "an array",
+            "labels": dict, "peers": list, "start": bool, "queue_max_messages": int,
+            "queue_max_bytes": int}
+_TYPE_NAMES = {int: "a whole number", str: "a string", bool: "true or false", dict: "a table", list: "an array",
                (int, float): "a number of seconds",
                (str, bool): "\"open\", \"ask\" or \"never\" (or true/false)"}
 
@@ -125,6 +128,13 @@ def load(path: Path, state: State, labels: dict[str, str] | None = None) -> Plan
                     "peer_request_ttl": _seconds(spec, "peer_request_ttl", where, bad),
                     "handler_timeout": _seconds(spec, "handler_timeout", where, bad),
                     "labels": dict(sorted(pod_labels.items()))}
+        for key in metadata.QUEUE_LIMITS:
+            settings[key] = spec.get(key)
+            if settings[key] is not None:
+                try:
+                    metadata.queue_limit_value(key, settings[key])
+                except UsageError as e:
+                    raise bad(f"{where}.{key}", e.message)
         for key in ("exec", "cwd"):
             value = settings[key]
             if value is not None and (not value or "\0" in value):
@@ -242,7 +252,9 @@ def _converge_pod(state: State, pod: Declared, report: Report) -> None:
     try:
         store.create(state, pod.name, exec_cmd=s["exec"], cwd=s["cwd"],
                      accept_peers=s["accept_peers"], peer_request_ttl=s["peer_request_ttl"],
-                     handler_timeout=s["handler_timeout"], labels=s["labels"])
+                     handler_timeout=s["handler_timeout"], labels=s["labels"],
+                     queue_max_messages=s["queue_max_messages"],
+                     queue_max_bytes=s["queue_max_bytes"])
         report.change("created", pod.name)
         return
     except AlreadyExists:

@@ -18,6 +18,13 @@ result says ``deduplicates_retries: false``: a retry there may deliver twice.
 Order of checks (nothing is sent unless all pass): names, id and message
 (UsageError, 2); both Pods exist (NotFound, 3); the peer relation (Refused,
 4); the target is running (Unreachable, 5).
+
+With QUEUE, a target that is not running is no error: the message is appended
+to its queue (``yoi.offline``), durably, and the result's ``state`` says
+``queued``; TARGET commits it when it starts. Since the target may have
+started between our attempt and our append, we then ask it to drain
+(``client.request_drain``): if it is live, the message is committed at once
+and the state is ``delivered`` after all.
 """
 
 from __future__ import annotations
@@ -136,12 +143,15 @@ def _not_recorded(target: str, err: client.PodFailed, msg_id: str,
 
 def send(state: State, target: str, message: str, *, source: str | None = None,
          msg_id: str | None = None, timeout: float = DEFAULT,
-         wait: bool = True, reply_to: str | None = None) -> dict:
+         wait: bool = True, reply_to: str | None = None, queue: bool = False) -> dict:
     """Send one message (the answer to message REPLY_TO, if given); with WAIT, return
-    only once TARGET acknowledged it.
+    only once TARGET acknowledged it; with QUEUE, queue it if TARGET is not running
+    (see the module docstring).
 
     Returns ``{"pod_name": TARGET, "source", "id", "acknowledged", "at",
-    "deduplicates_retries"}``.
+    "deduplicates_retries", "state"}``, ``state`` being ``delivered``
+    (acknowledged), ``sent`` (not WAIT) or ``queued``; a queued message may add
+    ``notes`` (what its append repaired, in words).
     """
     _check_names(target, source)
     msg_id = check_id(msg_id) if msg_id is not None else new_id()
@@ -155,7 +165,9 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
                                           reply_to=reply_to),
             msg_id, timeout, wait)
     except client.NotRunning as e:
-        raise _not_running(target, e)
+        if not queue:
+            raise _not_running(target, e)
+        return _queue_one(state, target, path, message, source, msg_id, reply_to, timeout)
     except Refused as e:
         raise _refused(target, e)
     except client.PodFailed as e:
@@ -163,13 +175,46 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
     item = (data or {}).get("item") or {}
     return {"pod_name": target, "source": pod_ref(source), "id": msg_id,
             "acknowledged": wait, "at": item.get("at"),
-            "deduplicates_retries": "id" in supports}
+            "deduplicates_retries": "id" in supports,
+            "state": "delivered" if wait else "sent"}
+
+
+def _queue_one(state: State, target: str, path, message: str, source: str | None,
+               msg_id: str, reply_to: str | None, timeout: float) -> dict:
+    from yoi import offline  # measured: a live send does not pay for the queue's imports
+    appended = offline.append(state, target, [
+        (msg_id, offline.record_line(msg_id, message, source, reply_to))])
+    result = {"pod_name": target, "source": pod_ref(source), "id": msg_id,
+              "acknowledged": False, "at": None, "deduplicates_retries": True,
+              "state": "queued"}
+    drained = _ask_to_drain(path, [msg_id], timeout)
+    outcome = ((drained or {}).get("ids") or {}).get(msg_id) or {}
+    if outcome.get("state") == "delivered":
+        item = (drained["acks"].get(msg_id) or {}).get("item") or {}
+        result.update(state="delivered", acknowledged=True, at=item.get("at"))
+    elif outcome.get("state") == "rejected":
+        raise Refused(f"{target} started meanwhile and refused the queued message: "
+                      f"{outcome.get('reason', '')} (recorded in its session log as a "
+                      "rejected delivery)", pod_name=target, id=msg_id, source=pod_ref(source))
+    if appended["notes"]:
+        result["notes"] = [f"{target}'s queue: {n}" for n in appended["notes"]]
+    return result
+
+
+def _ask_to_drain(path, ids: list[str], timeout: float) -> dict | None:
+    """Ask TARGET (at PATH) to drain its queue, if it is live now; None if it is not, or
+    did not answer: what is queued stays queued, durably, and a live Pod finds it
+    by itself within a second (``yoi.server.drain``)."""
+    try:
+        return client.request_drain(path, ids, timeout)
+    except YoiError:
+        return None
 
 
 def ask(state: State, target: str, message: str, *, source: str | None,
         reply_timeout: float, msg_id: str | None = None, timeout: float = DEFAULT,
-        reply_to: str | None = None) -> dict:
-    """Send MESSAGE from SOURCE and wait up to REPLY_TIMEOUT seconds for the reply to it
+        reply_to: str | None = None, queue: bool = False) -> dict:
+    """Send MESSAGE from SOURCE (queued with QUEUE if TARGET is not running) and wait up to REPLY_TIMEOUT seconds for the reply to it
     (an entry ``in_reply_to`` its id) in SOURCE's log: the send's result with
     ``reply``, the reply entry.
 
@@ -196,13 +241,15 @@ def ask(state: State, target: str, message: str, *, source: str | None,
                           f"start it with `yoi pod start {source}`", pod_name=source)
     after = None if retry else session.last_seq(state.session_path(source))
     result = send(state, target, message, source=source, msg_id=msg_id, timeout=timeout,
-                  reply_to=reply_to)
+                  reply_to=reply_to, queue=queue)
     try:
         reply = history.wait(state, source, history.Match(reply_to=msg_id), after,
                              reply_timeout)
     except TimedOutWaiting as e:
+        what = (f"message {msg_id} is queued for {target}, which is not running"
+                if result["state"] == "queued" else f"{target} acknowledged message {msg_id}")
         raise TimedOutWaiting(
-            f"{target} acknowledged message {msg_id}, but no reply to it came to {source} "
+            f"{what}, but no reply to it came to {source} "
             f"within {reply_timeout:g}s; go on waiting with `yoi pod wait {source} "
             f"--reply-to {msg_id}" + (f" --after {after}`" if after is not None else "`"),
             data=result, **e.details) from None
@@ -236,6 +283,7 @@ class LineFeed:
         self.blank = 0
         self.exhausted = False
         self.error: YoiError | None = None
+        self.record = None  # to queue: RECORD(id, text) is what each message becomes
 
     def pull(self) -> list[tuple[str, bytes]]:
         if self.fd is not None and not self.eof:
@@ -284,7 +332,8 @@ class LineFeed:
         msg_id = f"{self.id_prefix}-{n}"
         if not protocol.is_valid_message_id(msg_id):
             raise UsageError(f"line {n}: the id {msg_id!r} is too long: {_ID_RULE}")
-        return msg_id, encode(text, msg_id, self.source, f"line {n}: ", self.supports)
+        line = encode(text, msg_id, self.source, f"line {n}: ", self.supports)
+        return msg_id, (line if self.record is None else self.record(msg_id, text))
 
 
 def lines_prefix(id_prefix: str | None) -> str:
@@ -300,7 +349,8 @@ def lines_prefix(id_prefix: str | None) -> str:
 def send_lines(state: State, target: str, *, source: str | None = None,
                id_prefix: str | None = None, timeout: float = DEFAULT,
                fd: int | None = None, data: bytes = b"",
-               interrupts: client.Interrupts | None = None, on_open=None) -> dict:
+               interrupts: client.Interrupts | None = None, on_open=None,
+               queue: bool = False) -> dict:
     """Send every non-blank input line as one message over one connection, pipelined,
     each as soon as it is read (from FD as it arrives, or from DATA).
 
@@ -311,6 +361,9 @@ def send_lines(state: State, target: str, *, source: str | None = None,
     summary; if a message was not acknowledged, or INTERRUPTS stopped the
     run, raises the matching error (``Interrupted`` for an interrupt) with the
     summary in its data.
+
+    With QUEUE, a TARGET that is not running gets them all queued instead, in
+    line order (``queue_lines``).
     """
     _check_names(target, source)
     id_prefix = lines_prefix(id_prefix)
@@ -320,7 +373,9 @@ def send_lines(state: State, target: str, *, source: str | None = None,
         batch = client.notify_pipelined(path, timeout=timeout, feed=feed,
                                         interrupts=interrupts, on_open=on_open)
     except client.NotRunning as e:
-        raise _not_running(target, e)
+        if not queue:
+            raise _not_running(target, e)
+        return queue_lines(state, target, path, feed, timeout, interrupts)
     ids = batch.ids
     summary = {"pod_name": target, "source": pod_ref(source), "id_prefix": id_prefix,
                "messages": len(ids), "first_id": ids[0] if ids else None,
@@ -332,8 +387,51 @@ def send_lines(state: State, target: str, *, source: str | None = None,
         if not ids:
             raise UsageError("no messages: the input has no non-blank line", data=summary)
         summary["acknowledged"] = batch.acked == len(ids)
+        summary["state"] = "delivered"
         return summary
     raise _batch_failure(target, batch, summary, id_prefix)
+
+
+def queue_lines(state: State, target: str, path, feed: LineFeed, timeout: float,
+                interrupts: client.Interrupts | None = None) -> dict:
+    """--lines --queue to a TARGET that is not running: read the input to its end,
+    then queue every message in line order under one lock: all of them, or none
+    if that would go over TARGET's limits. A bad line stops there, as a live
+    stream does: the lines before it are queued, then its error is raised. An
+    interrupt while reading queues nothing (``Interrupted``)."""
+    from yoi import offline  # measured: a live send does not pay for the queue's imports
+    feed.record = lambda msg_id, text: offline.record_line(msg_id, text, feed.source)
+    items = []
+    while not feed.exhausted:
+        if feed.fd is not None:
+            _wait_readable(feed.fd, interrupts)
+        if interrupts is not None and interrupts.requested:
+            raise Interrupted(f"interrupted while reading the input; nothing was queued for "
+                              f"{target} ({feed.lines} line(s) read)")
+        items += feed.pull()
+    summary = {"pod_name": target, "source": pod_ref(feed.source),
+               "id_prefix": feed.id_prefix, "messages": len(items),
+               "first_id": items[0][0] if items else None,
+               "last_id": items[-1][0] if items else None, "lines_read": feed.lines,
+               "skipped_blank": feed.blank, "acknowledged": False, "acknowledged_count": 0,
+               "interrupted": False, "deduplicates_retries": True, "state": "queued"}
+    if not items and feed.error is None:
+        raise UsageError("no messages: the input has no non-blank line", data=summary)
+    if items:
+        appended = offline.append(state, target, items)
+        if appended["notes"]:
+            summary["notes"] = [f"{target}'s queue: {n}" for n in appended["notes"]]
+        _ask_to_drain(path, [], timeout)
+    if feed.error is not None:
+        raise type(feed.error)(f"{feed.error.message}; the {len(items)} message(s) before it "
+                               f"were queued for {target}", data=summary, **feed.error.details)
+    return summary
+
+
+def _wait_readable(fd: int, interrupts: client.Interrupts | None) -> None:
+    import select
+    stop = [interrupts.fd] if interrupts is not None and interrupts.fd is not None else []
+    select.select([fd, *stop], [], [])
 
 
 def _batch_failure(target: str, batch, summary: dict, id_prefix: str) -> YoiError:

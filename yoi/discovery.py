@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from yoi import store
+from yoi import offline, store
 from yoi.client import Connection, TimedOut
 from yoi.errors import YoiError
 from yoi.lock import is_locked
@@ -91,7 +91,7 @@ def probe_many(paths: list[Path], timeout: float = PROBE_TIMEOUT) -> list[dict]:
 
 def list_pods(state: State, labels: dict[str, str] | None = None) -> list[dict]:
     """Every Pod of the state directory (only those with LABELS, if given) with its
-    peer count and labels, probed concurrently."""
+    peer count, labels and queue depth, probed concurrently."""
     listed = store.list_all(state)
     if labels:
         listed = [p for p in listed if p.doc is not None and has_labels(p.doc, labels)]
@@ -99,6 +99,7 @@ def list_pods(state: State, labels: dict[str, str] | None = None) -> list[dict]:
     return [{"pod_name": p.name, "state": p.state,
              "peer_count": len(peer_names(p.doc)) if p.doc else None,
              "labels": labels_of(p.doc), "live": live,
+             "queued": offline.depth(state.queue_path(p.name)),
              "error": p.error.message if p.error else None}
             for p, live in zip(listed, probes)]
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from yoi import history, metadata, session
+from yoi import history, metadata, offline, session
 from yoi.atomic import is_temp_name, read_bytes_nofollow
 from yoi.discovery import probe, probe_many
 from yoi.errors import CorruptMetadata, UsageError, YoiError
@@ -82,6 +82,14 @@ CHECKS: dict[str, tuple[str, bool]] = {
                            False),
     "handler-failing": ("a Pod's handler failed its last 3 runs (fix its --exec or --cwd)",
                         False),
+    "queue-torn": ("the last record of a queue is torn (a crash during an append; its sender "
+                   "was never told it was queued): it is moved aside into "
+                   "queue.jsonl.torn-TIME", True),
+    "queue-unreadable": ("a queue has whole lines that are not message records: they are "
+                         "moved aside into queue.jsonl.bad-TIME", True),
+    "queue-delivered": ("a stopped Pod's queue holds messages already in its session log (it "
+                        "stopped between committing and emptying its queue): they are "
+                        "dropped, as its next start would", True),
 }
 
 # Severities. A warning is a harmless leftover of a crash that `--fix`, or the
@@ -90,7 +98,8 @@ CHECKS: dict[str, tuple[str, bool]] = {
 # one. Every other check is an error (exit 1).
 WARNINGS: frozenset[str] = frozenset({"stale-socket", "stale-pid", "temp-file", "staging-dir",
                                       "session-torn", "peer-request-expired",
-                                      "peer-request-dangling", "peer-request-stale"})
+                                      "peer-request-dangling", "peer-request-stale",
+                                      "queue-torn", "queue-delivered"})
 ERROR, WARNING = "error", "warning"
 
 
@@ -262,6 +271,7 @@ class _Pod:
     temps: list[str] = field(default_factory=list)
     torn: tuple[int, int, str] | None = None  # see session.torn_tail
     has_session: bool = False
+    has_queue: bool = False  # a queue.jsonl that is not empty
     requests: list[tuple[str, float]] = field(default_factory=list)  # (requester, expires)
     denied: list[str] = field(default_factory=list)  # Pods whose requests were denied
     failing: str | None = None  # how its handler's last FAILING_RUNS runs, all failed, ended
@@ -288,6 +298,8 @@ def scan_pod(pods_dir: str, name: str) -> tuple[_Pod, list[Finding]]:
         _scan_runtime_lock(pod, os.path.join(path, "runtime.lock"), found)
     if "session.jsonl" in files:
         _scan_session(pod, os.path.join(path, "session.jsonl"), found)
+    if "queue.jsonl" in files:
+        _scan_queue(pod, os.path.join(path, "queue.jsonl"), found)
     meta = os.path.join(path, "metadata.toml")
     pod.status = "corrupt"
     if "metadata.toml" not in files:
@@ -334,6 +346,15 @@ def _scan_session(pod: _Pod, path: str, found: list[Finding]) -> None:
                       "To drop them, stop the Pod and delete those lines by hand"))
     if len(runs) == FAILING_RUNS and all(history.failed(r) for r in runs):
         pod.failing = f"({runs[-1].get('at')}) with {history.failure_words(runs[-1])}"
+
+
+def _scan_queue(pod: _Pod, path: str, found: list[Finding]) -> None:
+    """Only whether there is a queue to look at: it is read under the Pod's lock."""
+    st = _lstat(Path(path))
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        found.append(("symlink", pod.name, path, "queue.jsonl is a symlink; never followed"))
+    elif st is not None and st.st_size > 0:
+        pod.has_queue = True
 
 
 FAILING_RUNS = 3  # a handler whose last this many runs failed is reported
@@ -506,6 +527,7 @@ class _Doctor:
         self.check_requests()
         self.check_runtime()
         self.check_sessions()
+        self.check_queues()
         self.problems.sort(key=lambda p: (p.pod or "", p.code, p.path))
         return Report(self.checked, self.problems)
 
@@ -1044,6 +1066,71 @@ class _Doctor:
         if p is not None and running:
             p.message += " (the Pod is running; stop it and run `yoi doctor --fix` again)"
         self.attempt(p, lambda: self.set_aside_torn(name, path))
+
+
+    # -- queues ---------------------------------------------------------------------
+    def check_queues(self) -> None:
+        if not self.wanted & {"queue-torn", "queue-unreadable", "queue-delivered"}:
+            return
+        for name, pod in sorted(self.pods.items()):
+            if not pod.has_queue:
+                continue
+            # Read under the Pod's lock, which every append and drain holds: a
+            # record half-written a moment ago is not taken for a torn one.
+            locks = (lock_pods(self.state, [name]) if self.repairing
+                     else hold_locks(self.state, [name]))
+            try:
+                with locks:
+                    self.check_queue(name)
+            except YoiError:
+                continue  # busy: a sender or the Pod is at work on it right now
+
+    def check_queue(self, name: str) -> None:
+        path = self.state.queue_path(name)
+        try:
+            contents = offline.read(path)
+        except OSError as e:
+            self.add("unreadable", name, path, f"cannot read: {_describe(e)}")
+            return
+        damaged = []
+        if contents.torn is not None:
+            damaged.append(self.add("queue-torn", name, path, f"the last record is torn "
+                                    f"({len(contents.torn)} bytes without a newline)"))
+        if contents.bad:
+            lines = ", ".join(str(n) for n, _ in contents.bad[:5])
+            damaged.append(self.add(
+                "queue-unreadable", name, path, f"{len(contents.bad)} line(s) are not "
+                f"message records: line {lines}{' ...' if len(contents.bad) > 5 else ''}"))
+        damaged = [p for p in damaged if p is not None]
+        if damaged:
+            def set_aside() -> None:
+                offline.set_aside_damage(path, contents)
+            self.attempt_all(damaged, set_aside)
+        if "queue-delivered" not in self.wanted or self.runtime_running(name):
+            return  # a live Pod drops them itself, and its log is still growing
+        delivered = self.delivered_ids(name, {r["id"] for r in contents.records})
+        if not delivered:
+            return
+        p = self.add("queue-delivered", name, path, f"{len(delivered)} queued message(s) are "
+                     f"in the session log already: {', '.join(sorted(delivered)[:5])}"
+                     f"{' ...' if len(delivered) > 5 else ''}")
+
+        def drop() -> str | None:
+            with if_free(self.state.runtime_lock_path(name)) as free:
+                if not free:
+                    return "the Pod has started meanwhile; it drops them itself"
+                offline.rewrite(path, [r for r in contents.records if r["id"] not in delivered])
+            return None
+
+        self.attempt(p, drop)
+
+    def delivered_ids(self, name: str, ids: set[str]) -> set[str]:
+        """Which of IDS a message in NAME's session log carries (read forward, once)."""
+        found = set()
+        for line, entry in session.entries(self.state.session_path(name)):
+            if entry is not None and b'"id"' in line and session.entry_id(entry) in ids:
+                found.add(session.entry_id(entry))
+        return found
 
 
 def _repaired_peers(entries: list[dict], drop: set[str], merge: bool) -> list[dict]:

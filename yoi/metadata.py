@@ -28,6 +28,10 @@ from yoi.timeouts import MAX as MAX_SECONDS
 SCHEMA = 1
 POLICIES = ("open", "ask", "never")
 DEFAULT_PEER_REQUEST_TTL = 86400  # seconds a peer request stays pending: 24 h
+# The bounds of a Pod's queue of messages waiting for it to start (yoi.offline):
+# setting -> (default, highest allowed, unit).
+QUEUE_LIMITS = {"queue_max_messages": (10_000, 1_000_000_000, "messages"),
+                "queue_max_bytes": (64 << 20, 1 << 40, "bytes")}
 
 
 def utcnow() -> _dt.datetime:
@@ -37,7 +41,8 @@ def utcnow() -> _dt.datetime:
 def new_record(name: str, exec_cmd: str | None = None, cwd: str | None = None,
                accept_peers: str | bool = "open", peer_request_ttl: float | None = None,
                handler_timeout: float | None = None,
-               labels: dict[str, str] | None = None) -> dict:
+               labels: dict[str, str] | None = None, queue_max_messages: int | None = None,
+               queue_max_bytes: int | None = None) -> dict:
     record: dict = {
         "schema": SCHEMA,
         "pod_name": name,
@@ -56,7 +61,25 @@ def new_record(name: str, exec_cmd: str | None = None, cwd: str | None = None,
         record["runtime"]["handler_timeout"] = handler_timeout
     if labels:
         record["labels"] = dict(sorted(labels.items()))
+    for key, value in (("queue_max_messages", queue_max_messages),
+                       ("queue_max_bytes", queue_max_bytes)):
+        if value is not None:
+            record[key] = queue_limit_value(key, value)
     return record
+
+
+def queue_limit_value(key: str, value) -> int:
+    """VALUE as the queue limit KEY (a whole number within its bounds), else UsageError."""
+    _, top, unit = QUEUE_LIMITS[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+        raise UsageError(f"{key} must be a whole number of {unit} from 1 to {top}, "
+                         f"not {value!r}")
+    return value
+
+
+def queue_limits(doc: dict) -> tuple[int, int]:
+    """(most messages, most bytes) the queue of the Pod whose record is DOC may hold."""
+    return tuple(doc.get(key, default) for key, (default, _, _) in QUEUE_LIMITS.items())
 
 
 # -- labels: KEY=VALUE tags a job puts on its Pods (`yoi pod list --label`) ----------
@@ -94,7 +117,9 @@ def settings_of(doc: dict) -> dict:
     runtime = doc.get("runtime") or {}
     return {"exec": runtime.get("exec"), "cwd": runtime.get("cwd"),
             "accept_peers": peer_policy(doc), "peer_request_ttl": doc.get("peer_request_ttl"),
-            "handler_timeout": runtime.get("handler_timeout"), "labels": labels_of(doc)}
+            "handler_timeout": runtime.get("handler_timeout"), "labels": labels_of(doc),
+            "queue_max_messages": doc.get("queue_max_messages"),
+            "queue_max_bytes": doc.get("queue_max_bytes")}
 
 
 def setting_differences(doc: dict, wanted: dict) -> list[dict]:
@@ -159,6 +184,12 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
     if "peer_request_ttl" in doc and _ttl_problem(doc["peer_request_ttl"]):
         return (f"peer_request_ttl must be a number of seconds above 0 and at most "
                 f"{MAX_SECONDS:.0f}, not {doc['peer_request_ttl']!r}")
+    for key in QUEUE_LIMITS:
+        if key in doc:
+            try:
+                queue_limit_value(key, doc[key])
+            except UsageError as e:
+                return e.message
     if "runtime" in doc and not isinstance(doc["runtime"], dict):
         return "runtime must be a table"
     for key, (kind, what) in RUNTIME_TYPES.items():

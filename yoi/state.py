@@ -82,6 +82,10 @@ class State:
         """The id index of the session log (a cache of it; see yoi.session.index)."""
         return self.pod_dir(name) / "session.index"
 
+    def queue_path(self, name: str) -> Path:
+        """Messages waiting for the Pod to start (see yoi.offline)."""
+        return self.pod_dir(name) / "queue.jsonl"
+
     def runtime_lock_path(self, name: str) -> Path:
         return self.pod_dir(name) / "runtime.lock"
 

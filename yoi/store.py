@@ -61,7 +61,8 @@ def _differs(name: str, differences: list[dict]) -> AlreadyExists:
 def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None = None,
            accept_peers: str | bool = "open", exist_ok: bool = False,
            peer_request_ttl: float | None = None, handler_timeout: float | None = None,
-           labels: dict[str, str] | None = None) -> tuple[dict, bool]:
+           labels: dict[str, str] | None = None, queue_max_messages: int | None = None,
+           queue_max_bytes: int | None = None) -> tuple[dict, bool]:
     """Create Pod NAME. Returns (record, created).
 
     ACCEPT_PEERS is the peer policy (``open``, ``ask``, ``never``; ``True`` and
@@ -69,7 +70,8 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
     to it stays pending (seconds; default ``metadata.DEFAULT_PEER_REQUEST_TTL``).
     With EXIST_OK an existing Pod is accepted only if its settings are the
     ones given (AlreadyExists naming each difference otherwise): "create" must
-    not silently keep another handler than the one asked for.
+    not silently keep another handler than the one asked for. QUEUE_MAX_MESSAGES
+    and QUEUE_MAX_BYTES bound its queue (``yoi.offline``; None: the defaults).
     """
     check_name(name)
     labels = check_labels(labels)
@@ -80,6 +82,8 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
         _utf8(exec_cmd, "handler command")
     if cwd is not None:
         cwd = _utf8(os.path.abspath(cwd), "working directory")
+    limits = _queue_limits(queue_max_messages=queue_max_messages,
+                           queue_max_bytes=queue_max_bytes)
     with lock_pods(state, [name]) as locked:
         pod = locked.read(name)
         if pod.exists:
@@ -87,7 +91,7 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
                 differences = metadata.setting_differences(pod.doc, {
                     "exec": exec_cmd, "cwd": cwd, "accept_peers": accept_peers,
                     "peer_request_ttl": peer_request_ttl, "handler_timeout": handler_timeout,
-                    "labels": labels})
+                    "labels": labels, **limits})
                 if differences:
                     raise _differs(name, differences)
                 return pod.doc, False
@@ -95,7 +99,8 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
         remove_trash(state, name)
         record = metadata.new_record(name, exec_cmd=exec_cmd, cwd=cwd, accept_peers=accept_peers,
                                      peer_request_ttl=peer_request_ttl,
-                                     handler_timeout=handler_timeout, labels=labels)
+                                     handler_timeout=handler_timeout, labels=labels,
+                                     **limits)
         # Build the directory aside and rename it into place: a crash leaves
         # either no Pod or a whole one.
         staging = state.pods_dir / f".{name}{CREATING_MARK}{os.getpid()}"
@@ -125,9 +130,16 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
         return record, True
 
 
+def _queue_limits(**given) -> dict:
+    """The queue limits GIVEN (None: the default), checked (UsageError)."""
+    return {key: None if value is None else metadata.queue_limit_value(key, value)
+            for key, value in given.items()}
+
+
 def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd=_UNSET,
               peer_request_ttl=_UNSET, handler_timeout=_UNSET, labels=_UNSET,
-              set_labels: dict[str, str] | None = None, unset_labels=()) -> dict:
+              set_labels: dict[str, str] | None = None, unset_labels=(),
+              queue_max_messages=_UNSET, queue_max_bytes=_UNSET) -> dict:
     """Change settings of NAME under its lock; everything else is preserved.
 
     ``exec_cmd=None`` removes the handler command. A policy given is written
@@ -135,7 +147,7 @@ def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd
     older ``true``/``false``; a record whose policy is not given keeps its
     form. Changing the policy leaves pending requests pending. LABELS
     replaces the whole label table; SET_LABELS and UNSET_LABELS change single
-    labels.
+    labels. A queue limit of None goes back to the default.
     """
     check_name(name)
     if accept_peers is not _UNSET:
@@ -149,10 +161,14 @@ def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd
     if labels is not _UNSET:
         labels = check_labels(labels)
     set_labels = check_labels(set_labels)
+    limits = _queue_limits(**{k: v for k, v in (("queue_max_messages", queue_max_messages),
+                                                ("queue_max_bytes", queue_max_bytes))
+                              if v is not _UNSET})
     with lock_pods(state, [name]) as locked:
         doc = locked.require(name).doc
         given = (("exec", exec_cmd), ("cwd", cwd), ("accept_peers", accept_peers),
-                 ("peer_request_ttl", peer_request_ttl), ("handler_timeout", handler_timeout))
+                 ("peer_request_ttl", peer_request_ttl), ("handler_timeout", handler_timeout),
+                 *limits.items())
         changes = {key: value for key, value in given if value is not _UNSET}
         if labels is not _UNSET or set_labels or unset_labels:
             new = metadata.labels_of(doc) if labels is _UNSET else labels
@@ -167,7 +183,8 @@ def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd
 
 def _apply_settings(doc: dict, changes: dict) -> None:
     """Set the settings in CHANGES (keys of ``metadata.settings_of``) in DOC; None for
-    exec, cwd, handler_timeout or peer_request_ttl, or no labels, removes them."""
+    exec, cwd, handler_timeout, peer_request_ttl or a queue limit, or no labels,
+    removes them."""
     runtime = doc.setdefault("runtime", {})
     for key, value in changes.items():
         if key in ("exec", "cwd", "handler_timeout"):
@@ -177,7 +194,7 @@ def _apply_settings(doc: dict, changes: dict) -> None:
                 runtime[key] = value
         elif key == "accept_peers":
             doc["accept_peers"] = metadata.policy_value(value)
-        elif key == "peer_request_ttl":
+        elif key in ("peer_request_ttl", *metadata.QUEUE_LIMITS):
             if value is None:
                 doc.pop(key, None)
             else:

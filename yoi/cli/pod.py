@@ -52,7 +52,8 @@ def _pod_document(name: str, doc: dict, **extra) -> dict:
 
 
 def _record_text(name: str, doc: dict, live: dict | None = None) -> str:
-    from yoi.metadata import labels_of, peer_names, peer_policy, pending_requests, to_jsonable
+    from yoi.metadata import (labels_of, peer_names, peer_policy, pending_requests,
+                              queue_limits, to_jsonable)
     runtime = doc.get("runtime") or {}
     labels = labels_of(doc)
     rows = [
@@ -65,6 +66,8 @@ def _record_text(name: str, doc: dict, live: dict | None = None) -> str:
          in runtime else f"{timeouts.HANDLER:g}s per handler run (default)"),
         ("labels", ", ".join(f"{k}={v}" for k, v in labels.items()) if labels else "-"),
     ]
+    if "queue_max_messages" in doc or "queue_max_bytes" in doc:  # else the defaults
+        rows.append(("queue", "at most {} messages / {} bytes".format(*queue_limits(doc))))
     if live is not None:
         rows.append(("socket", live.get("socket_path") or "-"))
         rows.append(("live", "yes" if live.get("reachable") else
@@ -91,6 +94,16 @@ def parse_labels(values, option: str = "--label") -> dict[str, str]:
             raise UsageError(f"{option}: {key} is given twice with different values")
         labels[key] = val
     return check_labels(labels)
+
+
+def queue_options(f):
+    """--queue-max-messages N, --queue-max-bytes N: the bounds of a Pod's queue."""
+    f = click.option("--queue-max-bytes", type=click.IntRange(min=1), default=None,
+                     metavar="N", help="At most N bytes of messages queued for it while "
+                                       "it is not running (default 67108864: 64 MiB).")(f)
+    return click.option("--queue-max-messages", type=click.IntRange(min=1), default=None,
+                        metavar="N", help="At most N messages queued for it while it is not "
+                                          "running (default 10000).")(f)
 
 
 label_option = click.option(
@@ -130,6 +143,7 @@ def _policy(accept_peers: str | None, no_accept_peers: bool) -> str | None:
 @click.option("--cwd", type=click.Path(file_okay=False), help="Working directory of the handler.")
 @policy_options
 @handler_timeout_option
+@queue_options
 @label_option
 @click.option("--exist-ok", is_flag=True,
               help="Succeed if the Pod already exists with these settings (exit 1 naming "
@@ -137,15 +151,18 @@ def _policy(accept_peers: str | None, no_accept_peers: bool) -> str | None:
 @json_option
 @state_options
 def create_command(name, exec_cmd, cwd, accept_peers, no_accept_peers, peer_request_ttl,
-                   handler_timeout, labels, exist_ok, as_json, state):
+                   handler_timeout, queue_max_messages, queue_max_bytes, labels, exist_ok,
+                   as_json, state):
     """Create a Pod: its metadata record and an empty session log.
 
     --accept-peers sets who may become its peer (default open); with `ask`,
     `yoi pod peer register X NAME` leaves a request for NAME to approve.
+    --queue-max-messages and --queue-max-bytes bound its queue: the messages
+    `yoi pod send --queue` leaves for it while it is not running.
     With --exist-ok an existing Pod is fine if its settings (--exec, --cwd,
-    --accept-peers, --peer-request-ttl, --handler-timeout, --label) are the
-    ones given; if one differs the command exits 1 naming it: change
-    settings with `yoi pod config`.
+    --accept-peers, --peer-request-ttl, --handler-timeout, --queue-max-*,
+    --label) are the ones given; if one differs the command exits 1 naming
+    it: change settings with `yoi pod config`.
 
     \b
     Examples:
@@ -158,7 +175,9 @@ def create_command(name, exec_cmd, cwd, accept_peers, no_accept_peers, peer_requ
     policy = _policy(accept_peers, no_accept_peers) or "open"
     doc, created = store.create(state, name, exec_cmd=exec_cmd, cwd=cwd, accept_peers=policy,
                                 exist_ok=exist_ok, peer_request_ttl=peer_request_ttl,
-                                handler_timeout=handler_timeout, labels=parse_labels(labels))
+                                handler_timeout=handler_timeout, labels=parse_labels(labels),
+                                queue_max_messages=queue_max_messages,
+                                queue_max_bytes=queue_max_bytes)
     if not created and not as_json:
         say(f"Pod {name!r} already exists")  # talk: stdout stays the record alone
     emit(as_json, _pod_document(name, doc, created=created), _record_text(name, doc))
@@ -171,6 +190,7 @@ def create_command(name, exec_cmd, cwd, accept_peers, no_accept_peers, peer_requ
 @policy_options
 @click.option("--cwd", type=click.Path(file_okay=False), help="Set the handler's working directory.")
 @handler_timeout_option
+@queue_options
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="Set a label (repeatable).")
 @click.option("--unset-label", "unset", multiple=True, metavar="KEY",
@@ -178,7 +198,8 @@ def create_command(name, exec_cmd, cwd, accept_peers, no_accept_peers, peer_requ
 @json_option
 @state_options
 def config_command(name, exec_cmd, no_exec, accept_peers, no_accept_peers, peer_request_ttl,
-                   cwd, handler_timeout, labels, unset, as_json, state):
+                   cwd, handler_timeout, queue_max_messages, queue_max_bytes, labels, unset,
+                   as_json, state):
     """Change a Pod's settings; everything else in its record is preserved.
 
     A new policy (--accept-peers) applies to new registrations: existing
@@ -192,6 +213,7 @@ def config_command(name, exec_cmd, no_exec, accept_peers, no_accept_peers, peer_
       yoi pod config coder --accept-peers ask
       yoi pod config coder --exec 'my-agent --stdin'
       yoi pod config coder --label team=infra --unset-label job
+      yoi pod config reviewer --queue-max-messages 50000
     """
     from yoi import store
     from yoi.errors import UsageError
@@ -211,6 +233,10 @@ def config_command(name, exec_cmd, no_exec, accept_peers, no_accept_peers, peer_
         kwargs["cwd"] = cwd
     if handler_timeout is not None:
         kwargs["handler_timeout"] = handler_timeout
+    if queue_max_messages is not None:
+        kwargs["queue_max_messages"] = queue_max_messages
+    if queue_max_bytes is not None:
+        kwargs["queue_max_bytes"] = queue_max_bytes
     if labels:
         kwargs["set_labels"] = parse_labels(labels)
     if unset:
@@ -218,7 +244,7 @@ def config_command(name, exec_cmd, no_exec, accept_peers, no_accept_peers, peer_
     if not kwargs:
         raise UsageError("nothing to change: give --exec, --no-exec, --accept-peers, "
                          "--no-accept-peers, --peer-request-ttl, --cwd, --handler-timeout, "
-                         "--label or --unset-label")
+                         "--queue-max-messages, --queue-max-bytes, --label or --unset-label")
     doc = store.configure(state, name, **kwargs)
     emit(as_json, _pod_document(name, doc), _record_text(name, doc))
 
@@ -232,6 +258,9 @@ def config_command(name, exec_cmd, no_exec, accept_peers, no_accept_peers, peer_
 @state_options
 def list_command(as_name, labels, as_json, state):
     """List every Pod in the state directory with its peers count and live state.
+
+    A QUEUED column (`queued` in --json) counts the messages waiting for a
+    Pod that is not running (`yoi pod send --queue`).
 
     With --as NAME, list NAME's visibility set instead: NAME itself and its
     peers, with their state, liveness and whether they can be restored. Live
@@ -264,12 +293,15 @@ def list_command(as_name, labels, as_json, state):
         return
     width = max(4, *(len(i["pod_name"]) for i in items))
     labelled = any(i["labels"] for i in items)  # the LABELS column only when there are any
+    queues = any(i["queued"] for i in items)  # and QUEUED only when a message waits
     lines = [f"{'NAME':<{width}}  {'PEERS':>5}  {'LIVE':<4}  "
+             + (f"{'QUEUED':>6}  " if queues else "")
              + (f"{'STATE':<8}  LABELS" if labelled else "STATE")]
     for i in items:
         peers = "-" if i["peer_count"] is None else str(i["peer_count"])
         line = (f"{i['pod_name']:<{width}}  {peers:>5}  "
-                f"{'yes' if i['live']['reachable'] else 'no':<4}  ")
+                f"{'yes' if i['live']['reachable'] else 'no':<4}  "
+                + (f"{i['queued']:>6}  " if queues else ""))
         if labelled:
             line += f"{i['state']:<8}  " + (",".join(f"{k}={v}" for k, v in i["labels"].items())
                                            or "-")

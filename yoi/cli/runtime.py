@@ -122,7 +122,8 @@ def status_command(name, timeout, as_json, state):
 
     Exit 0 if live, 5 if not, so scripts can write
     `yoi pod status x || yoi pod start x`. With --json, `live` is the same
-    object as in `yoi pod list` (socket_path, reachable, status, error).
+    object as in `yoi pod list` (socket_path, reachable, status, error), and
+    `queued` the number of messages waiting in its queue (`send --queue`).
     A Pod with a handler also shows how its last run ended and how many of
     its last 10 runs failed (--json: `handler`, with `last`, the newest
     handler_result entry).
@@ -136,15 +137,16 @@ def status_command(name, timeout, as_json, state):
     st = control.probe_status(state, name, timeout)
     live = st["live"]
     handler = _handler_text(st["handler"])
+    queued = f"; {st['queued']} message(s) queued" if st["queued"] else ""
     if live["reachable"]:
         emit(as_json, st, f"{name}: live, {live['status']}, pid {st['pid']}, "
-                          f"socket {live['socket_path']}" + handler)
+                          f"socket {live['socket_path']}{queued}" + handler)
         return
     from yoi.errors import Unreachable
     why = ("not running" if not st["running"]
            else f"running but not answering ({live['error']})")
     if not as_json:
-        click.echo(f"{name}: {why}{handler}")
+        click.echo(f"{name}: {why}{queued}{handler}")
     raise Unreachable(f"Pod {name!r} is not live: {why}", data=st, pod_name=name)
 
 
@@ -170,10 +172,12 @@ def _handler_text(summary: dict) -> str:
               help="Only entries with a sequence number above SEQ.")
 @click.option("--follow", "-f", is_flag=True,
               help="Then stream live events from the Pod's socket until interrupted.")
+@click.option("--queued", is_flag=True,
+              help="Print the messages waiting in the Pod's queue instead (send --queue).")
 @timeout_option(help="How long to wait for the Pod.")
 @json_option
 @state_options
-def log_command(name, count, old_count, after, follow, timeout, as_json, state):
+def log_command(name, count, old_count, after, follow, queued, timeout, as_json, state):
     """Print a Pod's session log, one line per entry: `#SEQ TIME what`.
 
     Every entry has a sequence number, strictly increasing and never reused;
@@ -187,12 +191,18 @@ def log_command(name, count, old_count, after, follow, timeout, as_json, state):
     exit, its output), and a reply names the message it answers
     ("(reply to ID)"; in JSON `item.in_reply_to`).
 
+    With --queued, print instead the messages queued for the Pod (`yoi pod
+    send --queue` while it was not running), oldest first, one per line:
+    `queued TIME from SOURCE [ID]: text`; with --json, the queue records as
+    stored ({"id", "source", "message", "queued_at", ["in_reply_to"]}).
+
     \b
     Examples:
       yoi pod log reviewer --tail 20
       yoi pod log reviewer --after 120 --json
       yoi pod log reviewer --follow
       yoi pod log reviewer --json | jq -r '.item.message? // empty'
+      yoi pod log reviewer --queued
     """
     from yoi import history
     if old_count is not None:
@@ -202,6 +212,9 @@ def log_command(name, count, old_count, after, follow, timeout, as_json, state):
         say("yoi: note: `yoi pod log --lines N` is now `--tail N`; --lines goes away "
             "in the next release")
         count = old_count
+    if queued:
+        _print_queued(state, name, count, after, follow, as_json)
+        return
     with history.Log(state, name, follow, timeout) as log:
         skipped = 0
         for raw, entry in log.entries(count, after):
@@ -214,6 +227,27 @@ def log_command(name, count, old_count, after, follow, timeout, as_json, state):
         for obj in log.live():
             click.echo(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) if as_json
                        else render(obj))
+
+
+def _print_queued(state, name: str, count, after, follow: bool, as_json: bool) -> None:
+    from yoi import offline, store
+    from yoi.errors import UsageError
+    if after is not None or follow:
+        raise UsageError("--queued cannot be used with --after or --follow")
+    store.read(state, name)  # NotFound
+    path = state.queue_path(name)
+    contents = offline.read(path)
+    records = contents.records
+    if count is not None:
+        records = records[-count:] if count else []
+    for rec in records:
+        click.echo(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) if as_json
+                   else f"queued {rec['queued_at']} from {rec.get('source') or 'operator'} "
+                        f"[{rec['id']}]: {_one_line(rec['message'])}")
+    skipped = len(contents.bad) + (contents.torn is not None)
+    if skipped:
+        say(f"yoi: note: skipped {skipped} line(s) of {path} that are not queue records "
+            "(`yoi doctor` reports them)")
 
 
 def _one_line(text) -> str:
@@ -258,6 +292,10 @@ def _render_entry(entry: dict) -> str:
     if kind == "peer_request":
         return (f"peer request from {entry.get('source')} [{entry.get('request_id')}], "
                 f"expires {entry.get('expires_at')}; decided by the {entry.get('decider')}")
+    if kind == "delivery_rejected":
+        return (f"delivery rejected: queued message from {entry.get('source') or 'operator'} "
+                f"[{entry.get('message_id')}]: {_one_line(entry.get('reason', ''))}; text: "
+                f"{_one_line(entry.get('message', ''))}")
     if kind == "peer_decision":
         how = entry.get("decision")
         why = f": {_one_line(entry.get('reason', ''))}" if how == "none" else ""

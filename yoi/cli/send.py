@@ -29,12 +29,15 @@ from yoi.cli.common import (SECONDS, PodNameType, YoiCommand, emit, json_option,
 @click.option("--wait-reply", "wait_reply", type=SECONDS, default=None, metavar="SECONDS",
               help="Then wait this long for the reply to it in the sender's log (needs "
                    "--from or $YOI_POD naming a live Pod) and print it.")
+@click.option("--queue", is_flag=True,
+              help="If TARGET is not running, queue the message(s) for it (exit 0, state "
+                   "queued): TARGET commits them, in order, when it starts.")
 @click.argument("target", type=PodNameType("target Pod name"), metavar="TARGET")
 @click.argument("message", required=False, metavar="MESSAGE")
 @json_option
 @state_options
-def send(source, msg_id, timeout, no_wait, lines, reply_to, wait_reply, target, message,
-         as_json, state):
+def send(source, msg_id, timeout, no_wait, lines, reply_to, wait_reply, queue, target,
+         message, as_json, state):
     """Send MESSAGE to Pod TARGET and wait until TARGET has recorded it.
 
     With a source (--from, or $YOI_POD inside a handler) this is a peer
@@ -70,15 +73,30 @@ def send(source, msg_id, timeout, no_wait, lines, reply_to, wait_reply, target, 
     waits on. A script that is no Pod uses a Pod as its mailbox: `yoi pod
     create ci && yoi pod start ci && yoi pod peer register ci agent`, then
     `yoi pod send --from ci agent ...`. Given --id with --wait-reply (a
-    retry), a reply to that id already in the log counts.
+    retry), a reply to that id already in the log counts. With --queue as
+    well, a message queued for a TARGET that is not running is answered
+    once TARGET starts: --wait-reply waits for that reply all the same.
+
+    With --queue, a TARGET that is not running is no error: the message is
+    appended to TARGET's durable queue (after the same checks as a live
+    send) and the command exits 0 saying "queued for TARGET (id ID)"
+    (--json: "state": "queued"; a delivered message says "delivered").
+    TARGET commits what is queued for it, in order and each id once, when it
+    starts, and runs its handler for each as for a live message; the peer
+    relation is checked again then. A live TARGET is sent to as without
+    --queue. With --lines and a TARGET that is not running, the input is
+    read to its end and queued at once, in line order. A full queue
+    (`yoi pod config --queue-max-messages/--queue-max-bytes`) is exit 1 and
+    nothing is queued. `yoi pod log TARGET --queued` shows what waits.
 
     A Pod of the original Yoi has no message ids: a peer message is sent to
     it in the original's form (the sender in a header in the message), and
     a note says that sending again could deliver twice.
 
-    Exit status: 0 delivered, 1 not acknowledged or malformed reply, 2 usage
-    (bad name, empty or over-long message), 3 no such Pod, 4 not a peer or
-    refused by TARGET, 5 TARGET not running or timed out, 130 interrupted.
+    Exit status: 0 delivered (or queued, with --queue), 1 not acknowledged,
+    malformed reply or queue full, 2 usage (bad name, empty or over-long
+    message), 3 no such Pod, 4 not a peer or refused by TARGET, 5 TARGET not
+    running or timed out, 130 interrupted.
 
     \b
     Examples:
@@ -91,6 +109,7 @@ def send(source, msg_id, timeout, no_wait, lines, reply_to, wait_reply, target, 
       yoi pod send --from ci agent 'summarise the failures' --wait-reply 60 --json
       yoi pod send "$YOI_FROM" --reply-to "$YOI_MESSAGE_ID" 'done'
       yoi pod send --from reviewer coder --reply-to 5f1e0c 'looks good'
+      yoi pod send --queue --from coder reviewer 'review PR 42 when you start'
     """
     from yoi import delivery
     from yoi.errors import UsageError
@@ -113,11 +132,11 @@ def send(source, msg_id, timeout, no_wait, lines, reply_to, wait_reply, target, 
         if reply_to is not None:
             raise UsageError("--reply-to names the one message a reply answers: not with "
                              "--lines")
-        result = _send_lines(delivery, state, target, source, msg_id, timeout)
+        result = _send_lines(delivery, state, target, source, msg_id, timeout, queue)
         count = result["messages"]
         ids = (f"id {result['first_id']}" if count == 1
                else f"ids {result['first_id']} .. {result['last_id']}")
-        what = f"{count} message{'s' if count != 1 else ''} to {target}{who} ({ids})"
+        what = f"{count} message{'s' if count != 1 else ''} {{to}} {target}{who} ({ids})"
     else:
         if message is None:
             raise UsageError("missing MESSAGE (give - to read it from stdin)")
@@ -126,13 +145,20 @@ def send(source, msg_id, timeout, no_wait, lines, reply_to, wait_reply, target, 
         if wait_reply is not None:
             result = delivery.ask(state, target, message, source=source, msg_id=msg_id,
                                   timeout=timeout, reply_to=reply_to,
-                                  reply_timeout=wait_reply)
+                                  reply_timeout=wait_reply, queue=queue)
         else:
             result = delivery.send(state, target, message, source=source, msg_id=msg_id,
-                                   timeout=timeout, wait=not no_wait, reply_to=reply_to)
-        what = f"to {target}{who} (id {result['id']})"
-    text = (f"delivered {what}" if not no_wait
-            else f"sent {what}; no acknowledgement was awaited")
+                                   timeout=timeout, wait=not no_wait, reply_to=reply_to,
+                                   queue=queue)
+        what = f"{{to}} {target}{who} (id {result['id']})"
+    for note in result.pop("notes", []):
+        say(f"yoi: note: {note}")
+    if result["state"] == "queued":
+        text = "queued " + what.format(to="for")
+    elif not no_wait:
+        text = "delivered " + what.format(to="to")
+    else:
+        text = f"sent {what.format(to='to')}; no acknowledgement was awaited"
     if "reply" in result:
         from yoi.cli.runtime import render
         text = f"{text}\nreply: {render(result['reply'])}"
@@ -142,7 +168,7 @@ def send(source, msg_id, timeout, no_wait, lines, reply_to, wait_reply, target, 
             "ids): sending again would deliver twice")
 
 
-def _send_lines(delivery, state, target, source, msg_id, timeout) -> dict:
+def _send_lines(delivery, state, target, source, msg_id, timeout, queue) -> dict:
     """--lines: stream stdin, each line sent as it arrives; interrupts stop cleanly."""
     from yoi import client
     try:
@@ -160,4 +186,4 @@ def _send_lines(delivery, state, target, source, msg_id, timeout) -> dict:
     with client.Interrupts() as interrupts:
         return delivery.send_lines(state, target, source=source, id_prefix=prefix,
                                    timeout=timeout, fd=fd, data=data,
-                                   interrupts=interrupts, on_open=opened)
+                                   interrupts=interrupts, on_open=opened, queue=queue)

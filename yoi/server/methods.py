@@ -53,11 +53,15 @@ def shutdown(pod, c: Client, params: dict) -> None:
     pod.loop.request_stop("shutdown method")
 
 
-def notify(pod, c: Client, params: dict) -> None:
+def notify(pod, c: Client | None, params: dict, done=None) -> None:
     """A notification; a peer message names its sender in ``source`` (ours) or, as the
     original's sender writes it, in a header at the start of ``message``. Either way
     the sender must be a peer now, and ``body`` is what the original's Pod makes of
-    the message in the original's form."""
+    the message in the original's form.
+
+    A queued message is committed here too, with C None (``yoi.server.drain``):
+    DONE(outcome), on the loop thread, then tells how it ended: None (committed
+    now), ``"duplicate"`` (its id was committed before) or the commit's OSError."""
     message = params.get("message")
     if not isinstance(message, str):
         raise Invalid("notify needs a string 'message'")
@@ -79,7 +83,7 @@ def notify(pod, c: Client, params: dict) -> None:
     refusal = pod.peer_refusal(source) if source is not None else None
     if refusal:
         raise Invalid(refusal)
-    if msg_id is not None and _answered_by_id(pod, c, msg_id):
+    if msg_id is not None and _answered_by_id(pod, c, msg_id, done):
         return
     item = {"kind": "notification", "message": message,
             "body": protocol.notification_body(original)}
@@ -95,6 +99,9 @@ def notify(pod, c: Client, params: dict) -> None:
     def after(res, err):
         waiting = pod.pending_ids.pop(msg_id, []) if msg_id is not None else []
         for w in waiting:
+            if not isinstance(w, Client):
+                w("duplicate" if err is None else err)  # a queued copy's DONE
+                continue
             if err is None:
                 pod.hub.send(w, entry.event(res.seq))
             else:
@@ -102,20 +109,29 @@ def notify(pod, c: Client, params: dict) -> None:
             pod.hub.paid(w)
         if err is None and pod.exec_cmd:
             pod.worker.submit(Job("notify", res, source, msg_id))
+        if done is not None:
+            done(err)
 
     pod.commit(c, entry, after)
 
 
-def _answered_by_id(pod, c: Client, msg_id: str) -> bool:
-    """A retry of MSG_ID: acknowledge again (or once its commit lands), commit nothing."""
+def _answered_by_id(pod, c: Client | None, msg_id: str, done=None) -> bool:
+    """A retry of MSG_ID: acknowledge again (or once its commit lands), commit nothing.
+    A queued copy (C None) is told through DONE instead."""
     original = pod.session.committed_line(msg_id)
     if original is not None:
-        pod.hub.send(c, event_of(original, "system_item"))
+        if c is not None:
+            pod.hub.send(c, event_of(original, "system_item"))
+        elif done is not None:
+            done("duplicate")
         return True
     waiting = pod.pending_ids.get(msg_id)
     if waiting is not None:
-        waiting.append(c)
-        pod.hub.owe(c)
+        if c is not None:
+            waiting.append(c)
+            pod.hub.owe(c)
+        elif done is not None:
+            waiting.append(done)
         return True
     pod.pending_ids[msg_id] = []
     return False
@@ -233,6 +249,28 @@ def offer_peer_request(pod, c: Client, params: dict) -> None:
     pod.ops.offload(c, "peer_request_offered", lambda: consent.offer_request(pod, requester))
 
 
+def drain_queue(pod, c: Client, params: dict) -> None:
+    """(ours) "Messages are queued for you": commit what waits in this Pod's queue
+    (``yoi.server.drain``); answered ``queue_drained`` once a pass that began after
+    this request has ended. ``ids`` (optional): message ids to report on."""
+    ids = params.get("ids", [])
+    if not (isinstance(ids, list) and len(ids) <= MAX_DRAIN_IDS
+            and all(protocol.is_valid_message_id(i) for i in ids)):
+        raise Invalid(f"'ids' must be a list of at most {MAX_DRAIN_IDS} message ids")
+    pod.hub.owe(c)
+
+    def answer(result: dict) -> None:
+        data = {k: v for k, v in result.items() if k != "rejections"}
+        data["ids"] = {i: pod.drainer.outcome(i, result) for i in ids}
+        pod.hub.send(c, protocol.event("queue_drained", data))
+        pod.hub.paid(c)
+
+    pod.drainer.request(answer)
+
+
+MAX_DRAIN_IDS = 100
+
+
 def name_param(params: dict) -> str:
     name = params.get("name")
     if not isinstance(name, str) or not is_valid_name(name):
@@ -252,4 +290,5 @@ METHODS = {
     "register_peer": _peer_change("register"),
     "unregister_peer": _peer_change("unregister"),
     "offer_peer_request": offer_peer_request,
+    "drain_queue": drain_queue,
 }

@@ -24,6 +24,7 @@ from yoi import peers, protocol, store, timeouts
 from yoi.errors import Failed, YoiError
 from yoi.server import consent, methods
 from yoi.server.connection import Client, Hub, flush_then_close
+from yoi.server.drain import QUEUE_POLL, Drainer
 from yoi.server.log import log, rotate_by_size
 from yoi.server.loop import Loop, report
 from yoi.server.operations import Invalid, Operations
@@ -63,6 +64,7 @@ class Pod:
         self.hub: Hub | None = None
         self.ops: Operations | None = None
         self.worker = HandlerWorker(self)
+        self.drainer = Drainer(self)
 
     # -- start-up and shut-down ------------------------------------------------
     def serve(self, ready=None) -> int:
@@ -112,14 +114,26 @@ class Pod:
             listener.listen(512)
             self.hub = Hub(self.loop, listener, self._on_line, self._prelude)
             self.ops = Operations(self.loop, self.hub, self.internal_error)
-            self.hub.start_accepting()
             self.loop.install_signals()
             self.worker.start()
             self.ops.start()
+            self.drainer.start()
             consent.offer_pending(self)
-            log(f"Pod {self.name} serving on {self.socket_path} (pid {os.getpid()})")
-            if ready is not None:
-                ready(self.socket_path)
+
+            def open_up(drained: dict) -> None:
+                # Clients wait in the listen backlog until the queue is drained:
+                # what was queued is committed before anything sent live.
+                if self.loop.stopping:
+                    return  # stopped meanwhile: accept nothing
+                self.hub.start_accepting()
+                log(f"Pod {self.name} serving on {self.socket_path} (pid {os.getpid()})"
+                    + (f"; delivered {drained['committed']} queued message(s)"
+                       if drained["committed"] else ""))
+                if ready is not None:
+                    ready(self.socket_path)
+                self.loop.call_later(QUEUE_POLL, self.drainer.poll)
+
+            self.drainer.request(open_up)
             self.loop.run()
             self._shutdown()
         finally:
@@ -132,6 +146,7 @@ class Pod:
 
     def _shutdown(self) -> None:
         self.hub.stop()                  # 1. accept and read nothing more
+        self.drainer.stop()              #    and start no drain pass
         self.worker.stop()               # 2. end the handler run in progress
         self.session.close()             # 3. finish the commits in progress ...
         self.loop.run_calls()            #    ... and deliver their broadcasts

@@ -59,12 +59,13 @@ class Entry:
     spliced from the same bytes, so committing costs one ``json.dumps``.
     """
 
-    __slots__ = ("kind", "msg_id", "_rest")
+    __slots__ = ("kind", "msg_id", "key", "_rest")
 
     def __init__(self, kind: str, fields: dict, msg_id: str | None = None,
-                 at: str | None = None, ts: int | None = None):
+                 at: str | None = None, ts: int | None = None, key: str | None = None):
         self.kind = kind
         self.msg_id = msg_id
+        self.key = msg_id if key is None else key  # what the id index files it under
         head = {"kind": kind, "ts": time.time_ns() // 1_000_000 if ts is None else ts,
                 "at": at or now_iso()}
         if msg_id is not None:
@@ -174,6 +175,19 @@ def entry_reply_to(entry: dict) -> str | None:
     item = entry.get("item")
     value = item.get("in_reply_to") if isinstance(item, dict) else entry.get("in_reply_to")
     return value if isinstance(value, str) else None
+# A rejected delivery (``delivery_rejected``, see ``yoi.server.drain``) is indexed
+# under its message id behind this prefix: a key no message id can be (ids have
+# no "/"), so a retry of the message is not taken for it, and a drain repeated
+# after a crash finds the rejection already recorded.
+REJECTED_PREFIX = "rejected/"
+
+
+def index_key(entry: dict) -> str | None:
+    """What the id index files ENTRY under: its message id, or a rejection's key."""
+    if entry.get("kind") == "delivery_rejected":
+        msg_id = entry.get("message_id")
+        return REJECTED_PREFIX + msg_id if isinstance(msg_id, str) else None
+    return entry_id(entry)
 
 
 def entry_seq(entry: dict) -> int | None:
@@ -500,7 +514,7 @@ def set_aside_torn_tail(path: Path) -> Path | None:
     try:
         tail = os.pread(fd, size - good_end, good_end)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        backup = _create_exclusive(path.with_name(f"{path.name}{TORN_MARK}{stamp}"), tail)
+        backup = create_exclusive(path.with_name(f"{path.name}{TORN_MARK}{stamp}"), tail)
         os.ftruncate(fd, good_end)
         os.fsync(fd)
     finally:
@@ -509,7 +523,7 @@ def set_aside_torn_tail(path: Path) -> Path | None:
     return backup
 
 
-def _create_exclusive(path: Path, data: bytes) -> Path:
+def create_exclusive(path: Path, data: bytes) -> Path:
     """Write DATA to a new file PATH (or PATH-2, PATH-3 ...), fsynced; return it."""
     n = 1
     candidate = path

@@ -36,8 +36,8 @@ from typing import Callable
 from yoi import protocol
 from yoi.atomic import fsync_dir, write_all
 from yoi.faults import fault
-from yoi.session import (READ_CHUNK, Entry, Recent, entry_id, last_seq, line_seq, parse_entry,
-                         set_aside_torn_tail, tail)
+from yoi.session import (READ_CHUNK, Entry, Recent, entry_id, index_key, last_seq, line_seq,
+                         parse_entry, set_aside_torn_tail, tail)
 from yoi.session.index import IdIndex, tail_check
 
 INDEX_BATCH = 10_000  # rows per index transaction while catching up
@@ -163,9 +163,9 @@ class SessionLog:
         rows: list[tuple[str, int, int]] = []
         unreadable = 0
         for line, offset in _lines_at(self._rfd, end, self.size):
-            if b'"id"' in line:
+            if b'"id"' in line or b'"delivery_rejected"' in line:
                 obj = parse_entry(line)
-                msg_id = entry_id(obj) if obj is not None else None
+                msg_id = index_key(obj) if obj is not None else None
                 if msg_id is not None:
                     rows.append((msg_id, offset, len(line) + 1))
             elif line.strip() and parse_entry(line) is None:
@@ -255,8 +255,8 @@ class SessionLog:
         results, rows, offset = [], [], start
         for (entry, _), line in zip(batch, lines):
             results.append(Committed(offset, len(line), seq + len(results) + 1))
-            if entry.msg_id is not None:
-                rows.append((entry.msg_id, offset, len(line)))
+            if entry.key is not None:
+                rows.append((entry.key, offset, len(line)))
             offset += len(line)
         fault("session-before-index")
         self._index(rows)

@@ -1,0 +1,465 @@
+"""Offline delivery: `yoi pod send --queue` to a Pod that is not running, delivered
+exactly once, in order, when it starts (yoi.offline, yoi.server.drain)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from conftest import yoi_cmd
+from yoi import client, control, offline, peers, session, store
+
+
+def committed(state, name: str, kind: str = "system_item") -> list[dict]:
+    return [e for _, e in session.entries(state.session_path(name))
+            if e is not None and e["kind"] == kind]
+
+
+def committed_ids(state, name: str) -> list[str]:
+    return [e["item"]["id"] for e in committed(state, name)]
+
+
+def queue_items(ids, source=None, text="m"):
+    return [(i, offline.record_line(i, f"{text} {i}", source)) for i in ids]
+
+
+def wait_for(check, timeout=10.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def peers_ab(state):
+    store.create(state, "A")
+    store.create(state, "B")
+    peers.register(state, "A", "B")
+
+
+# -- sending -------------------------------------------------------------------------------
+
+def test_queue_send_to_a_stopped_pod_is_queued_then_delivered_in_order_at_start(
+        run_yoi, state, peers_ab, started_pod):
+    r = run_yoi("pod", "send", "--queue", "--from", "A", "--id", "q-1", "B", "first")
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "queued for B (id q-1)\n", ""), r
+    r = run_yoi("pod", "send", "--queue", "--json", "--id", "q-2", "B", "second")
+    assert r.exit_code == 0, r
+    assert r.json == {"ok": True, "pod_name": "B", "source": None, "id": "q-2",
+                      "acknowledged": False, "at": None, "deduplicates_retries": True,
+                      "state": "queued"}
+    r = run_yoi("pod", "send", "--queue", "--lines", "--id", "L", "--from", "A", "B",
+                input="three\n\nfour\n")
+    assert (r.exit_code, r.stdout) == (0, "queued 2 messages for B (ids L-1 .. L-3)\n"), r
+    # a retry of a queued id queues nothing more
+    r = run_yoi("pod", "send", "--queue", "--from", "A", "--id", "q-1", "B", "first")
+    assert r.exit_code == 0, r
+    assert offline.depth(state.queue_path("B")) == 4
+    r = run_yoi("pod", "status", "B", "--json")
+    assert (r.exit_code, r.json["queued"]) == (5, 4), r
+    r = run_yoi("pod", "log", "B", "--queued")
+    assert [line.split(": ", 1)[1] for line in r.stdout.splitlines()] == \
+        ["first", "second", "three", "four"], r
+    r = run_yoi("pod", "list")
+    assert r.stdout.splitlines()[0].split() == ["NAME", "PEERS", "LIVE", "QUEUED", "STATE"], r
+
+    started_pod("B", exec="cat")
+    assert committed_ids(state, "B") == ["q-1", "q-2", "L-1", "L-3"]
+    sources = [e["item"].get("source") for e in committed(state, "B")]
+    assert sources == ["A", None, "A", "A"]
+    assert offline.depth(state.queue_path("B")) == 0
+    # each ran the handler, as a live message does
+    wait_for(lambda: len(committed(state, "B", "handler_result")) == 4, what="4 handler runs")
+    assert [e["text"] for e in committed(state, "B", "handler_result")] == \
+        ["first", "second", "three", "four"]
+    # a live Pod: --queue sends as usual
+    r = run_yoi("pod", "send", "--queue", "--json", "--id", "live-1", "B", "now")
+    assert (r.exit_code, r.json["state"], r.json["acknowledged"]) == (0, "delivered", True), r
+
+
+def test_queue_send_checks_like_a_live_send(run_yoi, state, peers_ab):
+    store.create(state, "C")
+    cases = [
+        (("--from", "A", "ghost", "x"), 3, "yoi: error: no such Pod: ghost\n"),
+        (("--from", "C", "B", "x"), 4, "not a peer: C does not list B as a peer"),
+        (("--from", "A", "B", " "), 2, "empty message: nothing to send"),
+        (("--from", "A", "bad/name", "x"), 2, "invalid target Pod name"),
+    ]
+    for args, code, message in cases:
+        r = run_yoi("pod", "send", "--queue", *args)
+        assert r.exit_code == code and message in r.stderr, r
+    assert not state.queue_path("B").exists()
+    r = run_yoi("pod", "send", "--from", "A", "B", "x")  # without --queue: as before
+    assert r.exit_code == 5 and "B is not running" in r.stderr, r
+
+
+def test_queue_full_exits_1_and_queues_nothing(run_yoi, state):
+    r = run_yoi("pod", "create", "T", "--queue-max-messages", "3", "--queue-max-bytes", "4000")
+    assert r.exit_code == 0, r
+    for i in range(3):
+        assert run_yoi("pod", "send", "--queue", "--id", f"m{i}", "T", "x").exit_code == 0
+    before = state.queue_path("T").read_bytes()
+    r = run_yoi("pod", "send", "--queue", "--id", "m3", "T", "x")
+    assert r.exit_code == 1, r
+    assert r.stderr.startswith("yoi: error: T's queue is full: 3 message(s)"), r
+    assert "nothing was queued" in r.stderr and "--queue-max-messages" in r.stderr, r
+    assert state.queue_path("T").read_bytes() == before
+    # a batch over the byte limit: none of it
+    run_yoi("pod", "config", "T", "--queue-max-messages", "100")
+    r = run_yoi("pod", "send", "--queue", "--lines", "T", input="y" * 1000 + "\n" + "z" * 3000)
+    assert r.exit_code == 1 and "2 more" in r.stderr, r
+    assert state.queue_path("T").read_bytes() == before
+    r = run_yoi("pod", "send", "--queue", "--lines", "T", input="fits\n")
+    assert r.exit_code == 0, r
+    assert offline.depth(state.queue_path("T")) == 4
+    r = run_yoi("pod", "config", "T", "--queue-max-bytes", "0")
+    assert r.exit_code == 2, r
+
+
+def test_queue_limits_are_settings_of_the_record_and_of_yoi_toml(run_yoi, state, tmp_path):
+    decl = tmp_path / "yoi.toml"
+    decl.write_text("[pods.w]\nqueue_max_messages = 7\nstart = false\n")
+    r = run_yoi("up", "-f", decl)
+    assert r.exit_code == 0, r
+    assert store.read(state, "w")["queue_max_messages"] == 7
+    decl.write_text("[pods.w]\nqueue_max_messages = 0\nstart = false\n")
+    r = run_yoi("up", "-f", decl)
+    assert r.exit_code == 2 and "pods.w.queue_max_messages: queue_max_messages must be a " \
+        "whole number of messages from 1" in r.stderr, r
+    doc = state.metadata_path("w").read_text().replace("= 7", "= -1")
+    state.metadata_path("w").write_text(doc)
+    r = run_yoi("pod", "show", "w")
+    assert r.exit_code == 1 and "queue_max_messages must be" in r.stderr, r
+
+
+def test_a_queued_reply_keeps_the_id_it_answers_through_the_queue(state, run_yoi,
+                                                                   started_pod):
+    store.create(state, "T")
+    r = run_yoi("pod", "send", "--queue", "--id", "r-1", "--reply-to", "q-7", "T", "yes",
+                "--json")
+    assert (r.exit_code, r.json["state"]) == (0, "queued"), r
+    [rec] = offline.read(state.queue_path("T")).records
+    assert rec["in_reply_to"] == "q-7"
+    started_pod("T", create=False)
+    [entry] = committed(state, "T")
+    assert (entry["id"], entry["item"]["in_reply_to"]) == ("r-1", "q-7")
+
+
+def test_wait_reply_waits_across_the_queue_until_the_target_starts_and_answers(
+        state, run_yoi, started_pod):
+    """A question queued for a stopped agent: --wait-reply gets the answer it gives
+    once it is started."""
+    import shlex
+    yoi = shlex.join(yoi_cmd())
+    store.create(state, "ci")
+    store.create(state, "agent", exec_cmd=(
+        f'm=$(cat); {yoi} pod send "$YOI_FROM" --reply-to "$YOI_MESSAGE_ID" "re: $m"'))
+    peers.register(state, "ci", "agent")
+    started_pod("ci", create=False)
+    asking = subprocess.Popen(yoi_cmd() + ["pod", "send", "--queue", "--from", "ci", "agent",
+                                           "are you there?", "--id", "q-1",
+                                           "--wait-reply", "60", "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: offline.depth(state.queue_path("agent")) == 1, what="the queued question")
+        assert asking.poll() is None  # still waiting: nobody has answered
+        started_pod("agent", create=False)
+        out, err = asking.communicate(timeout=60)
+    finally:
+        if asking.poll() is None:
+            asking.kill()
+            asking.wait()
+    assert asking.returncode == 0, err
+    doc = json.loads(out)
+    assert (doc["state"], doc["reply"]["item"]["message"]) == ("queued", "re: are you there?")
+    assert doc["reply"]["item"]["in_reply_to"] == "q-1"
+
+
+def test_wait_reply_to_a_queued_message_times_out_saying_it_is_queued(state, run_yoi,
+                                                                      started_pod):
+    store.create(state, "ci")
+    store.create(state, "agent")
+    peers.register(state, "ci", "agent")
+    started_pod("ci", create=False)
+    r = run_yoi("pod", "send", "--queue", "--from", "ci", "agent", "hello", "--id", "q-2",
+                "--wait-reply", "0.3")
+    assert r.exit_code == 5, r
+    assert ("message q-2 is queued for agent, which is not running, but no reply to it came "
+            "to ci within 0.3s") in r.stderr, r
+
+
+def test_an_interrupt_while_reading_lines_to_queue_queues_nothing(state, yoi_home):
+    store.create(state, "T")
+    p = subprocess.Popen(yoi_cmd() + ["pod", "send", "--queue", "--lines", "T"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    p.stdin.write("one\ntwo\n")
+    p.stdin.flush()
+    time.sleep(0.5)  # reading, waiting for more
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=10)
+    assert p.returncode == 130, err
+    assert "nothing was queued for T (2 line(s) read)" in err
+    assert offline.depth(state.queue_path("T")) == 0
+
+
+def test_rm_removes_the_queue_with_the_pod(run_yoi, state):
+    store.create(state, "T")
+    assert run_yoi("pod", "send", "--queue", "T", "x").exit_code == 0
+    r = run_yoi("pod", "rm", "T")
+    assert r.exit_code == 0, r
+    assert not state.pod_dir("T").exists()
+    store.create(state, "T")
+    assert offline.depth(state.queue_path("T")) == 0
+    r = run_yoi("pod", "send", "--queue", "ghost", "x")
+    assert r.exit_code == 3, r
+
+
+# -- the acceptance scenarios ----------------------------------------------------------------
+
+SENDER = textwrap.dedent("""
+    import sys
+    from yoi import delivery
+    from yoi.state import State
+    state, me, n = State.resolve(), sys.argv[1], int(sys.argv[2])
+    for i in range(n):
+        r = delivery.send(state, "T", f"{me} says {i}", source=me, msg_id=f"{me}-{i}",
+                          queue=True)
+        assert r["state"] == "queued", r
+""")
+
+
+def test_1000_messages_from_4_concurrent_senders_arrive_once_each_in_sender_order(
+        state, started_pod):
+    store.create(state, "T")
+    senders = [f"s{k}" for k in range(4)]
+    for s in senders:
+        store.create(state, s)
+        peers.register(state, s, "T")
+    procs = [subprocess.Popen([sys.executable, "-c", SENDER, s, "250"]) for s in senders]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    assert offline.depth(state.queue_path("T")) == 1000
+    started_pod("T")
+    ids = committed_ids(state, "T")
+    assert len(ids) == 1000 and len(set(ids)) == 1000
+    for s in senders:
+        assert [i for i in ids if i.startswith(f"{s}-")] == [f"{s}-{i}" for i in range(250)]
+    assert offline.depth(state.queue_path("T")) == 0
+
+
+def _serve(state, name, env=None):
+    """The Pod process itself, in the foreground: ours to SIGKILL."""
+    return subprocess.Popen(yoi_cmd() + ["pod", "start", name, "--foreground"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
+
+
+def _kill(proc) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def test_sigkill_while_draining_loses_and_duplicates_nothing(state, started_pod):
+    store.create(state, "T", queue_max_messages=100_000)
+    rng = random.Random(1234)
+    queued: list[str] = []
+    log = state.session_path("T")
+    mid_drain = 0  # kills that left part of a round committed and its queue not emptied
+    for round_ in range(22):
+        ids = [f"r{round_}-{i}" for i in range(500)]
+        offline.append(state, "T", queue_items(ids, text="x" * 2000))
+        queued += ids
+        size = log.stat().st_size
+        proc = _serve(state, "T")
+        try:
+            wait_for(lambda: log.stat().st_size > size or proc.poll() is not None,
+                     what="the drain to begin")
+            time.sleep(rng.choice([0, 0.005, 0.02, 0.05, 0.2]))  # in the drain, or after it
+        finally:
+            _kill(proc)
+        mid_drain += (log.stat().st_size > size
+                      and offline.depth(state.queue_path("T")) > 0)
+    assert mid_drain >= 5, mid_drain
+    started_pod("T")
+    ids = committed_ids(state, "T")
+    assert sorted(ids) == sorted(queued)  # every id, and each once
+    assert ids == queued  # in the order queued
+    assert offline.depth(state.queue_path("T")) == 0
+
+
+@pytest.mark.parametrize("point", ["drain-before-clear", "session-before-index",
+                                   "session-mid-write"])
+def test_a_crash_at_each_drain_step_delivers_once_on_restart(state, started_pod, point):
+    store.create(state, "T")
+    ids = [f"c-{i}" for i in range(50)]
+    offline.append(state, "T", queue_items(ids))
+    proc = _serve(state, "T", {"YOI_FAULT": f"{point}:crash"})
+    assert proc.wait(timeout=30) == 137
+    started_pod("T")
+    assert committed_ids(state, "T") == ids
+    assert offline.depth(state.queue_path("T")) == 0
+
+
+def test_a_relation_removed_while_queued_is_a_rejected_delivery_not_a_commit(
+        run_yoi, state, peers_ab, started_pod):
+    r = run_yoi("pod", "send", "--queue", "--from", "A", "--id", "gone-1", "B", "secret plan")
+    assert r.exit_code == 0, r
+    assert run_yoi("pod", "send", "--queue", "--id", "op-1", "B", "from the operator").exit_code == 0
+    peers.unregister(state, "A", "B")
+    pod = started_pod("B")
+    assert committed_ids(state, "B") == ["op-1"]
+    [rejected] = committed(state, "B", "delivery_rejected")
+    assert rejected["message_id"] == "gone-1" and rejected["source"] == "A"
+    assert rejected["message"] == "secret plan"
+    assert rejected["reason"] == "'A' is not a peer of 'B'; message refused"
+    assert "id" not in rejected  # a retry of gone-1 is not taken for delivered
+    assert offline.depth(state.queue_path("B")) == 0
+    with client.Connection.open(pod.socket_path) as conn:
+        assert any("gone-1" in a["message"] and "not delivered" in a["message"]
+                   for a in conn.alerts), conn.alerts
+    r = run_yoi("pod", "log", "B")
+    assert "delivery rejected: queued message from A [gone-1]: 'A' is not a peer" in r.stdout
+    # re-introduced, the same id is delivered (it never was)
+    peers.register(state, "A", "B")
+    r = run_yoi("pod", "send", "--from", "A", "--id", "gone-1", "B", "secret plan")
+    assert r.exit_code == 0, r
+    assert committed_ids(state, "B") == ["op-1", "gone-1"]
+
+
+def test_a_queue_send_racing_starts_and_stops_never_strands_a_message(state, started_pod):
+    store.create(state, "T")
+    stop = threading.Event()
+    outcomes: dict[str, str] = {}
+    code = textwrap.dedent("""
+        import json, sys
+        from yoi import delivery
+        from yoi.errors import YoiError
+        from yoi.state import State
+        state = State.resolve()
+        for i in range(100000):
+            try:
+                r = delivery.send(state, "T", f"race {i}", msg_id=f"race-{i}", queue=True,
+                                  timeout=5)
+                print(json.dumps([r["id"], r["state"]]), flush=True)
+            except YoiError as e:  # e.g. a send in doubt as the Pod stopped: say so
+                print(json.dumps([f"race-{i}", "error:" + e.message]), flush=True)
+            if sys.stdin.readline() != "more\\n":
+                break
+    """)
+    sender = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+
+    def send_all():
+        while not stop.is_set():
+            line = sender.stdout.readline()
+            if not line:
+                return
+            msg_id, outcome = json.loads(line)
+            outcomes[msg_id] = outcome
+            sender.stdin.write("more\n")
+            sender.stdin.flush()
+
+    t = threading.Thread(target=send_all)
+    t.start()
+    try:
+        for _ in range(20):
+            control.start(state, "T")
+            time.sleep(0.05)
+            control.stop(state, "T")
+    finally:
+        stop.set()
+        t.join(timeout=30)
+        sender.stdin.close()
+        sender.wait(timeout=30)
+    started_pod("T")
+    # A live Pod leaves nothing queued (it looks every second, besides being asked).
+    wait_for(lambda: offline.depth(state.queue_path("T")) == 0, timeout=5, what="the drain")
+    ids = committed_ids(state, "T")
+    assert len(ids) == len(set(ids))
+    sent = [i for i, o in outcomes.items() if o in ("queued", "delivered")]
+    assert len(sent) > 20 and {"queued", "delivered"} <= set(outcomes.values()), outcomes
+    assert set(sent) <= set(ids)  # every message reported sent or queued arrived, once
+
+
+# -- damage -------------------------------------------------------------------------------------
+
+def test_doctor_on_a_torn_queue_tail_reports_and_moves_it_aside(run_yoi, state, started_pod):
+    store.create(state, "T")
+    offline.append(state, "T", queue_items(["d-1", "d-2"]))
+    path = state.queue_path("T")
+    with open(path, "ab") as f:
+        f.write(b'{"id":"d-3","source":null,"mess')
+    r = run_yoi("doctor")
+    assert r.exit_code == 0, r  # a warning: a crash's leftover
+    assert f"queue-torn T: the last record is torn (31 bytes without a newline) ({path}) " \
+        "[warning, fixable with --fix]" in r.stdout, r
+    r = run_yoi("doctor", "--fix")
+    assert r.exit_code == 0 and "[warning, fixed]" in r.stdout, r
+    [aside] = [p for p in path.parent.iterdir() if p.name.startswith("queue.jsonl.torn-")]
+    assert aside.read_bytes() == b'{"id":"d-3","source":null,"mess'
+    assert run_yoi("doctor").stdout.startswith("no problems"), r
+    started_pod("T")
+    assert committed_ids(state, "T") == ["d-1", "d-2"]
+
+
+def test_a_crash_during_an_append_leaves_a_torn_tail_the_next_send_sets_aside(
+        run_yoi, state):
+    store.create(state, "T")
+    assert run_yoi("pod", "send", "--queue", "--id", "a-1", "T", "one").exit_code == 0
+    r = run_yoi("pod", "send", "--queue", "--id", "a-2", "T", "two",
+                env={"YOI_FAULT": "queue-mid-append:crash"})
+    assert r.exit_code == 137, r
+    assert not state.queue_path("T").read_bytes().endswith(b"\n")
+    r = run_yoi("pod", "send", "--queue", "--id", "a-3", "T", "three")
+    assert r.exit_code == 0, r
+    assert r.stderr.startswith("yoi: note: T's queue: its last record was torn"), r
+    assert [rec["id"] for rec in offline.read(state.queue_path("T")).records] == ["a-1", "a-3"]
+
+
+def test_doctor_drops_queued_ids_already_delivered_and_sets_aside_garbage(
+        run_yoi, state, started_pod):
+    store.create(state, "T")
+    offline.append(state, "T", queue_items(["x-1", "x-2"]))
+    started_pod("T")
+    control.stop(state, "T")
+    path = state.queue_path("T")
+    # as if the Pod died between committing and emptying its queue, plus damage
+    path.write_bytes(offline.record_line("x-2", "again", None) + b"not a record\n"
+                     + offline.record_line("x-9", "new", None))
+    r = run_yoi("doctor")
+    assert r.exit_code == 1, r
+    assert "queue-delivered T: 1 queued message(s) are in the session log already: x-2" \
+        in r.stdout, r
+    assert "queue-unreadable T: 1 line(s) are not message records: line 2" in r.stdout, r
+    r = run_yoi("doctor", "--fix")
+    assert r.exit_code == 0, r
+    assert [rec["id"] for rec in offline.read(path).records] == ["x-9"]
+    [bad] = [p for p in path.parent.iterdir() if p.name.startswith("queue.jsonl.bad-")]
+    assert bad.read_bytes() == b"not a record\n"
+
+
+def test_the_pod_sets_aside_hostile_queue_lines_and_delivers_the_rest(state, started_pod):
+    store.create(state, "T")
+    path = state.queue_path("T")
+    hostile = [b"[" * 100000, b'{"id":"../x","source":null,"message":"m","queued_at":"t"}',
+               b'{"id":"ok-0","source":"no such/pod","message":"m","queued_at":"t"}',
+               b'{"id":"ok-1","source":null,"message":"","queued_at":"t"}', b"\xff\xfe"]
+    path.write_bytes(offline.record_line("ok-2", "fine", None) + b"\n".join(hostile) + b"\n"
+                     + offline.record_line("ok-3", "fine too", None))
+    pod = started_pod("T")
+    assert committed_ids(state, "T") == ["ok-2", "ok-3"]
+    [bad] = [p for p in path.parent.iterdir() if p.name.startswith("queue.jsonl.bad-")]
+    assert bad.read_bytes() == b"\n".join(hostile) + b"\n"
+    with client.Connection.open(pod.socket_path) as conn:
+        assert any("5 line(s) that are not queue records" in a["message"]
+                   for a in conn.alerts), conn.alerts

@@ -1,0 +1,225 @@
+"""A live Pod's side of offline delivery: committing the messages queued for it.
+
+The queue (``pods/NAME/queue.jsonl``, see ``yoi.offline``) is drained in
+*passes*, one at a time, on the drain thread. A pass:
+
+1. takes the Pod's metadata lock (the lock every append takes) and holds it
+   to the end, so nothing is appended meanwhile;
+2. reads the queue; a torn last record and lines that are not records are
+   moved aside (``queue.jsonl.torn-TIME``, ``.bad-TIME``) with an alert;
+3. on the loop, for each record in order, makes the receiver's peer check as
+   for a live message; a message that passes goes through ``methods.notify``
+   itself, so it is committed exactly like a live one (the same
+   ``system_item`` entry and broadcast, the same handler run) and an id
+   already in the log is dropped; one that fails is not committed: it is
+   recorded as a ``delivery_rejected`` entry (with its text and the reason;
+   once per id, see ``session.REJECTED_PREFIX``) and an alert is raised;
+4. once every record has its outcome, and only if each is durable, empties
+   the queue; then releases the lock.
+
+A crash anywhere leaves the queue as it was (or emptied, after step 4): the
+next pass commits what is not in the log yet and drops what is, so every
+queued message is committed exactly once.
+
+Passes run at start-up, before the Pod accepts clients (so what was queued
+comes before anything sent live), when a client asks (``drain_queue``, which
+``yoi pod send --queue`` sends after appending, in case the Pod started
+meanwhile), and whenever a look every ``QUEUE_POLL`` seconds (one ``stat``)
+finds the queue not empty: a live Pod never leaves a message queued, even if
+its sender died between its append and its request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+from yoi import offline
+from yoi.errors import Failed, YoiError
+from yoi.faults import fault
+from yoi.server import methods
+from yoi.server.operations import Invalid
+from yoi.session import REJECTED_PREFIX, Entry
+from yoi.txn import lock_pods
+
+QUEUE_POLL = 1.0    # seconds between looks at the queue file
+PASS_WAIT = 120.0   # seconds a pass waits for the loop to settle its records
+
+
+class Drainer:
+    def __init__(self, pod):
+        self.pod = pod
+        self.cond = threading.Condition()
+        self.wanted = False
+        self.waiters: list = []
+        self.stopping = False
+        self.last_problem: str | None = None
+        self.thread = threading.Thread(target=self._run, name="drain", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+
+    def request(self, waiter=None) -> None:
+        """Ask for a pass (any thread); WAITER(result) runs on the loop after a pass
+        that began after this request."""
+        with self.cond:
+            self.wanted = True
+            if waiter is not None:
+                self.waiters.append(waiter)
+            self.cond.notify()
+
+    def poll(self) -> None:
+        """Look at the queue file (loop thread) and ask for a pass if it is not empty."""
+        if self.pod.loop.stopping:
+            return
+        try:
+            waiting = os.stat(self.pod.state.queue_path(self.pod.name)).st_size > 0
+        except OSError:
+            waiting = False
+        if waiting:
+            self.request()
+        self.pod.loop.call_later(QUEUE_POLL, self.poll)
+
+    def outcome(self, msg_id: str, result: dict) -> dict:
+        """What became of MSG_ID, for a ``queue_drained`` answer (loop thread):
+        ``delivered`` (in the log), ``rejected`` (with the reason), ``queued``
+        (the pass failed) or ``unknown``."""
+        session = self.pod.session
+        if session.committed_line(msg_id) is not None:
+            return {"state": "delivered"}
+        reason = result["rejections"].get(msg_id)
+        if reason is None:
+            line = session.committed_line(REJECTED_PREFIX + msg_id)
+            if line is not None:
+                reason = json.loads(line).get("reason", "")
+        if reason is not None:
+            return {"state": "rejected", "reason": reason}
+        return {"state": "queued" if result.get("error") else "unknown"}
+
+    # -- the thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.wanted and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                self.wanted = False
+                waiters, self.waiters = self.waiters, []
+            result = self._pass()
+            for waiter in waiters:
+                self.pod.loop.call_soon(waiter, result)
+
+    def _pass(self) -> dict:
+        pod = self.pod
+        path = pod.state.queue_path(pod.name)
+        result = {"committed": 0, "duplicates": 0, "rejected": 0, "queued": 0,
+                  "rejections": {}}
+        try:
+            if os.stat(path).st_size == 0:
+                return result
+        except FileNotFoundError:
+            return result
+        except OSError:
+            pass  # the pass itself says what is wrong
+        try:
+            with lock_pods(pod.state, [pod.name]):
+                contents = offline.read(path)
+                for note in offline.set_aside_damage(path, contents):
+                    self._alert("warn", f"the queue {path}: {note}")
+                records = contents.records
+                if records:
+                    self._settle(records, result)
+                    failed = result.pop("failed", None)
+                    if failed is not None:
+                        raise Failed(f"{failed} of {len(records)} queued message(s) could "
+                                     "not be committed; they stay queued")
+                    fault("drain-before-clear")
+                    offline.clear(path)
+            self.last_problem = None
+        except (YoiError, OSError) as e:
+            why = e.message if isinstance(e, YoiError) else f"{e.strerror or e}"
+            result["error"] = why
+            result["queued"] = offline.depth(path)
+            if why != self.last_problem:  # a retry that fails alike says it once
+                self.last_problem = why
+                self._alert("error", f"could not deliver the queued messages: {why}; "
+                                     "trying again")
+        return result
+
+    def _alert(self, level: str, message: str) -> None:
+        self.pod.loop.call_soon(self.pod.alert, level, message)
+
+    def _settle(self, records: list[dict], result: dict) -> None:
+        """Have the loop settle every record (see the module docstring); wait for it."""
+        done = threading.Event()
+        outcomes: list = [None] * len(records)
+        self.pod.loop.call_soon(self._settle_on_loop, records, outcomes, done)
+        if not done.wait(PASS_WAIT):
+            raise Failed(f"the queued messages were not committed within {PASS_WAIT:g}s")
+        failed = 0
+        for rec, outcome in zip(records, outcomes):
+            if outcome == "committed":
+                result["committed"] += 1
+            elif outcome == "duplicate":
+                result["duplicates"] += 1
+            elif isinstance(outcome, tuple):  # ("rejected", reason)
+                result["rejected"] += 1
+                result["rejections"][rec["id"]] = outcome[1]
+            else:
+                failed += 1
+        if failed:
+            result["failed"] = failed
+
+    def _settle_on_loop(self, records: list[dict], outcomes: list,
+                        done: threading.Event) -> None:
+        pod = self.pod
+        left = [len(records)]
+
+        def settled(i: int, outcome) -> None:
+            outcomes[i] = outcome
+            left[0] -= 1
+            if left[0] == 0:
+                done.set()
+
+        for i, rec in enumerate(records):
+            finish = (lambda outcome, i=i: settled(i, outcome))
+            source = rec.get("source")
+            try:
+                refusal = pod.peer_refusal(source) if source is not None else None
+                if refusal is None:
+                    methods.notify(pod, None, offline.notify_params(rec),
+                                   done=lambda o, f=finish: f("committed" if o is None else o))
+                    continue
+            except Invalid as e:
+                refusal = str(e)
+            self._reject(rec, refusal, finish)
+        if not records:
+            done.set()
+
+    def _reject(self, rec: dict, reason: str, finish) -> None:
+        """Record that REC is not delivered (its relation is gone), once per id."""
+        pod = self.pod
+        key = REJECTED_PREFIX + rec["id"]
+        if pod.session.committed_line(key) is not None:
+            finish(("rejected", reason))  # recorded by a pass that crashed before emptying
+            return
+        fields = {"message_id": rec["id"], "source": rec.get("source"), "reason": reason,
+                  "message": rec["message"], "queued_at": rec["queued_at"]}
+        if rec.get("in_reply_to") is not None:
+            fields["in_reply_to"] = rec["in_reply_to"]
+
+        def after(res, err):
+            if err is None:
+                pod.alert("warn", f"queued message {rec['id']} from {rec.get('source')} was "
+                                  f"not delivered: {reason} (recorded in the session log, "
+                                  f"#{res.seq})")
+            finish(("rejected", reason) if err is None else err)
+
+        pod.commit(None, Entry("delivery_rejected", fields, key=key), after)
