@@ -158,6 +158,16 @@ HOSTILE_LINES = {
                                   b'"n":' + b"7" * 5000 + b"}}",
     "a run segment nested 65 deep": json.dumps({"method": "run", "params": {"input": [
         {"kind": "text", "content": "x", "extra": json.loads("[" * 61 + "]" * 61)}]}}).encode(),
+    # Python reads these, but nothing could write them back as strict UTF-8 JSON
+    "a message that is half a surrogate pair": b'{"method":"notify","params":{'
+                                               b'"message":"\\ud800","id":"same"}}',
+    "a run input with a lone low surrogate": b'{"method":"run","params":{"input":"\\udc00"}}',
+    "a surrogate in a key": b'{"method":"notify","params":{"message":"x","id":"same",'
+                            b'"\\udbff":1}}',
+    "NaN in a run segment": b'{"method":"run","params":{"input":[{"content":"x","n":NaN}]}}',
+    "1e999 in a run segment": b'{"method":"run","params":{"input":[{"content":"x",'
+                              b'"n":1e999}]}}',
+    "-Infinity": b'{"method":"notify","params":{"message":"x","id":"same","n":-Infinity}}',
 }
 
 
@@ -171,13 +181,14 @@ def test_no_line_kills_the_pod_each_is_invalid_request_and_the_connection_stays(
             ev = c.event()
             assert ev["event"] == "error" and ev["data"]["code"] == "invalid_request", (what, ev)
             assert "not valid JSON" in ev["data"]["message"], (what, ev)
-        c.send({"method": "notify", "params": {"message": "still here", "id": "m-1"}})
-        ev, _ = c.until("system_item")
-        assert ev["data"]["item"]["id"] == "m-1"
+        c.send({"method": "notify", "params": {"message": "still here", "id": "same"}})
+        ev, _ = c.until("system_item")  # the id refused above is not stuck "in flight"
+        assert ev["data"]["item"]["id"] == "same"
     assert len(state.session_path("a").read_bytes().splitlines()) == 1  # nothing else committed
     with Raw(pod.socket_path) as c:  # and a new client is served, with no alert to replay
         alerts, snap = c.prelude()
         assert alerts == [] and len(snap["data"]["entries"]) == 1
+        assert snap["data"]["status"] == "idle"  # no refused run left it "running"
 
 
 def test_an_unexpected_error_is_answered_internal_logged_and_alerted(state, started_pod):

@@ -10,12 +10,18 @@ more than 4,300 digits. Here every such input becomes ``ParseError`` (a
 Values nested deeper than a limit are refused as well, even when the parser
 managed them: whatever handles a parsed value later (``json.dumps``,
 ``tomli_w``, a snapshot a client must parse with its own limit) may recurse
-once per level too.
+once per level too. So is JSON that Python reads but we could never write
+back as strict JSON in UTF-8: ``NaN``, ``Infinity`` and numbers too large for
+a float (``1e999``), which other parsers (the original's, a browser's) refuse,
+and a string with an unpaired surrogate escape (``"\\ud800"``), which is no
+text at all.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 import tomllib
 
@@ -26,10 +32,27 @@ class ParseError(ValueError):
     """Text that does not parse, or parses into something nested too deeply."""
 
 
+def _constant(name: str):
+    raise ParseError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ParseError(f"number {text[:40]} is out of range")
+    return value
+
+
+# An escape of half a surrogate pair; json pairs the halves that belong together.
+_SURROGATE = {bytes: re.compile(rb"\\u[dD][89a-fA-F]"), str: re.compile(r"\\u[dD][89a-fA-F]")}
+
+
 def json_loads(data: bytes | str, max_depth: int = MAX_DEPTH):
     """Parse one JSON text; ParseError for anything that is not a value we accept."""
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_constant, parse_float=_finite)
+    except ParseError:
+        raise
     except RecursionError:
         raise ParseError(_too_deep(max_depth)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -41,7 +64,29 @@ def json_loads(data: bytes | str, max_depth: int = MAX_DEPTH):
     if data.count(opening[0]) + data.count(opening[1]) > max_depth and \
             nested_deeper(value, max_depth):
         raise ParseError(_too_deep(max_depth))
+    if ("\\u" in data if isinstance(data, str) else b"\\u" in data) and \
+            _SURROGATE[str if isinstance(data, str) else bytes].search(data) and \
+            _has_lone_surrogate(value):
+        raise ParseError("a string holds an unpaired surrogate (\\ud800-\\udfff): not text")
     return value
+
+
+def _has_lone_surrogate(value) -> bool:
+    """Whether a string (or key) in VALUE cannot be written as UTF-8 (no recursion)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 def toml_loads(text: str, max_depth: int = MAX_DEPTH) -> dict:

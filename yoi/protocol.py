@@ -57,7 +57,8 @@ class ProtocolError(ValueError):
 
 
 def _dumps(obj: dict) -> bytes:
-    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            + "\n").encode("utf-8")
 
 
 def method(name: str, params: dict | None = None) -> bytes:

@@ -85,16 +85,12 @@ def notify(pod, c: Client | None, params: dict, done=None) -> None:
         raise Invalid(refusal)
     if msg_id is not None and _answered_by_id(pod, c, msg_id, done):
         return
-    item = {"kind": "notification", "message": message,
-            "body": protocol.notification_body(original)}
-    if source is not None:
-        item["source"] = source
-    if msg_id is not None:
-        item["id"] = msg_id
-    if reply_to is not None:
-        item["in_reply_to"] = reply_to
-    item["at"] = at = now_iso()
-    entry = Entry("system_item", {"item": item}, msg_id, at=at)
+    try:
+        entry = _notification(message, original, source, msg_id, reply_to)
+    except BaseException:
+        if msg_id is not None:
+            pod.pending_ids.pop(msg_id, None)  # in flight no more: a retry is answered
+        raise
 
     def after(res, err):
         waiting = pod.pending_ids.pop(msg_id, []) if msg_id is not None else []
@@ -113,6 +109,20 @@ def notify(pod, c: Client | None, params: dict, done=None) -> None:
             done(err)
 
     pod.commit(c, entry, after)
+
+
+def _notification(message: str, original: str, source: str | None, msg_id: str | None,
+                  reply_to: str | None) -> Entry:
+    item = {"kind": "notification", "message": message,
+            "body": protocol.notification_body(original)}
+    if source is not None:
+        item["source"] = source
+    if msg_id is not None:
+        item["id"] = msg_id
+    if reply_to is not None:
+        item["in_reply_to"] = reply_to
+    item["at"] = at = now_iso()
+    return Entry("system_item", {"item": item}, msg_id, at=at)
 
 
 def _answered_by_id(pod, c: Client | None, msg_id: str, done=None) -> bool:
@@ -148,8 +158,8 @@ def run(pod, c: Client, params: dict) -> None:
                       '{"kind":"text","content":"..."}')
     # as the original's clients read them: each with its kind and content
     segments = [{**s, "kind": "text", "content": s.get("content", "")} for s in segments]
-    pod.busy(+1)  # status running is announced before the user message
     entry = Entry("user_message", {"segments": segments})
+    pod.busy(+1)  # status running is announced before the user message
 
     def after(res, err):
         if err is None:
