@@ -114,6 +114,8 @@ def handle(pod, worker, job: Job) -> None:
     for level, message in outcome.problems:
         pod.loop.call_soon(pod.alert, level, message)
     errors = [message for level, message in outcome.problems if level == "error"]
+    if outcome.truncated:  # a verdict is never read from a flood (a warning elsewhere)
+        errors.append(f"its output was cut at {len(outcome.out)} bytes (truncated)")
     fields = decide(pod, job.source, job.msg_id, outcome.out, "; ".join(errors) or None)
     pod.loop.call_soon(pod.commit, None, Entry("peer_decision", fields),
                        lambda res, err: pod.offered.discard(job.msg_id))
