@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from rawsock import Raw
+
 from yoi import session
 from yoi.client import notify
 from yoi.session import Entry
@@ -211,6 +213,31 @@ def test_a_crash_around_the_commit_loses_nothing_acknowledged_and_duplicates_not
     assert [e["seq"] for e in entries] == list(range(1, 5))
 
 
+def test_a_writer_that_fails_unexpectedly_answers_at_once_and_takes_nothing_more(
+        state, run_yoi, started_pod):
+    """An injected error where nothing expects one stands for any bug in the writer:
+    the Pod says so (alert, exit 1 at once, no 10 s silence), and after a restart a
+    retry of the same id is recorded exactly once."""
+    started_pod("T", env={"YOI_FAULT": "session-before-index:eio"})
+    t0 = time.monotonic()
+    r = run_yoi("pod", "send", "--id", "w-1", "T", "first")
+    assert r.exit_code == 1 and "perhaps not committed: the session log writer failed" in \
+        r.stderr, r
+    r = run_yoi("pod", "send", "--id", "w-2", "T", "second")
+    assert r.exit_code == 1 and "not committed: the session log writer failed" in r.stderr, r
+    assert time.monotonic() - t0 < 5  # answered, not timed out
+    with Raw(state.default_socket_path("T")) as c:
+        alerts, _ = c.prelude()
+    assert any("no more entries are accepted" in a["data"]["message"] for a in alerts), alerts
+    assert run_yoi("pod", "stop", "T").exit_code == 0
+    started_pod("T")
+    for i, text in ((1, "first"), (2, "second")):
+        r = run_yoi("pod", "send", "--id", f"w-{i}", "T", text)
+        assert r.exit_code == 0, r
+    entries = [json.loads(x) for x in log_lines(state.session_path("T"))]
+    assert [e["id"] for e in entries] == ["w-1", "w-2"]
+
+
 def test_seq_strictly_increases_across_sigkill_and_restart(state, started_pod):
     seqs = []
     for round_ in range(3):
@@ -243,8 +270,10 @@ def test_a_start_reads_only_what_the_index_does_not_cover(state, run_yoi, starte
     assert rss["a"] < rss["fresh"] + 8 * 1024, rss
     assert run_yoi("pod", "stop", "a").exit_code == 0
     with open(path, "r+b") as f:  # damage an old line in place, keeping its length
-        f.seek(1000)
-        f.write(b"#" * 20)
+        head = f.read(100_000)
+        third = head.index(b"\n", head.index(b"\n") + 1) + 1
+        f.seek(third)
+        f.write(b"#")  # its opening brace: no longer JSON
     pod = started_pod("a")
     r = run_yoi("pod", "log", "a", "-n", "1", "--json")
     assert json.loads(r.stdout)["id"] == "new"

@@ -30,7 +30,7 @@ from yoi.server.loop import Loop, report
 from yoi.server.operations import Invalid, Operations
 from yoi.server.worker import HandlerWorker
 from yoi.session import Entry, Recent, event_of
-from yoi.session.writer import Committed, SessionLog
+from yoi.session.writer import Committed, SessionLog, Uncertain
 from yoi.state import State, make_private_dir, private_dir_problem, socket_dir_chain
 from yoi.txn import read_pod_file
 
@@ -274,7 +274,13 @@ class Pod:
 
     def commit_failed(self, c: Client, err: OSError) -> None:
         """Tell C that its entry was not committed, and why: code ``internal`` (the Pod
-        failed; nothing was refused) and *(ours)* ``"committed": false``."""
+        failed; nothing was refused) and *(ours)* ``"committed": false``; when the
+        writer failed half-way (``Uncertain``) it may be, and ``committed`` is absent."""
+        if isinstance(err, Uncertain):
+            self.hub.send(c, protocol.error_event(
+                "internal", f"perhaps not committed: {err}; after a restart, a retry with "
+                "the same id records it once"))
+            return
         self.hub.send(c, protocol.error_event(
             "internal", f"not committed: {err.strerror or err}; nothing was recorded",
             committed=False))

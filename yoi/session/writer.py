@@ -168,6 +168,8 @@ class SessionLog:
                 msg_id = index_key(obj) if obj is not None else None
                 if msg_id is not None:
                     rows.append((msg_id, offset, len(line) + 1))
+                elif obj is None:
+                    unreadable += 1
             elif line.strip() and parse_entry(line) is None:
                 unreadable += 1
             if len(rows) >= INDEX_BATCH:
@@ -232,8 +234,30 @@ class SessionLog:
                 batch, self._queue = self._queue, []
             if not batch:
                 return
-            self._write_batch(batch)
+            batch = [(entry, _Once(done)) for entry, done in batch]
+            try:
+                self._write_batch(batch)
+            except BaseException as e:  # a bug, MemoryError: never die silently
+                self._give_up(batch, e)
+                return
             batch = None  # do not keep the last batch alive while waiting for the next
+
+    def _give_up(self, batch: list[tuple[Entry, Done]], exc: BaseException) -> None:
+        """The writer failed unexpectedly: take no more entries, and answer every entry
+        not answered yet with an error (what was durable already stays in the log,
+        and a retry with the same id after a restart is answered as a duplicate)."""
+        why = f"the session log writer failed ({type(exc).__name__}: {exc}); restart the Pod"
+        broken = OSError(why)
+        with self._cond:
+            self._broken = broken
+            waiting, self._queue = self._queue, []
+        self.on_problem(f"{self.path}: {why}; no more entries are accepted")
+        for answers, err in ((batch, Uncertain(why)), (waiting, broken)):
+            for _, done in answers:
+                try:
+                    done(None, err)
+                except Exception:
+                    pass  # its client is told by the Pod's own error handling, if at all
 
     def _write_batch(self, batch: list[tuple[Entry, Done]]) -> None:
         start, seq = self.size, self.seq
@@ -307,6 +331,25 @@ class SessionLog:
 
 
 # -- helpers -----------------------------------------------------------------------------
+
+class Uncertain(OSError):
+    """The writer failed while it wrote: the entry may or may not be in the log (its
+    id is recorded at most once, so a retry after a restart is safe)."""
+
+
+class _Once:
+    """A DONE callback that runs at most once (the writer may give up half-way)."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, done: Done):
+        self.done: Done | None = done
+
+    def __call__(self, res, err) -> None:
+        done, self.done = self.done, None
+        if done is not None:
+            done(res, err)
+
 
 def _pread(path: Path, n: int, offset: int) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
