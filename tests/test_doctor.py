@@ -384,6 +384,32 @@ def test_symlinks_where_files_are_expected(cli, state, tmp_path, what):
     assert link.is_symlink()
 
 
+@pytest.mark.parametrize("name", ["session.index", "session.index-wal"])
+@pytest.mark.parametrize("kind", ["symlink", "directory"])
+def test_an_index_that_is_no_file_is_reported_and_the_pod_refuses_to_start(
+        cli, state, tmp_path, run_yoi, name, kind):
+    pods(state, "a")
+    path = state.pod_dir("a") / name
+    if kind == "symlink":
+        (tmp_path / "target").write_bytes(b"precious")
+        path.symlink_to(tmp_path / "target")
+    else:
+        path.mkdir()
+    p = check_found_and_fixed(cli, "symlink" if kind == "symlink" else "unreadable", "a",
+                              path, fixable=False)
+    assert "the Pod cannot start; remove it" in p["message"]
+    r = run_yoi("pod", "start", "a")
+    assert r.exit_code == 5, r
+    assert f"{path} is a {kind}, not the Pod's id index (never followed)" in r.stderr, r
+    if kind == "symlink":
+        assert (tmp_path / "target").read_bytes() == b"precious"
+        path.unlink()
+    else:
+        path.rmdir()
+    assert run_yoi("pod", "start", "a").exit_code == 0
+    assert run_yoi("pod", "stop", "a").exit_code == 0
+
+
 def test_metadata_missing(cli, state):
     pods(state, "a")
     meta_path(state, "a").unlink()
@@ -789,7 +815,7 @@ def test_torn_log_with_one_long_line_and_nothing_good(cli, state):
 
 def test_whole_long_last_line_is_fine(cli, state):
     pods(state, "a")
-    state.session_path("a").write_bytes(GOOD + json.dumps({"t": "z" * 50_000}).encode() + b"\n")
+    state.session_path("a").write_bytes(GOOD + json.dumps({"kind": "user_message", "t": "z" * 50_000}).encode() + b"\n")
     r, problems = doctor(cli)
     assert (r.exit_code, problems) == (0, []), r
 

@@ -93,8 +93,8 @@ def test_a_nested_session_line_is_skipped_kept_and_reported(state, run_yoi, star
     no_traceback(r)
     assert r.exit_code == 1, r
     assert r.stdout.splitlines()[0] == (
-        "session-unreadable a: 1 line(s) do not parse (not JSON, or nested too deep): "
-        "line 2; the Pod and `yoi pod log` keep and skip them. To drop them, stop the Pod and "
+        "session-unreadable a: 1 line(s) are not entries (not JSON, nested too deep, or no "
+        "entry): line 2; the Pod and `yoi pod log` keep and skip them. To drop them, stop the Pod and "
         f"delete those lines by hand ({log}) [error, not fixable]")
     assert log.read_bytes().startswith(ENTRY + DEEP_LINE + ENTRY3)  # kept
 

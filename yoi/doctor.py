@@ -34,7 +34,6 @@ from yoi.discovery import probe, probe_many
 from yoi.errors import CorruptMetadata, UsageError, YoiError
 from yoi.lock import if_free, is_locked, lock_holder_pid
 from yoi.names import is_valid_name
-from yoi.parsing import ParseError, json_loads
 from yoi.state import State
 from yoi.txn import (REMOVED_MARK, Journal, hold_locks, leftover_dir_owner, list_journals,
                      load_journal, lock_pods, pid_alive, rolled_back_bytes)
@@ -77,8 +76,9 @@ CHECKS: dict[str, tuple[str, bool]] = {
     "stale-pid": ("a recorded pid that is not the live Pod (the hint is cleared)", True),
     "session-torn": ("the last line of a session log is torn (it is moved aside into "
                      "session.jsonl.torn-TIME)", True),
-    "session-unreadable": ("a session log has whole lines that do not parse (not JSON, or "
-                           "nested too deep); readers keep and skip them (remove them by hand)",
+    "session-unreadable": ("a session log has whole lines that are not entries (not JSON, "
+                           "nested too deep, or no entry); readers keep and skip them (remove "
+                           "them by hand)",
                            False),
     "handler-failing": ("a Pod's handler failed its last 3 runs (fix its --exec or --cwd)",
                         False),
@@ -296,6 +296,9 @@ def scan_pod(pods_dir: str, name: str) -> tuple[_Pod, list[Finding]]:
     pod.temps = [f for f in files if is_temp_name(f)]
     if "runtime.lock" in files:
         _scan_runtime_lock(pod, os.path.join(path, "runtime.lock"), found)
+    for index in ("session.index", "session.index-wal", "session.index-shm"):
+        if index in files:
+            _scan_index_file(pod, os.path.join(path, index), found)
     if "session.jsonl" in files:
         _scan_session(pod, os.path.join(path, "session.jsonl"), found)
     if "queue.jsonl" in files:
@@ -323,6 +326,18 @@ def _scan_runtime_lock(pod: _Pod, lock: str, found: list[Finding]) -> None:
                       "the Pod cannot start; remove it"))
 
 
+def _scan_index_file(pod: _Pod, path: str, found: list[Finding]) -> None:
+    """The id index is a cache the Pod rebuilds, but only over a regular file."""
+    st = _lstat(Path(path))
+    name = os.path.basename(path)
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        found.append(("symlink", pod.name, path, f"{name} is a symlink; never followed, so "
+                      "the Pod cannot start; remove it (the index is rebuilt from the log)"))
+    elif st is not None and not stat.S_ISREG(st.st_mode):
+        found.append(("unreadable", pod.name, path, f"{name} is not a regular file, so the "
+                      "Pod cannot start; remove it (the index is rebuilt from the log)"))
+
+
 def _scan_session(pod: _Pod, path: str, found: list[Finding]) -> None:
     try:
         pod.torn = session.torn_tail(path)
@@ -341,7 +356,8 @@ def _scan_session(pod: _Pod, path: str, found: list[Finding]) -> None:
     if bad:
         where = ", ".join(str(n) for n, _ in bad[:5]) + (" ..." if len(bad) > 5 else "")
         found.append(("session-unreadable", pod.name, path,
-                      f"{len(bad)} line(s) do not parse (not JSON, or nested too deep): line "
+                      f"{len(bad)} line(s) are not entries (not JSON, nested too deep, or "
+                      f"no entry): line "
                       f"{where}; the Pod and `yoi pod log` keep and skip them. "
                       "To drop them, stop the Pod and delete those lines by hand"))
     if len(runs) == FAILING_RUNS and all(history.failed(r) for r in runs):
@@ -372,13 +388,11 @@ def _read_session(path: str) -> tuple[list[tuple[int, int]], list[dict]]:
         for n, line in enumerate(f, 1):
             end += len(line)
             if line.endswith(b"\n") and line.strip():
-                try:
-                    obj = json_loads(line)  # what the entry is, is the readers' business
-                except ParseError:
+                obj = session.parse_entry(line)  # the readers' rule: skipped if None
+                if obj is None:
                     bad.append((n, end))
                     continue
-                if (b'"handler_result"' in line and isinstance(obj, dict)
-                        and obj.get("kind") == "handler_result"
+                if (b'"handler_result"' in line and obj.get("kind") == "handler_result"
                         and obj.get("ended") != "stopped"):  # the stop's doing
                     runs = (runs + [obj])[-FAILING_RUNS:]
     return bad, runs

@@ -11,12 +11,15 @@ lags the log, never leads it, and recovery indexes the lines from ``end`` to
 the end of the log: only the tail written since the index last caught up.
 An index that does not belong to the log (another inode, an ``end`` beyond
 the log or not at a line start) or cannot be read is rebuilt from the log.
+Something else in its place (a symlink, a directory) is never followed or
+removed: the Pod refuses to start, naming it (``yoi doctor`` reports it too).
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import threading
 import zlib
 from pathlib import Path
@@ -44,12 +47,28 @@ class IdIndex:
         self.db: sqlite3.Connection | None = None
 
     def open(self) -> None:
+        self._check_files()
         try:
             self._connect()
         except sqlite3.DatabaseError:
             self.close()
             self.remove()
             self._connect()
+
+    def _check_files(self) -> None:
+        """Refuse an index file (or its -wal, -shm) that is not a regular file."""
+        from yoi.errors import Failed
+        for suffix in _FILES:
+            path = f"{self.path}{suffix}"
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(mode):
+                what = "a symlink" if stat.S_ISLNK(mode) else (
+                    "a directory" if stat.S_ISDIR(mode) else "not a regular file")
+                raise Failed(f"{path} is {what}, not the Pod's id index (never followed); "
+                             "remove it: the index is rebuilt from the session log")
 
     def _connect(self) -> None:
         # Created 0600 here: SQLite gives its -wal and -shm files the same mode.
