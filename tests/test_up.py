@@ -93,6 +93,8 @@ BAD_FILES = [
     ("[pods.a]\nstart = 'yes'\n", "pods.a.start: must be true or false"),
     ("[pods.a]\nlabels = { 'bad key' = 'x' }\n", "pods.a.labels: label key 'bad key'"),
     ("[pods.a\n", "does not parse"),
+    ("x = " + "[" * 2000 + "]" * 2000 + "\n[pods.a]\n", "does not parse: nested deeper than 64"),
+    ("[pods.a]\nhandler_timeout = " + "9" * 5000 + "\n", "does not parse: "),
     ("", "pods: declare at least one Pod"),
 ]
 

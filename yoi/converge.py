@@ -33,12 +33,12 @@ failed, and the error names the first failure.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 
 from yoi import control, metadata, peers, store, timeouts
 from yoi.errors import AlreadyExists, Failed, UsageError, YoiError
 from yoi.names import is_valid_name
+from yoi.parsing import ParseError, toml_loads
 from yoi.state import State
 from yoi.timeouts import DEFAULT
 from yoi.txn import read_pod_file
@@ -82,10 +82,10 @@ def load(path: Path, state: State, labels: dict[str, str] | None = None) -> Plan
         return UsageError(f"{path}: {where}: {what}")
 
     try:
-        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
+        doc = toml_loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 (byte {e.start})")
-    except tomllib.TOMLDecodeError as e:
+    except ParseError as e:  # also nested too deep, or an integer too long
         raise UsageError(f"{path}: does not parse: {e}")
     unknown = sorted(set(doc) - {"pods"})
     if unknown:
