@@ -266,3 +266,63 @@ def test_a_client_far_ahead_is_held_back_but_everything_it_wrote_is_committed(
     while len(log_entries(state, "a")) < n and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [e["id"] for e in log_entries(state, "a")] == [f"far-{i}" for i in range(n)]
+
+
+def test_answers_owed_for_big_lines_are_bounded_in_bytes_not_only_in_count(tmp_path):
+    """While its commits stall, a client pipelining 1 MiB lines gets only
+    PENDING_BYTES of them taken in; the rest wait unread in the socket until answers
+    are paid. (The Pod's Hub on a real loop and socket; the stalled commit is the
+    fake.)"""
+    import math
+    import socket
+    import threading
+    import time
+    from yoi.server.connection import PENDING_BYTES, Hub
+    from yoi.server.loop import Loop
+
+    loop = Loop()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "s"))
+    listener.listen(4)
+    taken: list = []
+
+    def on_line(c, line):
+        hub.owe(c)  # answered only when the test says so
+        taken.append(c)
+
+    hub = Hub(loop, listener, on_line, lambda: (b"", b'{"event":"snapshot","data":{}}\n'))
+    hub.start_accepting()
+    runner = threading.Thread(target=loop.run, daemon=True)
+    runner.start()
+    line = b'{"method":"notify","params":{"message":"' + b"x" * ((1 << 20) - 100) + b'"}}\n'
+    n = 40
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(tmp_path / "s"))
+    client.recv(1 << 16)  # the prelude
+    def write() -> None:
+        try:
+            client.sendall(line * n)
+        except OSError:
+            pass  # closed at the end of the test, still blocked: the point
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    first = math.ceil(PENDING_BYTES / (len(line) - 1))
+
+    def settled(count: int) -> None:
+        deadline = time.monotonic() + 20
+        while len(taken) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # and no more than that comes
+        assert len(taken) == count, (len(taken), count)
+
+    try:
+        settled(first)
+        loop.call_soon(lambda: [hub.paid(taken[i]) for i in range(4)])
+        settled(first + 4)
+        loop.call_soon(lambda: [hub.paid(c) for c in taken[4:]])
+        settled(min(n, first + 4 + first))
+    finally:
+        loop.request_stop("test over")
+        client.close()
+        runner.join(10)

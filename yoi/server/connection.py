@@ -13,9 +13,10 @@ non-blocking and never stalls the loop:
   gets ``error`` and the rest of it is read and dropped as it streams in,
   never buffered whole. Methods are read only once the prelude is on its way
   (PROTOCOL.md), and every complete line goes to the Hub's ``on_line``. A
-  client owed ``PENDING_LIMIT`` answers (a pipelining sender) has its further
-  lines wait, unread, until some are answered: what a Pod holds for the work
-  in progress is bounded per client, however far ahead the client writes;
+  client owed ``PENDING_LIMIT`` answers, or answers to ``PENDING_BYTES`` of
+  lines (a pipelining sender), has its further lines wait, unread, until some
+  are answered: what a Pod holds for the work in progress is bounded per
+  client, in count and in bytes, however far ahead the client writes;
 * a client whose socket fails for writing is *hung up*: it gets nothing more,
   but what it wrote before its EOF is still handled (``yoi pod send
   --no-wait`` writes and closes at once).
@@ -42,6 +43,7 @@ RECV_CHUNK = 64 << 10
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 0.1             # seconds the listener rests when accept() fails (no fds)
 PENDING_LIMIT = 256           # answers one client may be owed before its lines wait
+PENDING_BYTES = 16 << 20      # ... or bytes of the lines it is owed answers to
 
 _PEERCRED = struct.Struct("3i")
 
@@ -49,7 +51,7 @@ _PEERCRED = struct.Struct("3i")
 class Client:
     __slots__ = ("sock", "fd", "inbuf", "scanned", "discarding", "held", "resuming", "outq",
                  "queued", "limit", "prelude_left", "snap", "events", "closed", "eof", "hungup",
-                 "pending")
+                 "pending", "owed_sizes", "owed_bytes")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -69,6 +71,8 @@ class Client:
         self.eof = False
         self.hungup = False  # writing to it failed: it gets nothing more, but is still read
         self.pending = 0  # answers still owed (commits, operations)
+        self.owed_sizes: deque = deque()  # the size of the line behind each, oldest first
+        self.owed_bytes = 0
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -281,7 +285,7 @@ class Hub:
         start = 0
         c.held = False
         while not c.closed and self.reading and not self.loop.stopping:
-            if c.pending >= PENDING_LIMIT:
+            if c.pending >= PENDING_LIMIT or c.owed_bytes >= PENDING_BYTES:
                 c.held = True
                 break
             nl = buf.find(b"\n", start or c.scanned)
@@ -292,7 +296,12 @@ class Hub:
             else:
                 line = bytes(buf[start:nl])
                 if line.strip():
+                    before = c.pending
                     self.on_line(c, line)
+                    for i in range(c.pending - before):  # the answers this line is owed
+                        size = len(line) if i == 0 else 0
+                        c.owed_sizes.append(size)
+                        c.owed_bytes += size
             start = nl + 1
         if c.closed:
             return
@@ -343,7 +352,10 @@ class Hub:
     def paid(self, c: Client) -> None:
         """One answer owed to C was sent (or cannot be); close C if it is done."""
         c.pending -= 1
-        if c.held and c.pending < PENDING_LIMIT and not c.resuming:
+        while len(c.owed_sizes) > c.pending:  # (answers in about the order they were owed)
+            c.owed_bytes -= c.owed_sizes.popleft()
+        if (c.held and c.pending < PENDING_LIMIT and c.owed_bytes < PENDING_BYTES
+                and not c.resuming):
             c.resuming = True
             self.loop.call_soon(self._resume, c)
         self.maybe_close(c)
