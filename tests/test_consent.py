@@ -267,6 +267,27 @@ def test_remove_withdraws_a_pending_request(cli, asked):
     assert cli("pod", "peer", "remove", "a", "b", "--json").json["changed"] is False
 
 
+def test_a_new_pod_never_inherits_the_request_of_a_removed_pod_of_its_name(cli, asked):
+    rid = peers.register(asked, "a", "b", now=past(5))["request"]["id"]
+    assert cli("pod", "rm", "a").exit_code == 0
+    store.create(asked, "a")  # the same name: another Pod, which never asked
+    r = cli("pod", "peer", "approve", "b", "a")
+    assert r.exit_code == 3, r
+    assert (f"the peer request {rid} to b was made by an earlier Pod named a, since removed"
+            in r.stderr), r
+    assert not peers.is_peer(asked, "a", "b")
+    r = cli("doctor", "--json")
+    [p] = r.json["problems"]
+    assert (p["code"], p["pod_name"]) == ("peer-request-dangling", "b"), p
+    assert "made before this Pod 'a' was created" in p["message"]
+    assert cli("doctor", "--fix").exit_code == 0
+    assert "peer_requests" not in record(asked, "b")
+    # the new a asks for itself: that request is approved
+    peers.register(asked, "a", "b")
+    assert cli("pod", "peer", "approve", "b", "a").exit_code == 0
+    assert peers.is_peer(asked, "a", "b")
+
+
 # -- expiry -----------------------------------------------------------------------------
 
 def test_an_expired_request_is_absent_to_every_reader_and_cleared_by_the_next_write(cli, asked):

@@ -62,7 +62,8 @@ CHECKS: dict[str, tuple[str, bool]] = {
     "peer-request-expired": ("a peer request is past its expiry: every command already treats it "
                              "as absent (it is removed)", True),
     "peer-request-dangling": ("a peer request, or a recorded denial, names a Pod that does not "
-                              "exist (it is removed)", True),
+                              "exist, or was made by an earlier Pod of that name (it is "
+                              "removed)", True),
     "peer-request-stale": ("a peer request is pending although the two Pods are peers already "
                            "(it is removed)", True),
     "journal-leftover": ("the journal of an interrupted multi-Pod change (it is rolled back)",
@@ -272,7 +273,9 @@ class _Pod:
     torn: tuple[int, int, str] | None = None  # see session.torn_tail
     has_session: bool = False
     has_queue: bool = False  # a queue.jsonl that is not empty
-    requests: list[tuple[str, float]] = field(default_factory=list)  # (requester, expires)
+    # (requester, expires, requested): the times as POSIX seconds
+    requests: list[tuple[str, float, float]] = field(default_factory=list)
+    created: float | None = None  # when its record was created
     denied: list[str] = field(default_factory=list)  # Pods whose requests were denied
     failing: str | None = None  # how its handler's last FAILING_RUNS runs, all failed, ended
 
@@ -427,11 +430,14 @@ def _scan_metadata(pod: _Pod, meta: str, found: list[Finding]) -> bool:
     else:
         pod.status = "ok"
         pod.peers = metadata.peer_names(doc)
-        pod.requests = [(r["pod_name"], r["expires_at"].timestamp())
+        pod.requests = [(r["pod_name"], r["expires_at"].timestamp(),
+                         r["requested_at"].timestamp())
                         for r in doc.get("peer_requests", [])]
         pod.denied = [d["pod_name"] for d in doc.get("peer_denials", [])]
         runtime = doc.get("runtime") or {}
         pod.pid, pod.socket_path = runtime.get("pid"), runtime.get("socket_path")
+        created = doc.get("created_at")
+        pod.created = created.timestamp() if hasattr(created, "timestamp") else None
         return bool(runtime.get("exec"))
     return False
 
@@ -849,11 +855,15 @@ class _Doctor:
         for name, pod in sorted(self.pods.items()):
             if pod.status != "ok" or not (pod.requests or pod.denied):
                 continue
-            others = {n for n, _ in pod.requests} | set(pod.denied)
-            suspects = {n for n, expires in pod.requests if expires <= now}
+            others = {n for n, _, _ in pod.requests} | set(pod.denied)
+            suspects = {n for n, expires, _ in pod.requests if expires <= now}
             for other in others:
                 status, peers = self.effective_peers(other)
                 if status == "missing" or (other in (pod.peers or []) and name in (peers or [])):
+                    suspects.add(other)
+            for other, _, requested in pod.requests:  # made by an earlier Pod of the name
+                created = self.pods[other].created if other in self.pods else None
+                if created is not None and requested < created:
                     suspects.add(other)
             # One Pod's requests, re-checked in batches under the locks.
             suspects = sorted(suspects)
@@ -879,6 +889,11 @@ class _Doctor:
                     found.append(self.add("peer-request-dangling", name, meta, f"has a peer "
                                           f"request from {other!r}, but there is no Pod "
                                           f"{other!r}"))
+                elif ostatus == "ok" and metadata.predates(r, odoc):
+                    found.append(self.add("peer-request-dangling", name, meta, f"has a peer "
+                                          f"request from {other!r} (id {r['id']}) made before "
+                                          f"this Pod {other!r} was created, by an earlier Pod "
+                                          "of that name"))
                 elif metadata.is_expired(r, now):
                     found.append(self.add("peer-request-expired", name, meta, f"has a peer "
                                           f"request from {other!r} (id {r['id']}) that expired "

@@ -354,6 +354,14 @@ def add_request(doc: dict, source: str, now: _dt.datetime | None = None) -> dict
     return request
 
 
+def predates(request: dict, requester_doc: dict) -> bool:
+    """Whether REQUEST was made before its requester's record was created: it came from
+    an earlier Pod of that name, since removed, and is void (never approved)."""
+    created, made = requester_doc.get("created_at"), request.get("requested_at")
+    return (isinstance(created, _dt.datetime) and isinstance(made, _dt.datetime)
+            and made < created)
+
+
 def drop_requests(doc: dict, source: str) -> bool:
     """Remove every request of SOURCE from DOC (expired or not); True if there was one."""
     return _drop_named(doc, "peer_requests", source)

@@ -124,6 +124,11 @@ def approve(state: State, name: str, requester: str, request_id: str | None = No
         if not a.exists:
             raise NotFound(f"no such Pod: {requester} (it asked {name}); `yoi doctor --fix` "
                            "clears its request", pod_name=requester)
+        if metadata.predates(request, a.doc):
+            raise NotFound(f"the peer request {request['id']} to {name} was made by an "
+                           f"earlier Pod named {requester}, since removed: the {requester} "
+                           f"there is now never asked; `yoi doctor --fix` clears the request",
+                           pod_name=requester)
         _link(locked, a, b, now)
         return _result(requester, name, True, "registered", request)
 
