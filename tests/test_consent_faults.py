@@ -185,3 +185,55 @@ def test_random_kills_never_leave_a_request_and_a_relation_that_disagree(state):
     assert loop.inflight_kills >= ROUNDS // 2, vars(loop)
     # The test means something only if both states were reached.
     assert seen_pairs and seen_requests, (seen_pairs, seen_requests)
+
+
+def test_an_approval_not_committed_yet_lets_no_message_through(state, run_yoi, started_pod):
+    """Both records already show the relation, but the approval's journal is still
+    there (the command died just before removing it): the receiving Pod and the
+    sender treat the relation as not there yet, and recovery undoes it."""
+    from yoi import peers, store
+    store.create(state, "a")
+    store.create(state, "b", accept_peers="ask")
+    peers.register(state, "a", "b")
+    started_pod("b", create=False)
+    r = run_yoi("pod", "peer", "approve", "b", "a",
+                env={"YOI_FAULT": "before-journal-remove:crash"})
+    assert r.exit_code == 137, r
+    assert list(state.journal_dir.iterdir())  # both records written, journal left
+    r = run_yoi("pod", "send", "--from", "a", "b", "sneaked in")
+    assert r.exit_code == 4, r
+    assert "is not committed" in r.stderr, r
+    assert not [e for e in state.session_path("b").read_text().splitlines()
+                if "sneaked in" in e]
+    r = run_yoi("pod", "peer", "list", "b", "--pending", "--json")  # recovers: rolled back
+    assert [q["pod_name"] for q in r.json["requests"]] == ["a"], r
+    assert not peers.is_peer(state, "a", "b")
+    assert run_yoi("pod", "peer", "approve", "b", "a").exit_code == 0
+    assert run_yoi("pod", "send", "--from", "a", "b", "now it is").exit_code == 0
+
+
+def test_a_waiter_is_not_told_registered_by_an_approval_that_was_rolled_back(state, run_yoi):
+    import subprocess
+    import time
+    from conftest import yoi_cmd
+    from yoi import peers, store
+    store.create(state, "a")
+    store.create(state, "b", accept_peers="ask")
+    waiter = subprocess.Popen(yoi_cmd() + ["pod", "peer", "register", "a", "b", "--wait", "3"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not peers.list_requests(state, "b") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = run_yoi("pod", "peer", "approve", "b", "a",
+                    env={"YOI_FAULT": "before-journal-remove:crash"})
+        assert r.exit_code == 137, r
+        out, err = waiter.communicate(timeout=20)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert waiter.returncode == 5, (out, err)
+    assert "registered" not in out
+    assert [q["pod_name"] for q in peers.list_requests(state, "b")] == ["a"]
+    assert not peers.is_peer(state, "a", "b")

@@ -12,7 +12,7 @@ from yoi import metadata
 from yoi.errors import NotFound, Refused, YoiError
 from yoi.names import check_name
 from yoi.state import State
-from yoi.txn import Change, list_journals, lock_pods, read_pod_file
+from yoi.txn import Change, journaled_together, list_journals, lock_pods, read_pod_file
 
 
 def _check_pair(source: str, target: str) -> None:
@@ -241,12 +241,21 @@ def is_peer(state: State, name: str, other: str, read=None) -> bool:
 
 def relation(state: State, name: str, other: str, read=None) -> tuple[str, str | None]:
     """``("peers", None)``, ``("pending", WHY)`` when only a request between the two
-    is pending (WHY names it), or ``("none", None)``; no lock (see ``is_peer``)."""
+    is pending (WHY names it), ``("in_doubt", WHY)`` when both records show the
+    relation but a change to one of them is not committed (its journal is still
+    there: it may be rolled back), or ``("none", None)``; no lock (see
+    ``is_peer``)."""
     if read is None:
         def read(n):
             return read_pod_file(state, n).doc
     mine, theirs = read(name) or {}, read(other) or {}
     if metadata.has_peer(mine, other) and metadata.has_peer(theirs, name):
+        if journaled_together(state, name, other):
+            return "in_doubt", (
+                f"a change to the records of {name} and {other} is not committed (its "
+                f"journal is still there: in progress, or left by an interrupted command, "
+                f"which the next command on either Pod undoes, e.g. `yoi pod peer list "
+                f"{name}`)")
         return "peers", None
     why = metadata.pending_between(mine, theirs, name, other)
     return ("pending", why) if why else ("none", None)

@@ -124,6 +124,37 @@ def _journal_entries(state: State) -> list[str]:
         return []
 
 
+_in_journals: dict[str, tuple[tuple[int, int], list[frozenset[str]]]] = {}
+JOURNAL_STILL_NS = 200_000_000
+
+
+def journaled_together(state: State, *names: str) -> bool:
+    """Whether one leftover (or in-progress) journal names all of NAMES: a change
+    between them may show in their records without being committed yet. Cheap
+    when nothing changed: the journal directory is listed and its journals parsed
+    again only when it changed."""
+    wanted = set(names)
+    return any(wanted <= pods for pods in _journal_pod_sets(state))
+
+
+def _journal_pod_sets(state: State) -> list[frozenset[str]]:
+    path = str(state.journal_dir)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return []
+    key = (st.st_ino, st.st_mtime_ns)
+    cached = _in_journals.get(path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    sets = [frozenset(j.pods) for j in list_journals(state)]
+    # A directory's mtime moves in clock ticks: two changes within one leave it alone,
+    # so a listing is kept only once its directory has been still for a while.
+    if time.time_ns() - st.st_mtime_ns > JOURNAL_STILL_NS:
+        _in_journals[path] = (key, sets)
+    return sets
+
+
 def list_journals(state: State, entries: list[str] | None = None) -> list[Journal]:
     """Parsed journals (unparseable ones are left for ``yoi doctor``).
 

@@ -299,6 +299,8 @@ class Pod:
             return None
         if kind == "pending":
             return f"{other!r} is not a peer of {self.name!r} yet: {why}; message refused"
+        if kind == "in_doubt":
+            return f"{other!r} is not surely a peer of {self.name!r}: {why}; message refused"
         return f"{other!r} is not a peer of {self.name!r}; message refused"
 
     def _relation(self, other: str) -> tuple[str, str | None]:
