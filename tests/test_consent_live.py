@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from rawsock import Raw
@@ -129,7 +130,9 @@ def test_handler_approves_and_wait_exits_0(run_yoi, state, started_pod, tmp_path
     assert text.endswith("Answer with a first line of `approve` or `deny`.\n")
     assert [(e["source"], e["request_id"], e["decider"])
             for e in kinds(state, "b", "peer_request")] == [("a", rid, "handler")]
-    assert decisions(state, "b") == [("a", rid, "approved")]
+    # the decision's entry is committed on the Pod's loop, just after the approval
+    wait_until(lambda: decisions(state, "b") == [("a", rid, "approved")],
+               what="the decision's entry")
     assert peers.is_peer(state, "a", "b") and peers.list_requests(state, "b") == []
     r = run_yoi("pod", "send", "--from", "a", "b", "hello")
     assert r.exit_code == 0, r
@@ -237,7 +240,8 @@ def test_a_restarted_pod_offers_its_pending_requests_again(run_yoi, state, start
     started_pod("b", create=False)
     wait_until(lambda: peers.is_peer(state, "a", "b"), what="the approval at start-up")
     assert [e["request_id"] for e in kinds(state, "b", "peer_request")] == [rid, rid]
-    assert decisions(state, "b") == [("a", rid, "none"), ("a", rid, "approved")]
+    wait_until(lambda: decisions(state, "b") == [("a", rid, "none"), ("a", rid, "approved")],
+               what="the decision's entry")
 
 
 def test_a_request_is_decided_once_even_when_the_operator_is_faster(run_yoi, state,
@@ -332,3 +336,21 @@ def test_a_handler_flooding_its_output_decides_nothing(run_yoi, state, started_p
     [entry] = wait_until(lambda: kinds(state, "b", "peer_decision"), what="the decision")
     assert entry["decision"] == "none" and "truncated" in entry["reason"], entry
     assert [q["id"] for q in peers.list_requests(state, "b")] == [rid]
+
+
+def test_registering_again_and_again_runs_the_handler_once(run_yoi, state, started_pod,
+                                                           tmp_path):
+    """A requester cannot make the asked Pod's handler (an agent that costs money per
+    run) run again and again: a request is offered once while the Pod runs."""
+    store.create(state, "a")
+    store.create(state, "b", accept_peers="ask")
+    started_pod("b", exec=decider(tmp_path, "echo let me think"))
+    rid = run_yoi("pod", "peer", "register", "a", "b", "--json").json["request"]["id"]
+    wait_until(lambda: decisions(state, "b"), what="the first (undecided) run")
+    for _ in range(5):
+        r = run_yoi("pod", "peer", "register", "a", "b", "--json")
+        assert (r.exit_code, r.json["request"]["id"]) == (0, rid), r
+    time.sleep(0.5)  # what a second run would take to show
+    assert (tmp_path / "seen").read_text().count("peer_request|") == 1
+    assert decisions(state, "b") == [("a", rid, "none")]
+    assert peers.list_requests(state, "b")[0]["id"] == rid  # still the operator's to decide

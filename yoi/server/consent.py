@@ -16,9 +16,10 @@ run with ``YOI_EVENT=peer_request``. The handler's first output line decides
 exactly the request the handler was shown, under the locks, so a request
 decided meanwhile (by the operator, or expired) is not decided again; the
 outcome is committed as a ``peer_decision`` entry. No verdict leaves the
-request pending for the operator, with an alert. While its handler run is
-queued a request is not offered again (``pod.offered``); a Pod without a
-handler logs each request once per process.
+request pending for the operator, with an alert. A request is offered once
+per process (``pod.offered``), whatever the handler made of it: repeated
+offers (a requester registering again and again) cost no handler runs; the
+next start offers what is still pending.
 """
 
 from __future__ import annotations
@@ -117,8 +118,7 @@ def handle(pod, worker, job: Job) -> None:
     if outcome.truncated:  # a verdict is never read from a flood (a warning elsewhere)
         errors.append(f"its output was cut at {len(outcome.out)} bytes (truncated)")
     fields = decide(pod, job.source, job.msg_id, outcome.out, "; ".join(errors) or None)
-    pod.loop.call_soon(pod.commit, None, Entry("peer_decision", fields),
-                       lambda res, err: pod.offered.discard(job.msg_id))
+    pod.loop.call_soon(pod.commit, None, Entry("peer_decision", fields))
 
 
 def decide(pod, requester: str, rid: str, out: bytes, problem: str | None) -> dict:
