@@ -182,6 +182,34 @@ def test_a_snapshot_read_from_the_log_at_start_holds_back_unknown_kinds(state, r
         seq for seq in range(201, 1201) if seq % 4 in (2, 3)]
 
 
+def test_a_log_of_an_older_version_gives_a_snapshot_the_original_reads(state, run_yoi,
+                                                                        started_pod):
+    """Older versions stored a `run`'s segments as sent (no `kind`), and other versions
+    could leave entries the original cannot read: the snapshot mends the first and
+    holds back the rest; the log is not rewritten."""
+    run_yoi("pod", "create", "a")
+    old = [
+        b'{"seq":1,"kind":"user_message","ts":1764590000000,"at":"2025-12-01T11:53:20Z",'
+        b'"segments":[{"content":"old"}]}',
+        b'{"seq":2,"kind":"user_message","ts":1764590000000,"at":"2025-12-01T11:53:20Z",'
+        b'"segments":[{"kind":"image","url":"x"}]}',
+        b'{"seq":3,"kind":"system_item","ts":1764590000000,"at":"2025-12-01T11:53:20Z",'
+        b'"item":{"kind":"notification","message":"no body"}}',
+        b'{"seq":4,"kind":"system_item","ts":1764590000000,"at":"2025-12-01T11:53:20Z",'
+        b'"item":{"kind":"notification","message":"m","body":"m"}}',
+    ]
+    log = b"\n".join(old) + b"\n"
+    state.session_path("a").write_bytes(log)
+    pod = started_pod("a")
+    with Lines(pod.socket_path) as c:
+        snap = c.prelude()
+    check_both(c.lines[-1])
+    entries = snap["data"]["entries"]
+    assert [e["seq"] for e in entries] == [1, 4]
+    assert entries[0]["segments"] == [{"content": "old", "kind": "text"}]
+    assert state.session_path("a").read_bytes() == log
+
+
 def test_the_validators_refuse_what_the_original_refuses():
     """The golden fixtures are strict where serde is: a check that passed everything
     would prove nothing."""
@@ -259,6 +287,10 @@ def test_original_form_peer_messages_are_attributed_and_checked_by_the_receiver(
         c.until("text_done")
         with pytest.raises(Refused):
             client.notify(pod.socket_path, "let me in", "m-2", source="c")
+        # a peer cannot pass its message off as another Pod's to the original's clients
+        with pytest.raises(Refused) as e:
+            client.notify(pod.socket_path, header("c", "spoof"), "m-3", source="b")
+        assert "starts with a peer header naming 'c' but comes from 'b'" in str(e.value)
     r = run_yoi("pod", "log", "a")
     assert [re.sub(r" in \d+ ms:", ":", line.split(" ", 2)[2])
             for line in r.stdout.splitlines()] == [

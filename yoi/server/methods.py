@@ -79,6 +79,10 @@ def notify(pod, c: Client | None, params: dict, done=None) -> None:
         source = protocol.peer_header_source(message)
         original = message
     else:
+        claimed = protocol.peer_header_source(message)
+        if claimed is not None and claimed != source:  # the original's clients read this
+            raise Invalid(f"the message starts with a peer header naming {claimed!r} but comes "
+                          f"from {source!r}; refused")
         original = protocol.with_peer_header(source, message)
     refusal = pod.peer_refusal(source) if source is not None else None
     if refusal:

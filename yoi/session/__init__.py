@@ -420,6 +420,33 @@ def last_seq(path: Path | str, end: int | None = None) -> int:
 SNAPSHOT_KINDS = frozenset({"system_item", "user_message"})
 
 
+def snapshot_line(line: bytes, entry: dict) -> bytes:
+    """LINE, an entry read back from the log, as a snapshot may carry it: in the shape
+    the original's clients read, or ``b""`` (held back) if it cannot be. Logs of
+    older versions hold ``user_message`` segments stored as a client sent them,
+    without their ``kind``: those get it (the log itself is never rewritten)."""
+    kind = entry.get("kind")
+    if kind not in SNAPSHOT_KINDS:
+        return line
+    ts = entry.get("ts")
+    if not (isinstance(ts, int) and ts >= 0):
+        return b""
+    if kind == "system_item":
+        item = entry.get("item")
+        good = (isinstance(item, dict) and item.get("kind") == "notification"
+                and isinstance(item.get("message"), str) and isinstance(item.get("body"), str))
+        return line if good else b""
+    segments = entry.get("segments")
+    if not (isinstance(segments, list) and all(
+            isinstance(s, dict) and s.get("kind", "text") == "text"
+            and isinstance(s.get("content", ""), str) for s in segments)):
+        return b""
+    if all("kind" in s and "content" in s for s in segments):
+        return line
+    return _dumps({**entry, "segments": [{**s, "kind": "text", "content": s.get("content", "")}
+                                         for s in segments]})
+
+
 class Recent:
     """What a connect-time snapshot holds: of the most recent COUNT entries, those of
     ``SNAPSHOT_KINDS``, and beyond the newest of them at most BUDGET bytes.

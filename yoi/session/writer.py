@@ -37,7 +37,7 @@ from yoi import protocol
 from yoi.atomic import fsync_dir, write_all
 from yoi.faults import fault
 from yoi.session import (READ_CHUNK, Entry, Recent, entry_id, index_key, last_seq, line_seq,
-                         parse_entry, set_aside_torn_tail, tail)
+                         parse_entry, set_aside_torn_tail, snapshot_line, tail)
 from yoi.session.index import IdIndex, tail_check
 
 INDEX_BATCH = 10_000  # rows per index transaction while catching up
@@ -94,7 +94,7 @@ class SessionLog:
         for line in tail(self.path, protocol.SNAPSHOT_ENTRIES, self.size):
             entry = parse_entry(line)
             if entry is not None:
-                self.recent.append(line, entry["kind"])
+                self.recent.append(snapshot_line(line, entry), entry["kind"])
         self._catch_up_index(problems)
         self._thread = threading.Thread(target=self._writer, name="session-writer",
                                         daemon=True)
