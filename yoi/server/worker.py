@@ -44,6 +44,7 @@ import threading
 import time
 
 from yoi.procs import StillThere, terminate
+from yoi.server.children import tell_soon
 from yoi.server.log import log, write_raw
 from yoi.session import Entry
 from yoi.session.writer import Committed
@@ -128,6 +129,8 @@ class HandlerWorker:
             self._commit(outcome.entry(job.kind, job.msg_id))
             for level, problem in outcome.problems:
                 pod.loop.call_soon(pod.alert, level, problem)
+            if job.msg_id is not None and job.msg_id == pod.task_id:
+                tell_soon(pod.state, pod.name, pod.parent)  # its task is done
         if job.kind == "run" and not pod.loop.stopping:
             self._commit(Entry("run_end", {"result": "finished"}))
 
