@@ -24,9 +24,10 @@ each once. ``read_child`` is that reading, a pure function of the log.
 from __future__ import annotations
 
 import os
+import time
 
 from yoi import control, delivery, metadata, session
-from yoi.errors import AlreadyExists, Refused, UsageError, YoiError
+from yoi.errors import AlreadyExists, Busy, Refused, UsageError, YoiError
 from yoi.names import check_name
 from yoi.state import State
 from yoi.timeouts import DEFAULT
@@ -69,8 +70,8 @@ def spawn(state: State, parent: str, child: str, *, exec_cmd: str | None = None,
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise UsageError(f"{what} {value!r} is not valid UTF-8 text") from None
-    record, created = _create(state, parent, child, exec_cmd, cwd, scope, task_id)
-    started = control.restore(state, child, timeout=timeout)
+    record, created = create_child(state, parent, child, exec_cmd, cwd, scope, task_id)
+    started = _restore(state, child, timeout)
     result = {"pod_name": child, "parent": {"pod_name": parent}, "created": created,
               "scope": metadata.scope_of(record), "started": started["restored"],
               "socket_path": started["socket_path"], "task": None}
@@ -88,6 +89,19 @@ def spawn(state: State, parent: str, child: str, *, exec_cmd: str | None = None,
     return result
 
 
+def _restore(state: State, child: str, timeout: float) -> dict:
+    """``control.restore``, waiting out another start of CHILD that is under way (a
+    spawn of the same child at the same time): Busy only once TIMEOUT is over."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return control.restore(state, child, timeout=max(0.1, deadline - time.monotonic()))
+        except Busy:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _given_task(state: State, child: str, task_id: str, look: int = 1000) -> str | None:
     """The text of the task CHILD was given already (its message TASK_ID, among the
     first LOOK entries of its log: it is its first message), or None."""
@@ -101,10 +115,12 @@ def _given_task(state: State, child: str, task_id: str, look: int = 1000) -> str
     return None
 
 
-def _create(state: State, parent: str, child: str, exec_cmd, cwd, scope: str,
-            task_id: str | None) -> tuple[dict, bool]:
-    """Create CHILD and list it in PARENT's record as one transaction, or find the child
-    a previous spawn made. Returns (CHILD's record, created)."""
+def create_child(state: State, parent: str, child: str, exec_cmd: str | None = None,
+                 cwd: str | None = None, scope: str = "parent",
+                 task_id: str | None = None) -> tuple[dict, bool]:
+    """Create CHILD and list it in PARENT's record as one transaction (``spawn`` without
+    starting it), or find the child a previous spawn made with these settings.
+    Returns (CHILD's record, created)."""
     with lock_pods(state, [parent, child]) as locked:
         p = locked.require(parent)
         c = locked.read(child)
