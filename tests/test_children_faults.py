@@ -42,6 +42,15 @@ def recover_with(cli, how: str, pod: str) -> None:
     assert r.exit_code == 0, r
 
 
+def expectation(action: str, before_commit: bool, old: str, new: str) -> tuple[int, str]:
+    """(exit status, outcome) of a command whose fault ACTION fires: a crash is exit 137
+    and, before the commit point, OLD; an I/O error before it is exit 1 and OLD, after
+    it (the change is made) exit 0 and NEW."""
+    if action == "crash":
+        return 137, old if before_commit else new
+    return (1, old) if before_commit else (0, new)
+
+
 def metadata_bytes(state) -> dict[str, bytes]:
     return {n: state.metadata_path(n).read_bytes() for n in state.pod_names()}
 
@@ -91,10 +100,7 @@ def test_spawn_fault_leaves_no_child_or_a_complete_one(cli, state, started_pod, 
     store.create(state, "other")
     before = metadata_bytes(state)
     r = run_cmd(state, ["pod", "spawn", "lead", "kid"], fault_spec(point, action))
-    if action == "crash":
-        expect_code, expect = 137, "old" if before_commit else "new"
-    else:
-        expect_code, expect = (1, "old") if before_commit else (0, "new")
+    expect_code, expect = expectation(action, before_commit, "old", "new")
     assert r.exit_code == expect_code, r
     if action == "eio" and before_commit:
         assert "injected I/O error" in r.stderr and leftover_files(state.root) == [], r
@@ -156,10 +162,7 @@ def test_rm_recursive_fault_leaves_the_tree_all_there_or_all_gone(cli, state, po
     tree(state)
     before = metadata_bytes(state)
     r = run_cmd(state, ["pod", "rm", "root", "--recursive"], fault_spec(point, action))
-    if action == "crash":
-        expect_code, expect = 137, "there" if before_commit else "gone"
-    else:
-        expect_code, expect = (1, "there") if before_commit else (0, "gone")
+    expect_code, expect = expectation(action, before_commit, "there", "gone")
     assert r.exit_code == expect_code, r
     if action == "crash" and point not in ("after-lock", "after-journal-remove"):
         assert leftover_files(state.root), "the crash should have left work for recovery"

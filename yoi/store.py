@@ -268,7 +268,7 @@ def remove(state: State, name: str, recursive: bool = False) -> dict:
             with ExitStack() as held:
                 for member in tree:
                     held.enter_context(_runtime_held(state, member, name))
-                return _remove_tree(locked, tree, docs, sorted(outside), parent)
+                return _remove_tree(locked, tree, sorted(outside), parent)
 
 
 def _tree(locked, root: str, docs: dict, need: set) -> list[str]:
@@ -289,8 +289,7 @@ def _tree(locked, root: str, docs: dict, need: set) -> list[str]:
     return order
 
 
-def _remove_tree(locked, tree: list[str], docs: dict, outside: list[str],
-                 parent: str | None) -> dict:
+def _remove_tree(locked, tree: list[str], outside: list[str], parent: str | None) -> dict:
     """One transaction: the Pods of TREE leave the records of the Pods OUTSIDE it (their
     peers, and the parent of its root), then go."""
     changes, updated, parent_updated = [], [], None
