@@ -230,9 +230,9 @@ def test_rm_refuses_a_parent_and_recursive_removes_the_tree_in_one_go(state, cli
     tree(state)
     r = cli("pod", "rm", "root", "--json")
     assert r.exit_code == 4, r
-    assert r.stderr == ("yoi: error: Pod 'root' has children: c1, c2, g1, g2; remove them "
-                        "first, or the whole tree with `yoi pod rm root --recursive`\n")
-    assert r.json["error"]["children"] == [{"pod_name": n} for n in ("c1", "c2", "g1", "g2")]
+    assert r.stderr == ("yoi: error: Pod 'root' has children: c1, c2; remove them first, or "
+                        "the whole tree with `yoi pod rm root --recursive`\n")
+    assert r.json["error"]["children"] == [{"pod_name": "c1"}, {"pod_name": "c2"}]
     r = cli("pod", "rm", "g1", "--json")  # a child leaves its parent's list with it
     assert r.exit_code == 0, r
     assert r.json == {"ok": True, "pod_name": "g1", "removed": True, "peers_updated": [],

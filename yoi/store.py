@@ -261,10 +261,10 @@ def remove(state: State, name: str, recursive: bool = False) -> dict:
                 names = locked.names | need
                 continue  # relock with them included, in sorted order
             if len(tree) > 1 and not recursive:
-                kids = ", ".join(tree[1:])
-                raise Refused(f"Pod {name!r} has children: {kids}; remove them first, or "
-                              f"the whole tree with `yoi pod rm {name} --recursive`",
-                              pod_name=name, children=[{"pod_name": c} for c in tree[1:]])
+                kids = [c for c in tree if metadata.parent_of(docs[c]) == name]
+                raise Refused(f"Pod {name!r} has children: {', '.join(kids)}; remove them "
+                              f"first, or the whole tree with `yoi pod rm {name} --recursive`",
+                              pod_name=name, children=[{"pod_name": c} for c in kids])
             with ExitStack() as held:
                 for member in tree:
                     held.enter_context(_runtime_held(state, member, name))
