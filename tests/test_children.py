@@ -371,7 +371,9 @@ def test_a_damaged_child_record_or_log_does_not_stop_the_parent(state, started_p
     store.create(state, "lead")
     children.create_child(state, "lead", "nospawn")
     children.create_child(state, "lead", "odd", exec_cmd="cat", task_id="task:odd:1")
+    children.create_child(state, "lead", "broken")
     store.update(state, "nospawn", lambda d: {k: v for k, v in d.items() if k != "spawn_id"})
+    state.metadata_path("broken").write_text("not = [toml")
     with open(state.session_path("odd"), "ab") as f:  # our kinds, with wrong types
         f.write(b'{"seq":1,"kind":"pod_started","ts":1,"at":"x"}\n'
                 b'{"seq":2,"kind":"handler_result","ts":1,"at":"x","id":"task:odd:1",'
@@ -384,6 +386,9 @@ def test_a_damaged_child_record_or_log_does_not_stop_the_parent(state, started_p
     assert (completed[0]["ok"], completed[0]["exit_status"], completed[0]["output"]) == (
         False, None, "")
     assert (done[0]["source"], done[0]["run"], done[0]["ended"]) == ("odd", 1, "stopped")
+    time.sleep(2.2)  # more rounds of the watcher
     r = run_yoi("pod", "status", "lead", "--json")
     assert r.exit_code == 0, r
-    assert "internal error" not in state.pod_log_path("lead").read_text()
+    pod_log = state.pod_log_path("lead").read_text()
+    assert "internal error" not in pod_log
+    assert pod_log.count("cannot read child broken: ") == 1, pod_log  # said once

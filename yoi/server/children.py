@@ -61,6 +61,7 @@ class ChildWatcher:
         self.stopping = False
         self.watches: dict[str, Watch] = {}
         self._records: dict[str, tuple] = {}  # Pod name -> (stat key, record)
+        self._problems: dict[str, str | None] = {}  # what was logged last, per Pod
         self.thread = threading.Thread(target=self._run, name="children", daemon=True)
 
     def start(self) -> None:
@@ -102,7 +103,11 @@ class ChildWatcher:
 
     def _round(self, dirty: set[str], everything: bool) -> None:
         pod = self.pod
-        doc = self._record(pod.name)
+        try:
+            doc = self._record(pod.name)
+        except YoiError as e:
+            self._problem(pod.name, f"cannot read this Pod's record: {e.message}")
+            return
         names = metadata.child_names(doc)
         for gone in set(self.watches) - set(names):
             del self.watches[gone]
@@ -111,10 +116,17 @@ class ChildWatcher:
                 return
             try:
                 self._check(name, everything or name in dirty)
+                self._problem(name, None)
             except YoiError as e:
-                log(f"cannot read child {name}: {e.message}")
+                self._problem(name, f"cannot read child {name}: {e.message}")
             except OSError as e:
-                log(f"cannot read child {name}: {e.strerror or e}")
+                self._problem(name, f"cannot read child {name}: {e.strerror or e}")
+
+    def _problem(self, name: str, problem: str | None) -> None:
+        """Log PROBLEM with NAME once, not every round it persists (None: it is gone)."""
+        if problem is not None and self._problems.get(name) != problem:
+            log(problem)
+        self._problems[name] = problem
 
     def _record(self, name: str) -> dict | None:
         """NAME's record, parsed again only when its file changed (None: no such Pod)."""
