@@ -352,6 +352,32 @@ def case_drain_throughput(quick):
                  f"{n} queued messages delivered at start / {n} streamed live with --lines")
 
 
+def case_spawn_round_trip(quick):
+    """Spawn a child with a task and wait for its parent to record that it is done, vs a
+    one-shot send: reported (it starts a Pod process each time)."""
+    n = 3 if quick else 10
+    with state_dir() as st:
+        env = env_for(st)
+        make_peers_a_b(env)
+        with LivePods(st, env) as pods:
+            pods.start("A")
+            pods.start("B")
+            trips, sends = [], []
+            for i in range(n):
+                child = f"kid{i}"
+                pods.names.insert(0, child)  # stopped first
+                t0 = time.perf_counter()
+                yoi("pod", "spawn", "A", child, "--exec", "cat", "--task", "work", env=env)
+                yoi("pod", "wait", "A", "--from", child, "--kind", "child_completed",
+                    "--timeout", "30", env=env)
+                trips.append(time.perf_counter() - t0)
+                sends.append(timed(yoi_argv() + ["pod", "send", "--from", "A", "B", "msg"],
+                                   env))
+    a, b = median(trips), median(sends)
+    return Row("spawn round trip", a * 1000, b * 1000, "ms", a / b, "report", "REPORT",
+               "spawn --task and wait for child_completed in the parent's log / one-shot send")
+
+
 CASES = [
     ("startup", case_startup),
     ("one-shot send", case_one_shot_send),
@@ -366,6 +392,7 @@ CASES = [
     ("start with history", case_start_with_history),
     ("queued send", case_queued_send),
     ("drain at start", case_drain_throughput),
+    ("spawn round trip", case_spawn_round_trip),
 ]
 
 

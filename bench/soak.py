@@ -6,6 +6,10 @@
 * delivery: messages from 4 senders retried with the same ``--id`` while the
   receiving Pod is killed and restarted at random; counts acknowledged
   messages missing from the log, and messages present twice.
+* children: a parent Pod and a child it spawned with a task, each SIGKILLed
+  (or the child stopped) and restarted at random moments; counts notices in
+  the parent's log twice, runs of the child told never or twice, and tasks
+  done told other than once.
 * hostile: clients sending random bytes, over-long lines, lines nested 100,000
   deep and integers of 5,000 digits, and idling at a Pod while a well-behaved
   sender measures its acknowledgement latency; counts Pod death, lost
@@ -261,16 +265,78 @@ def soak_hostile(seconds: float, seed: int, clients: int = 50) -> int:
     return int(not alive) + lost + int(rss_violation)
 
 
+# -- children ------------------------------------------------------------------
+
+def soak_children(rounds: int, seed: int) -> int:
+    from yoi import control
+    from yoi.state import State
+    rng = random.Random(seed)
+    with state_dir("yoi-soak-children-") as st:
+        env, state = env_for(st), State.resolve(st)
+
+        def entries(name):
+            out = []
+            for line in (st / "pods" / name / "session.jsonl").read_bytes().splitlines():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+            return out
+
+        yoi("pod", "create", "lead", env=env)
+        yoi("pod", "start", "lead", env=env)
+        yoi("pod", "spawn", "lead", "kid", "--exec", "cat", "--task", "work", env=env)
+        kills = 0
+        try:
+            for _ in range(rounds):
+                time.sleep(rng.uniform(0, 0.3))
+                victim = rng.choice(["lead", "kid", "kid-clean"])
+                if victim == "kid-clean":
+                    yoi("pod", "stop", "kid", env=env, check=False)
+                else:
+                    pid = control.holder_pid(state.runtime_lock_path(victim))
+                    if pid is not None:
+                        os.kill(pid, signal.SIGKILL)
+                        kills += 1
+                time.sleep(rng.uniform(0, 0.2))
+                for name in ("lead", "kid"):
+                    if not control.is_running(state, name):
+                        yoi("pod", "start", name, env=env, check=False)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # quiet: every ended run told
+                runs = [e for e in entries("kid") if e["kind"] == "pod_started"]
+                told = [e for e in entries("lead") if e["kind"] == "child_stopped"]
+                if len(told) >= len(runs) - 1:
+                    break
+                time.sleep(0.2)
+        finally:
+            yoi("pod", "stop", "lead", "--recursive", "--force", env=env, check=False)
+        runs = [e["seq"] for e in entries("kid") if e["kind"] == "pod_started"]
+        notices = [e for e in entries("lead") if e["kind"].startswith("child_")]
+        ids = [e["id"] for e in notices]
+        twice = len(ids) - len(set(ids))
+        told = sorted(e["run"] for e in notices if e["kind"] == "child_stopped")
+        runs_wrong = len(set(runs) ^ set(told)) + (len(told) - len(set(told)))
+        done = sum(1 for e in notices if e["kind"] == "child_completed")
+        done_wrong = int(done != 1)
+    log(f"children: {rounds} rounds, {kills} SIGKILLs, {len(runs)} runs of the child, "
+        f"{len(notices)} notices; violations: twice={twice} runs_wrong={runs_wrong} "
+        f"done_wrong={done_wrong}")
+    return twice + runs_wrong + done_wrong
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["crash", "delivery", "hostile"], action="append")
+    ap.add_argument("--only", choices=["crash", "delivery", "children", "hostile"],
+                    action="append")
     ap.add_argument("--iterations", type=int, default=2000, help="crash soak rounds")
     ap.add_argument("--messages", type=int, default=10000, help="delivery soak messages")
     ap.add_argument("--seconds", type=float, default=60, help="hostile soak duration")
+    ap.add_argument("--rounds", type=int, default=200, help="children soak rounds")
     ap.add_argument("--seed", type=int, default=20261127)
     args = ap.parse_args(argv)
-    which = args.only or ["crash", "delivery", "hostile"]
+    which = args.only or ["crash", "delivery", "children", "hostile"]
     total = 0
     for name in which:
         t0 = time.monotonic()
@@ -278,6 +344,8 @@ def main(argv=None) -> int:
             v = soak_crash(args.iterations, args.seed)
         elif name == "delivery":
             v = soak_delivery(args.messages, args.seed)
+        elif name == "children":
+            v = soak_children(args.rounds, args.seed)
         else:
             v = soak_hostile(args.seconds, args.seed)
         log(f"{name}: {v} violations in {time.monotonic() - t0:.0f}s\n")

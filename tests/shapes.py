@@ -12,7 +12,10 @@ A shape is a Python value:
 Besides each command's own shape, ``check`` applies the rules every document
 follows, at any depth: a Pod is named ``pod_name`` (never ``pod``); a second
 Pod in a role (``source``, ``peer``, ``as``) is ``{"pod_name": ...}`` or null;
-``live`` is always the live object. A new command adds a row to ``COMMANDS``
+``live`` is always the live object. A log entry in a document (``entry``,
+``reply``) is stored data, as ``yoi pod log`` prints it: the rules do not
+reach into it (a notice about a child names it in ``source``, as a text).
+A new command adds a row to ``COMMANDS``
 (and a scenario to ``test_json_contract.py``); a new document kind adds a
 shape here and a line to the man page.
 """
@@ -58,7 +61,11 @@ RECORD = Open({"schema": int, "pod_name": str, "created_at": str, "accept_peers?
                "runtime?": Open({"exec?": str, "cwd?": str, "pid?": int,
                                  "socket_path?": str}),
                "labels?": MapOf(str),
-               "peers?": ListOf(Open({"pod_name": str, "registered_at?": str}))})
+               "peers?": ListOf(Open({"pod_name": str, "registered_at?": str})),
+               # a spawned child's, and a parent's
+               "parent?": str, "scope?": Enum("parent", "peers"), "spawn_id?": str,
+               "task_id?": str,
+               "children?": ListOf(Open({"pod_name": str, "spawned_at?": str}))})
 ERROR = Open({"code": str, "message": str, "exit_code": int})
 # A session log entry (`yoi pod log --json`, one per line): as stored. `id` is the
 # message id where the entry has one (system_item; handler_result: the message it
@@ -81,6 +88,20 @@ ENTRY_KINDS = {
                        "exit_status": Nullable(int), "signal": Nullable(int),
                        "duration_ms": int, "text": str, "truncated": bool,
                        "stderr_tail": str},
+    # A parent's notices about a child it spawned (see yoi.children).
+    "child_completed": {"seq": int, "kind": str, "ts": int, "at": str, "id": str,
+                        "source": str, "task_id": str, "child_seq": int, "ok": bool,
+                        "ended": Nullable(str), "exit_status": Nullable(int),
+                        "signal": Nullable(int), "duration_ms": Nullable(int),
+                        "output": str, "truncated": bool},
+    "child_stopped": {"seq": int, "kind": str, "ts": int, "at": str, "id": str,
+                      "source": str, "run": int, "ended": Enum("stopped", "died"),
+                      "exit_status": Nullable(int), "task_id": Nullable(str),
+                      "child_seq": Nullable(int), "output": str, "truncated": bool},
+    # A child's own runs.
+    "pod_started": {"seq": int, "kind": str, "ts": int, "at": str, "pid": int,
+                    "parent": str},
+    "pod_stopped": {"seq": int, "kind": str, "ts": int, "at": str, "run": Nullable(int)},
 }
 EVENT = {"event": str, "data?": ANY}  # `log --follow --json`: a Pod event that is no entry
 # `log --queued --json`, one per line: a message waiting in a Pod's queue, as stored.
@@ -98,6 +119,7 @@ VISIBLE_ITEM = {"pod_name": str,
                             "reason?": Nullable(str)},
                 "comm_registry": {"registered": bool, "socket_path?": Nullable(str)},
                 "spawned_children": {"count": int, "reachable": int, "unreachable": int},
+                "relation": Enum("self", "parent", "peer", "parent_peer", "child"),
                 "active?": ANY, "error?": Nullable(str)}
 STOPPED = {"pod_name": str, "stopped": bool, "forced": Nullable(str), "pid": Nullable(int),
            "message": str, "stale_socket_removed?": bool}
@@ -127,7 +149,12 @@ DOCUMENTS = {
     "pod-shown": {"pod_name": str, "live": LIVE, "record": RECORD},
     "pod-list": {"pods": ListOf(LIST_ITEM)},
     "pod-visible": {"as": POD_REF, "pods": ListOf(VISIBLE_ITEM)},
-    "pod-removed": {"pod_name": str, "removed": bool, "peers_updated": ListOf(POD_REF)},
+    "pod-removed": {"pod_name": str, "removed": bool, "peers_updated": ListOf(POD_REF),
+                    "children_removed?": ListOf(POD_REF), "parent_updated?": POD_REF},
+    "pod-spawned": {"pod_name": str, "parent": POD_REF, "created": bool,
+                    "scope": Enum("parent", "peers"), "started": bool, "socket_path": str,
+                    "task": Nullable({"id": str, "acknowledged": bool, "at": Nullable(str)}),
+                    "record": RECORD},
     "pod-started": {"pod_name": str, "started": bool, "pid": int, "socket_path": str,
                     "log": str},
     "pod-serving": {"pod_name": str, "socket_path": str},  # start --foreground, once ready
@@ -170,6 +197,7 @@ COMMANDS = {
     "yoi pod show": ["pod-shown"],
     "yoi pod list": ["pod-list", "pod-visible"],
     "yoi pod rm": ["pod-removed"],
+    "yoi pod spawn": ["pod-spawned"],
     "yoi pod start": ["pod-started", "pod-serving"],
     "yoi pod stop": ["pod-stopped", "pods-stopped"],
     "yoi pod restore": ["pod-restored"],
@@ -189,6 +217,7 @@ COMMANDS = {
 }
 
 ROLE_KEYS = ("source", "peer", "as")
+ENTRY_KEYS = ("entry", "reply")  # a log entry, as stored
 
 
 def _fail(where: str, what: str, value) -> str:
@@ -251,7 +280,8 @@ def rules(value, where: str = "") -> list[str]:
                 problems += conform(sub, LIVE, at)
             elif key == "pod_name" and sub is not None and not isinstance(sub, str):
                 problems.append(_fail(at, "a Pod name", sub))
-            problems += rules(sub, at)
+            if key not in ENTRY_KEYS:
+                problems += rules(sub, at)
     elif isinstance(value, list):
         for i, sub in enumerate(value):
             problems += rules(sub, f"{where}[{i}]")

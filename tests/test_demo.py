@@ -25,8 +25,20 @@ def test_demo_runs_every_step_and_removes_its_state(run_yoi):
         "yoi pod start reviewer", "yoi pod start coder",
         "yoi pod peer register reviewer coder --wait 30", "yoi pod list",
         "yoi pod send --from reviewer coder 'please review PR 42' --id pr-42 --wait-reply 30",
-        "yoi pod log coder", "yoi doctor", "yoi pod stop coder", "yoi pod stop reviewer"], r
+        "yoi pod log coder",
+        "yoi pod spawn reviewer words --exec ...",
+        "yoi pod spawn reviewer shout --exec ...",
+        "yoi pod wait reviewer --from words --kind child_completed --timeout 30",
+        "yoi pod wait reviewer --from shout --kind child_completed --timeout 30",
+        "yoi pod list --as reviewer",
+        "yoi doctor", "yoi pod stop coder", "yoi pod stop reviewer --recursive"], r
     assert ': pong from coder: got "please review PR 42"\n' in r.stdout
+    # reviewer fanned out to two children and collected both results
+    assert re.search(r"child words completed its task task:words:1: ok \[child:words:\w+:done\]"
+                     r": +4\n", r.stdout), r
+    assert "child shout completed its task task:shout:1: ok" in r.stdout
+    assert ": PLEASE REVIEW PR 42\n" in r.stdout
+    assert "    words: stopped\n    shout: stopped\n    reviewer: stopped\n" in r.stdout
     assert re.search(r"registered reviewer <-> coder \(coder approved request \w+\)", r.stdout)
 
 
@@ -40,7 +52,7 @@ def test_demo_json_in_a_kept_state_dir_leaves_stopped_pods_and_both_logs(run_yoi
     reply = [s for s in doc["steps"] if "reply" in s]
     assert reply and reply[0]["reply"] == 'pong from coder: got "please review PR 42"'
     assert "$ yoi pod create reviewer" in r.stderr  # the commentary is talk
-    for name in ("reviewer", "coder"):
+    for name in ("reviewer", "coder", "words", "shout"):
         assert is_locked(state / "pods" / name / "runtime.lock") is False  # stopped
     coder_log = [json.loads(line) for line in
                  (state / "pods" / "coder" / "session.jsonl").read_text().splitlines()]
@@ -54,6 +66,14 @@ def test_demo_json_in_a_kept_state_dir_leaves_stopped_pods_and_both_logs(run_yoi
     assert request["source"] == "reviewer" and request["decider"] == "handler"
     assert (decision["source"], decision["request_id"], decision["decision"]) == (
         "reviewer", request["request_id"], "approved")
+    outputs = [s["output"].strip() for s in doc["steps"] if "output" in s]
+    assert outputs == ["4", "PLEASE REVIEW PR 42"], doc["steps"]
+    reviewer_log = [json.loads(line) for line in
+                    (state / "pods" / "reviewer" / "session.jsonl").read_text().splitlines()]
+    notices = sorted((e["kind"], e["source"]) for e in reviewer_log
+                     if e["kind"].startswith("child_"))
+    assert notices == [("child_completed", "shout"), ("child_completed", "words"),
+                       ("child_stopped", "shout"), ("child_stopped", "words")], notices
     register = [s for s in doc["steps"] if s["command"].startswith("yoi pod peer register")]
     assert register == [{"command": "yoi pod peer register reviewer coder --wait 30",
                          "exit_code": 0}]
@@ -80,5 +100,6 @@ def test_demo_in_an_existing_state_dir_removes_only_its_own_pods(run_yoi, tmp_pa
     assert r.exit_code == 0, r
     assert r.stdout.startswith(f"state directory: {state} (the demo's Pods are removed "
                                "afterwards)\n"), r
-    assert r.stdout.endswith("[13] $ yoi pod rm reviewer\n    removed reviewer\n\ndemo: ok\n"), r
+    assert r.stdout.endswith("[18] $ yoi pod rm reviewer --recursive\n    removed reviewer "
+                             "and words, shout\n\ndemo: ok\n"), r
     assert sorted(p.name for p in (state / "pods").iterdir()) == ["other"]

@@ -243,15 +243,28 @@ def stop_labelled(state: State, labels: dict[str, str], timeout: float = DEFAULT
     """Stop every Pod carrying LABELS, one after the other; one that fails does not
     keep the others running. Returns (one result per Pod, the first error)."""
     from yoi.metadata import has_labels
+    return _stop_each(state, [p.name for p in store.list_all(state)
+                              if p.doc is not None and has_labels(p.doc, labels)],
+                      timeout, force)
+
+
+def stop_tree(state: State, name: str, timeout: float = DEFAULT,
+              force: bool = False) -> tuple[list[dict], YoiError | None]:
+    """Stop NAME's children (the deepest first), then NAME; as ``stop_labelled``."""
+    from yoi.children import descendants  # not at the top: yoi.children imports this module
+    store.read(state, name)  # NotFound before anything is stopped
+    return _stop_each(state, descendants(state, name) + [name], timeout, force)
+
+
+def _stop_each(state: State, names: list[str], timeout: float,
+               force: bool) -> tuple[list[dict], YoiError | None]:
     results, first = [], None
-    for pod in store.list_all(state):
-        if pod.doc is None or not has_labels(pod.doc, labels):
-            continue
+    for name in names:
         try:
-            results.append(stop(state, pod.name, timeout=timeout, force=force))
+            results.append(stop(state, name, timeout=timeout, force=force))
         except YoiError as e:
             first = first or e
-            results.append({"pod_name": pod.name, "stopped": False, "forced": None,
+            results.append({"pod_name": name, "stopped": False, "forced": None,
                             "pid": None, "message": f"not stopped: {e.message}"})
     return results, first
 

@@ -1,8 +1,9 @@
 """Sending messages to Pods: the checks, the ids, one message or a pipelined stream.
 
-A message with a SOURCE is a peer message: SOURCE must list TARGET as a peer
-(the receiving Pod checks again against its own metadata) and TARGET must be
-running; nothing ever starts it. Without a source it is an operator
+A message with a SOURCE is a peer message: SOURCE must list TARGET as a peer,
+or the two be parent and child, or TARGET be within the scope of a child
+(``metadata.relation``; the receiving Pod checks again against its own
+metadata), and TARGET must be running; nothing ever starts it. Without a source it is an operator
 notification, which any existing Pod accepts.
 
 Success means acknowledged: the Pod broadcasts the ``system_item`` carrying
@@ -34,7 +35,7 @@ import os
 from yoi import client, protocol
 from yoi.errors import (Interrupted, Refused, TimedOutWaiting, Unreachable, UsageError,
                         YoiError)
-from yoi.metadata import has_peer, pending_between
+from yoi.metadata import REACH, has_peer, pending_between, relation
 from yoi.names import check_name
 from yoi.state import State
 from yoi.timeouts import DEFAULT
@@ -97,7 +98,8 @@ def _check_names(target: str, source: str | None) -> None:
 
 
 def resolve_target(state: State, target: str, source: str | None):
-    """Check that TARGET exists and, for a peer message, that SOURCE lists it.
+    """Check that TARGET exists and, for a peer message, that SOURCE may reach it:
+    parent and child, within a child's scope, or SOURCE lists TARGET as a peer.
 
     Returns TARGET's socket path (a hint: connecting tells whether it is live).
     """
@@ -113,7 +115,12 @@ def resolve_target(state: State, target: str, source: str | None):
         src = read_pod_file(state, source)
         if not src.exists:
             raise state.no_such_pod(source, "the source")
-        if not has_peer(src.doc, target):
+        known = {source: src.doc, target: pod.doc}
+        kind, why = relation(source, target, lambda n: known[n] if n in known
+                             else read_pod_file(state, n).doc)
+        if kind == "none" and why:  # a child's scope: whatever peers it lists
+            raise Refused(f"not allowed: {why}", pod_name=target, source=pod_ref(source))
+        if kind not in REACH and not has_peer(src.doc, target):
             pending = pending_between(src.doc, pod.doc, source, target)
             if pending:
                 raise Refused(f"not a peer yet: {pending}", source=source, target=target)

@@ -26,6 +26,10 @@ HANDLER = ('if [ "$YOI_EVENT" = peer_request ]; then echo approve; exit 0; fi; '
            '"pong from $YOI_POD: got \\"$msg\\""')
 
 
+# reviewer's two children: each gets the same task and answers in its own way.
+CHILDREN = (("words", "wc -w"), ("shout", "tr a-z A-Z"))
+
+
 def yoi_argv() -> list[str]:
     return [sys.executable, "-P", "-m", "yoi"]  # -P: never a yoi/ in the current directory
 
@@ -68,10 +72,21 @@ class Demo:
         step["reply"] = reply["message"]
         return reply
 
+    def collect(self, parent: str, child: str) -> dict:
+        """``yoi pod wait PARENT --from CHILD --kind child_completed``: CHILD's result."""
+        self.yoi("pod", "wait", parent, "--from", child, "--kind", "child_completed",
+                 "--timeout", f"{self.timeout:g}")
+        step = self.record[-1]
+        p = self.yoi("pod", "wait", parent, "--from", child, "--kind", "child_completed",
+                     "--json", show=False)
+        entry = json.loads(p.stdout)["entry"]
+        step["output"] = entry["output"]
+        return entry
+
     def run(self, remove_pods: bool = False) -> None:
         """Every step; the Pods are stopped (and with REMOVE_PODS removed) also on failure."""
         handler = HANDLER.format(yoi=shlex.join(yoi_argv()))
-        created, started = [], []
+        created, started, parents = [], [], set()
         try:
             self.yoi("pod", "create", "reviewer")
             created.append("reviewer")
@@ -88,13 +103,25 @@ class Demo:
             # A question, and its answer: the reply to this very message.
             self.ask("reviewer", "coder", "please review PR 42", "pr-42")
             self.yoi("pod", "log", "coder")
+            # Fan out: reviewer hands a task to each of two children it owns, and
+            # collects both results from its own log.
+            parents.add("reviewer")
+            for child, command in CHILDREN:
+                self.yoi("pod", "spawn", "reviewer", child, "--exec", command,
+                         "--task", "please review PR 42")
+            for child, _ in CHILDREN:
+                self.collect("reviewer", child)
+            self.yoi("pod", "list", "--as", "reviewer")
             self.yoi("doctor")
         finally:
+            # A parent stops (and goes) with its children: --recursive.
             for name in reversed(started):
-                self.yoi("pod", "stop", name, check=False)
+                self.yoi("pod", "stop", name, *(["--recursive"] if name in parents else []),
+                         check=False)
             # Only the Pods this demo created: never one that was there before.
             for name in reversed(created if remove_pods else []):
-                self.yoi("pod", "rm", name, check=False)
+                self.yoi("pod", "rm", name, *(["--recursive"] if name in parents else []),
+                         check=False)
 
 
 def run_demo(state_dir: str | None, keep: bool, echo: Callable[[str], None]
@@ -103,7 +130,7 @@ def run_demo(state_dir: str | None, keep: bool, echo: Callable[[str], None]
 
     Unless KEEP, everything the demo made is removed afterwards: the state
     directory if the demo made it (a temporary one, or a STATE_DIR that did
-    not exist), else the two Pods it created there.
+    not exist), else the Pods it created there (two, and the two children of one).
     """
     if state_dir is None:
         state, own = Path(tempfile.mkdtemp(prefix="yoi-demo-")), True

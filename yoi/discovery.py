@@ -8,14 +8,18 @@ timeout, not one per Pod.
 ``list_pods`` is the operator's view (every Pod of the state directory);
 ``visible`` is what one Pod P sees, each item in the shape of the original's
 visible-Pod item (a Pod answers ``list_pods`` with these, and original
-clients parse them): P itself (visibility ``self_pod``) and P's peers
-(``peer``), each with ``pod_name``, ``visibility``, ``state`` (``readable``,
-``missing`` or ``corrupt``), ``live`` (``socket_path``, ``reachable``,
-``status``, ``error``), ``restore`` (``possible``, ``restore_name``,
-``reason``), ``comm_registry`` (``registered``, ``socket_path``: the socket
-path its record holds, if any), ``spawned_children`` (``count``,
-``reachable``, ``unreachable``: always 0, we have no children) and ``error``
-(why a record is corrupt).
+clients parse them): P itself (visibility ``self_pod``), P's parent, P's
+peers and, for a child on scope ``peers``, its parent's peers (``peer``:
+the original has no other value for them), and P's children
+(``spawned_child``), each with ``pod_name``, ``visibility``, ``relation``
+(ours: ``self``, ``parent``, ``peer``, ``parent_peer`` or ``child``),
+``state`` (``readable``, ``missing`` or ``corrupt``), ``live``
+(``socket_path``, ``reachable``, ``status``, ``error``), ``restore``
+(``possible``, ``restore_name``, ``reason``), ``comm_registry``
+(``registered``, ``socket_path``: the socket path its record holds, if
+any), ``spawned_children`` (``count``: the children its record lists,
+``reachable`` and ``unreachable``: whether their sockets answer) and
+``error`` (why a record is corrupt).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from yoi import offline, store
 from yoi.client import Connection, TimedOut
 from yoi.errors import YoiError
 from yoi.lock import is_locked
-from yoi.metadata import has_labels, labels_of, peer_names
+from yoi.metadata import (child_names, has_labels, labels_of, parent_of, peer_names,
+                           scope_of)
 from yoi.state import State
 from yoi.txn import read_pod_file
 
@@ -113,21 +118,42 @@ def show(state: State, name: str) -> tuple[dict, dict]:
 STATUSES = ("idle", "running", "paused")  # the original's status values
 
 
-def _peer_rows(state: State, doc: dict, name: str) -> list[dict]:
-    rows = []
-    for peer in sorted(set(peer_names(doc)) - {name}):
-        row = {"pod_name": peer, "visibility": "peer", "state": "readable", "doc": None,
-               "why": None}
-        try:
-            pod = read_pod_file(state, peer)
-            if pod.exists:
-                row["doc"] = pod.doc
-            else:
-                row["state"] = "missing"
-        except YoiError as e:
-            row["state"], row["why"] = "corrupt", e.message
-        rows.append(row)
-    return rows
+def _row(state: State, name: str, visibility: str, relation: str) -> dict:
+    """A visible Pod, its record read (``state`` ``missing`` or ``corrupt`` if it cannot be)."""
+    row = {"pod_name": name, "visibility": visibility, "relation": relation,
+           "state": "readable", "doc": None, "why": None}
+    try:
+        pod = read_pod_file(state, name)
+        if pod.exists:
+            row["doc"] = pod.doc
+        else:
+            row["state"] = "missing"
+    except YoiError as e:
+        row["state"], row["why"] = "corrupt", e.message
+    return row
+
+
+def _visible_rows(state: State, doc: dict, name: str) -> list[dict]:
+    """Who NAME sees besides itself: its parent, its peers, its parent's peers if its
+    scope reaches them, its children; each once, in that order."""
+    rows: dict[str, dict] = {}
+
+    def add(other: str, visibility: str, relation: str) -> dict | None:
+        if other == name or other in rows:
+            return None
+        rows[other] = _row(state, other, visibility, relation)
+        return rows[other]
+
+    parent = parent_of(doc)
+    parent_row = add(parent, "peer", "parent") if parent is not None else None
+    for peer in sorted(set(peer_names(doc))):
+        add(peer, "peer", "peer")
+    if parent_row is not None and parent_row["doc"] is not None and scope_of(doc) == "peers":
+        for peer in sorted(set(peer_names(parent_row["doc"]))):
+            add(peer, "peer", "parent_peer")
+    for child in sorted(set(child_names(doc))):
+        add(child, "spawned_child", "child")
+    return list(rows.values())
 
 
 def _restore(state: State, row: dict, live: dict) -> dict:
@@ -154,28 +180,48 @@ def _item(state: State, row: dict, live: dict) -> dict:
             "state": row["state"], "live": live, "restore": _restore(state, row, live),
             "comm_registry": {"registered": bool(recorded),
                               "socket_path": str(recorded) if recorded else None},
-            "spawned_children": {"count": 0, "reachable": 0, "unreachable": 0},
-            "error": row["why"]}
+            "spawned_children": row.get("children") or {"count": 0, "reachable": 0,
+                                                        "unreachable": 0},
+            "relation": row["relation"], "error": row["why"]}
 
 
 def visible(state: State, name: str, timeout: float = PROBE_TIMEOUT,
             self_live: dict | None = None) -> list[dict]:
-    """NAME's visibility set: itself, then its peers (sorted), each probed concurrently.
+    """NAME's visibility set: itself, its parent, its peers (sorted), its parent's peers
+    if its scope reaches them, its children (sorted), each probed concurrently.
 
     SELF_LIVE, if given, is used for NAME instead of probing it (a running Pod
     answering ``list_pods`` describes itself). Raises NotFound for an unknown
     NAME and CorruptMetadata if NAME's own record does not parse.
     """
     doc = store.read(state, name)
-    rows = [{"pod_name": name, "visibility": "self_pod", "state": "readable", "doc": doc,
-             "why": None}]
-    rows += _peer_rows(state, doc, name)
+    rows = [{"pod_name": name, "visibility": "self_pod", "relation": "self",
+             "state": "readable", "doc": doc, "why": None}]
+    rows += _visible_rows(state, doc, name)
     to_probe = [r for r in rows if r["state"] == "readable" and not (
         self_live is not None and r["visibility"] == "self_pod")]
-    probes = probe_many([state.socket_path(r["pod_name"], r["doc"]) for r in to_probe],
-                        timeout)
-    for r, live in zip(to_probe, probes):
-        r["live"] = live
+    paths = [state.socket_path(r["pod_name"], r["doc"]) for r in to_probe]
+    # Each visible Pod's own children are counted too (spawned_children): probed in the
+    # same batch, each socket once.
+    kids = {r["pod_name"]: child_names(r["doc"]) for r in rows if r["doc"] is not None}
+    kid_paths = {}
+    for kid in sorted(set().union(*kids.values())):
+        try:
+            kdoc = read_pod_file(state, kid).doc
+        except YoiError:
+            kdoc = None
+        if kdoc is not None:
+            kid_paths[kid] = state.socket_path(kid, kdoc)
+    batch = list(dict.fromkeys(paths + list(kid_paths.values())))
+    probed = dict(zip(batch, probe_many(batch, timeout)))
+    for r, path in zip(to_probe, paths):
+        r["live"] = probed[path]
+    for r in rows:
+        if r["pod_name"] in kids:
+            listed = kids[r["pod_name"]]
+            up = sum(1 for k in listed if k in kid_paths and probed[kid_paths[k]]["reachable"])
+            r["children"] = {"count": len(listed), "reachable": up,
+                             "unreachable": len(listed) - up}
     out = []
     for r in rows:
         live = r.get("live")

@@ -66,6 +66,16 @@ CHECKS: dict[str, tuple[str, bool]] = {
                               "removed)", True),
     "peer-request-stale": ("a peer request is pending although the two Pods are peers already "
                            "(it is removed)", True),
+    "child-orphan": ("a Pod names a parent that does not exist (its parent was removed); "
+                     "remove it or its tree by hand", False),
+    "child-unlisted": ("a Pod names a parent that does not list it among its children",
+                       False),
+    "child-dangling": ("a Pod lists a child that does not exist (the entry is removed)", True),
+    "child-one-sided": ("a Pod lists a child that names no parent (the entry is removed)",
+                        True),
+    "child-other-parent": ("a Pod lists a child that names another parent (the entry is "
+                           "removed when that parent lists the child)", True),
+    "child-cycle": ("Pods name each other as parents in a cycle", False),
     "journal-leftover": ("the journal of an interrupted multi-Pod change (it is rolled back)",
                          True),
     "journal-corrupt": ("a journal that does not parse (left in place: inspect it by hand)",
@@ -278,6 +288,8 @@ class _Pod:
     created: float | None = None  # when its record was created
     denied: list[str] = field(default_factory=list)  # Pods whose requests were denied
     failing: str | None = None  # how its handler's last FAILING_RUNS runs, all failed, ended
+    parent: str | None = None  # the parent its record names
+    children: list[str] = field(default_factory=list)  # the children its record lists
 
 
 Finding = tuple[str, str | None, str, str]  # code, pod, path, message
@@ -434,6 +446,7 @@ def _scan_metadata(pod: _Pod, meta: str, found: list[Finding]) -> bool:
                          r["requested_at"].timestamp())
                         for r in doc.get("peer_requests", [])]
         pod.denied = [d["pod_name"] for d in doc.get("peer_denials", [])]
+        pod.parent, pod.children = metadata.parent_of(doc), metadata.child_names(doc)
         runtime = doc.get("runtime") or {}
         pod.pid, pod.socket_path = runtime.get("pid"), runtime.get("socket_path")
         created = doc.get("created_at")
@@ -545,6 +558,7 @@ class _Doctor:
         self.check_temps()
         self.check_relations()
         self.check_requests()
+        self.check_family()
         self.check_runtime()
         self.check_sessions()
         self.check_queues()
@@ -846,6 +860,126 @@ class _Doctor:
 
             self.attempt_all(found, repair)
 
+    # -- parents and children -------------------------------------------------
+    def effective_family(self, name: str) -> tuple[str, str | None, list[str]]:
+        """NAME's status, parent and children as the scan saw them, leftover journals
+        rolled back."""
+        for j in self.leftover:
+            applies, raw = rolled_back_bytes(self.state, j, name)
+            if applies:
+                status, doc = _parse_status(raw, name)
+                return status, metadata.parent_of(doc), metadata.child_names(doc)
+        pod = self.pods.get(name)
+        if pod is None:
+            return "missing", None, []
+        return pod.status, pod.parent, pod.children
+
+    def check_family(self) -> None:
+        codes = {"child-orphan", "child-unlisted", "child-dangling", "child-one-sided",
+                 "child-other-parent", "child-cycle"}
+        if not self.wanted & codes:
+            return
+        names = set(self.pods)
+        for j in self.leftover:
+            names.update(j.pods)
+        family = {n: self.effective_family(n) for n in sorted(names)}
+        pairs = set()  # (parent, child) pairs that look wrong from either side
+        for name, (status, parent, kids) in family.items():
+            if status != "ok":
+                continue
+            for kid in kids:
+                kstatus, kparent, _ = family.get(kid, ("missing", None, []))
+                if kstatus == "missing" or (kstatus == "ok" and kparent != name):
+                    pairs.add((name, kid))
+            if parent is not None:
+                pstatus, _, pkids = family.get(parent, ("missing", None, []))
+                if pstatus == "missing" or (pstatus == "ok" and name not in pkids):
+                    pairs.add((parent, name))
+        for parent, kid in sorted(pairs):
+            self.recheck_family(parent, kid)
+        for cycle in _cycles({n: f[1] for n, f in family.items() if f[0] == "ok"}):
+            self.recheck_cycle(cycle)
+
+    def recheck_family(self, parent: str, kid: str) -> None:
+        """Re-read PARENT and KID (and the parent KID names) under their locks; report
+        (and fix) what persists."""
+        names = [parent, kid]
+        named = self.effective_family(kid)[1]  # the parent KID names, as the scan saw it
+        if named not in (None, parent):
+            names.append(named)
+        with self.locked_view(names) as view:
+            pstatus, pdoc = view.read(parent)
+            kstatus, kdoc = view.read(kid)
+            if kstatus == "ok" and metadata.parent_of(kdoc) == parent and pstatus != "ok":
+                if pstatus == "missing":
+                    self.add("child-orphan", kid, self.state.metadata_path(kid),
+                             f"names {parent!r} as its parent, but there is no Pod {parent!r}"
+                             f"{self.removed_note(parent)}; remove it with `yoi pod rm {kid}` "
+                             f"(`--recursive` with its children)")
+                return
+            if pstatus != "ok":
+                return
+            meta = self.state.metadata_path(parent)
+            listed = metadata.has_child(pdoc, kid)
+            if kstatus == "ok" and metadata.parent_of(kdoc) == parent:
+                if not listed:
+                    self.add("child-unlisted", kid, self.state.metadata_path(kid),
+                             f"names {parent!r} as its parent, but {parent!r} does not list "
+                             f"it among its children; a relation is real only when both "
+                             "records hold it (repair by hand: the right fix is not known)")
+                return
+            if not listed or kstatus == "corrupt":
+                return
+            if kstatus == "missing":
+                p = self.add("child-dangling", parent, meta, f"lists {kid!r} as a child, but "
+                             f"there is no Pod {kid!r}")
+            elif metadata.parent_of(kdoc) is None:
+                p = self.add("child-one-sided", parent, meta, f"lists {kid!r} as a child, but "
+                             f"{kid!r} names no parent")
+            else:
+                other = metadata.parent_of(kdoc)
+                if other not in names:
+                    return  # it changed since the scan: look again next time
+                ostatus, odoc = view.read(other)
+                theirs = ostatus == "ok" and metadata.has_child(odoc, kid)
+                p = self.add("child-other-parent", parent, meta, f"lists {kid!r} as a child, "
+                             f"but {kid!r} names {other!r} as its parent"
+                             + (", which lists it" if theirs else
+                                f"; {other!r} does not list it either (repair by hand)"),
+                             fixable=theirs)
+
+            def repair():
+                metadata.drop_child(pdoc, kid)
+                view.locked.write_one(parent, pdoc)
+
+            self.attempt(p, repair)
+
+    def removed_note(self, name: str) -> str:
+        """Say so if a committed removal of NAME left its directory aside."""
+        try:
+            entries = os.listdir(self.state.pods_dir)
+        except OSError:
+            return ""
+        if any((leftover_dir_owner(e) or (None, None))[:2] == (name, REMOVED_MARK)
+               for e in entries):
+            return " (it was removed)"
+        return ""
+
+    def recheck_cycle(self, cycle: list[str]) -> None:
+        with self.locked_view(cycle) as view:
+            parents = {}
+            for name in cycle:
+                status, doc = view.read(name)
+                if status != "ok":
+                    return
+                parents[name] = metadata.parent_of(doc)
+            if not _cycles(parents):
+                return
+            chain = " -> ".join(cycle + [cycle[0]])
+            self.add("child-cycle", cycle[0], self.state.metadata_path(cycle[0]),
+                     f"parents in a cycle: {chain} (each names the next as its parent); "
+                     "repair by hand")
+
     # -- peer requests --------------------------------------------------------
     def check_requests(self) -> None:
         codes = {"peer-request-expired", "peer-request-dangling", "peer-request-stale"}
@@ -1096,7 +1230,6 @@ class _Doctor:
             p.message += " (the Pod is running; stop it and run `yoi doctor --fix` again)"
         self.attempt(p, lambda: self.set_aside_torn(name, path))
 
-
     # -- queues ---------------------------------------------------------------------
     def check_queues(self) -> None:
         if not self.wanted & {"queue-torn", "queue-unreadable", "queue-delivered"}:
@@ -1160,6 +1293,23 @@ class _Doctor:
             if entry is not None and b'"id"' in line and session.entry_id(entry) in ids:
                 found.add(session.entry_id(entry))
         return found
+
+
+def _cycles(parents: dict[str, str | None]) -> list[list[str]]:
+    """The cycles of the parent links PARENTS (name -> parent), each once, each starting
+    at its smallest name."""
+    found, done = [], set()
+    for start in sorted(parents):
+        path, at = [], start
+        while at is not None and at in parents and at not in done and at not in path:
+            path.append(at)
+            at = parents[at]
+        if at in path:
+            cycle = path[path.index(at):]
+            first = cycle.index(min(cycle))
+            found.append(cycle[first:] + cycle[:first])
+        done.update(path)
+    return found
 
 
 def _repaired_peers(entries: list[dict], drop: set[str], merge: bool) -> list[dict]:

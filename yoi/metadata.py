@@ -10,6 +10,14 @@ and kept as they are until the policy is changed), the request lifetime
 ``peer_request_ttl`` (seconds) and the ``[[peer_requests]]`` still pending
 and ``[[peer_denials]]`` recorded in the record of the Pod that was asked.
 An expired request is, to every reader, no request.
+
+So does the family a Pod belongs to: a child Pod's record names its
+``parent`` and its ``scope`` (``"parent"`` or ``"peers"``: what it may reach
+besides its parent and its own children), and the parent's record lists it
+in ``[[children]]``. Like a peer relation, a parent/child relation is real
+only when both records hold it. ``relation`` is the one check of who may
+message whom (peers, parent and child, a child's scope), used by the sender
+and by the receiving Pod alike.
 """
 
 from __future__ import annotations
@@ -210,6 +218,9 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
     for i, p in enumerate(peers):
         if not isinstance(p, dict) or not is_valid_name(p.get("pod_name")):
             return f"peers[{i}] has no valid pod_name"
+    problem = _family_problem(doc)
+    if problem:
+        return problem
     for key, stamps in (("peer_requests", ("requested_at", "expires_at")),
                         ("peer_denials", ("denied_at",))):
         problem = _table_list_problem(doc, key, stamps)
@@ -425,3 +436,133 @@ def to_jsonable(value):
     if isinstance(value, (_dt.date, _dt.time)):
         return value.isoformat()
     return value
+
+
+# -- family: a parent and the children it spawned ------------------------------
+
+SCOPES = ("parent", "peers")
+SPAWN_ID_RE = re.compile(r"[0-9a-f]{12}\Z", re.ASCII)
+# What a Pod may reach (message, be messaged by): the kinds of ``relation``.
+REACH = frozenset({"peers", "parent", "child", "parent_peer"})
+NOTICE_PREFIX = "child:"  # the ids of a parent's notices about its children
+
+
+def _family_problem(doc: dict) -> str | None:
+    parent = doc.get("parent")
+    if parent is not None and not is_valid_name(parent):
+        return f"parent {parent!r} is not a valid Pod name"
+    if "scope" in doc and doc["scope"] not in SCOPES:
+        return f"scope must be \"parent\" or \"peers\", not {doc['scope']!r}"
+    if "spawn_id" in doc and not (isinstance(doc["spawn_id"], str)
+                                  and SPAWN_ID_RE.match(doc["spawn_id"])):
+        return f"spawn_id must be 12 hexadecimal digits, not {doc['spawn_id']!r}"
+    if "task_id" in doc and not (isinstance(doc["task_id"], str)
+                                 and REQUEST_ID_RE.match(doc["task_id"])):
+        return f"task_id {doc['task_id']!r} is not a message id"
+    children = doc.get("children", [])
+    if not isinstance(children, list):
+        return "children must be an array of tables"
+    for i, c in enumerate(children):
+        if not isinstance(c, dict) or not is_valid_name(c.get("pod_name")):
+            return f"children[{i}] has no valid pod_name"
+    return None
+
+
+def parent_of(doc: dict | None) -> str | None:
+    """The parent DOC's Pod names (None: it is no child)."""
+    parent = (doc or {}).get("parent")
+    return parent if isinstance(parent, str) else None
+
+
+def scope_of(doc: dict | None) -> str | None:
+    """A child's scope (``parent`` unless it says ``peers``); None for a Pod that is
+    no child."""
+    if parent_of(doc) is None:
+        return None
+    return "peers" if (doc or {}).get("scope") == "peers" else "parent"
+
+
+def child_names(doc: dict | None) -> list[str]:
+    return [c["pod_name"] for c in (doc or {}).get("children", [])]
+
+
+def has_child(doc: dict | None, name: str) -> bool:
+    return any(c.get("pod_name") == name for c in (doc or {}).get("children", []))
+
+
+def add_child(doc: dict, name: str, now: _dt.datetime | None = None) -> None:
+    if not has_child(doc, name):
+        doc.setdefault("children", []).append({"pod_name": name, "spawned_at": _now(now)})
+
+
+def drop_child(doc: dict, name: str) -> bool:
+    """Remove every entry for NAME from DOC's children; True if there was one."""
+    return _drop_named(doc, "children", name)
+
+
+def task_id_for(child: str) -> str:
+    """The id of the task a child is spawned with: its first message."""
+    return f"task:{child}:1"
+
+
+def notice_id(child: str, spawn_id: str, what: str) -> str:
+    """The id of a parent's notice about CHILD (the spawn SPAWN_ID of that name):
+    ``child:CHILD:SPAWN:done`` or ``child:CHILD:SPAWN:stopped:RUN``. Derived from what
+    it is about, so a notice committed once is never committed again."""
+    return f"{NOTICE_PREFIX}{child}:{spawn_id}:{what}"
+
+
+def relation(name: str, other: str, read) -> tuple[str, str | None]:
+    """How NAME and OTHER are related now, both records agreeing: one of ``REACH``
+    (``peers``; ``parent``: OTHER is NAME's parent; ``child``: OTHER is NAME's child;
+    ``parent_peer``: one is a child on scope ``peers`` and the other a peer of its
+    parent), or ``("pending", WHY)`` when only a peer request between the two is
+    pending, or ``("none", WHY)``, WHY saying so when a child's scope is what stands
+    in the way (else None).
+
+    READ(n) gives Pod n's record (None if there is none). A relation is
+    symmetric: whom a child may message may message it. A child (a record
+    naming a parent) reaches its parent, its own children and, on scope
+    ``peers``, its parent's peers: nothing else, whatever peers it lists.
+    """
+    mine, theirs = read(name) or {}, read(other) or {}
+    if parent_of(mine) == other and has_child(theirs, name):
+        return "parent", None
+    if parent_of(theirs) == name and has_child(mine, other):
+        return "child", None
+    bound = False
+    for child, doc, outsider, outsider_doc in ((name, mine, other, theirs),
+                                               (other, theirs, name, mine)):
+        if parent_of(doc) is None:
+            continue
+        bound = True
+        if not within_scope(child, doc, outsider, outsider_doc, read):
+            return "none", scope_words(child, doc)
+    if bound:
+        return "parent_peer", None
+    if has_peer(mine, other) and has_peer(theirs, name):
+        return "peers", None
+    why = pending_between(mine, theirs, name, other)
+    return ("pending", why) if why else ("none", None)
+
+
+def within_scope(child: str, doc: dict, other: str, other_doc: dict | None, read) -> bool:
+    """May CHILD (whose record is DOC) reach OTHER, a Pod that is neither its parent nor
+    its child? Only on scope ``peers``, and only a peer of its parent (both records
+    of each relation agreeing)."""
+    parent = parent_of(doc)
+    if scope_of(doc) != "peers" or parent is None or other == parent:
+        return False
+    pdoc = read(parent)
+    return (pdoc is not None and has_child(pdoc, child) and has_peer(pdoc, other)
+            and has_peer(other_doc or {}, parent))
+
+
+def scope_words(child: str, doc: dict) -> str:
+    """What CHILD may reach, in words (a refusal's reason)."""
+    parent = parent_of(doc)
+    if scope_of(doc) == "peers":
+        return (f"{child} is a child of {parent} on scope peers: it may reach only {parent}, "
+                f"the peers of {parent} and its own children")
+    return (f"{child} is a child of {parent} on scope parent: it may reach only {parent} "
+            "and its own children")

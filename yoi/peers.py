@@ -37,7 +37,11 @@ def _linked(a, b) -> bool:
 
 def _link(locked, a, b, now) -> None:
     """Write the relation into both records as one transaction, clearing any request
-    (and recorded denial) between the two: a relation and a request never coexist."""
+    (and recorded denial) between the two: a relation and a request never coexist.
+
+    A child (a Pod spawned by another) has peers only within its scope: Refused
+    otherwise, and nothing is written."""
+    _check_scope(locked.state, a, b)
     changes = []
     for pod, other in ((a, b.name), (b, a.name)):
         changed = False
@@ -49,6 +53,19 @@ def _link(locked, a, b, now) -> None:
         if changed:
             changes.append(Change(pod.name, "write", metadata.dump_record(pod.doc)))
     locked.commit(changes)
+
+
+def _check_scope(state: State, a, b) -> None:
+    """Refused if A or B is a child whose scope does not reach the other."""
+    def read(n):
+        return {a.name: a.doc, b.name: b.doc}.get(n) or read_pod_file(state, n).doc
+
+    for child, other in ((a, b), (b, a)):
+        if metadata.parent_of(child.doc) is not None and not metadata.within_scope(
+                child.name, child.doc, other.name, other.doc, read):
+            raise Refused(f"{other.name} cannot become a peer of {child.name}: "
+                          f"{metadata.scope_words(child.name, child.doc)}",
+                          pod_name=child.name)
 
 
 def _result(source: str, target: str, changed: bool, state: str = "registered",
@@ -240,22 +257,26 @@ def is_peer(state: State, name: str, other: str, read=None) -> bool:
 
 
 def relation(state: State, name: str, other: str, read=None) -> tuple[str, str | None]:
-    """``("peers", None)``, ``("pending", WHY)`` when only a request between the two
-    is pending (WHY names it), ``("in_doubt", WHY)`` when both records show the
-    relation but a change to one of them is not committed (its journal is still
-    there: it may be rolled back), or ``("none", None)``; no lock (see
-    ``is_peer``)."""
+    """``metadata.relation`` of NAME and OTHER, their records read without a lock (see
+    ``is_peer``): a kind of ``metadata.REACH`` (``peers``, ``parent``, ``child``,
+    ``parent_peer``), ``("pending", WHY)`` when only a request between the two is
+    pending (WHY names it), ``("in_doubt", WHY)`` when the records show a relation
+    but a change to both is not committed (its journal is still there: it may be
+    rolled back), or ``("none", WHY)``."""
     if read is None:
         def read(n):
             return read_pod_file(state, n).doc
-    mine, theirs = read(name) or {}, read(other) or {}
-    if metadata.has_peer(mine, other) and metadata.has_peer(theirs, name):
-        if journaled_together(state, name, other):
-            return "in_doubt", (
-                f"a change to the records of {name} and {other} is not committed (its "
-                f"journal is still there: in progress, or left by an interrupted command, "
-                f"which the next command on either Pod undoes, e.g. `yoi pod peer list "
-                f"{name}`)")
-        return "peers", None
-    why = metadata.pending_between(mine, theirs, name, other)
-    return ("pending", why) if why else ("none", None)
+    kind, why = metadata.relation(name, other, read)
+    if kind in metadata.REACH and journaled_together(state, name, other):
+        return "in_doubt", (
+            f"a change to the records of {name} and {other} is not committed (its "
+            f"journal is still there: in progress, or left by an interrupted command, "
+            f"which the next command on either Pod undoes, e.g. `yoi pod peer list "
+            f"{name}`)")
+    return kind, why
+
+
+def may_reach(state: State, name: str, other: str, read=None) -> bool:
+    """May NAME and OTHER message each other now (peers, parent and child, or within
+    a child's scope)?"""
+    return relation(state, name, other, read)[0] in metadata.REACH

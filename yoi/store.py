@@ -7,14 +7,16 @@ Library code: takes a ``State`` and plain values, returns plain values, raises
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack, contextmanager
 
 from yoi import metadata
-from yoi.atomic import atomic_write, fsync_dir
-from yoi.errors import AlreadyExists, Busy, StorageError, UsageError, YoiError
+from yoi.atomic import fsync_dir
+from yoi.errors import AlreadyExists, Busy, Refused, StorageError, UsageError, YoiError
 from yoi.lock import RUNTIME_LOCK_GRACE, lock_holder_pid, try_lock, write_pid
 from yoi.names import check_name
-from yoi.state import State, make_private_dir, refuse_symlink
-from yoi.txn import CREATING_MARK, Change, lock_pods, read_pod_file, remove_trash, remove_tree
+from yoi.state import State, refuse_symlink
+from yoi.txn import (CREATING_MARK, Change, create_pod_dir, lock_pods, read_pod_file,
+                     remove_trash)
 
 _UNSET = object()
 
@@ -101,27 +103,16 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
                                      peer_request_ttl=peer_request_ttl,
                                      handler_timeout=handler_timeout, labels=labels,
                                      **limits)
-        # Build the directory aside and rename it into place: a crash leaves
-        # either no Pod or a whole one.
         staging = state.pods_dir / f".{name}{CREATING_MARK}{os.getpid()}"
         try:
-            make_private_dir(staging)
-            atomic_write(staging / "metadata.toml", metadata.dumps(record))
-            fd = os.open(staging / "session.jsonl",
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            os.fsync(fd)
-            os.close(fd)
-            os.rename(staging, state.pod_dir(name))
-        except BaseException as e:
-            remove_tree(staging)
-            if isinstance(e, OSError):
-                # Name the file as it would have been: the staging directory is gone.
-                inside = os.path.relpath(e.filename, staging) if e.filename else "."
-                what = "its directory" if inside == "." or inside.startswith("..") else inside
-                raise StorageError(f"cannot create Pod {name!r} in {state.pods_dir}: "
-                                   f"{e.strerror or e} (writing {what}); nothing was created",
-                                   path=str(state.pod_dir(name)))
-            raise
+            create_pod_dir(state, name, metadata.dumps(record))
+        except OSError as e:
+            # Name the file as it would have been: the staging directory is gone.
+            inside = os.path.relpath(e.filename, staging) if e.filename else "."
+            what = "its directory" if inside == "." or inside.startswith("..") else inside
+            raise StorageError(f"cannot create Pod {name!r} in {state.pods_dir}: "
+                               f"{e.strerror or e} (writing {what}); nothing was created",
+                               path=str(state.pod_dir(name)))
         try:
             fsync_dir(state.pods_dir)
         except OSError as e:  # the Pod exists: say so rather than "cannot create"
@@ -259,42 +250,106 @@ def list_all(state: State) -> list[Listed]:
     return out
 
 
-def remove(state: State, name: str) -> dict:
-    """Remove Pod NAME and NAME from every peer's list, in one transaction.
+def remove(state: State, name: str, recursive: bool = False) -> dict:
+    """Remove Pod NAME, and NAME from every peer's list and from its parent's children,
+    in one transaction.
 
-    Refuses a live Pod (Busy). Returns ``{"pod_name": NAME, "peers_updated": [...]}``.
+    A Pod with children is refused (Refused, naming them) unless RECURSIVE:
+    then its whole tree (children, their children...) goes in the same
+    transaction, each Pod also from its peers' lists. A running Pod in it is
+    refused (Busy). Returns ``{"pod_name": NAME, "removed": True,
+    "peers_updated": [...]}``, plus ``children_removed`` (the other Pods of the
+    tree) and ``parent_updated`` when there were any.
     """
     check_name(name)
     names = {name}
     while True:
         with lock_pods(state, names) as locked:
-            doc = locked.require(name).doc
-            peers = set(metadata.peer_names(doc)) - {name}
-            if not peers <= locked.names:
-                names = locked.names | peers
-                continue  # relock with the peers included, in sorted order
-            try:
-                runtime_fd = hold_runtime_lock(state, name)
-            except Busy as e:
-                who = f" (pid {e.details['pid']})" if e.details["pid"] else ""
-                raise Busy(f"Pod {name!r} is running{who}; stop it first with "
-                           f"`yoi pod stop {name}`", pod_name=name) from None
-            try:
-                changes = []
-                updated = []
-                for peer in sorted(peers):
-                    pod = locked.read(peer)
-                    if not pod.exists:
-                        continue  # dangling entry: nothing to update on that side
-                    metadata.drop_peer(pod.doc, name)
-                    changes.append(Change(peer, "write", metadata.dump_record(pod.doc)))
-                    updated.append(peer)
-                changes.append(Change(name, "remove"))
-                locked.commit(changes)
-            finally:
-                os.close(runtime_fd)
-            return {"pod_name": name, "removed": True,
-                    "peers_updated": [{"pod_name": p} for p in updated]}
+            docs = {name: locked.require(name).doc}
+            need: set[str] = set()
+            tree = _tree(locked, name, docs, need)
+            parent = metadata.parent_of(docs[name])
+            outside = {parent} if parent is not None else set()
+            for member in tree:
+                outside |= set(metadata.peer_names(docs[member]))
+            outside -= set(tree)
+            need |= outside
+            if not need <= locked.names:
+                names = locked.names | need
+                continue  # relock with them included, in sorted order
+            if len(tree) > 1 and not recursive:
+                kids = [c for c in tree if metadata.parent_of(docs[c]) == name]
+                raise Refused(f"Pod {name!r} has children: {', '.join(kids)}; remove them "
+                              f"first, or the whole tree with `yoi pod rm {name} --recursive`",
+                              pod_name=name, children=[{"pod_name": c} for c in kids])
+            with ExitStack() as held:
+                for member in tree:
+                    held.enter_context(_runtime_held(state, member, name))
+                return _remove_tree(locked, tree, sorted(outside), parent)
+
+
+def _tree(locked, root: str, docs: dict, need: set) -> list[str]:
+    """ROOT and every Pod below it (each child naming its parent back), breadth first;
+    records go into DOCS. A child not locked yet goes into NEED instead."""
+    order = [root]
+    for member in order:
+        for child in metadata.child_names(docs[member]):
+            if child in docs:
+                continue
+            if child not in locked.names:
+                need.add(child)
+                continue
+            pod = locked.read(child)
+            if pod.exists and metadata.parent_of(pod.doc) == member:
+                docs[child] = pod.doc
+                order.append(child)
+    return order
+
+
+def _remove_tree(locked, tree: list[str], outside: list[str], parent: str | None) -> dict:
+    """One transaction: the Pods of TREE leave the records of the Pods OUTSIDE it (their
+    peers, and the parent of its root), then go."""
+    changes, updated, parent_updated = [], [], None
+    for other in outside:
+        pod = locked.read(other)
+        if not pod.exists:
+            continue  # dangling entry: nothing to update on that side
+        peer_of = [m for m in tree if metadata.has_peer(pod.doc, m)]
+        for member in peer_of:
+            metadata.drop_peer(pod.doc, member)
+        unlisted = other == parent and metadata.drop_child(pod.doc, tree[0])
+        if peer_of or unlisted:
+            changes.append(Change(other, "write", metadata.dump_record(pod.doc)))
+        if peer_of:
+            updated.append(other)
+        if unlisted:
+            parent_updated = {"pod_name": other}
+    changes += [Change(member, "remove") for member in tree]
+    locked.commit(changes)
+    result = {"pod_name": tree[0], "removed": True,
+              "peers_updated": [{"pod_name": p} for p in updated]}
+    if len(tree) > 1:
+        result["children_removed"] = [{"pod_name": c} for c in tree[1:]]
+    if parent_updated is not None:
+        result["parent_updated"] = parent_updated
+    return result
+
+
+@contextmanager
+def _runtime_held(state: State, name: str, root: str):
+    """Hold NAME's runtime lock (so that it cannot start meanwhile); Busy if it runs."""
+    try:
+        fd = hold_runtime_lock(state, name)
+    except Busy as e:
+        who = f" (pid {e.details['pid']})" if e.details["pid"] else ""
+        how = (f"`yoi pod stop {name}`" if name == root
+               else f"`yoi pod stop {root} --recursive`")
+        raise Busy(f"Pod {name!r} is running{who}; stop it first with {how}",
+                   pod_name=name) from None
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def hold_runtime_lock(state: State, name: str, grace: float = RUNTIME_LOCK_GRACE) -> int:

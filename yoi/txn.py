@@ -1,14 +1,15 @@
 """Multi-Pod transactions: sorted locks, an intent journal, exact rollback, recovery.
 
 A change that touches several Pods' metadata (peer register/remove, Pod
-removal) runs as:
+removal, spawning a child Pod, removing a tree of them) runs as:
 
 1. take every Pod's metadata lock in sorted name order (no deadlock), rolling
    back first any leftover journal that names one of them;
 2. write ``journal/TXID.toml`` naming every locked Pod and holding each changed
    file's exact prior bytes and the intended new ones, fsynced;
-3. apply the changes one by one (atomic replace, or rename of a removed Pod's
-   directory aside);
+3. apply the changes one by one (atomic replace; rename of a removed Pod's
+   directory aside; a created Pod's directory built aside and renamed into
+   place);
 4. delete the journal: this is the commit point. Nothing after it is undone.
 
 An ordinary error in step 3 restores every file to its exact prior bytes and
@@ -16,7 +17,10 @@ deletes the journal. After a crash the journal stays; the next process that
 takes the lock of any Pod it names (and ``yoi doctor --fix``) rolls it back
 first, so every reader that takes locks sees all of a change or none of it.
 Rollback compares before it writes, so it is idempotent and can itself be
-interrupted and re-run.
+interrupted and re-run. A created Pod is rolled back by renaming its
+directory aside and deleting it: it did not exist when its journal was
+written under its lock, so whatever is at its path is what the transaction
+made.
 
 Fault-injection points passed to ``yoi.faults.fault`` (a testing aid), in the
 order a transaction reaches them: ``after-lock`` (every ``lock_pods``, before
@@ -43,7 +47,7 @@ from yoi.errors import CorruptMetadata, NotFound, StorageError
 from yoi.faults import fault
 from yoi.lock import FileLock
 from yoi.names import is_valid_name
-from yoi.state import State, refuse_symlink
+from yoi.state import State, make_private_dir, refuse_symlink
 
 # Directories beside the Pods: ``.NAME.removed-TXID`` (a Pod set aside by a
 # removal) and ``.NAME.creating-PID`` (a create building it). NAME may itself
@@ -82,7 +86,8 @@ class Pod:
 
 
 class Change:
-    """One step of a transaction: ``write`` NEW to POD's metadata, or ``remove`` POD."""
+    """One step of a transaction: ``write`` NEW to POD's metadata, ``create`` POD with
+    the record NEW (a Pod that does not exist), or ``remove`` POD."""
 
     __slots__ = ("pod", "action", "new")
 
@@ -201,7 +206,7 @@ def _journal_problem(doc: dict) -> str | None:
         if ch.get("action") == "write":
             if not isinstance(ch.get("prior"), str):
                 return f"changes[{i}] has no prior text to restore"
-        elif ch.get("action") != "remove":
+        elif ch.get("action") not in ("remove", "create"):
             return f"changes[{i}] has an unknown action {ch.get('action')!r}"
     return None
 
@@ -231,6 +236,8 @@ def rollback(state: State, journal: Journal) -> None:
             if trash.exists() and not state.pod_dir(name).exists():
                 os.rename(trash, state.pod_dir(name))
                 fsync_dir(state.pods_dir)
+        elif ch["action"] == "create":
+            _uncreate(state, name, journal.txid)
         fault(f"recovery-after-write-{i}")
     fault("recovery-before-journal-remove")
     try:
@@ -238,6 +245,50 @@ def rollback(state: State, journal: Journal) -> None:
     except FileNotFoundError:
         pass
     fsync_dir(journal.path.parent)
+
+
+def _staging_path(state: State, name: str, pid: int | None = None) -> Path:
+    """Where a Pod directory is built before it is renamed into place."""
+    return state.pods_dir / f".{name}{CREATING_MARK}{os.getpid() if pid is None else pid}"
+
+
+def create_pod_dir(state: State, name: str, record: bytes) -> None:
+    """Build Pod NAME's directory (RECORD as its metadata, an empty session log) aside
+    and rename it into place: a crash leaves no Pod or a whole one, never part of one.
+
+    Caller holds NAME's lock and knows that it does not exist. On failure the
+    staging directory is removed and the error raised.
+    """
+    staging = _staging_path(state, name)
+    try:
+        if os.path.lexists(staging):
+            remove_tree(staging)
+        make_private_dir(staging)
+        atomic_write(staging / "metadata.toml", record)
+        fd = os.open(staging / "session.jsonl",
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.fsync(fd)
+        os.close(fd)
+        fsync_dir(staging)
+        os.rename(staging, state.pod_dir(name))
+    except BaseException:
+        remove_tree(staging)
+        raise
+
+
+def _uncreate(state: State, name: str, txid: str) -> None:
+    """Undo the creation of Pod NAME by the transaction TXID (see the module docstring):
+    its directory is renamed aside (so it disappears at once), then deleted."""
+    for pid in {_pid_of_txid(txid), os.getpid()}:
+        staging = _staging_path(state, name, pid) if pid is not None else None
+        if staging is not None and os.path.lexists(staging):
+            remove_tree(staging)  # an interrupted build, or an interrupted undo
+    pod_dir = state.pod_dir(name)
+    if os.path.lexists(pod_dir):
+        trash = _staging_path(state, name)
+        os.rename(pod_dir, trash)
+        fsync_dir(state.pods_dir)
+        remove_tree(trash)
 
 
 def rolled_back_bytes(state: State, journal: Journal, name: str) -> tuple[bool, bytes | None]:
@@ -251,6 +302,8 @@ def rolled_back_bytes(state: State, journal: Journal, name: str) -> tuple[bool, 
             continue
         if ch.get("action") == "write" and isinstance(ch.get("prior"), str):
             return True, ch["prior"].encode("utf-8")
+        if ch.get("action") == "create":
+            return True, None  # no such Pod
         if ch.get("action") == "remove":
             trash = _trash_path(state, name, journal.txid)
             if not os.path.lexists(state.pod_dir(name)) and os.path.lexists(trash):
@@ -346,6 +399,8 @@ class Locked:
                 fault(f"before-write-{i}")
                 if ch.action == "write":
                     atomic_write(state.metadata_path(ch.pod), ch.new)
+                elif ch.action == "create":
+                    create_pod_dir(state, ch.pod, ch.new)
                 else:
                     os.rename(state.pod_dir(ch.pod), _trash_path(state, ch.pod, journal.txid))
                     fsync_dir(state.pods_dir)
@@ -379,6 +434,8 @@ class Locked:
                 if prior is None:
                     raise NotFound(f"no such Pod: {ch.pod}", pod_name=ch.pod)
                 entry["prior"] = prior.decode("utf-8")
+                entry["new"] = ch.new.decode("utf-8")
+            elif ch.action == "create":
                 entry["new"] = ch.new.decode("utf-8")
             entries.append(entry)
         self._raw.clear()  # from here on the files change

@@ -1,4 +1,5 @@
-"""``yoi demo``: create, start, introduce and message two Pods, then clean up."""
+"""``yoi demo``: create, start, introduce and message two Pods, fan out to two
+children, then clean up."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ def demo(state_dir, keep, as_json):
     Creates two Pods (`reviewer`, and `coder` with a small handler that answers
     every message), starts them, registers them as peers, sends a message from
     reviewer to coder, waits for coder's reply to arrive in reviewer's log,
-    runs `yoi doctor`, and stops both Pods. Exit 0 only if every step worked.
-    Everything it made is removed afterwards unless --keep.
+    has reviewer spawn two children (`words` and `shout`) with a task each and
+    collects both results from its log, runs `yoi doctor`, and stops all the
+    Pods. Exit 0 only if every step worked. Everything it made is removed
+    afterwards unless --keep.
 
     \b
     Examples:

@@ -17,6 +17,7 @@ POD_SUBCOMMANDS: dict[str, str] = {
     "status": "yoi.cli.runtime:status_command",
     "log": "yoi.cli.runtime:log_command",
     "wait": "yoi.cli.runtime:wait_command",
+    "spawn": "yoi.cli.spawn:spawn_command",
 }
 
 
@@ -52,8 +53,8 @@ def _pod_document(name: str, doc: dict, **extra) -> dict:
 
 
 def _record_text(name: str, doc: dict, live: dict | None = None) -> str:
-    from yoi.metadata import (labels_of, peer_names, peer_policy, pending_requests,
-                              queue_limits, to_jsonable)
+    from yoi.metadata import (child_names, labels_of, parent_of, peer_names, peer_policy,
+                              pending_requests, queue_limits, scope_of, to_jsonable)
     runtime = doc.get("runtime") or {}
     labels = labels_of(doc)
     rows = [
@@ -74,6 +75,11 @@ def _record_text(name: str, doc: dict, live: dict | None = None) -> str:
                      f"no ({live.get('error')})" if live.get("error") else "no"))
     peers = peer_names(doc)
     rows.append(("peers", ", ".join(peers) if peers else "-"))
+    if parent_of(doc) is not None:
+        rows.append(("parent", f"{parent_of(doc)} (scope {scope_of(doc)})"))
+    kids = child_names(doc)
+    if kids:
+        rows.append(("children", ", ".join(kids)))
     requests = [r["pod_name"] for r in pending_requests(doc)]
     if requests:
         rows.append(("requests", ", ".join(requests) + " (`yoi pod peer list "
@@ -251,7 +257,8 @@ def config_command(name, exec_cmd, no_exec, accept_peers, no_accept_peers, peer_
 
 @pod.command("list")
 @click.option("--as", "as_name", type=POD, metavar="NAME",
-              help="Only what Pod NAME can see: itself and its peers.")
+              help="Only what Pod NAME can see: itself, its parent, its peers, its "
+                   "children.")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="Only Pods with this label (repeatable: all must match).")
 @json_option
@@ -262,10 +269,11 @@ def list_command(as_name, labels, as_json, state):
     A QUEUED column (`queued` in --json) counts the messages waiting for a
     Pod that is not running (`yoi pod send --queue`).
 
-    With --as NAME, list NAME's visibility set instead: NAME itself and its
-    peers, with their state, liveness and whether they can be restored. Live
-    Pods are probed concurrently with a short timeout. With --label, only
-    the Pods that carry every label given.
+    With --as NAME, list NAME's visibility set instead: NAME itself, its
+    parent, its peers (and, for a child on scope peers, its parent's peers)
+    and its children, with their state, liveness and whether they can be
+    restored. Live Pods are probed concurrently with a short timeout. With
+    --label, only the Pods that carry every label given.
 
     \b
     Examples:
@@ -318,16 +326,22 @@ def _list_visible(name: str, as_json: bool, state) -> None:
         emit(True, {"as": {"pod_name": name}, "pods": items})
         return
     width = max(4, *(len(i["pod_name"]) for i in items))
-    vis = max(10, *(len(i["visibility"]) for i in items))
+    vis = max(10, *(len(_visibility(i)) for i in items))
     lines = [f"{'NAME':<{width}}  {'VISIBILITY':<{vis}}  {'STATE':<8}  {'LIVE':<4}  "
              f"{'STATUS':<7}  RESTORE"]
     for i in items:
         live = i["live"]
         restore = "possible" if i["restore"]["possible"] else i["restore"]["reason"]
-        lines.append(f"{i['pod_name']:<{width}}  {i['visibility']:<{vis}}  {i['state']:<8}  "
+        lines.append(f"{i['pod_name']:<{width}}  {_visibility(i):<{vis}}  {i['state']:<8}  "
                      f"{'yes' if live['reachable'] else 'no':<4}  "
                      f"{live.get('status') or '-':<7}  {restore}")
     click.echo("\n".join(lines))
+
+
+def _visibility(item: dict) -> str:
+    """The wire's visibility, and what a ``peer`` is when it is more than a peer."""
+    extra = {"parent": " (parent)", "parent_peer": " (parent's peer)"}
+    return item["visibility"] + extra.get(item.get("relation"), "")
 
 
 @pod.command("show")
@@ -349,17 +363,25 @@ def show_command(name, as_json, state):
 
 @pod.command("rm")
 @pod_argument()
+@click.option("--recursive", "-r", is_flag=True,
+              help="Also remove its children, theirs, and so on, in the same transaction.")
 @json_option
 @state_options
-def rm_command(name, as_json, state):
+def rm_command(name, recursive, as_json, state):
     """Remove a Pod and remove it from every peer's list, in one transaction.
 
-    A running Pod is refused (exit 6): stop it first.
+    A running Pod is refused (exit 6): stop it first. A Pod with children is
+    refused (exit 4, naming them) unless --recursive, which removes the whole
+    tree (and each of its Pods from its peers' lists) as one transaction:
+    after any crash all of it is there or none of it. A child that is
+    removed leaves its parent's list of children in the same transaction.
 
     \b
     Examples:
       yoi pod rm old-reviewer
+      yoi pod stop lead --recursive && yoi pod rm lead --recursive
     """
     from yoi import store
-    result = store.remove(state, name)
-    emit(as_json, result, f"removed {name}")
+    result = store.remove(state, name, recursive=recursive)
+    also = [c["pod_name"] for c in result.get("children_removed", [])]
+    emit(as_json, result, f"removed {name}" + (f" and {', '.join(also)}" if also else ""))

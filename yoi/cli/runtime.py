@@ -56,9 +56,11 @@ def start_command(name, exec_cmd, foreground, timeout, as_json, state):
 @click.option("--force", is_flag=True,
               help="If it does not stop in time, SIGTERM then SIGKILL the process "
                    "holding its runtime lock.")
+@click.option("--recursive", "-r", is_flag=True,
+              help="Stop its children (theirs first) before it.")
 @json_option
 @state_options
-def stop_command(name, labels, timeout, force, as_json, state):
+def stop_command(name, labels, timeout, force, recursive, as_json, state):
     """Stop a Pod: send `shutdown` and wait until its process has exited.
 
     A Pod that is not running is not an error ("not running", exit 0). Exit 5
@@ -66,22 +68,30 @@ def stop_command(name, labels, timeout, force, as_json, state):
     instead of NAME, stop every Pod that carries all the labels given (only
     this job's Pods, when each job labels its own); a Pod that fails to stop
     does not keep the others from stopping, and the exit status is the first
-    failure's.
+    failure's. With --recursive, NAME's children are stopped first (the
+    deepest first), then NAME, one line each: each child's parent, still
+    live, hears of it.
 
     \b
     Examples:
       yoi pod stop reviewer
       yoi pod stop reviewer --timeout 3 --force
       yoi pod stop --label job=$CI_JOB_ID
+      yoi pod stop lead --recursive
     """
     from yoi import control
     from yoi.errors import UsageError
     if (name is None) == (not labels):
         raise UsageError("give a Pod NAME or --label KEY=VALUE (not both)")
-    if labels:
-        from yoi.cli.pod import parse_labels
-        results, first = control.stop_labelled(state, parse_labels(labels), timeout=timeout,
-                                               force=force)
+    if recursive and labels:
+        raise UsageError("--recursive stops one Pod's tree: give a Pod NAME, not --label")
+    if labels or recursive:
+        if labels:
+            from yoi.cli.pod import parse_labels
+            results, first = control.stop_labelled(state, parse_labels(labels),
+                                                   timeout=timeout, force=force)
+        else:
+            results, first = control.stop_tree(state, name, timeout=timeout, force=force)
         text = "\n".join(f"{r['pod_name']}: {r['message']}" for r in results)
         if first is not None:
             if not as_json and text:
@@ -174,10 +184,16 @@ def _handler_text(summary: dict) -> str:
               help="Then stream live events from the Pod's socket until interrupted.")
 @click.option("--queued", is_flag=True,
               help="Print the messages waiting in the Pod's queue instead (send --queue).")
+@click.option("--as", "reader", type=PodNameType("reader Pod name"), metavar="READER",
+              help="Read as Pod READER, which must be able to see NAME (e.g. its parent).")
+@click.option("--new", "new", is_flag=True,
+              help="Only what READER (--as) has not read yet; then remember how far it "
+                   "read.")
 @timeout_option(help="How long to wait for the Pod.")
 @json_option
 @state_options
-def log_command(name, count, old_count, after, follow, queued, timeout, as_json, state):
+def log_command(name, count, old_count, after, follow, queued, reader, new, timeout, as_json,
+                state):
     """Print a Pod's session log, one line per entry: `#SEQ TIME what`.
 
     Every entry has a sequence number, strictly increasing and never reused;
@@ -196,6 +212,12 @@ def log_command(name, count, old_count, after, follow, queued, timeout, as_json,
     `queued TIME from SOURCE [ID]: text`; with --json, the queue records as
     stored ({"id", "source", "message", "queued_at", ["in_reply_to"]}).
 
+    With --as READER --new, only the entries READER has not been given yet
+    (a parent reading what its child produced since it last looked), and
+    READER's cursor (pods/NAME/cursors/READER) moves past each entry once it
+    is written out whole: nothing is skipped, and nothing is printed twice
+    unless this command is killed between printing and moving the cursor.
+
     \b
     Examples:
       yoi pod log reviewer --tail 20
@@ -203,17 +225,31 @@ def log_command(name, count, old_count, after, follow, queued, timeout, as_json,
       yoi pod log reviewer --follow
       yoi pod log reviewer --json | jq -r '.item.message? // empty'
       yoi pod log reviewer --queued
+      yoi pod log lint --as lead --new --json
     """
     from yoi import history
+    from yoi.errors import UsageError
     if old_count is not None:
         if count is not None:
-            from yoi.errors import UsageError
             raise UsageError("--lines is the old name of --tail: give one of them")
         say("yoi: note: `yoi pod log --lines N` is now `--tail N`; --lines goes away "
             "in the next release")
         count = old_count
     if queued:
+        if reader is not None or new:
+            raise UsageError("--queued shows what waits for the Pod: not with --as or --new")
         _print_queued(state, name, count, after, follow, as_json)
+        return
+    if new:
+        clash = [o for o, given in (("--tail", count is not None), ("--after", after is not None),
+                                    ("--follow", follow)) if given]
+        if reader is None or clash:
+            raise UsageError("--new needs --as READER" if reader is None else
+                             f"--new reads from READER's cursor: not with {clash[0]}")
+    if reader is not None:
+        _check_reader(state, name, reader)
+    if new:
+        _print_new(state, name, reader, as_json)
         return
     with history.Log(state, name, follow, timeout) as log:
         skipped = 0
@@ -248,6 +284,47 @@ def _print_queued(state, name: str, count, after, follow: bool, as_json: bool) -
     if skipped:
         say(f"yoi: note: skipped {skipped} line(s) of {path} that are not queue records "
             "(`yoi doctor` reports them)")
+
+
+def _check_reader(state, name: str, reader: str) -> None:
+    """READER must exist and see NAME: itself, or related to it (Refused, 4)."""
+    from yoi import peers, store
+    from yoi.errors import Refused
+    store.read(state, name)
+    store.read(state, reader)
+    if reader != name and not peers.may_reach(state, reader, name):
+        raise Refused(f"{reader} cannot see {name}: they are neither peers nor parent and "
+                      f"child (see `yoi pod list --as {reader}`)", pod_name=name,
+                      reader={"pod_name": reader})
+
+
+def _print_new(state, name: str, reader: str, as_json: bool) -> None:
+    """The entries of NAME's log after READER's cursor; the cursor advanced past each one
+    only once it is written out (see yoi.cursors)."""
+    from yoi import cursors, history
+    from yoi.errors import StorageError
+    with cursors.held(state, name, reader), history.Log(state, name) as log:
+        reading = cursors.Reading(state, name, reader)
+        skipped = 0
+        try:
+            for raw, entry in log.entries(None, reading.after):
+                seq = None if entry is None else entry.get("seq")
+                if entry is None or not isinstance(seq, int):
+                    skipped += 1
+                    continue
+                if not raw.endswith(b"}"):
+                    break  # the last line, still being written: next time
+                click.echo(raw.decode("utf-8") if as_json else render(entry))  # and flushed
+                reading.advance(seq)
+        finally:
+            try:
+                reading.save()
+            except OSError as e:
+                raise StorageError(f"printed entries up to #{reading.last} but could not "
+                                   f"record {reader}'s cursor: {e.strerror or e}; they will "
+                                   "be printed again") from e
+        if skipped:
+            say(f"yoi: note: skipped {skipped} line(s) of {log.path} that are not entries")
 
 
 def _one_line(text) -> str:
@@ -301,8 +378,30 @@ def _render_entry(entry: dict) -> str:
         why = f": {_one_line(entry.get('reason', ''))}" if how == "none" else ""
         return (f"peer decision on {entry.get('source')} [{entry.get('request_id')}] by the "
                 f"{entry.get('by')}: {'undecided' if how == 'none' else how}{why}")
+    if kind in ("child_completed", "child_stopped"):
+        return _render_notice(entry)
+    if kind == "pod_started":
+        return f"started (pid {entry.get('pid')}), a child of {entry.get('parent')}"
+    if kind == "pod_stopped":
+        return f"stopped (the run started at #{entry.get('run')})"
     rest = {k: v for k, v in entry.items() if k not in ("seq", "kind", "ts", "at")}
     return f"{kind}: {json.dumps(rest, ensure_ascii=False)}"
+
+
+def _render_notice(entry: dict) -> str:
+    """A parent's notice about its child, on one line."""
+    child, ident = entry.get("source"), f" [{entry['id']}]" if entry.get("id") else ""
+    out = _one_line(str(entry.get("output", "")).rstrip(chr(10)))
+    cut = " (output truncated)" if entry.get("truncated") else ""
+    if entry.get("kind") == "child_completed":
+        from yoi.history import failure_words
+        how = "ok" if entry.get("ok") else f"failed, {failure_words(entry)}"
+        return (f"child {child} completed its task {entry.get('task_id')}: {how}{ident}{cut}"
+                + (f": {out}" if out else ""))
+    how = ("stopped" if entry.get("ended") == "stopped"
+           else "died (its process ended without stopping)")
+    return (f"child {child} {how}, the run started at #{entry.get('run')}{ident}{cut}"
+            + (f": {out}" if out else ""))
 
 
 def _render_result(entry: dict) -> str:

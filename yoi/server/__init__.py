@@ -9,12 +9,15 @@ it. The modules, one job each:
 * ``methods``: the protocol methods, a table from method name to function;
 * ``operations``: threads for methods that take locks or probe other Pods;
 * ``worker``: the handler (``--exec``) process for each committed message;
+* ``children``: a parent's watch over its spawned children, a child's word
+  to its parent;
 * ``pod``: start-up, shut-down, commits, the snapshot and alerts.
 
 Threads: the main thread runs the loop and owns every connection and all
 in-memory state; the session writer (``yoi.session``) commits in groups; the
 handler worker runs one handler at a time, in commit order; two operation
-threads run lock-taking methods. They reach the loop only through
+threads run lock-taking methods; the child watcher reads the logs of the
+Pod's children. They reach the loop only through
 ``Loop.call_soon``.
 """
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 
 from yoi import consent as live_consent
-from yoi import control, discovery, peers, protocol
+from yoi import control, discovery, metadata, peers, protocol
+from yoi.errors import YoiError
 from yoi.faults import fault
 from yoi.names import is_valid_name
 from yoi.server import consent
@@ -71,6 +72,9 @@ def notify(pod, c: Client | None, params: dict, done=None) -> None:
         raise Invalid("'source' must be a Pod name")
     if msg_id is not None and not protocol.is_valid_message_id(msg_id):
         raise Invalid("'id' must be 1-128 characters of [A-Za-z0-9._:-]")
+    if msg_id is not None and msg_id.startswith(metadata.NOTICE_PREFIX):
+        raise Invalid(f"ids that start with {metadata.NOTICE_PREFIX!r} are the Pod's own (its notices "
+                      "about its children)")
     reply_to = params.get("in_reply_to")
     if reply_to is not None and not protocol.is_valid_message_id(reply_to):
         raise Invalid("'in_reply_to' must be a message id: 1-128 characters of "
@@ -201,7 +205,7 @@ def _restoring(answer: str, worker_names: bool = False):
         target = name_param(params)
 
         def op():
-            if target != pod.name and not pod.is_peer(target):
+            if target != pod.name and not pod.reaches(target):
                 raise Invalid(f"Pod {target!r} is not visible from {pod.name!r}")
             if target == pod.name:
                 result = {"action": "already_live", "pod_name": target,
@@ -283,6 +287,23 @@ def drain_queue(pod, c: Client, params: dict) -> None:
 
 
 MAX_DRAIN_IDS = 100
+def child_update(pod, c: Client, params: dict) -> None:
+    """(ours) "Child NAME has news (its task is done, it stops)": read its log now; answer
+    ``child_update_seen`` once the notices it calls for are committed."""
+    name = name_param(params)
+    try:
+        record = pod._record(pod.name) or {}
+    except YoiError as e:
+        raise Invalid(f"cannot read this Pod's record: {e.message}")
+    if not metadata.has_child(record, name):
+        raise Invalid(f"{name!r} is not a child of {pod.name!r}")
+    pod.hub.owe(c)
+
+    def answered() -> None:
+        pod.hub.send(c, protocol.event("child_update_seen", {"name": name}))
+        pod.hub.paid(c)
+
+    pod.children.wake(name, answered)
 
 
 def name_param(params: dict) -> str:
@@ -305,4 +326,5 @@ METHODS = {
     "unregister_peer": _peer_change("unregister"),
     "offer_peer_request": offer_peer_request,
     "drain_queue": drain_queue,
+    "child_update": child_update,
 }

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from yoi import peers, protocol, store, timeouts
 from yoi.errors import Failed, YoiError
+from yoi.metadata import REACH, parent_of
 from yoi.server import consent, methods
+from yoi.server.children import ChildWatcher, tell
 from yoi.server.connection import Client, Hub, flush_then_close
 from yoi.server.drain import QUEUE_POLL, Drainer
 from yoi.server.log import log, rotate_by_size
@@ -65,6 +67,10 @@ class Pod:
         self.ops: Operations | None = None
         self.worker = HandlerWorker(self)
         self.drainer = Drainer(self)
+        self.children = ChildWatcher(self)
+        self.parent: str | None = None  # this Pod's parent, if it is a spawned child
+        self.task_id: str | None = None  # the id of the task it was spawned with
+        self.run_seq: int | None = None  # a child's pod_started entry of this run
 
     # -- start-up and shut-down ------------------------------------------------
     def serve(self, ready=None) -> int:
@@ -84,6 +90,8 @@ class Pod:
                 self.log_end = self.session.size
                 for problem in problems:
                     self.alert("warn", problem)
+                if self.parent is not None:
+                    self._mark_run("pod_started", {"pid": os.getpid(), "parent": self.parent})
                 self._serve_socket(ready)
             finally:
                 self.session.close()
@@ -98,6 +106,8 @@ class Pod:
         self.exec_cmd = self.exec_override or runtime.get("exec") or None
         self.cwd = runtime.get("cwd") or None
         self.handler_timeout = float(runtime.get("handler_timeout") or timeouts.HANDLER)
+        self.parent = parent_of(doc)
+        self.task_id = doc.get("task_id") if self.parent is not None else None
         # Both generations of the original read the greeting: "worker_name" is
         # the later one's name for "pod_name".
         self.greeting = {
@@ -118,6 +128,7 @@ class Pod:
             self.worker.start()
             self.ops.start()
             self.drainer.start()
+            self.children.start()
             consent.offer_pending(self)
 
             def open_up(drained: dict) -> None:
@@ -148,12 +159,32 @@ class Pod:
         self.hub.stop()                  # 1. accept and read nothing more
         self.drainer.stop()              #    and start no drain pass
         self.worker.stop()               # 2. end the handler run in progress
+        self.children.stop()             #    and the watching of children
+        if self.parent is not None:      #    (a child: the end of this run, in its log)
+            self._mark_run("pod_stopped", {"run": self.run_seq})
         self.session.close()             # 3. finish the commits in progress ...
         self.loop.run_calls()            #    ... and deliver their broadcasts
         self.hub.broadcast(protocol.event("shutdown"))   # 4. tell everyone,
         self._remove_socket()            #    remove the socket, let clients read, close
         flush_then_close(self.hub, self.loop, FLUSH_AT_EXIT)
         self.ops.stop()
+        if self.parent is not None:      # 5. a child tells its parent, if it is live
+            tell(self.state, self.name, self.parent)
+
+    def _mark_run(self, kind: str, fields: dict) -> None:
+        """Commit a child's ``pod_started``/``pod_stopped`` entry, and wait for it."""
+        entry = Entry(kind, fields)
+        try:
+            res = self.session.append(entry)
+        except OSError as e:
+            self.alert("error", f"could not commit {kind} to the session log: "
+                                f"{e.strerror or e}")
+            return
+        if kind == "pod_started":
+            self.run_seq = res.seq
+        self.recent.append(entry.line(res.seq)[:-1], kind)
+        self.log_end = max(self.log_end, res.end)
+        self.snap = None
 
     def _record_runtime(self, pid: int | None) -> None:
         def change(doc):
@@ -285,22 +316,30 @@ class Pod:
             "internal", f"not committed: {err.strerror or err}; nothing was recorded",
             committed=False))
 
-    # -- peers ----------------------------------------------------------------------
+    # -- peers and family --------------------------------------------------------
     def is_peer(self, other: str) -> bool:
         """Is OTHER a peer now? Both records must hold the relation: a one-sided entry
         (a registration interrupted between its two writes, not yet recovered) is
         not a relation, so the receiver's check does not trust its own file alone."""
         return self._relation(other)[0] == "peers"
 
+    def reaches(self, other: str) -> bool:
+        """May this Pod and OTHER message each other: peers, parent and child, or
+        within a child's scope (``metadata.relation``)?"""
+        return self._relation(other)[0] in REACH
+
     def peer_refusal(self, other: str) -> str | None:
-        """Why a message from OTHER is refused (naming a pending request), or None."""
+        """Why a message from OTHER is refused (naming a pending request, or the
+        scope of a child), or None."""
         kind, why = self._relation(other)
-        if kind == "peers":
+        if kind in REACH:
             return None
         if kind == "pending":
             return f"{other!r} is not a peer of {self.name!r} yet: {why}; message refused"
         if kind == "in_doubt":
             return f"{other!r} is not surely a peer of {self.name!r}: {why}; message refused"
+        if why:
+            return f"{other!r} may not message {self.name!r}: {why}; message refused"
         return f"{other!r} is not a peer of {self.name!r}; message refused"
 
     def _relation(self, other: str) -> tuple[str, str | None]:

@@ -9,7 +9,8 @@ it), ``YOI_FROM`` (the source Pod, empty for the operator),
 ``peer_request``: a request to become a peer, whose run ``yoi.server.consent``
 handles).
 
-Each run commits one ``handler_result`` entry: the id of the message it
+Each run commits one ``handler_result`` entry (a spawned child's, for its task,
+is followed by a word to its parent: ``yoi.server.children``): the id of the message it
 handled, how it ended (exit status or signal, a timeout), its duration, its
 stdout (at most ``MAX_HANDLER_OUTPUT`` bytes, ``truncated`` if cut) as
 ``text``, and the last ``STDERR_TAIL`` bytes of its stderr. Its stderr also
@@ -46,6 +47,7 @@ import threading
 import time
 
 from yoi.procs import StillThere, terminate
+from yoi.server.children import tell_soon
 from yoi.server.log import log, write_raw
 from yoi.session import Entry
 from yoi.session.writer import Committed
@@ -72,8 +74,8 @@ class Job:
 
 class HandlerWorker:
     """POD provides ``loop``, ``session``, ``state``, ``name``, ``exec_cmd``, ``cwd``,
-    ``handler_timeout``, ``alert``, ``busy``, ``committed`` and ``internal_error``
-    (see ``yoi.server.pod``)."""
+    ``handler_timeout``, ``parent``, ``task_id``, ``alert``, ``busy``, ``committed``
+    and ``internal_error`` (see ``yoi.server.pod``)."""
 
     def __init__(self, pod):
         self.pod = pod
@@ -132,6 +134,8 @@ class HandlerWorker:
                 return
             for level, problem in outcome.problems:
                 pod.loop.call_soon(pod.alert, level, problem)
+            if job.msg_id is not None and job.msg_id == pod.task_id:
+                tell_soon(pod.state, pod.name, pod.parent)  # its task is done
         if job.kind == "run" and not pod.loop.stopping:
             self._commit(Entry("run_end", {"result": "finished"}))
 
