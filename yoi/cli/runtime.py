@@ -103,6 +103,10 @@ def stop_command(name, labels, timeout, force, as_json, state):
 def restore_command(name, timeout, as_json, state):
     """Start a stopped Pod; a live one is reported as "already live" (exit 0).
 
+    A Pod that is starting at the same moment (it holds its runtime lock but
+    does not answer yet) is waited for, up to --timeout, and then reported
+    "already live"; exit 6 if it still does not answer.
+
     \b
     Examples:
       yoi pod restore reviewer
