@@ -90,6 +90,11 @@ BAD_FILES = [
     ("[pods.a]\npeers = ['ghost']\n",
      "pods.a.peers: 'ghost' is neither declared in this file nor an existing Pod"),
     ("[pods.a]\npeers = ['a']\n", "pods.a.peers: a Pod cannot be its own peer"),
+    ("[pods.a]\npeers = ['b']\n[pods.b]\naccept_peers = 'never'\n",
+     'pods.a.peers: a and b can never be peers: b has accept_peers = "never" (make it '
+     '"open" or "ask", or drop the relation)'),
+    ("[pods.a]\naccept_peers = false\npeers = ['fine']\n",
+     'pods.a.peers: a and fine can never be peers: a has accept_peers = "never"'),
     ("[pods.a]\nstart = 'yes'\n", "pods.a.start: must be true or false"),
     ("[pods.a]\nlabels = { 'bad key' = 'x' }\n", "pods.a.labels: label key 'bad key'"),
     ("[pods.a\n", "does not parse"),
@@ -166,6 +171,25 @@ def test_down_stops_and_removes_only_what_the_file_declares(run_yoi, state, proj
     assert state.pod_names() == ["bystander"]
     r = run_yoi("down", "-f", project / "yoi.toml")
     assert r.stdout == "down: nothing to stop\n", r
+
+
+def test_down_stops_pods_whose_undeclared_peer_was_removed(run_yoi, state, tmp_path,
+                                                           started_pod):
+    """down does not check relations against the state directory: it only stops."""
+    store.create(state, "outside")
+    path = tmp_path / "yoi.toml"
+    path.write_text("[pods.a]\npeers = ['outside']\n")
+    assert run_yoi("up", "-f", path).exit_code == 0
+    store.remove(state, "outside")
+    r = run_yoi("down", "-f", path)
+    assert (r.exit_code, r.stdout) == (0, "stopped a\ndown: 1 change\n"), r
+    assert not control.is_running(state, "a")
+    r = run_yoi("down", "-f", path, "--rm")
+    assert (r.exit_code, r.stdout) == (0, "removed a\ndown: 1 change\n"), r
+    r = run_yoi("up", "-f", path)  # up still refuses the relation to a Pod that is gone
+    assert r.exit_code == 2, r
+    assert "pods.a.peers: 'outside' is neither declared in this file nor an existing Pod" \
+        in r.stderr
 
 
 # -- crashes and races -----------------------------------------------------------

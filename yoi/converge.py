@@ -17,8 +17,10 @@ A declaration (``yoi.toml``) names Pods with their settings and peers::
     [pods.coder]
 
 ``load`` reads and checks the whole file before anything is changed: an
-unknown key, a bad name or value, or a relation to a Pod that is neither
-declared nor present is a ``UsageError`` naming the file and the key.
+unknown key, a bad name or value, a relation to a Pod that is neither
+declared nor present, or a relation of a declared Pod on ``accept_peers =
+"never"`` (no run could ever make it) is a ``UsageError`` naming the file and
+the key.
 
 ``up`` then converges step by step, each step through the normal operation
 that every command uses (its locks, its transaction): create a missing Pod,
@@ -75,9 +77,15 @@ def find_file(path: str | None) -> Path:
     return p.resolve()
 
 
-def load(path: Path, state: State, labels: dict[str, str] | None = None) -> Plan:
+def load(path: Path, state: State, labels: dict[str, str] | None = None,
+         relations: bool = True) -> Plan:
     """Read and check PATH (LABELS are added to every Pod); UsageError if anything is
-    wrong, before anything is changed."""
+    wrong, before anything is changed.
+
+    With RELATIONS false (``yoi down``, which does not touch relations) the
+    relations are read but not checked: neither whether an undeclared peer
+    exists in STATE nor whether one side is on ``never``.
+    """
     def bad(where: str, what: str) -> UsageError:
         return UsageError(f"{path}: {where}: {what}")
 
@@ -140,15 +148,29 @@ def load(path: Path, state: State, labels: dict[str, str] | None = None) -> Plan
             if value is not None and (not value or "\0" in value):
                 raise bad(f"{where}.{key}", "must be a non-empty string without NUL")
         pods.append(Declared(name, settings, list(names), spec.get("start", True)))
-    declared = {p.name for p in pods}
-    relations = set()
+    policy = {p.name: p.settings["accept_peers"] for p in pods}
+    pairs = set()
     for p in pods:
         for other in p.peers:
-            if other not in declared and not _exists(state, other):
-                raise bad(f"pods.{p.name}.peers",
-                          f"{other!r} is neither declared in this file nor an existing Pod")
-            relations.add(tuple(sorted((p.name, other))))
-    return Plan(path, sorted(pods, key=lambda p: p.name), sorted(relations))
+            if relations:
+                _check_relation(state, policy, p.name, other, bad)
+            pairs.add(tuple(sorted((p.name, other))))
+    return Plan(path, sorted(pods, key=lambda p: p.name), sorted(pairs))
+
+
+def _check_relation(state: State, policy: dict[str, str], name: str, other: str,
+                    bad) -> None:
+    """NAME's relation to OTHER can be made: OTHER is declared (POLICY has every
+    declared Pod's accept_peers) or exists, and neither is declared on ``never``."""
+    where = f"pods.{name}.peers"
+    if other not in policy and not _exists(state, other):
+        raise bad(where, f"{other!r} is neither declared in this file nor an existing Pod")
+    never = [n for n in (name, other) if policy.get(n) == "never"]
+    if never:
+        who = " and ".join(never)
+        raise bad(where, f"{name} and {other} can never be peers: {who} "
+                         f"{'has' if len(never) == 1 else 'have'} accept_peers = \"never\" "
+                         "(make it \"open\" or \"ask\", or drop the relation)")
 
 
 def _seconds(spec: dict, key: str, where: str, bad) -> float | None:
