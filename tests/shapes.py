@@ -105,10 +105,12 @@ PROBLEM = {"code": str, "severity": Enum("error", "warning"), "pod_name": Nullab
            "path": str, "message": str, "fixable": bool, "fixed": bool}
 # A pending peer request (`peer register` of a Pod on `ask`, `peer list --pending`).
 REQUEST = Open({"pod_name": str, "id": str, "requested_at": str, "expires_at": str})
-CHANGE = {"action": Enum("created", "configured", "registered", "started", "stopped",
-                         "removed"),
-          "pod_name": str, "peer?": POD_REF, "settings?": ListOf(str)}
-FAILED_STEP = {"action": str, "pod_name": str, "peer?": POD_REF, "error": ERROR}
+CHANGE = {"action": Enum("created", "configured", "registered", "requested", "started",
+                         "stopped", "removed"),
+          "pod_name": str, "peer?": POD_REF, "settings?": ListOf(str), "request?": REQUEST}
+# a relation still pending is a failed step too: its request, error code "pending"
+FAILED_STEP = {"action": str, "pod_name": str, "peer?": POD_REF, "request?": REQUEST,
+               "error": ERROR}
 CONVERGED = {"file": str, "changed": bool, "changes": ListOf(CHANGE),
              "failed": ListOf(FAILED_STEP), "pods": ListOf(POD_REF), "relations": int}
 LINES_SENT = {"pod_name": str, "source": Nullable(POD_REF), "id_prefix": str, "messages": int,

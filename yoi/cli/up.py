@@ -12,6 +12,9 @@ file_option = click.option("-f", "--file", "path", metavar="FILE", default=None,
 
 def _describe(change: dict) -> str:
     action, name = change["action"], change["pod_name"]
+    if "request" in change:
+        return (f"{action} {name} <-> {change['peer']['pod_name']} (pending: request "
+                f"{change['request']['id']})")
     if "peer" in change:
         return f"{action} {name} <-> {change['peer']['pod_name']}"
     if change.get("settings"):
@@ -51,6 +54,12 @@ def up(path, labels, no_start, timeout, as_json, state):
     that is not live. Prints one line per change, or "up: nothing to
     change". Running it again, or twice at once, is safe; a run that failed
     or was killed half-way is finished by the next one.
+
+    A relation to a Pod on accept_peers = "ask" is requested, not made:
+    "requested A <-> B (pending: request ID)". Until B (its handler) or the
+    operator approves it (`yoi pod peer approve B A`), it is a failed step
+    with error code "pending" and, if nothing else failed, the exit status is
+    5.
 
     \b
     Examples:
