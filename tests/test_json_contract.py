@@ -158,3 +158,40 @@ def test_every_failure_document_has_the_frame(tmp_path, project, state):
         fits = [k for k in kinds if shapes.check(doc, k, ok=False) == []]
         assert fits or shapes.check_failure(doc) == [], (where, doc, [
             shapes.check(doc, k, ok=False) for k in kinds])
+
+
+def test_log_follow_json_lines_have_their_shapes_and_an_interrupt_adds_no_line(state,
+                                                                              started_pod):
+    """`log --follow --json` is JSON Lines of entries and events only: Ctrl-C ends it
+    with exit 130 and a line on stderr, not with a failure document in the stream."""
+    import queue
+    import signal
+    import threading
+    started_pod("a")
+    p = subprocess.Popen(yoi_cmd() + ["--state-dir", str(state.root), "pod", "log", "a",
+                                      "--follow", "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in p.stdout], daemon=True)
+    reader.start()
+    try:
+        r = subprocess.run(yoi_cmd() + ["--state-dir", str(state.root), "pod", "send", "a",
+                                        "hello"], capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        seen = []
+        while not any(json.loads(x).get("item", {}).get("message") == "hello" for x in seen):
+            seen.append(lines.get(timeout=30))
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=30)
+    reader.join(timeout=30)
+    err = p.stderr.read()
+    assert (p.returncode, err) == (130, "yoi: error: interrupted\n"), err
+    while not lines.empty():
+        seen.append(lines.get())
+    for line in seen:
+        entry = json.loads(line)
+        assert "ok" not in entry and shapes.check_line(entry, "entries") == [], entry

@@ -8,7 +8,7 @@ import time
 import click
 
 from yoi.cli.common import (PodNameType, YoiCommand, emit, json_option, pod_argument, say,
-                            state_options, timeout_option)
+                            state_options, streaming, timeout_option)
 
 
 @click.command("start", cls=YoiCommand)
@@ -220,6 +220,7 @@ def log_command(name, count, old_count, after, follow, queued, timeout, as_json,
         _print_queued(state, name, count, after, follow, as_json)
         return
     with history.Log(state, name, follow, timeout) as log:
+        streaming()  # the Pod is found (and followed): stdout is entries and events only
         skipped = 0
         for raw, entry in log.entries(count, after):
             if entry is None:
@@ -239,6 +240,7 @@ def _print_queued(state, name: str, count, after, follow: bool, as_json: bool) -
     if after is not None or follow:
         raise UsageError("--queued cannot be used with --after or --follow")
     store.read(state, name)  # NotFound
+    streaming()
     path = state.queue_path(name)
     contents = offline.read(path)
     records = contents.records
