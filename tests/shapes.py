@@ -260,21 +260,23 @@ def rules(value, where: str = "") -> list[str]:
     return problems
 
 
-def check(doc: dict, kind: str, ok: bool = True) -> list[str]:
-    """Problems of DOC as a `--json` document of KIND (success if OK, else failure:
-    the same fields, each optional, plus ``error``)."""
+def check(doc: dict, kind: str, ok: bool = True, complete: bool = True) -> list[str]:
+    """Problems of DOC as a `--json` document of KIND: success if OK, else a failure
+    that carries the command's report (its fields plus ``error``), the whole report
+    unless COMPLETE is false (then each field may be missing: "as far as it got")."""
     shape = dict(DOCUMENTS[kind])
     if ok:
         shape["ok"] = Enum(True)
     else:
-        shape = {k if k.endswith("?") else k + "?": v for k, v in shape.items()}
+        if not complete:
+            shape = {k if k.endswith("?") else k + "?": v for k, v in shape.items()}
         shape.update({"ok": Enum(False), "error": ERROR})
     return conform(doc, shape) + rules(doc)
 
 
 def check_failure(doc: dict) -> list[str]:
-    """Problems of DOC as a failure document of a command whose report is not known."""
-    return conform(doc, Open({"ok": Enum(False), "error": ERROR})) + rules(doc)
+    """Problems of DOC as a failure document without a report: the frame alone."""
+    return conform(doc, {"ok": Enum(False), "error": ERROR}) + rules(doc)
 
 
 LINE_KINDS = ("entries", "queued")  # kinds printed as JSON Lines
