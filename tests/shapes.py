@@ -51,8 +51,8 @@ ANY = object()
 
 POD_REF = {"pod_name": str}
 # `live`, in every document: the same object as the wire's pods_listed item.
-LIVE = {"socket_path": Nullable(str), "reachable": bool, "status?": Nullable(str),
-        "error?": Nullable(str)}
+LIVE = {"socket_path": Nullable(str), "reachable": bool, "status": Nullable(str),
+        "error": Nullable(str)}
 # A Pod's metadata record as JSON: unknown keys are kept, so the object is open.
 RECORD = Open({"schema": int, "pod_name": str, "created_at": str, "accept_peers?": ANY,
                "runtime?": Open({"exec?": str, "cwd?": str, "pid?": int,
@@ -94,11 +94,11 @@ VISIBLE_ITEM = {"pod_name": str,
                 "visibility": Enum("self_pod", "peer", "spawned_child"),
                 "state": Enum("readable", "missing", "corrupt"),
                 "live": LIVE,
-                "restore": {"possible": bool, "restore_name?": Nullable(str),
-                            "reason?": Nullable(str)},
-                "comm_registry": {"registered": bool, "socket_path?": Nullable(str)},
+                "restore": {"possible": bool, "restore_name": Nullable(str),
+                            "reason": Nullable(str)},
+                "comm_registry": {"registered": bool, "socket_path": Nullable(str)},
                 "spawned_children": {"count": int, "reachable": int, "unreachable": int},
-                "active?": ANY, "error?": Nullable(str)}
+                "error": Nullable(str)}
 STOPPED = {"pod_name": str, "stopped": bool, "forced": Nullable(str), "pid": Nullable(int),
            "message": str, "stale_socket_removed?": bool}
 PROBLEM = {"code": str, "severity": Enum("error", "warning"), "pod_name": Nullable(str),
