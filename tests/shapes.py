@@ -54,8 +54,8 @@ ANY = object()
 
 POD_REF = {"pod_name": str}
 # `live`, in every document: the same object as the wire's pods_listed item.
-LIVE = {"socket_path": Nullable(str), "reachable": bool, "status?": Nullable(str),
-        "error?": Nullable(str)}
+LIVE = {"socket_path": Nullable(str), "reachable": bool, "status": Nullable(str),
+        "error": Nullable(str)}
 # A Pod's metadata record as JSON: unknown keys are kept, so the object is open.
 RECORD = Open({"schema": int, "pod_name": str, "created_at": str, "accept_peers?": ANY,
                "runtime?": Open({"exec?": str, "cwd?": str, "pid?": int,
@@ -115,22 +115,24 @@ VISIBLE_ITEM = {"pod_name": str,
                 "visibility": Enum("self_pod", "peer", "spawned_child"),
                 "state": Enum("readable", "missing", "corrupt"),
                 "live": LIVE,
-                "restore": {"possible": bool, "restore_name?": Nullable(str),
-                            "reason?": Nullable(str)},
-                "comm_registry": {"registered": bool, "socket_path?": Nullable(str)},
+                "restore": {"possible": bool, "restore_name": Nullable(str),
+                            "reason": Nullable(str)},
+                "comm_registry": {"registered": bool, "socket_path": Nullable(str)},
                 "spawned_children": {"count": int, "reachable": int, "unreachable": int},
                 "relation": Enum("self", "parent", "peer", "parent_peer", "child"),
-                "active?": ANY, "error?": Nullable(str)}
+                "error": Nullable(str)}
 STOPPED = {"pod_name": str, "stopped": bool, "forced": Nullable(str), "pid": Nullable(int),
            "message": str, "stale_socket_removed?": bool}
 PROBLEM = {"code": str, "severity": Enum("error", "warning"), "pod_name": Nullable(str),
            "path": str, "message": str, "fixable": bool, "fixed": bool}
 # A pending peer request (`peer register` of a Pod on `ask`, `peer list --pending`).
 REQUEST = Open({"pod_name": str, "id": str, "requested_at": str, "expires_at": str})
-CHANGE = {"action": Enum("created", "configured", "registered", "started", "stopped",
-                         "removed"),
-          "pod_name": str, "peer?": POD_REF, "settings?": ListOf(str)}
-FAILED_STEP = {"action": str, "pod_name": str, "peer?": POD_REF, "error": ERROR}
+CHANGE = {"action": Enum("created", "configured", "registered", "requested", "started",
+                         "stopped", "removed"),
+          "pod_name": str, "peer?": POD_REF, "settings?": ListOf(str), "request?": REQUEST}
+# a relation still pending is a failed step too: its request, error code "pending"
+FAILED_STEP = {"action": str, "pod_name": str, "peer?": POD_REF, "request?": REQUEST,
+               "error": ERROR}
 CONVERGED = {"file": str, "changed": bool, "changes": ListOf(CHANGE),
              "failed": ListOf(FAILED_STEP), "pods": ListOf(POD_REF), "relations": int}
 LINES_SENT = {"pod_name": str, "source": Nullable(POD_REF), "id_prefix": str, "messages": int,
@@ -288,21 +290,23 @@ def rules(value, where: str = "") -> list[str]:
     return problems
 
 
-def check(doc: dict, kind: str, ok: bool = True) -> list[str]:
-    """Problems of DOC as a `--json` document of KIND (success if OK, else failure:
-    the same fields, each optional, plus ``error``)."""
+def check(doc: dict, kind: str, ok: bool = True, complete: bool = True) -> list[str]:
+    """Problems of DOC as a `--json` document of KIND: success if OK, else a failure
+    that carries the command's report (its fields plus ``error``), the whole report
+    unless COMPLETE is false (then each field may be missing: "as far as it got")."""
     shape = dict(DOCUMENTS[kind])
     if ok:
         shape["ok"] = Enum(True)
     else:
-        shape = {k if k.endswith("?") else k + "?": v for k, v in shape.items()}
+        if not complete:
+            shape = {k if k.endswith("?") else k + "?": v for k, v in shape.items()}
         shape.update({"ok": Enum(False), "error": ERROR})
     return conform(doc, shape) + rules(doc)
 
 
 def check_failure(doc: dict) -> list[str]:
-    """Problems of DOC as a failure document of a command whose report is not known."""
-    return conform(doc, Open({"ok": Enum(False), "error": ERROR})) + rules(doc)
+    """Problems of DOC as a failure document without a report: the frame alone."""
+    return conform(doc, {"ok": Enum(False), "error": ERROR}) + rules(doc)
 
 
 LINE_KINDS = ("entries", "queued")  # kinds printed as JSON Lines

@@ -332,6 +332,25 @@ def test_lock_timeout_is_exit_6_naming_the_holder(run_yoi, state, how, command):
     assert state.metadata_path("a").read_bytes() == before
 
 
+def test_root_lock_timeout_applies_and_the_commands_own_wins(run_yoi, state):
+    """`yoi --lock-timeout S pod ...` waits S for a Pod's lock (over $YOI_LOCK_TIMEOUT);
+    the command's own --lock-timeout wins over the root's."""
+    store.create(state, "a")
+    before = state.metadata_path("a").read_bytes()
+    holder = workers.start("hold-lock", state.root, "a")  # flock on locks/a.lock
+    with workers.stopping(holder):
+        r = run_yoi("--lock-timeout", "0.3", "pod", "config", "a", "--exec", "x", "--json",
+                    env={"YOI_LOCK_TIMEOUT": "5"}, timeout=30)
+        assert r.exit_code == 6, r
+        one_error_line(r, f"Pod 'a' is locked by pid {holder.pid} (waited 0.3s)")
+        assert failure_doc(r, "busy", 6)["holder_pid"] == holder.pid
+        r = run_yoi("--lock-timeout", "5", "pod", "config", "a", "--exec", "x",
+                    "--lock-timeout", "0.2", timeout=30)
+        assert r.exit_code == 6, r
+        one_error_line(r, f"Pod 'a' is locked by pid {holder.pid} (waited 0.2s)")
+    assert state.metadata_path("a").read_bytes() == before
+
+
 def test_bad_lock_timeout_values_are_usage_errors(cli, yoi_home):
     r = cli("pod", "list", env={"YOI_LOCK_TIMEOUT": "soon"})
     assert r.exit_code == 2, r

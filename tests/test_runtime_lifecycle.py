@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -11,6 +12,8 @@ import time
 
 import pytest
 
+import workers
+from conftest import yoi_cmd
 from yoi import control, store
 from yoi.errors import Busy
 from yoi.lock import is_locked
@@ -105,6 +108,56 @@ def test_restore_starts_a_stopped_pod_and_reports_a_live_one(state, run_yoi, sta
     assert (r.exit_code, r.stdout) == (0, "a: already live\n"), r
     assert control.holder_pid(state.runtime_lock_path("a")) == pid
     # (teardown of started_pod stops every running Pod of the state directory)
+
+
+def test_restore_waits_for_a_pod_holding_its_runtime_lock_until_the_timeout(state, run_yoi):
+    """A Pod starting elsewhere holds its runtime lock before it answers: restore waits
+    for it (up to --timeout) instead of failing at once; one that never answers is
+    busy, and the message says that it was waited for."""
+    run_yoi("pod", "create", "a")
+    starting = workers.start("hold-runtime-lock", state.root, "a")
+    with workers.stopping(starting):
+        r = run_yoi("pod", "restore", "a", "--timeout", "1", "--json")
+    assert r.exit_code == 6, r
+    assert r.stderr == (f"yoi: error: Pod 'a' is running (pid {starting.pid}) but did not "
+                        "answer within 1s\n"), r
+    assert (r.json["error"]["code"], r.json["error"]["pid"]) == ("busy", starting.pid)
+
+
+def test_restore_while_a_start_is_half_way_reports_the_pod_already_live(state, run_yoi,
+                                                                          started_pod):
+    """`yoi pod start x & sleep 0.1; yoi pod restore x` (and so `yoi up` beside a start)
+    used to exit 6 while x held its runtime lock but did not listen yet. Here the Pod
+    is held at that point for sure: it records its socket under its metadata lock,
+    which the test holds, before it listens."""
+    from yoi.lock import FileLock
+    run_yoi("pod", "create", "a")
+    with FileLock(state.lock_path("a"), 1):
+        starter = subprocess.Popen(yoi_cmd() + ["pod", "start", "a", "--lock-timeout", "60",
+                                                "--timeout", "60"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        restorer = None
+        try:
+            deadline = time.monotonic() + 30
+            while not (control.is_running(state, "a")
+                       and state.default_socket_path("a").exists()):
+                assert starter.poll() is None and time.monotonic() < deadline, starter.stderr
+                time.sleep(0.01)
+            restorer = subprocess.Popen(yoi_cmd() + ["pod", "restore", "a", "--json",
+                                                     "--timeout", "60"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+            with pytest.raises(subprocess.TimeoutExpired):  # it waits; it used to exit 6
+                restorer.wait(timeout=2)
+        finally:
+            if restorer is None:
+                starter.kill()
+    out, err = restorer.communicate(timeout=60)  # the lock is free: the Pod comes up
+    assert restorer.returncode == 0, err
+    doc = json.loads(out)
+    assert (doc["restored"], doc["message"]) == (False, "already live"), doc
+    assert starter.wait(timeout=60) == 0, starter.stderr.read()
+    assert doc["pid"] == control.holder_pid(state.runtime_lock_path("a"))
 
 
 def test_sigkilled_pod_stale_socket_and_lock_are_handled(state, run_yoi, started_pod):

@@ -152,7 +152,7 @@ def test_a_bad_line_stops_the_stream_there(cli, fake):
     r = cli("pod", "send", "--lines", "--json", "--id", "v", "B",
             input=f"fine\n{big}\nfine too\n")
     assert r.exit_code == 2, r
-    assert r.stderr.startswith("yoi: error: 0 of 1 messages to B not acknowledged; "
+    assert r.stderr.startswith("yoi: error: 1 of 1 messages to B acknowledged; "
                                "line 2: message too long"), r
     assert str(protocol.MAX_METHOD_LINE) in r.stderr
     assert pod.notified_ids() == ["v-1"]

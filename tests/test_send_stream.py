@@ -90,7 +90,7 @@ def test_a_growing_file_through_tail_f(state, started_pod, tmp_path):
     assert ids_in_log(state, "T") == ["tl-1", "tl-2"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupt_reports_and_the_printed_prefix_resumes_exactly_once(state, started_pod,
                                                                        sender, sig):
     started_pod("T")
@@ -108,10 +108,12 @@ def test_interrupt_reports_and_the_printed_prefix_resumes_exactly_once(state, st
     doc = json.loads(out)
     assert (doc["ok"], doc["interrupted"], doc["id_prefix"]) == (False, True, prefix)
     assert (doc["acknowledged_count"], doc["lines_read"], doc["messages"]) == (20, 20, 20)
+    assert doc["acknowledged"] is True  # every message sent was: the input was not all read
     assert doc["error"]["code"] == "interrupted" and doc["error"]["exit_code"] == 130
-    assert f"retry with --id {prefix} over the same input" in doc["error"]["message"]
-    assert err.decode().splitlines()[-1].startswith("yoi: error: 0 of 20 messages to T not "
-                                                    "acknowledged; interrupted")
+    message = (f"20 of 20 messages to T acknowledged; interrupted after line 20; resume with "
+               f"--id {prefix} over the same input (what was delivered is not delivered again)")
+    assert doc["error"]["message"] == message
+    assert err.decode().splitlines()[-1] == f"yoi: error: {message}"
     # the same input, whole this time, resumed with the printed prefix
     r = subprocess.run(yoi_cmd() + ["pod", "send", "--lines", "--id", prefix, "--json", "T"],
                        input=data.encode(), capture_output=True, timeout=60)
@@ -129,6 +131,21 @@ def test_interrupt_without_json_says_how_to_resume(state, started_pod, sender):
     p.send_signal(signal.SIGINT)
     out, err = finish(p)
     assert (p.returncode, out) == (130, b"")
-    assert err.decode() == ("yoi: error: 0 of 2 messages to T not acknowledged; interrupted; "
-                            "input read up to line 2; retry with --id ctl over the same input "
-                            "(what was delivered is not delivered again)\n")
+    assert err.decode() == ("yoi: error: 2 of 2 messages to T acknowledged; interrupted after "
+                            "line 2; resume with --id ctl over the same input (what was "
+                            "delivered is not delivered again)\n")
+
+
+def test_interrupt_before_any_line_says_nothing_was_sent(state, started_pod, sender):
+    started_pod("T")
+    p = sender("--json", "T")
+    note = p.stderr.readline().decode()  # printed once connected, signals handled
+    prefix = note.split("--id ")[1].strip()
+    p.send_signal(signal.SIGINT)
+    out, err = finish(p)
+    assert p.returncode == 130, err
+    doc = json.loads(out)
+    assert (doc["messages"], doc["acknowledged_count"], doc["acknowledged"]) == (0, 0, False)
+    assert doc["error"]["message"] == (
+        f"nothing sent to T; interrupted before the first line; resume with --id {prefix} "
+        "over the same input (what was delivered is not delivered again)")

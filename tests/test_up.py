@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import shapes
 from conftest import yoi_cmd
 from yoi import control, metadata, peers, store
 
@@ -90,6 +91,11 @@ BAD_FILES = [
     ("[pods.a]\npeers = ['ghost']\n",
      "pods.a.peers: 'ghost' is neither declared in this file nor an existing Pod"),
     ("[pods.a]\npeers = ['a']\n", "pods.a.peers: a Pod cannot be its own peer"),
+    ("[pods.a]\npeers = ['b']\n[pods.b]\naccept_peers = 'never'\n",
+     'pods.a.peers: a and b can never be peers: b has accept_peers = "never" (make it '
+     '"open" or "ask", or drop the relation)'),
+    ("[pods.a]\naccept_peers = false\npeers = ['fine']\n",
+     'pods.a.peers: a and fine can never be peers: a has accept_peers = "never"'),
     ("[pods.a]\nstart = 'yes'\n", "pods.a.start: must be true or false"),
     ("[pods.a]\nlabels = { 'bad key' = 'x' }\n", "pods.a.labels: label key 'bad key'"),
     ("[pods.a\n", "does not parse"),
@@ -119,6 +125,65 @@ def test_a_relation_to_an_existing_undeclared_pod_is_fine(run_yoi, state, tmp_pa
     r = run_yoi("up", "-f", path)
     assert r.exit_code == 0, r
     assert peers.is_peer(state, "a", "outside")
+
+
+ASKED = """
+[pods.m1]
+start = false
+peers = ["m2"]
+
+[pods.m2]
+accept_peers = "ask"
+start = false
+"""
+
+
+def test_a_relation_to_a_pod_on_ask_is_pending_not_converged(run_yoi, state, tmp_path):
+    path = tmp_path / "yoi.toml"
+    path.write_text(ASKED)
+    r = run_yoi("up", "-f", path, "--json")
+    assert r.exit_code == 5, r
+    [request] = map(metadata.to_jsonable, peers.list_requests(state, "m2"))
+    rid = request["id"]
+    assert r.json["changes"][2] == {"action": "requested", "pod_name": "m1",
+                                    "peer": {"pod_name": "m2"}, "request": request}
+    [step] = r.json["failed"]
+    assert (step["action"], step["pod_name"], step["peer"], step["request"]) == \
+        ("register", "m1", {"pod_name": "m2"}, request)
+    why = (f"m2 accepts peers only when asked: the request from m1 (id {rid}) waits until "
+           f"{request['expires_at']}; m2 approves with `yoi pod peer approve m2 m1` or "
+           "denies with `yoi pod peer deny m2 m1`")
+    assert step["error"] == {"code": "pending", "message": why, "exit_code": 5,
+                             "pod_name": "m2"}
+    assert r.json["error"]["code"] == "pending"
+    assert shapes.check(r.json, "converged", ok=False) == []
+    assert r.stderr == (f"yoi: error: up: 1 relation pending (register m1 <-> m2: {why}); "
+                        "3 changes made and kept; run `yoi up` again once decided\n"), r
+    assert not peers.is_peer(state, "m1", "m2")
+    # still pending: nothing to record again, and still not converged
+    r = run_yoi("up", "-f", path)
+    assert (r.exit_code, r.stdout) == (5, ""), r
+    assert "; 0 changes made and kept; run `yoi up` again once decided\n" in r.stderr, r
+    assert [q["id"] for q in peers.list_requests(state, "m2")] == [rid]
+    peers.approve(state, "m2", "m1")
+    r = run_yoi("up", "-f", path)
+    assert (r.exit_code, r.stdout) == (0, "up: nothing to change (2 Pods, 1 relation)\n"), r
+
+
+def test_up_text_says_requested_and_a_real_failure_decides_the_exit_status(run_yoi, state,
+                                                                             tmp_path):
+    path = tmp_path / "yoi.toml"
+    path.write_text(ASKED + "\n[pods.broken]\nstart = false\n")
+    store.create(state, "broken")
+    state.metadata_path("broken").write_text("not [toml")
+    r = run_yoi("up", "-f", path)
+    assert r.exit_code == 1, r  # the corrupt record's status, not the pending relation's
+    rid = peers.list_requests(state, "m2")[0]["id"]
+    assert r.stdout == f"created m1\ncreated m2\nrequested m1 <-> m2 (pending: request {rid})\n"
+    assert r.stderr.startswith("yoi: error: up: 1 step failed (create broken: "), r
+    assert ", 1 relation pending (register m1 <-> m2: m2 accepts peers only when asked" \
+        in r.stderr, r
+    assert r.stderr.endswith("3 changes made and kept; run `yoi up` again to finish\n"), r
 
 
 def test_up_uses_yoi_toml_in_the_working_directory_and_says_when_there_is_none(
@@ -166,6 +231,25 @@ def test_down_stops_and_removes_only_what_the_file_declares(run_yoi, state, proj
     assert state.pod_names() == ["bystander"]
     r = run_yoi("down", "-f", project / "yoi.toml")
     assert r.stdout == "down: nothing to stop\n", r
+
+
+def test_down_stops_pods_whose_undeclared_peer_was_removed(run_yoi, state, tmp_path,
+                                                           started_pod):
+    """down does not check relations against the state directory: it only stops."""
+    store.create(state, "outside")
+    path = tmp_path / "yoi.toml"
+    path.write_text("[pods.a]\npeers = ['outside']\n")
+    assert run_yoi("up", "-f", path).exit_code == 0
+    store.remove(state, "outside")
+    r = run_yoi("down", "-f", path)
+    assert (r.exit_code, r.stdout) == (0, "stopped a\ndown: 1 change\n"), r
+    assert not control.is_running(state, "a")
+    r = run_yoi("down", "-f", path, "--rm")
+    assert (r.exit_code, r.stdout) == (0, "removed a\ndown: 1 change\n"), r
+    r = run_yoi("up", "-f", path)  # up still refuses the relation to a Pod that is gone
+    assert r.exit_code == 2, r
+    assert "pods.a.peers: 'outside' is neither declared in this file nor an existing Pod" \
+        in r.stderr
 
 
 # -- crashes and races -----------------------------------------------------------

@@ -306,31 +306,60 @@ def clean_stale(state: State, name: str) -> bool:
 # -- restore -------------------------------------------------------------------
 
 def restore(state: State, name: str, timeout: float = DEFAULT) -> dict:
-    """Start NAME unless it is live already (then report that, not an error)."""
+    """Start NAME unless it is live already (then report that, not an error).
+
+    A Pod that holds its runtime lock but does not answer yet is starting (a
+    start racing this one, or one just begun elsewhere): it is waited for, up
+    to TIMEOUT, and reported "already live" once it answers. Busy (6) only if
+    it still holds the lock without answering when the time is up.
+    """
+    deadline = time.monotonic() + timeout
     doc = store.read(state, name)
-    path = state.socket_path(name, doc)
-
-    def already_live() -> dict | None:
-        live = probe(path, min(timeout, DEFAULT))
-        if not live["reachable"]:
-            return None
-        return {"pod_name": name, "restored": False, "message": "already live",
-                "pid": holder_pid(state.runtime_lock_path(name)),
-                "socket_path": live["socket_path"]}
-
     if is_running(state, name):
-        res = already_live()
-        if res is not None:
-            return res
-    try:
-        res = start(state, name, timeout=timeout, doc=doc)
-    except Busy:
-        # Running but not answering, or lost a race with another start (then
-        # the winner answers soon, at the path it recorded).
-        path = state.socket_path(name, store.read(state, name))
-        live = already_live()
-        if live is None:
-            raise
-        return live
+        live = _already_live(state, name, state.socket_path(name, doc), min(timeout, DEFAULT))
+        if live is not None:
+            return live
+    while True:
+        try:
+            res = start(state, name, timeout=max(deadline - time.monotonic(), POLL), doc=doc)
+            break
+        except Busy as busy:
+            if not is_running(state, name):
+                raise  # busy for another reason (a metadata lock): not a start to wait for
+            live = _wait_live(state, name, deadline)
+            if live is not None:
+                return live
+            if is_running(state, name) or time.monotonic() >= deadline:
+                pid = holder_pid(state.runtime_lock_path(name))
+                raise Busy(f"Pod {name!r} is running" + (f" (pid {pid})" if pid else "")
+                           + f" but did not answer within {timeout:g}s",
+                           pod_name=name, pid=pid) from busy
+            # the start it was waiting for gave up and released the lock: try again
     res.pop("started", None)
     return {**res, "restored": True, "message": "started"}
+
+
+def _already_live(state: State, name: str, path: Path, timeout: float) -> dict | None:
+    """The "already live" result if NAME answers at PATH within TIMEOUT, else None."""
+    live = probe(path, timeout)
+    if not live["reachable"]:
+        return None
+    return {"pod_name": name, "restored": False, "message": "already live",
+            "pid": holder_pid(state.runtime_lock_path(name)),
+            "socket_path": live["socket_path"]}
+
+
+def _wait_live(state: State, name: str, deadline: float) -> dict | None:
+    """Wait while NAME holds its runtime lock until it answers ("already live") or
+    DEADLINE passes; None if it did not answer (or let go of the lock)."""
+    while is_running(state, name):
+        remaining = deadline - time.monotonic()
+        # the socket path it records once it has bound (ours is the default)
+        path = state.socket_path(name, store.read(state, name))
+        live = _already_live(state, name, path, max(min(remaining, DEFAULT), POLL))
+        if live is not None:
+            return live
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(min(POLL, max(deadline - time.monotonic(), 0)))
+    return None

@@ -17,8 +17,10 @@ A declaration (``yoi.toml``) names Pods with their settings and peers::
     [pods.coder]
 
 ``load`` reads and checks the whole file before anything is changed: an
-unknown key, a bad name or value, or a relation to a Pod that is neither
-declared nor present is a ``UsageError`` naming the file and the key.
+unknown key, a bad name or value, a relation to a Pod that is neither
+declared nor present, or a relation of a declared Pod on ``accept_peers =
+"never"`` (no run could ever make it) is a ``UsageError`` naming the file and
+the key.
 
 ``up`` then converges step by step, each step through the normal operation
 that every command uses (its locks, its transaction): create a missing Pod,
@@ -28,6 +30,15 @@ changes nothing, two runs at once end converged, and a run that was
 interrupted (even by SIGKILL) is finished by the next one. A step that fails
 does not stop the independent ones; the report lists what changed and what
 failed, and the error names the first failure.
+
+A relation is registered as ``yoi pod peer register A B`` does (A the name
+that sorts first): a B on ``accept_peers = "ask"`` is asked, and the
+relation stays *pending* until B (its handler, if it is live) or the
+operator decides. ``up`` cannot finish that by itself: recording the request
+is a change (``requested``), and every relation still pending is a failed
+step whose error is ``Pending`` (code ``pending``, exit 5), so a pending
+relation is never reported as converged. Real failures come first: the
+error is ``Pending`` only if nothing else failed.
 """
 
 from __future__ import annotations
@@ -35,8 +46,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from yoi import control, metadata, peers, store, timeouts
-from yoi.errors import AlreadyExists, Failed, UsageError, YoiError
+from yoi import consent, control, metadata, store, timeouts
+from yoi.errors import AlreadyExists, Failed, Pending, UsageError, YoiError
 from yoi.names import is_valid_name
 from yoi.parsing import ParseError, toml_loads
 from yoi.state import State
@@ -75,9 +86,15 @@ def find_file(path: str | None) -> Path:
     return p.resolve()
 
 
-def load(path: Path, state: State, labels: dict[str, str] | None = None) -> Plan:
+def load(path: Path, state: State, labels: dict[str, str] | None = None,
+         relations: bool = True) -> Plan:
     """Read and check PATH (LABELS are added to every Pod); UsageError if anything is
-    wrong, before anything is changed."""
+    wrong, before anything is changed.
+
+    With RELATIONS false (``yoi down``, which does not touch relations) the
+    relations are read but not checked: neither whether an undeclared peer
+    exists in STATE nor whether one side is on ``never``.
+    """
     def bad(where: str, what: str) -> UsageError:
         return UsageError(f"{path}: {where}: {what}")
 
@@ -140,15 +157,29 @@ def load(path: Path, state: State, labels: dict[str, str] | None = None) -> Plan
             if value is not None and (not value or "\0" in value):
                 raise bad(f"{where}.{key}", "must be a non-empty string without NUL")
         pods.append(Declared(name, settings, list(names), spec.get("start", True)))
-    declared = {p.name for p in pods}
-    relations = set()
+    policy = {p.name: p.settings["accept_peers"] for p in pods}
+    pairs = set()
     for p in pods:
         for other in p.peers:
-            if other not in declared and not _exists(state, other):
-                raise bad(f"pods.{p.name}.peers",
-                          f"{other!r} is neither declared in this file nor an existing Pod")
-            relations.add(tuple(sorted((p.name, other))))
-    return Plan(path, sorted(pods, key=lambda p: p.name), sorted(relations))
+            if relations:
+                _check_relation(state, policy, p.name, other, bad)
+            pairs.add(tuple(sorted((p.name, other))))
+    return Plan(path, sorted(pods, key=lambda p: p.name), sorted(pairs))
+
+
+def _check_relation(state: State, policy: dict[str, str], name: str, other: str,
+                    bad) -> None:
+    """NAME's relation to OTHER can be made: OTHER is declared (POLICY has every
+    declared Pod's accept_peers) or exists, and neither is declared on ``never``."""
+    where = f"pods.{name}.peers"
+    if other not in policy and not _exists(state, other):
+        raise bad(where, f"{other!r} is neither declared in this file nor an existing Pod")
+    never = [n for n in (name, other) if policy.get(n) == "never"]
+    if never:
+        who = " and ".join(never)
+        raise bad(where, f"{name} and {other} can never be peers: {who} "
+                         f"{'has' if len(never) == 1 else 'have'} accept_peers = \"never\" "
+                         "(make it \"open\" or \"ask\", or drop the relation)")
 
 
 def _seconds(spec: dict, key: str, where: str, bad) -> float | None:
@@ -183,7 +214,7 @@ class Report:
         self.path = path
         self.changes: list[dict] = []
         self.failed: list[dict] = []
-        self.first: YoiError | None = None
+        self.errors: list[YoiError] = []
         self.pods: list[str] = []
         self.relations = 0
 
@@ -191,7 +222,7 @@ class Report:
         self.changes.append({"action": action, "pod_name": name, **extra})
 
     def fail(self, action: str, name: str, err: YoiError, **extra) -> None:
-        self.first = self.first or err
+        self.errors.append(err)
         self.failed.append({"action": action, "pod_name": name, **extra,
                             "error": err.to_json()})
 
@@ -201,20 +232,34 @@ class Report:
                 "pods": [{"pod_name": n} for n in self.pods], "relations": self.relations}
 
     def error(self, verb: str) -> YoiError | None:
-        """The error to fail with (the first failure's type), or None if all went well."""
-        if self.first is None:
+        """The error to fail with, or None if all went well: the type of the first
+        failure that is not a pending relation, else ``Pending``."""
+        if not self.errors:
             return None
-        n = len(self.failed)
-        steps = "; ".join(f"{f['action']} {f['pod_name']}"
-                          + (f" <-> {f['peer']['pod_name']}" if "peer" in f else "")
-                          + f": {f['error']['message']}" for f in self.failed)
-        done = len(self.changes)
-        msg = (f"{verb}: {n} step{'s' if n != 1 else ''} failed ({steps}); "
-               f"{done} change{'s' if done != 1 else ''} made and kept")
+        failed = [f for f in self.failed if f["error"]["code"] != Pending.code]
+        pending = [f for f in self.failed if f["error"]["code"] == Pending.code]
+        parts = []
+        if failed:
+            parts.append(f"{_count(len(failed), 'step')} failed ({_steps(failed)})")
+        if pending:
+            parts.append(f"{_count(len(pending), 'relation')} pending ({_steps(pending)})")
+        msg = (f"{verb}: {', '.join(parts)}; {_count(len(self.changes), 'change')} "
+               "made and kept")
         if verb == "up":
-            msg += "; run `yoi up` again to finish"
-        cls = type(self.first) if isinstance(self.first, YoiError) else Failed
+            msg += "; run `yoi up` again " + ("to finish" if failed else "once decided")
+        first = next((e for e in self.errors if not isinstance(e, Pending)), self.errors[0])
+        cls = type(first) if isinstance(first, YoiError) else Failed
         return cls(msg, data=self.to_json())
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
+
+
+def _steps(failed: list[dict]) -> str:
+    return "; ".join(f"{f['action']} {f['pod_name']}"
+                     + (f" <-> {f['peer']['pod_name']}" if "peer" in f else "")
+                     + f": {f['error']['message']}" for f in failed)
 
 
 def up(state: State, plan: Plan, start: bool = True, timeout: float = DEFAULT) -> Report:
@@ -230,11 +275,7 @@ def up(state: State, plan: Plan, start: bool = True, timeout: float = DEFAULT) -
         except YoiError as e:
             report.fail("create", pod.name, e)
     for a, b in plan.relations:
-        try:
-            if peers.register(state, a, b)["changed"]:
-                report.change("registered", a, peer={"pod_name": b})
-        except YoiError as e:
-            report.fail("register", a, e, peer={"pod_name": b})
+        _converge_relation(state, a, b, report)
     if start:
         for pod in plan.pods:
             if not pod.start or pod.name not in ready:
@@ -245,6 +286,28 @@ def up(state: State, plan: Plan, start: bool = True, timeout: float = DEFAULT) -
             except YoiError as e:
                 report.fail("start", pod.name, e)
     return report
+
+
+def _converge_relation(state: State, a: str, b: str, report: Report) -> None:
+    """Register A <-> B as ``yoi pod peer register A B`` does (a live B on ``ask`` is
+    told); a request left pending is a failed step (``Pending``), not a relation."""
+    peer = {"pod_name": b}
+    try:
+        result = consent.request(state, a, b)
+    except YoiError as e:
+        report.fail("register", a, e, peer=peer)
+        return
+    if result["state"] != "pending":
+        if result["changed"]:
+            report.change("registered", a, peer=peer)
+        return
+    request = metadata.to_jsonable(result["request"])
+    if result["changed"]:
+        report.change("requested", a, peer=peer, request=request)
+    report.fail("register", a, Pending(
+        f"{b} accepts peers only when asked: the request from {a} (id {request['id']}) "
+        f"waits until {request['expires_at']}; {consent.how_decided(result)}",
+        pod_name=b), peer=peer, request=request)
 
 
 def _converge_pod(state: State, pod: Declared, report: Report) -> None:

@@ -384,16 +384,17 @@ def send_lines(state: State, target: str, *, source: str | None = None,
             raise _not_running(target, e)
         return queue_lines(state, target, path, feed, timeout, interrupts)
     ids = batch.ids
+    # `acknowledged`: every message sent was (an interrupted run may have read only
+    # part of the input: `interrupted` and `lines_read` say so)
     summary = {"pod_name": target, "source": pod_ref(source), "id_prefix": id_prefix,
                "messages": len(ids), "first_id": ids[0] if ids else None,
                "last_id": ids[-1] if ids else None, "lines_read": feed.lines,
-               "skipped_blank": feed.blank, "acknowledged": False,
+               "skipped_blank": feed.blank, "acknowledged": bool(ids) and batch.acked == len(ids),
                "acknowledged_count": batch.acked, "interrupted": batch.interrupted,
                "deduplicates_retries": "id" in batch.supports}
     if batch.failure is None and not batch.interrupted:
         if not ids:
             raise UsageError("no messages: the input has no non-blank line", data=summary)
-        summary["acknowledged"] = batch.acked == len(ids)
         summary["state"] = "delivered"
         return summary
     raise _batch_failure(target, batch, summary, id_prefix)
@@ -450,13 +451,24 @@ def _batch_failure(target: str, batch, summary: dict, id_prefix: str) -> YoiErro
     not_sent = batch.with_status(client.UNSENT)
     summary.update(refused=refused, not_recorded=failed, not_acknowledged=in_doubt,
                    not_sent=not_sent)
-    resume = (f"retry with --id {id_prefix} over the same input "
-              "(what was delivered is not delivered again)" if "id" in batch.supports
-              else client.retry_advice(batch.supports, id_prefix))
-    if failure is None:  # interrupted, and nothing failed
+    only_interrupted = failure is None  # nothing failed: it was stopped
+    resume = (f"{'resume' if only_interrupted else 'retry'} with --id {id_prefix} over the "
+              "same input (what was delivered is not delivered again)"
+              if "id" in batch.supports else client.retry_advice(batch.supports, id_prefix))
+    if only_interrupted:
         failure = Interrupted("interrupted")
-    parts = [f"{len(ids) - batch.acked} of {len(ids)} messages to {target} not acknowledged"]
-    if isinstance(failure, Refused):
+    if not ids:
+        parts = [f"nothing sent to {target}"]
+    elif batch.acked == len(ids):
+        parts = [f"{batch.acked} of {len(ids)} messages to {target} acknowledged"]
+    else:
+        parts = [f"{len(ids) - batch.acked} of {len(ids)} messages to {target} not "
+                 "acknowledged"]
+    if only_interrupted:
+        lines = summary["lines_read"]
+        parts.append(f"interrupted after line {lines}" if lines
+                     else "interrupted before the first line")
+    elif isinstance(failure, Refused):
         parts.append(_refused(target, failure, refused[0] if refused else "a message").message)
     elif isinstance(failure, client.PodFailed):
         parts.append(f"{target} could not record {failed[0] if failed else 'a message'}: "
@@ -475,7 +487,7 @@ def _batch_failure(target: str, batch, summary: dict, id_prefix: str) -> YoiErro
         parts.append(f"may or may not have been delivered: {_abbrev(in_doubt)}")
     if not_sent:
         parts.append(f"not sent: {_abbrev(not_sent)}")
-    if not batch.complete and not isinstance(failure, UsageError):
+    if not (batch.complete or only_interrupted or isinstance(failure, UsageError)):
         parts.append(f"input read up to line {summary['lines_read']}")
     parts.append(resume)
     details = {k: v for k, v in failure.details.items() if k not in summary}

@@ -77,6 +77,13 @@ class TimedOutWaiting(Unreachable):
     code = "timed_out"
 
 
+class Pending(Unreachable):
+    """A peer request waits for the asked Pod's decision (exit 5, as a request that
+    was not decided in time): ``yoi up`` could not finish a relation by itself."""
+
+    code = "pending"
+
+
 class Busy(YoiError):
     exit_code = 6
     code = "busy"

@@ -98,15 +98,28 @@ def _usage_exit(ctx: click.Context, e: click.UsageError, args: list[str]):
     ctx.exit(UsageError.exit_code)
 
 
+STREAMING = "yoi.streaming"  # ctx.meta: the command has begun its JSON Lines stream
+
+
+def streaming() -> None:
+    """Say that the running command has begun its JSON Lines stream (``yoi pod log
+    --json``): from now on a failure or an interrupt is reported on stderr and by
+    the exit status only, so that every line of the stream has its documented
+    shape. Before, a failure prints the failure document as everywhere."""
+    click.get_current_context().meta[STREAMING] = True
+
+
 class YoiCommand(HouseUsageErrors, click.Command):
     """A command whose YoiErrors become one stderr line and their exit code."""
 
     def invoke(self, ctx: click.Context):
-        as_json = bool(ctx.params.get("as_json"))
+        def document() -> bool:  # a failure document on stdout?
+            return bool(ctx.params.get("as_json")) and not ctx.meta.get(STREAMING)
+
         try:
             return super().invoke(ctx)
         except YoiError as e:
-            report_error(e, as_json)
+            report_error(e, document())
             ctx.exit(e.exit_code)
         except BrokenPipeError:
             # Our reader went away (`yoi pod list | head -1`): stop quietly, as
@@ -117,11 +130,11 @@ class YoiCommand(HouseUsageErrors, click.Command):
             ctx.exit(141)
         except OSError as e:
             where = f": {e.filename}" if e.filename else ""
-            report_error(StorageError(f"{e.strerror or e}{where}"), as_json)
+            report_error(StorageError(f"{e.strerror or e}{where}"), document())
             ctx.exit(1)
         except KeyboardInterrupt:
             from yoi.errors import Interrupted
-            report_error(Interrupted("interrupted"), as_json)
+            report_error(Interrupted("interrupted"), document())
             ctx.exit(Interrupted.exit_code)
 
 

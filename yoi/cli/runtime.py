@@ -8,7 +8,7 @@ import time
 import click
 
 from yoi.cli.common import (PodNameType, YoiCommand, emit, json_option, pod_argument, say,
-                            state_options, timeout_option)
+                            state_options, streaming, timeout_option)
 
 
 @click.command("start", cls=YoiCommand)
@@ -112,6 +112,10 @@ def stop_command(name, labels, timeout, force, recursive, as_json, state):
 @state_options
 def restore_command(name, timeout, as_json, state):
     """Start a stopped Pod; a live one is reported as "already live" (exit 0).
+
+    A Pod that is starting at the same moment (it holds its runtime lock but
+    does not answer yet) is waited for, up to --timeout, and then reported
+    "already live"; exit 6 if it still does not answer.
 
     \b
     Examples:
@@ -252,6 +256,7 @@ def log_command(name, count, old_count, after, follow, queued, reader, new, time
         _print_new(state, name, reader, as_json)
         return
     with history.Log(state, name, follow, timeout) as log:
+        streaming()  # the Pod is found (and followed): stdout is entries and events only
         skipped = 0
         for raw, entry in log.entries(count, after):
             if entry is None:
@@ -271,6 +276,7 @@ def _print_queued(state, name: str, count, after, follow: bool, as_json: bool) -
     if after is not None or follow:
         raise UsageError("--queued cannot be used with --after or --follow")
     store.read(state, name)  # NotFound
+    streaming()
     path = state.queue_path(name)
     contents = offline.read(path)
     records = contents.records

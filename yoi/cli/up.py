@@ -12,6 +12,9 @@ file_option = click.option("-f", "--file", "path", metavar="FILE", default=None,
 
 def _describe(change: dict) -> str:
     action, name = change["action"], change["pod_name"]
+    if "request" in change:
+        return (f"{action} {name} <-> {change['peer']['pod_name']} (pending: request "
+                f"{change['request']['id']})")
     if "peer" in change:
         return f"{action} {name} <-> {change['peer']['pod_name']}"
     if change.get("settings"):
@@ -43,13 +46,20 @@ def up(path, labels, no_start, timeout, as_json, state):
     """Converge the state directory to yoi.toml: create, configure, register, start.
 
     Reads the whole file first and refuses an invalid one (unknown keys, bad
-    names or values, a peer that is neither declared nor an existing Pod)
-    with exit 2 before changing anything. Then, through the same locks and
-    transactions as the single commands: creates each missing Pod, changes
-    the settings of one that differs, registers each missing peer relation
-    and starts each Pod that is not live. Prints one line per change, or
-    "up: nothing to change". Running it again, or twice at once, is safe; a
-    run that failed or was killed half-way is finished by the next one.
+    names or values, a peer that is neither declared nor an existing Pod, a
+    relation of a declared Pod on accept_peers = "never") with exit 2 before
+    changing anything. Then, through the same locks and transactions as the
+    single commands: creates each missing Pod, changes the settings of one
+    that differs, registers each missing peer relation and starts each Pod
+    that is not live. Prints one line per change, or "up: nothing to
+    change". Running it again, or twice at once, is safe; a run that failed
+    or was killed half-way is finished by the next one.
+
+    A relation to a Pod on accept_peers = "ask" is requested, not made:
+    "requested A <-> B (pending: request ID)". Until B (its handler) or the
+    operator approves it (`yoi pod peer approve B A`), it is a failed step
+    with error code "pending" and, if nothing else failed, the exit status is
+    5.
 
     \b
     Examples:
@@ -81,7 +91,8 @@ def down(path, remove, timeout, force, as_json, state):
     Pods of the state directory that the file does not declare are left
     alone, and a declared Pod that does not exist is skipped. One that fails
     to stop does not keep the others running; the exit status is the first
-    failure's.
+    failure's. The file's relations are not checked (down does not touch
+    them): a peer removed since `yoi up` does not keep its Pods running.
 
     \b
     Examples:
@@ -91,6 +102,6 @@ def down(path, remove, timeout, force, as_json, state):
     from yoi import converge
     if not state.root.exists():
         say(f"yoi: note: no state directory at {state.root}")
-    plan = converge.load(converge.find_file(path), state)
+    plan = converge.load(converge.find_file(path), state, relations=False)
     report = converge.down(state, plan, remove=remove, timeout=timeout, force=force)
     _finish("down", report, as_json, "nothing to stop")
