@@ -76,9 +76,9 @@ def test_queue_send_to_a_stopped_pod_is_queued_then_delivered_in_order_at_start(
     assert committed_ids(state, "B") == ["q-1", "q-2", "L-1", "L-3"]
     sources = [e["item"].get("source") for e in committed(state, "B")]
     assert sources == ["A", None, "A", "A"]
-    assert offline.depth(state.queue_path("B")) == 0
-    # each ran the handler, as a live message does
-    wait_for(lambda: len(committed(state, "B", "handler_result")) == 4, what="4 handler runs")
+    # each ran the handler, as a live message does, and only then left the queue
+    wait_for(lambda: offline.depth(state.queue_path("B")) == 0, what="the queue to empty")
+    assert len(committed(state, "B", "handler_result")) == 4
     assert [e["text"] for e in committed(state, "B", "handler_result")] == \
         ["first", "second", "three", "four"]
     # a live Pod: --queue sends as usual
@@ -295,6 +295,106 @@ def test_sigkill_while_draining_loses_and_duplicates_nothing(state, started_pod)
     assert sorted(ids) == sorted(queued)  # every id, and each once
     assert ids == queued  # in the order queued
     assert offline.depth(state.queue_path("T")) == 0
+
+
+def _slow_handler(tmp_path) -> tuple[str, object, object]:
+    """A handler that, while the file SLOW exists, writes its pid (its process group's)
+    to PIDFILE and sleeps; it then echoes its message."""
+    slow, pidfile = tmp_path / "slow", tmp_path / "handler.pid"
+    slow.touch()
+    return f"if [ -e '{slow}' ]; then echo $$ > '{pidfile}'; sleep 30; fi; cat", slow, pidfile
+
+
+def _running_handler(pidfile) -> int:
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(),
+             what="the handler to run")
+    return int(pidfile.read_text())
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_a_kill_9_during_a_queued_message_s_handler_run_runs_it_after_the_restart(
+        state, tmp_path, started_pod, run_yoi):
+    exec_cmd, slow, pidfile = _slow_handler(tmp_path)
+    store.create(state, "T", exec_cmd=exec_cmd)
+    ids = ["s-1", "s-2", "s-3"]
+    offline.append(state, "T", queue_items(ids))
+    proc = _serve(state, "T")
+    try:
+        handler = _running_handler(pidfile)  # the first run, of s-1
+    finally:
+        _kill(proc)
+    _kill_group(handler)
+    assert committed_ids(state, "T") == ids
+    assert committed(state, "T", "handler_result") == []
+    # committed, but not handled: still queued, and doctor --fix leaves them there
+    assert [r["id"] for r in offline.read(state.queue_path("T")).records] == ids
+    r = run_yoi("doctor", "--fix")
+    assert "queue-delivered" not in r.stdout, r
+    assert [r["id"] for r in offline.read(state.queue_path("T")).records] == ids
+    slow.unlink()
+    started_pod("T", create=False)
+    wait_for(lambda: offline.depth(state.queue_path("T")) == 0, what="the queue to empty")
+    assert committed_ids(state, "T") == ids  # not committed again
+    assert [(r["id"], r["text"], r["ok"]) for r in committed(state, "T", "handler_result")] \
+        == [(i, f"m {i}", True) for i in ids]
+
+
+def test_a_queued_message_whose_run_a_stop_cut_short_is_not_run_again_the_next_is(
+        state, tmp_path, started_pod):
+    exec_cmd, slow, pidfile = _slow_handler(tmp_path)
+    store.create(state, "T", exec_cmd=exec_cmd)
+    offline.append(state, "T", queue_items(["s-1", "s-2"]))
+    started_pod("T", create=False)
+    _running_handler(pidfile)
+    control.stop(state, "T")  # ends the run of s-1; s-2's never began
+    slow.unlink()
+    [cut] = committed(state, "T", "handler_result")
+    assert (cut["id"], cut["ended"]) == ("s-1", "stopped")
+    assert [r["id"] for r in offline.read(state.queue_path("T")).records] == ["s-1", "s-2"]
+    started_pod("T", create=False)
+    wait_for(lambda: offline.depth(state.queue_path("T")) == 0, what="the queue to empty")
+    assert committed_ids(state, "T") == ["s-1", "s-2"]
+    assert [(r["id"], r["ended"], r["text"]) for r in committed(state, "T", "handler_result")] \
+        == [("s-1", "stopped", ""), ("s-2", "exited", "m s-2")]
+
+
+def test_sigkill_during_handler_runs_loses_no_queued_message_s_run(state, tmp_path,
+                                                                   started_pod):
+    runs = tmp_path / "runs"
+    store.create(state, "T", exec_cmd=f"m=$(cat); sleep 0.02; echo \"$m\" >> '{runs}'; "
+                                      "echo \"$m\"")
+    ids = [f"h-{i}" for i in range(20)]
+    offline.append(state, "T", queue_items(ids))
+    rng = random.Random(4321)
+    kills = 0
+    while kills < 10 and len(committed(state, "T", "handler_result")) < len(ids):
+        before = len(committed(state, "T", "handler_result"))
+        proc = _serve(state, "T")
+        try:
+            wait_for(lambda: len(committed(state, "T", "handler_result")) > before
+                     or offline.depth(state.queue_path("T")) == 0 or proc.poll() is not None,
+                     what="a handler run")
+            time.sleep(rng.choice([0, 0.01, 0.03, 0.1]))  # in a run, or between two
+        finally:
+            _kill(proc)
+        kills += 1
+    assert kills >= 5, kills
+    started_pod("T", create=False)
+    wait_for(lambda: offline.depth(state.queue_path("T")) == 0, what="the queue to empty")
+    assert committed_ids(state, "T") == ids  # each committed once, in order
+    results = committed(state, "T", "handler_result")
+    assert [r["id"] for r in results] == ids  # each run to its end once, in order
+    assert all(r["ok"] and r["text"] == f"m {r['id']}\n" for r in results)
+    # every message ran (some more than once: a run a kill cut short, its input perhaps
+    # not all fed, ran again)
+    ran = [m for m in runs.read_text().splitlines() if m]
+    assert set(ran) == {f"m {i}" for i in ids} and len(ran) > len(ids)
 
 
 @pytest.mark.parametrize("point", ["drain-before-clear", "session-before-index",

@@ -8,7 +8,8 @@
 (``source`` null for the operator; ``in_reply_to``, the id of the message it
 answers, when given). The Pod, when it starts (and whenever it is asked,
 or sees records there), commits them to its session log in order, exactly
-as a live ``notify`` (``yoi.server.drain``), and only then empties the file.
+as a live ``notify`` (``yoi.server.drain``), and removes each record only
+once it is committed and, if the Pod has a handler, its handler has run.
 
 Crash consistency rests on one lock and one idempotent step:
 
@@ -16,10 +17,12 @@ Crash consistency rests on one lock and one idempotent step:
   (``locks/NAME.lock``, ``yoi.txn.lock_pods``): an append writes whole
   records and fsyncs before the sender reports ``queued``; a drain holds the
   lock from reading the file to emptying it, so nothing is appended between;
-* committing is idempotent by id (the session log's id index), and the file is
-  emptied only after every record in it is committed. A crash before that
-  leaves records that the next drain finds committed and drops; a crash
-  after it leaves nothing. So every queued message is committed exactly once.
+* committing is idempotent by id (the session log's id index), and a record
+  is removed only after it is committed and its handler run (if the Pod has
+  a handler) has its ``handler_result`` committed. A crash before that leaves
+  the record, which the next drain finds committed: it runs the handler if
+  that has no result yet and drops it otherwise. So every queued message is
+  committed exactly once and handled.
 
 Damage is never deleted: a last record without its newline (a crash during
 an append; its sender never reported it queued) is moved aside into
@@ -207,8 +210,21 @@ def _line_of(rec: dict) -> bytes:
                        rec["queued_at"])
 
 
+def remove(path: Path, records: list[dict], ids: set[str]) -> None:
+    """Remove the records with IDS from the queue, whose records are RECORDS (the
+    caller has held the lock since it read them): emptied if none stays (``clear``),
+    else replaced atomically with the others (``rewrite``)."""
+    if not ids:
+        return
+    kept = [r for r in records if r["id"] not in ids]
+    if kept:
+        rewrite(path, kept)
+    else:
+        clear(path)
+
+
 def clear(path: Path) -> None:
-    """Empty the queue (every record in it is committed): one truncate, synced."""
+    """Empty the queue (no record in it waits any more): one truncate, synced."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:

@@ -65,6 +65,7 @@ class Pod:
         self.ops: Operations | None = None
         self.worker = HandlerWorker(self)
         self.drainer = Drainer(self)
+        self.worker.on_handled = self.drainer.handled
 
     # -- start-up and shut-down ------------------------------------------------
     def serve(self, ready=None) -> int:

@@ -24,7 +24,9 @@ import threading
 import zlib
 from pathlib import Path
 
-SCHEMA = 1
+# 2: a notification's handler run is indexed too (``session.HANDLED_PREFIX``); an
+# index of schema 1 is rebuilt from the log, which files the runs already there.
+SCHEMA = 2
 _FILES = ("", "-wal", "-shm")
 
 
