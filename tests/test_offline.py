@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import yoi_cmd
-from yoi import client, control, offline, peers, session, store
+from yoi import client, control, metadata, offline, peers, session, store
 
 
 def committed(state, name: str, kind: str = "system_item") -> list[dict]:
@@ -100,6 +100,24 @@ def test_queue_send_checks_like_a_live_send(run_yoi, state, peers_ab):
     assert not state.queue_path("B").exists()
     r = run_yoi("pod", "send", "--from", "A", "B", "x")  # without --queue: as before
     assert r.exit_code == 5 and "B is not running" in r.stderr, r
+
+
+def test_queue_send_refuses_a_one_sided_relation_as_a_live_send_is(
+        run_yoi, state, peers_ab, started_pod):
+    """A still lists B, B no longer lists A: B would refuse the message."""
+    store.update(state, "B", lambda doc: (metadata.drop_peer(doc, "A"), doc)[1])
+    words = ("yoi: error: not a peer: A and B do not both list each other as peers, so B "
+             "would refuse the message; nothing was queued (introduce them with `yoi pod "
+             "peer register A B`)\n")
+    r = run_yoi("pod", "send", "--queue", "--from", "A", "B", "x")
+    assert (r.exit_code, r.stdout, r.stderr) == (4, "", words), r
+    r = run_yoi("pod", "send", "--queue", "--lines", "--from", "A", "B", input="x\ny\n")
+    assert (r.exit_code, r.stderr) == (4, words), r
+    assert offline.depth(state.queue_path("B")) == 0
+    started_pod("B", create=False)
+    r = run_yoi("pod", "send", "--from", "A", "B", "x")  # live: B refuses it, also exit 4
+    assert r.exit_code == 4 and "'A' is not a peer of 'B'; message refused" in r.stderr, r
+    assert committed_ids(state, "B") == []
 
 
 def test_queue_full_exits_1_and_queues_nothing(run_yoi, state):
