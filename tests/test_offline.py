@@ -566,6 +566,71 @@ def test_doctor_drops_queued_ids_already_delivered_and_sets_aside_garbage(
     assert bad.read_bytes() == b"not a record\n"
 
 
+PRECIOUS = offline.record_line("x-1", "precious", None, queued_at="2026-12-01T12:00:00Z")
+
+
+def _no_queue_file(state, tmp_path, name: str, kind: str) -> str:
+    """Put a KIND (directory, symlink) where NAME's queue goes; what commands then say."""
+    path = state.queue_path(name)
+    if kind == "symlink":
+        (tmp_path / "elsewhere").write_bytes(PRECIOUS)
+        path.symlink_to(tmp_path / "elsewhere")
+    else:
+        path.mkdir()
+    return (f"{path} is a {kind}, not the Pod's message queue (never followed); move it "
+            "out of the way (`yoi doctor` reports it)")
+
+
+@pytest.mark.parametrize("kind", ["directory", "symlink"])
+def test_a_queue_that_is_no_file_is_named_by_each_command_and_never_followed(
+        run_yoi, state, tmp_path, kind):
+    store.create(state, "T")
+    store.create(state, "U")
+    offline.append(state, "U", queue_items(["u-1"]))
+    problem = _no_queue_file(state, tmp_path, "T", kind)
+    r = run_yoi("pod", "list")  # the others are still listed, T with its problem
+    assert r.exit_code == 0, r
+    assert [line.split() for line in r.stdout.splitlines()] == [
+        ["NAME", "PEERS", "LIVE", "QUEUED", "STATE"], ["T", "0", "no", "?", "readable"],
+        ["U", "0", "no", "1", "readable"]], r
+    assert r.stderr == f"yoi: note: T's queue cannot be counted: {problem}\n", r
+    r = run_yoi("pod", "list", "--json")
+    t, u = r.json["pods"]
+    assert (t["queued"], t["error"], u["queued"], u["error"]) == (None, problem, 1, None), r
+    for args in (("pod", "status", "T"), ("pod", "log", "T", "--queued"),
+                 ("pod", "send", "--queue", "T", "x")):
+        r = run_yoi(*args)
+        assert (r.exit_code, r.stdout, r.stderr) == (1, "", f"yoi: error: {problem}\n"), r
+    r = run_yoi("pod", "start", "T")
+    assert (r.exit_code, r.stderr) == (5, "yoi: error: Pod 'T' exited with status 1 while "
+                                          f"starting; its log says: yoi: error: {problem}\n"), r
+    r = run_yoi("doctor")
+    what = "a symlink; never followed," if kind == "symlink" else "not a regular file,"
+    assert r.exit_code == 1, r
+    assert f"T: queue.jsonl is {what} so the Pod cannot start; move it out of the way " \
+        f"({state.queue_path('T')})" in r.stdout, r
+    if kind == "symlink":
+        assert (tmp_path / "elsewhere").read_bytes() == PRECIOUS
+
+
+def test_a_live_pod_s_drain_answers_and_goes_on_when_its_queue_is_no_file(
+        state, tmp_path, started_pod):
+    pod = started_pod("T")
+    problem = _no_queue_file(state, tmp_path, "T", "directory")
+    for _ in range(2):  # each request is answered, and the thread goes on
+        answer = client.request_drain(pod.socket_path, ["q-1"], timeout=5)
+        assert (answer["error"], answer["queued"]) == (problem, None), answer
+        assert answer["ids"] == {"q-1": {"state": "queued"}}, answer
+    r = subprocess.run(yoi_cmd() + ["pod", "status", "T"], capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (1, f"yoi: error: {problem}\n"), r
+    state.queue_path("T").rmdir()
+    offline.append(state, "T", queue_items(["q-1"]))  # found by the look every second
+    wait_for(lambda: committed_ids(state, "T") == ["q-1"], what="the drain to go on")
+    with client.Connection.open(pod.socket_path) as conn:
+        said = [a["message"] for a in conn.alerts if problem in a["message"]]
+    assert said == [f"could not deliver the queued messages: {problem}; trying again"]
+
+
 def test_the_pod_sets_aside_hostile_queue_lines_and_delivers_the_rest(state, started_pod):
     store.create(state, "T")
     path = state.queue_path("T")

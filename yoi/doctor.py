@@ -369,7 +369,11 @@ def _scan_queue(pod: _Pod, path: str, found: list[Finding]) -> None:
     """Only whether there is a queue to look at: it is read under the Pod's lock."""
     st = _lstat(Path(path))
     if st is not None and stat.S_ISLNK(st.st_mode):
-        found.append(("symlink", pod.name, path, "queue.jsonl is a symlink; never followed"))
+        found.append(("symlink", pod.name, path, "queue.jsonl is a symlink; never followed, "
+                      "so the Pod cannot start; move it out of the way"))
+    elif st is not None and not stat.S_ISREG(st.st_mode):
+        found.append(("unreadable", pod.name, path, "queue.jsonl is not a regular file, so "
+                      "the Pod cannot start; move it out of the way"))
     elif st is not None and st.st_size > 0:
         pod.has_queue = True
 
@@ -1104,8 +1108,8 @@ class _Doctor:
         path = self.state.queue_path(name)
         try:
             contents = offline.read(path)
-        except OSError as e:
-            self.add("unreadable", name, path, f"cannot read: {_describe(e)}")
+        except YoiError as e:  # replaced since the scan, or cannot be read
+            self.add("unreadable", name, path, e.message)
             return
         damaged = []
         if contents.torn is not None:

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from yoi import protocol
-from yoi.atomic import atomic_write, fsync_dir, write_all
+from yoi.atomic import atomic_write, fsync_dir, not_a_file, write_all
 from yoi.errors import Failed, StorageError
 from yoi.faults import fault
 from yoi.metadata import queue_limits
@@ -121,9 +121,19 @@ class Contents:
         self.records, self.bad, self.torn, self.size = records, bad, torn, size
 
 
+def check_file(path: Path) -> None:
+    """Refuse what is at PATH if it is not a regular file (a directory, a symlink: it is
+    never followed, read or removed), naming it."""
+    what = not_a_file(path)
+    if what is not None:
+        raise Failed(f"{path} is {what}, not the Pod's message queue (never followed); "
+                     "move it out of the way (`yoi doctor` reports it)", path=str(path))
+
+
 def _read_bytes(path: Path) -> bytes:
+    check_file(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return b""
     try:
@@ -152,18 +162,28 @@ def parse(data: bytes) -> Contents:
 
 
 def read(path: Path) -> Contents:
-    """The queue at PATH (no lock: a reader may see a record being appended as torn)."""
-    return parse(_read_bytes(path))
+    """The queue at PATH (no lock: a reader may see a record being appended as torn).
+    Failed if something else is at PATH (``check_file``), StorageError if it cannot
+    be read."""
+    return parse(_readable(path))
 
 
 def depth(path: Path) -> int:
-    """How many messages wait at PATH: its whole lines (no lock, no parsing)."""
+    """How many messages wait at PATH: its whole lines (no lock, no parsing). Raises as
+    ``read`` does."""
     try:
-        if os.stat(path).st_size == 0:
+        if os.lstat(path).st_size == 0:
             return 0
     except FileNotFoundError:
         return 0
-    return _read_bytes(path).count(b"\n")
+    return _readable(path).count(b"\n")
+
+
+def _readable(path: Path) -> bytes:
+    try:
+        return _read_bytes(path)
+    except OSError as e:
+        raise StorageError(f"cannot read {path}: {e.strerror or e}", path=str(path))
 
 
 # -- changing (the caller holds the Pod's metadata lock) ----------------------------------
@@ -262,6 +282,7 @@ def append(state: State, target: str, items: list[tuple[str, bytes]]) -> dict:
 
 
 def _append_locked(path: Path, target: str, items, max_messages: int, max_bytes: int) -> dict:
+    check_file(path)
     created = not os.path.lexists(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)

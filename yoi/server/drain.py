@@ -52,6 +52,7 @@ from yoi.errors import Failed, YoiError
 from yoi.faults import fault
 from yoi.server import methods
 from yoi.server.log import log
+from yoi.server.loop import report
 from yoi.server.operations import Invalid
 from yoi.server.worker import Job
 from yoi.session import REJECTED_PREFIX, Entry, entry_source, handled_key
@@ -94,7 +95,7 @@ class Drainer:
         if self.pod.loop.stopping:
             return
         try:
-            waiting = os.stat(self.pod.state.queue_path(self.pod.name)).st_size > 0
+            waiting = os.lstat(self.pod.state.queue_path(self.pod.name)).st_size > 0
         except OSError:
             waiting = False
         if waiting:
@@ -127,7 +128,12 @@ class Drainer:
                     return
                 self.wanted = False
                 waiters, self.waiters = self.waiters, []
-            result = self._pass()
+            try:
+                result = self._pass()
+            except Exception as e:  # _pass says what went wrong itself; the thread goes on
+                result = {"committed": 0, "duplicates": 0, "rejected": 0, "queued": None,
+                          "rejections": {}, "error": f"internal error: {type(e).__name__}"}
+                self.pod.loop.call_soon(self.pod.internal_error, "the queue drain", e)
             for waiter in waiters:
                 self.pod.loop.call_soon(waiter, result)
 
@@ -137,7 +143,7 @@ class Drainer:
         result = {"committed": 0, "duplicates": 0, "rejected": 0, "queued": 0,
                   "rejections": {}}
         try:
-            if os.stat(path).st_size == 0:
+            if os.lstat(path).st_size == 0:
                 return result
         except FileNotFoundError:
             return result
@@ -159,10 +165,19 @@ class Drainer:
                         raise Failed(f"{failed} of {len(records)} queued message(s) could "
                                      "not be committed; they stay queued")
             self.last_problem = None
-        except (YoiError, OSError) as e:
-            why = e.message if isinstance(e, YoiError) else f"{e.strerror or e}"
+        except Exception as e:  # whatever it is, the thread goes on and waiters are answered
+            if isinstance(e, YoiError):
+                why = e.message
+            elif isinstance(e, OSError):
+                why = f"{e.strerror or e}"
+            else:
+                why = f"internal error: {type(e).__name__}: {e} (traceback in the Pod's log)"
+                report("the queue drain", e)
             result["error"] = why
-            result["queued"] = offline.depth(path)
+            try:
+                result["queued"] = offline.depth(path)
+            except YoiError:
+                result["queued"] = None  # the error says why
             if why != self.last_problem:  # a retry that fails alike says it once
                 self.last_problem = why
                 self._alert("error", f"could not deliver the queued messages: {why}; "

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from yoi import peers, protocol, store, timeouts
+from yoi import offline, peers, protocol, store, timeouts
 from yoi.errors import Failed, YoiError
 from yoi.server import consent, methods
 from yoi.server.connection import Client, Hub, flush_then_close
@@ -74,6 +74,7 @@ class Pod:
         runtime_fd = store.hold_runtime_lock(self.state, self.name)
         try:
             rotate_by_size(self.state.pod_log_path(self.name))
+            offline.check_file(self.state.queue_path(self.name))  # like the index's check
             self._configure(doc)
             raise_fd_limit()
             self.session = SessionLog(self.state.session_path(self.name),
