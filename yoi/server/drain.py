@@ -62,6 +62,11 @@ QUEUE_POLL = 1.0    # seconds between looks at the queue file
 PASS_WAIT = 120.0   # seconds a pass waits for the loop to settle its records
 
 
+def _no_result() -> dict:
+    """What a pass that settled nothing reports (``queue_drained``, less ``ids``)."""
+    return {"committed": 0, "duplicates": 0, "rejected": 0, "queued": 0, "rejections": {}}
+
+
 class Drainer:
     def __init__(self, pod):
         self.pod = pod
@@ -131,8 +136,8 @@ class Drainer:
             try:
                 result = self._pass()
             except Exception as e:  # _pass says what went wrong itself; the thread goes on
-                result = {"committed": 0, "duplicates": 0, "rejected": 0, "queued": None,
-                          "rejections": {}, "error": f"internal error: {type(e).__name__}"}
+                result = {**_no_result(), "queued": None,
+                          "error": f"internal error: {type(e).__name__}"}
                 self.pod.loop.call_soon(self.pod.internal_error, "the queue drain", e)
             for waiter in waiters:
                 self.pod.loop.call_soon(waiter, result)
@@ -140,8 +145,7 @@ class Drainer:
     def _pass(self) -> dict:
         pod = self.pod
         path = pod.state.queue_path(pod.name)
-        result = {"committed": 0, "duplicates": 0, "rejected": 0, "queued": 0,
-                  "rejections": {}}
+        result = _no_result()
         try:
             if os.lstat(path).st_size == 0:
                 return result

@@ -136,10 +136,14 @@ class HandlerWorker:
             return
         if pod.exec_cmd:
             outcome = self.run(self._input(job), job.source, job.msg_id, job.kind)
+
+            def recorded(res, err) -> None:
+                if err is None:
+                    self._handled(job)
+
             # Committed also when the Pod stops (``ended: stopped``): the session is
             # closed only after this thread is done, so the log says how the run ended.
-            self._commit(outcome.entry(job.kind, job.msg_id), lambda res, err: (
-                self._handled(job) if err is None else None))
+            self._commit(outcome.entry(job.kind, job.msg_id), recorded)
             if pod.loop.stopping:
                 return
             for level, problem in outcome.problems:
