@@ -109,7 +109,7 @@ QUEUED = {"id": str, "source": Nullable(str), "message": str, "queued_at": str,
           "in_reply_to?": str}
 LIST_ITEM = {"pod_name": str, "state": Enum("readable", "corrupt"),
              "peer_count": Nullable(int), "labels": MapOf(str), "live": LIVE,
-             "queued": int, "error": Nullable(str)}
+             "queued": Nullable(int), "error": Nullable(str)}
 # The wire's pods_listed item (yoi.discovery.visible), the original's visible-Pod item.
 VISIBLE_ITEM = {"pod_name": str,
                 "visibility": Enum("self_pod", "peer", "spawned_child"),

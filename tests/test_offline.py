@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import yoi_cmd
-from yoi import client, control, offline, peers, session, store
+from yoi import client, control, metadata, offline, peers, session, store
 
 
 def committed(state, name: str, kind: str = "system_item") -> list[dict]:
@@ -76,9 +76,9 @@ def test_queue_send_to_a_stopped_pod_is_queued_then_delivered_in_order_at_start(
     assert committed_ids(state, "B") == ["q-1", "q-2", "L-1", "L-3"]
     sources = [e["item"].get("source") for e in committed(state, "B")]
     assert sources == ["A", None, "A", "A"]
-    assert offline.depth(state.queue_path("B")) == 0
-    # each ran the handler, as a live message does
-    wait_for(lambda: len(committed(state, "B", "handler_result")) == 4, what="4 handler runs")
+    # each ran the handler, as a live message does, and only then left the queue
+    wait_for(lambda: offline.depth(state.queue_path("B")) == 0, what="the queue to empty")
+    assert len(committed(state, "B", "handler_result")) == 4
     assert [e["text"] for e in committed(state, "B", "handler_result")] == \
         ["first", "second", "three", "four"]
     # a live Pod: --queue sends as usual
@@ -100,6 +100,24 @@ def test_queue_send_checks_like_a_live_send(run_yoi, state, peers_ab):
     assert not state.queue_path("B").exists()
     r = run_yoi("pod", "send", "--from", "A", "B", "x")  # without --queue: as before
     assert r.exit_code == 5 and "B is not running" in r.stderr, r
+
+
+def test_queue_send_refuses_a_one_sided_relation_as_a_live_send_is(
+        run_yoi, state, peers_ab, started_pod):
+    """A still lists B, B no longer lists A: B would refuse the message."""
+    store.update(state, "B", lambda doc: (metadata.drop_peer(doc, "A"), doc)[1])
+    words = ("yoi: error: not a peer: A and B do not both list each other as peers, so B "
+             "would refuse the message; nothing was queued (introduce them with `yoi pod "
+             "peer register A B`)\n")
+    r = run_yoi("pod", "send", "--queue", "--from", "A", "B", "x")
+    assert (r.exit_code, r.stdout, r.stderr) == (4, "", words), r
+    r = run_yoi("pod", "send", "--queue", "--lines", "--from", "A", "B", input="x\ny\n")
+    assert (r.exit_code, r.stderr) == (4, words), r
+    assert offline.depth(state.queue_path("B")) == 0
+    started_pod("B", create=False)
+    r = run_yoi("pod", "send", "--from", "A", "B", "x")  # live: B refuses it, also exit 4
+    assert r.exit_code == 4 and "'A' is not a peer of 'B'; message refused" in r.stderr, r
+    assert committed_ids(state, "B") == []
 
 
 def test_queue_full_exits_1_and_queues_nothing(run_yoi, state):
@@ -297,6 +315,106 @@ def test_sigkill_while_draining_loses_and_duplicates_nothing(state, started_pod)
     assert offline.depth(state.queue_path("T")) == 0
 
 
+def _slow_handler(tmp_path) -> tuple[str, object, object]:
+    """A handler that, while the file SLOW exists, writes its pid (its process group's)
+    to PIDFILE and sleeps; it then echoes its message."""
+    slow, pidfile = tmp_path / "slow", tmp_path / "handler.pid"
+    slow.touch()
+    return f"if [ -e '{slow}' ]; then echo $$ > '{pidfile}'; sleep 30; fi; cat", slow, pidfile
+
+
+def _running_handler(pidfile) -> int:
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(),
+             what="the handler to run")
+    return int(pidfile.read_text())
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_a_kill_9_during_a_queued_message_s_handler_run_runs_it_after_the_restart(
+        state, tmp_path, started_pod, run_yoi):
+    exec_cmd, slow, pidfile = _slow_handler(tmp_path)
+    store.create(state, "T", exec_cmd=exec_cmd)
+    ids = ["s-1", "s-2", "s-3"]
+    offline.append(state, "T", queue_items(ids))
+    proc = _serve(state, "T")
+    try:
+        handler = _running_handler(pidfile)  # the first run, of s-1
+    finally:
+        _kill(proc)
+    _kill_group(handler)
+    assert committed_ids(state, "T") == ids
+    assert committed(state, "T", "handler_result") == []
+    # committed, but not handled: still queued, and doctor --fix leaves them there
+    assert [r["id"] for r in offline.read(state.queue_path("T")).records] == ids
+    r = run_yoi("doctor", "--fix")
+    assert "queue-delivered" not in r.stdout, r
+    assert [r["id"] for r in offline.read(state.queue_path("T")).records] == ids
+    slow.unlink()
+    started_pod("T", create=False)
+    wait_for(lambda: offline.depth(state.queue_path("T")) == 0, what="the queue to empty")
+    assert committed_ids(state, "T") == ids  # not committed again
+    assert [(r["id"], r["text"], r["ok"]) for r in committed(state, "T", "handler_result")] \
+        == [(i, f"m {i}", True) for i in ids]
+
+
+def test_a_queued_message_whose_run_a_stop_cut_short_is_not_run_again_the_next_is(
+        state, tmp_path, started_pod):
+    exec_cmd, slow, pidfile = _slow_handler(tmp_path)
+    store.create(state, "T", exec_cmd=exec_cmd)
+    offline.append(state, "T", queue_items(["s-1", "s-2"]))
+    started_pod("T", create=False)
+    _running_handler(pidfile)
+    control.stop(state, "T")  # ends the run of s-1; s-2's never began
+    slow.unlink()
+    [cut] = committed(state, "T", "handler_result")
+    assert (cut["id"], cut["ended"]) == ("s-1", "stopped")
+    assert [r["id"] for r in offline.read(state.queue_path("T")).records] == ["s-1", "s-2"]
+    started_pod("T", create=False)
+    wait_for(lambda: offline.depth(state.queue_path("T")) == 0, what="the queue to empty")
+    assert committed_ids(state, "T") == ["s-1", "s-2"]
+    assert [(r["id"], r["ended"], r["text"]) for r in committed(state, "T", "handler_result")] \
+        == [("s-1", "stopped", ""), ("s-2", "exited", "m s-2")]
+
+
+def test_sigkill_during_handler_runs_loses_no_queued_message_s_run(state, tmp_path,
+                                                                   started_pod):
+    runs = tmp_path / "runs"
+    store.create(state, "T", exec_cmd=f"m=$(cat); sleep 0.02; echo \"$m\" >> '{runs}'; "
+                                      "echo \"$m\"")
+    ids = [f"h-{i}" for i in range(20)]
+    offline.append(state, "T", queue_items(ids))
+    rng = random.Random(4321)
+    kills = 0
+    while kills < 10 and len(committed(state, "T", "handler_result")) < len(ids):
+        before = len(committed(state, "T", "handler_result"))
+        proc = _serve(state, "T")
+        try:
+            wait_for(lambda: len(committed(state, "T", "handler_result")) > before
+                     or offline.depth(state.queue_path("T")) == 0 or proc.poll() is not None,
+                     what="a handler run")
+            time.sleep(rng.choice([0, 0.01, 0.03, 0.1]))  # in a run, or between two
+        finally:
+            _kill(proc)
+        kills += 1
+    assert kills >= 5, kills
+    started_pod("T", create=False)
+    wait_for(lambda: offline.depth(state.queue_path("T")) == 0, what="the queue to empty")
+    assert committed_ids(state, "T") == ids  # each committed once, in order
+    results = committed(state, "T", "handler_result")
+    assert [r["id"] for r in results] == ids  # each run to its end once, in order
+    assert all(r["ok"] and r["text"] == f"m {r['id']}\n" for r in results)
+    # every message ran (some more than once: a run a kill cut short, its input perhaps
+    # not all fed, ran again)
+    ran = [m for m in runs.read_text().splitlines() if m]
+    assert set(ran) == {f"m {i}" for i in ids} and len(ran) > len(ids)
+
+
 @pytest.mark.parametrize("point", ["drain-before-clear", "session-before-index",
                                    "session-mid-write"])
 def test_a_crash_at_each_drain_step_delivers_once_on_restart(state, started_pod, point):
@@ -374,6 +492,11 @@ def test_a_queue_send_racing_starts_and_stops_never_strands_a_message(state, sta
     try:
         for _ in range(20):
             control.start(state, "T")
+            # A live Pod leaves nothing queued: what a racing sender appended after the
+            # Pod's first pass is drained by this very Pod (the sender asks it to, and
+            # it looks every second), not by a later start.
+            wait_for(lambda: offline.depth(state.queue_path("T")) == 0, timeout=5,
+                     what="the live Pod to drain its queue")
             time.sleep(0.05)
             control.stop(state, "T")
     finally:
@@ -381,9 +504,7 @@ def test_a_queue_send_racing_starts_and_stops_never_strands_a_message(state, sta
         t.join(timeout=30)
         sender.stdin.close()
         sender.wait(timeout=30)
-    started_pod("T")
-    # A live Pod leaves nothing queued (it looks every second, besides being asked).
-    wait_for(lambda: offline.depth(state.queue_path("T")) == 0, timeout=5, what="the drain")
+    started_pod("T")  # delivers what was queued while it was stopped
     ids = committed_ids(state, "T")
     assert len(ids) == len(set(ids))
     sent = [i for i, o in outcomes.items() if o in ("queued", "delivered")]
@@ -446,6 +567,71 @@ def test_doctor_drops_queued_ids_already_delivered_and_sets_aside_garbage(
     assert [rec["id"] for rec in offline.read(path).records] == ["x-9"]
     [bad] = [p for p in path.parent.iterdir() if p.name.startswith("queue.jsonl.bad-")]
     assert bad.read_bytes() == b"not a record\n"
+
+
+PRECIOUS = offline.record_line("x-1", "precious", None, queued_at="2026-12-01T12:00:00Z")
+
+
+def _no_queue_file(state, tmp_path, name: str, kind: str) -> str:
+    """Put a KIND (directory, symlink) where NAME's queue goes; what commands then say."""
+    path = state.queue_path(name)
+    if kind == "symlink":
+        (tmp_path / "elsewhere").write_bytes(PRECIOUS)
+        path.symlink_to(tmp_path / "elsewhere")
+    else:
+        path.mkdir()
+    return (f"{path} is a {kind}, not the Pod's message queue (never followed); move it "
+            "out of the way (`yoi doctor` reports it)")
+
+
+@pytest.mark.parametrize("kind", ["directory", "symlink"])
+def test_a_queue_that_is_no_file_is_named_by_each_command_and_never_followed(
+        run_yoi, state, tmp_path, kind):
+    store.create(state, "T")
+    store.create(state, "U")
+    offline.append(state, "U", queue_items(["u-1"]))
+    problem = _no_queue_file(state, tmp_path, "T", kind)
+    r = run_yoi("pod", "list")  # the others are still listed, T with its problem
+    assert r.exit_code == 0, r
+    assert [line.split() for line in r.stdout.splitlines()] == [
+        ["NAME", "PEERS", "LIVE", "QUEUED", "STATE"], ["T", "0", "no", "?", "readable"],
+        ["U", "0", "no", "1", "readable"]], r
+    assert r.stderr == f"yoi: note: T's queue cannot be counted: {problem}\n", r
+    r = run_yoi("pod", "list", "--json")
+    t, u = r.json["pods"]
+    assert (t["queued"], t["error"], u["queued"], u["error"]) == (None, problem, 1, None), r
+    for args in (("pod", "status", "T"), ("pod", "log", "T", "--queued"),
+                 ("pod", "send", "--queue", "T", "x")):
+        r = run_yoi(*args)
+        assert (r.exit_code, r.stdout, r.stderr) == (1, "", f"yoi: error: {problem}\n"), r
+    r = run_yoi("pod", "start", "T")
+    assert (r.exit_code, r.stderr) == (5, "yoi: error: Pod 'T' exited with status 1 while "
+                                          f"starting; its log says: yoi: error: {problem}\n"), r
+    r = run_yoi("doctor")
+    what = "a symlink; never followed," if kind == "symlink" else "not a regular file,"
+    assert r.exit_code == 1, r
+    assert f"T: queue.jsonl is {what} so the Pod cannot start; move it out of the way " \
+        f"({state.queue_path('T')})" in r.stdout, r
+    if kind == "symlink":
+        assert (tmp_path / "elsewhere").read_bytes() == PRECIOUS
+
+
+def test_a_live_pod_s_drain_answers_and_goes_on_when_its_queue_is_no_file(
+        state, tmp_path, started_pod):
+    pod = started_pod("T")
+    problem = _no_queue_file(state, tmp_path, "T", "directory")
+    for _ in range(2):  # each request is answered, and the thread goes on
+        answer = client.request_drain(pod.socket_path, ["q-1"], timeout=5)
+        assert (answer["error"], answer["queued"]) == (problem, None), answer
+        assert answer["ids"] == {"q-1": {"state": "queued"}}, answer
+    r = subprocess.run(yoi_cmd() + ["pod", "status", "T"], capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (1, f"yoi: error: {problem}\n"), r
+    state.queue_path("T").rmdir()
+    offline.append(state, "T", queue_items(["q-1"]))  # found by the look every second
+    wait_for(lambda: committed_ids(state, "T") == ["q-1"], what="the drain to go on")
+    with client.Connection.open(pod.socket_path) as conn:
+        said = [a["message"] for a in conn.alerts if problem in a["message"]]
+    assert said == [f"could not deliver the queued messages: {problem}; trying again"]
 
 
 def test_the_pod_sets_aside_hostile_queue_lines_and_delivers_the_rest(state, started_pod):

@@ -7,6 +7,7 @@ leftover one from a killed writer is recognisable (``yoi doctor`` removes them).
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from yoi.faults import fault
@@ -76,6 +77,19 @@ def _naming(e: OSError, path: Path) -> OSError:
     e.filename = str(path)
     e.filename2 = None
     return e
+
+
+def not_a_file(path: Path | str) -> str | None:
+    """What is at PATH if it is not a regular file (``a symlink``, ``a directory``,
+    ``not a regular file``); None for a regular file or nothing (lstat: not followed)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return ("a symlink" if stat.S_ISLNK(mode) else
+            "a directory" if stat.S_ISDIR(mode) else "not a regular file")
 
 
 def read_bytes_nofollow(path: Path) -> bytes:

@@ -20,8 +20,9 @@ Order of checks (nothing is sent unless all pass): names, id and message
 (UsageError, 2); both Pods exist (NotFound, 3); the peer relation (Refused,
 4); the target is running (Unreachable, 5).
 
-With QUEUE, a target that is not running is no error: the message is appended
-to its queue (``yoi.offline``), durably, and the result's ``state`` says
+With QUEUE, a target that is not running is no error: once both records of
+the relation are checked (as the target would check its own), the message is
+appended to its queue (``yoi.offline``), durably, and the result's ``state`` says
 ``queued``; TARGET commits it when it starts. Since the target may have
 started between our attempt and our append, we then ask it to drain
 (``client.request_drain``): if it is live, the message is committed at once
@@ -186,9 +187,28 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
             "state": "delivered" if wait else "sent"}
 
 
+def _check_both_records(state: State, target: str, source: str | None) -> None:
+    """Before queueing a peer message: TARGET is not live to check its own record of
+    the relation, as a live TARGET does, so both records are checked here (Refused
+    unless each lists the other, e.g. when only SOURCE's does)."""
+    if source is None:
+        return
+    from yoi import peers  # measured: a live send does not pay for it
+    kind, why = peers.relation(state, target, source)
+    if kind == "pending":
+        raise Refused(f"not a peer yet: {why}; nothing was queued", source=source,
+                      target=target)
+    if kind != "peers":
+        raise Refused(f"not a peer: {source} and {target} do not both list each other as "
+                      f"peers, so {target} would refuse the message; nothing was queued "
+                      f"(introduce them with `yoi pod peer register {source} {target}`)",
+                      pod_name=target, source=pod_ref(source))
+
+
 def _queue_one(state: State, target: str, path, message: str, source: str | None,
                msg_id: str, reply_to: str | None, timeout: float) -> dict:
     from yoi import offline  # measured: a live send does not pay for the queue's imports
+    _check_both_records(state, target, source)
     appended = offline.append(state, target, [
         (msg_id, offline.record_line(msg_id, message, source, reply_to))])
     result = {"pod_name": target, "source": pod_ref(source), "id": msg_id,
@@ -408,6 +428,7 @@ def queue_lines(state: State, target: str, path, feed: LineFeed, timeout: float,
     stream does: the lines before it are queued, then its error is raised. An
     interrupt while reading queues nothing (``Interrupted``)."""
     from yoi import offline  # measured: a live send does not pay for the queue's imports
+    _check_both_records(state, target, feed.source)
     feed.record = lambda msg_id, text: offline.record_line(msg_id, text, feed.source)
     items = []
     while not feed.exhausted:

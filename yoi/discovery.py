@@ -96,17 +96,23 @@ def probe_many(paths: list[Path], timeout: float = PROBE_TIMEOUT) -> list[dict]:
 
 def list_pods(state: State, labels: dict[str, str] | None = None) -> list[dict]:
     """Every Pod of the state directory (only those with LABELS, if given) with its
-    peer count, labels and queue depth, probed concurrently."""
+    peer count, labels and queue depth, probed concurrently. A queue that cannot be
+    counted is ``queued`` None, and ``error`` says why."""
     listed = store.list_all(state)
     if labels:
         listed = [p for p in listed if p.doc is not None and has_labels(p.doc, labels)]
     probes = probe_many([state.socket_path(p.name, p.doc) for p in listed])
-    return [{"pod_name": p.name, "state": p.state,
-             "peer_count": len(peer_names(p.doc)) if p.doc else None,
-             "labels": labels_of(p.doc), "live": live,
-             "queued": offline.depth(state.queue_path(p.name)),
-             "error": p.error.message if p.error else None}
-            for p, live in zip(listed, probes)]
+    items = []
+    for p, live in zip(listed, probes):
+        try:
+            queued, problem = offline.depth(state.queue_path(p.name)), None
+        except YoiError as e:  # e.g. a directory where the queue goes: the others still list
+            queued, problem = None, e.message
+        items.append({"pod_name": p.name, "state": p.state,
+                      "peer_count": len(peer_names(p.doc)) if p.doc else None,
+                      "labels": labels_of(p.doc), "live": live, "queued": queued,
+                      "error": p.error.message if p.error else problem})
+    return items
 
 
 def show(state: State, name: str) -> tuple[dict, dict]:

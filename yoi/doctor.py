@@ -36,7 +36,7 @@ from yoi.lock import if_free, is_locked, lock_holder_pid
 from yoi.names import is_valid_name
 from yoi.state import State
 from yoi.txn import (REMOVED_MARK, Journal, hold_locks, leftover_dir_owner, list_journals,
-                     load_journal, lock_pods, pid_alive, rolled_back_bytes)
+                     load_journal, lock_pods, pid_alive, read_pod_file, rolled_back_bytes)
 
 # The one table of check codes (stable identifiers), with a one-line description
 # and whether ``--fix`` can repair such a finding.
@@ -98,9 +98,10 @@ CHECKS: dict[str, tuple[str, bool]] = {
                    "queue.jsonl.torn-TIME", True),
     "queue-unreadable": ("a queue has whole lines that are not message records: they are "
                          "moved aside into queue.jsonl.bad-TIME", True),
-    "queue-delivered": ("a stopped Pod's queue holds messages already in its session log (it "
-                        "stopped between committing and emptying its queue): they are "
-                        "dropped, as its next start would", True),
+    "queue-delivered": ("a stopped Pod's queue holds messages already in its session log, "
+                        "and handled if it has a handler (it stopped between that and "
+                        "removing them from its queue): they are dropped, as its next "
+                        "start would", True),
 }
 
 # Severities. A warning is a harmless leftover of a crash that `--fix`, or the
@@ -383,7 +384,11 @@ def _scan_queue(pod: _Pod, path: str, found: list[Finding]) -> None:
     """Only whether there is a queue to look at: it is read under the Pod's lock."""
     st = _lstat(Path(path))
     if st is not None and stat.S_ISLNK(st.st_mode):
-        found.append(("symlink", pod.name, path, "queue.jsonl is a symlink; never followed"))
+        found.append(("symlink", pod.name, path, "queue.jsonl is a symlink; never followed, "
+                      "so the Pod cannot start; move it out of the way"))
+    elif st is not None and not stat.S_ISREG(st.st_mode):
+        found.append(("unreadable", pod.name, path, "queue.jsonl is not a regular file, so "
+                      "the Pod cannot start; move it out of the way"))
     elif st is not None and st.st_size > 0:
         pod.has_queue = True
 
@@ -1251,8 +1256,8 @@ class _Doctor:
         path = self.state.queue_path(name)
         try:
             contents = offline.read(path)
-        except OSError as e:
-            self.add("unreadable", name, path, f"cannot read: {_describe(e)}")
+        except YoiError as e:  # replaced since the scan, or cannot be read
+            self.add("unreadable", name, path, e.message)
             return
         damaged = []
         if contents.torn is not None:
@@ -1270,7 +1275,10 @@ class _Doctor:
             self.attempt_all(damaged, set_aside)
         if "queue-delivered" not in self.wanted or self.runtime_running(name):
             return  # a live Pod drops them itself, and its log is still growing
-        delivered = self.delivered_ids(name, {r["id"] for r in contents.records})
+        # A message committed without its handler run stays: the Pod's next start runs it.
+        doc = read_pod_file(self.state, name).doc or {}
+        handler = bool((doc.get("runtime") or {}).get("exec"))
+        delivered = self.delivered_ids(name, {r["id"] for r in contents.records}, handler)
         if not delivered:
             return
         p = self.add("queue-delivered", name, path, f"{len(delivered)} queued message(s) are "
@@ -1286,13 +1294,17 @@ class _Doctor:
 
         self.attempt(p, drop)
 
-    def delivered_ids(self, name: str, ids: set[str]) -> set[str]:
-        """Which of IDS a message in NAME's session log carries (read forward, once)."""
-        found = set()
+    def delivered_ids(self, name: str, ids: set[str], handled: bool = False) -> set[str]:
+        """Which of IDS a message in NAME's session log carries (read forward, once);
+        with HANDLED, only those whose handler_result is in the log too."""
+        found, ran = set(), set()
         for line, entry in session.entries(self.state.session_path(name)):
-            if entry is not None and b'"id"' in line and session.entry_id(entry) in ids:
-                found.add(session.entry_id(entry))
-        return found
+            key = session.index_key(entry) if entry is not None and b'"id"' in line else None
+            if key in ids:
+                found.add(key)
+            elif key is not None and key.startswith(session.HANDLED_PREFIX):
+                ran.add(key[len(session.HANDLED_PREFIX):])
+        return found & ran if handled else found
 
 
 def _cycles(parents: dict[str, str | None]) -> list[list[str]]:

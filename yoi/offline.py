@@ -8,7 +8,8 @@
 (``source`` null for the operator; ``in_reply_to``, the id of the message it
 answers, when given). The Pod, when it starts (and whenever it is asked,
 or sees records there), commits them to its session log in order, exactly
-as a live ``notify`` (``yoi.server.drain``), and only then empties the file.
+as a live ``notify`` (``yoi.server.drain``), and removes each record only
+once it is committed and, if the Pod has a handler, its handler has run.
 
 Crash consistency rests on one lock and one idempotent step:
 
@@ -16,10 +17,12 @@ Crash consistency rests on one lock and one idempotent step:
   (``locks/NAME.lock``, ``yoi.txn.lock_pods``): an append writes whole
   records and fsyncs before the sender reports ``queued``; a drain holds the
   lock from reading the file to emptying it, so nothing is appended between;
-* committing is idempotent by id (the session log's id index), and the file is
-  emptied only after every record in it is committed. A crash before that
-  leaves records that the next drain finds committed and drops; a crash
-  after it leaves nothing. So every queued message is committed exactly once.
+* committing is idempotent by id (the session log's id index), and a record
+  is removed only after it is committed and its handler run (if the Pod has
+  a handler) has its ``handler_result`` committed. A crash before that leaves
+  the record, which the next drain finds committed: it runs the handler if
+  that has no result yet and drops it otherwise. So every queued message is
+  committed exactly once and handled.
 
 Damage is never deleted: a last record without its newline (a crash during
 an append; its sender never reported it queued) is moved aside into
@@ -38,7 +41,7 @@ import time
 from pathlib import Path
 
 from yoi import protocol
-from yoi.atomic import atomic_write, fsync_dir, write_all
+from yoi.atomic import atomic_write, fsync_dir, not_a_file, write_all
 from yoi.errors import Failed, StorageError
 from yoi.faults import fault
 from yoi.metadata import queue_limits
@@ -118,9 +121,19 @@ class Contents:
         self.records, self.bad, self.torn, self.size = records, bad, torn, size
 
 
+def check_file(path: Path) -> None:
+    """Refuse what is at PATH if it is not a regular file (a directory, a symlink: it is
+    never followed, read or removed), naming it."""
+    what = not_a_file(path)
+    if what is not None:
+        raise Failed(f"{path} is {what}, not the Pod's message queue (never followed); "
+                     "move it out of the way (`yoi doctor` reports it)", path=str(path))
+
+
 def _read_bytes(path: Path) -> bytes:
+    check_file(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return b""
     try:
@@ -149,18 +162,28 @@ def parse(data: bytes) -> Contents:
 
 
 def read(path: Path) -> Contents:
-    """The queue at PATH (no lock: a reader may see a record being appended as torn)."""
-    return parse(_read_bytes(path))
+    """The queue at PATH (no lock: a reader may see a record being appended as torn).
+    Failed if something else is at PATH (``check_file``), StorageError if it cannot
+    be read."""
+    return parse(_readable(path))
 
 
 def depth(path: Path) -> int:
-    """How many messages wait at PATH: its whole lines (no lock, no parsing)."""
+    """How many messages wait at PATH: its whole lines (no lock, no parsing). Raises as
+    ``read`` does."""
     try:
-        if os.stat(path).st_size == 0:
+        if os.lstat(path).st_size == 0:
             return 0
     except FileNotFoundError:
         return 0
-    return _read_bytes(path).count(b"\n")
+    return _readable(path).count(b"\n")
+
+
+def _readable(path: Path) -> bytes:
+    try:
+        return _read_bytes(path)
+    except OSError as e:
+        raise StorageError(f"cannot read {path}: {e.strerror or e}", path=str(path))
 
 
 # -- changing (the caller holds the Pod's metadata lock) ----------------------------------
@@ -207,8 +230,21 @@ def _line_of(rec: dict) -> bytes:
                        rec["queued_at"])
 
 
+def remove(path: Path, records: list[dict], ids: set[str]) -> None:
+    """Remove the records with IDS from the queue, whose records are RECORDS (the
+    caller has held the lock since it read them): emptied if none stays (``clear``),
+    else replaced atomically with the others (``rewrite``)."""
+    if not ids:
+        return
+    kept = [r for r in records if r["id"] not in ids]
+    if kept:
+        rewrite(path, kept)
+    else:
+        clear(path)
+
+
 def clear(path: Path) -> None:
-    """Empty the queue (every record in it is committed): one truncate, synced."""
+    """Empty the queue (no record in it waits any more): one truncate, synced."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -246,6 +282,7 @@ def append(state: State, target: str, items: list[tuple[str, bytes]]) -> dict:
 
 
 def _append_locked(path: Path, target: str, items, max_messages: int, max_bytes: int) -> dict:
+    check_file(path)
     created = not os.path.lexists(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)

@@ -267,7 +267,8 @@ def list_command(as_name, labels, as_json, state):
     """List every Pod in the state directory with its peers count and live state.
 
     A QUEUED column (`queued` in --json) counts the messages waiting for a
-    Pod that is not running (`yoi pod send --queue`).
+    Pod that is not running (`yoi pod send --queue`); `?` (null) if its queue
+    cannot be read, with a note on stderr saying why (`error` in --json).
 
     With --as NAME, list NAME's visibility set instead: NAME itself, its
     parent, its peers (and, for a child on scope peers, its parent's peers)
@@ -301,15 +302,16 @@ def list_command(as_name, labels, as_json, state):
         return
     width = max(4, *(len(i["pod_name"]) for i in items))
     labelled = any(i["labels"] for i in items)  # the LABELS column only when there are any
-    queues = any(i["queued"] for i in items)  # and QUEUED only when a message waits
+    queues = any(i["queued"] != 0 for i in items)  # and QUEUED only when a message waits
     lines = [f"{'NAME':<{width}}  {'PEERS':>5}  {'LIVE':<4}  "
              + (f"{'QUEUED':>6}  " if queues else "")
              + (f"{'STATE':<8}  LABELS" if labelled else "STATE")]
     for i in items:
         peers = "-" if i["peer_count"] is None else str(i["peer_count"])
+        queued = "?" if i["queued"] is None else i["queued"]
         line = (f"{i['pod_name']:<{width}}  {peers:>5}  "
                 f"{'yes' if i['live']['reachable'] else 'no':<4}  "
-                + (f"{i['queued']:>6}  " if queues else ""))
+                + (f"{queued:>6}  " if queues else ""))
         if labelled:
             line += f"{i['state']:<8}  " + (",".join(f"{k}={v}" for k, v in i["labels"].items())
                                            or "-")
@@ -317,6 +319,9 @@ def list_command(as_name, labels, as_json, state):
             line += i["state"]
         lines.append(line)
     click.echo("\n".join(lines))
+    for i in items:
+        if i["queued"] is None:
+            say(f"yoi: note: {i['pod_name']}'s queue cannot be counted: {i['error']}")
 
 
 def _list_visible(name: str, as_json: bool, state) -> None:

@@ -7,19 +7,31 @@ The queue (``pods/NAME/queue.jsonl``, see ``yoi.offline``) is drained in
    to the end, so nothing is appended meanwhile;
 2. reads the queue; a torn last record and lines that are not records are
    moved aside (``queue.jsonl.torn-TIME``, ``.bad-TIME``) with an alert;
-3. on the loop, for each record in order, makes the receiver's peer check as
-   for a live message; a message that passes goes through ``methods.notify``
-   itself, so it is committed exactly like a live one (the same
-   ``system_item`` entry and broadcast, the same handler run) and an id
-   already in the log is dropped; one that fails is not committed: it is
-   recorded as a ``delivery_rejected`` entry (with its text and the reason;
-   once per id, see ``session.REJECTED_PREFIX``) and an alert is raised;
-4. once every record has its outcome, and only if each is durable, empties
-   the queue; then releases the lock.
+3. on the loop, settles each record in order:
 
-A crash anywhere leaves the queue as it was (or emptied, after step 4): the
-next pass commits what is not in the log yet and drops what is, so every
-queued message is committed exactly once.
+   * one not in the log yet gets the receiver's peer check as a live message
+     does; if it passes it goes through ``methods.notify`` itself, so it is
+     committed exactly like a live one (the same ``system_item`` entry and
+     broadcast, the same handler run); if it fails it is not committed: it is
+     recorded as a ``delivery_rejected`` entry (with its text and the reason;
+     once per id, see ``session.REJECTED_PREFIX``) and an alert is raised;
+   * one committed before (by an earlier pass that a crash cut short, or
+     sent live too) is not committed again; if the Pod has a handler and no
+     ``handler_result`` of it is in the log (looked up in the id index,
+     ``session.HANDLED_PREFIX``) and none is on its way in this process, its
+     handler run is queued now;
+
+4. removes from the queue the records that are done: rejected, or committed
+   and, if the Pod has a handler, with their ``handler_result`` committed.
+   The others stay, to be removed by a later pass (one is asked for when a
+   queued message's handler result is committed); then releases the lock.
+
+A crash anywhere leaves each record in the queue until it is done: the next
+pass commits what is not in the log yet, runs the handler for what was
+committed without it, and drops the rest, so every queued message is
+committed exactly once and its handler runs (at least once: a run that a
+crash cut short is run again). A run the Pod's stop cut short has its
+``handler_result`` (``ended: stopped``) and counts as run.
 
 Passes run at start-up, before the Pod accepts clients (so what was queued
 comes before anything sent live), when a client asks (``drain_queue``, which
@@ -39,12 +51,20 @@ from yoi import offline
 from yoi.errors import Failed, YoiError
 from yoi.faults import fault
 from yoi.server import methods
+from yoi.server.log import log
+from yoi.server.loop import report
 from yoi.server.operations import Invalid
-from yoi.session import REJECTED_PREFIX, Entry
+from yoi.server.worker import Job
+from yoi.session import REJECTED_PREFIX, Entry, entry_source, handled_key
 from yoi.txn import lock_pods
 
 QUEUE_POLL = 1.0    # seconds between looks at the queue file
 PASS_WAIT = 120.0   # seconds a pass waits for the loop to settle its records
+
+
+def _no_result() -> dict:
+    """What a pass that settled nothing reports (``queue_drained``, less ``ids``)."""
+    return {"committed": 0, "duplicates": 0, "rejected": 0, "queued": 0, "rejections": {}}
 
 
 class Drainer:
@@ -55,6 +75,7 @@ class Drainer:
         self.waiters: list = []
         self.stopping = False
         self.last_problem: str | None = None
+        self.awaiting: set[str] = set()  # queued ids left waiting for their handler run
         self.thread = threading.Thread(target=self._run, name="drain", daemon=True)
 
     def start(self) -> None:
@@ -79,7 +100,7 @@ class Drainer:
         if self.pod.loop.stopping:
             return
         try:
-            waiting = os.stat(self.pod.state.queue_path(self.pod.name)).st_size > 0
+            waiting = os.lstat(self.pod.state.queue_path(self.pod.name)).st_size > 0
         except OSError:
             waiting = False
         if waiting:
@@ -112,17 +133,21 @@ class Drainer:
                     return
                 self.wanted = False
                 waiters, self.waiters = self.waiters, []
-            result = self._pass()
+            try:
+                result = self._pass()
+            except Exception as e:  # _pass says what went wrong itself; the thread goes on
+                result = {**_no_result(), "queued": None,
+                          "error": f"internal error: {type(e).__name__}"}
+                self.pod.loop.call_soon(self.pod.internal_error, "the queue drain", e)
             for waiter in waiters:
                 self.pod.loop.call_soon(waiter, result)
 
     def _pass(self) -> dict:
         pod = self.pod
         path = pod.state.queue_path(pod.name)
-        result = {"committed": 0, "duplicates": 0, "rejected": 0, "queued": 0,
-                  "rejections": {}}
+        result = _no_result()
         try:
-            if os.stat(path).st_size == 0:
+            if os.lstat(path).st_size == 0:
                 return result
         except FileNotFoundError:
             return result
@@ -135,18 +160,28 @@ class Drainer:
                     self._alert("warn", f"the queue {path}: {note}")
                 records = contents.records
                 if records:
-                    self._settle(records, result)
+                    done = self._settle(records, result)
+                    fault("drain-before-clear")
+                    offline.remove(path, records, done)
+                    result["queued"] = len(records) - len(done)
                     failed = result.pop("failed", None)
                     if failed is not None:
                         raise Failed(f"{failed} of {len(records)} queued message(s) could "
                                      "not be committed; they stay queued")
-                    fault("drain-before-clear")
-                    offline.clear(path)
             self.last_problem = None
-        except (YoiError, OSError) as e:
-            why = e.message if isinstance(e, YoiError) else f"{e.strerror or e}"
+        except Exception as e:  # whatever it is, the thread goes on and waiters are answered
+            if isinstance(e, YoiError):
+                why = e.message
+            elif isinstance(e, OSError):
+                why = f"{e.strerror or e}"
+            else:
+                why = f"internal error: {type(e).__name__}: {e} (traceback in the Pod's log)"
+                report("the queue drain", e)
             result["error"] = why
-            result["queued"] = offline.depth(path)
+            try:
+                result["queued"] = offline.depth(path)
+            except YoiError:
+                result["queued"] = None  # the error says why
             if why != self.last_problem:  # a retry that fails alike says it once
                 self.last_problem = why
                 self._alert("error", f"could not deliver the queued messages: {why}; "
@@ -156,26 +191,40 @@ class Drainer:
     def _alert(self, level: str, message: str) -> None:
         self.pod.loop.call_soon(self.pod.alert, level, message)
 
-    def _settle(self, records: list[dict], result: dict) -> None:
-        """Have the loop settle every record (see the module docstring); wait for it."""
-        done = threading.Event()
+    def _settle(self, records: list[dict], result: dict) -> set[str]:
+        """Have the loop settle every record (see the module docstring); wait for it.
+        Returns the ids of the records that are done (to be removed from the queue)."""
+        settled = threading.Event()
         outcomes: list = [None] * len(records)
-        self.pod.loop.call_soon(self._settle_on_loop, records, outcomes, done)
-        if not done.wait(PASS_WAIT):
+        self.pod.loop.call_soon(self._settle_on_loop, records, outcomes, settled)
+        if not settled.wait(PASS_WAIT):
             raise Failed(f"the queued messages were not committed within {PASS_WAIT:g}s")
-        failed = 0
+        handler = bool(self.pod.exec_cmd)
+        done: set[str] = set()
+        failed = rerun = 0
         for rec, outcome in zip(records, outcomes):
             if outcome == "committed":
                 result["committed"] += 1
-            elif outcome == "duplicate":
+                if not handler:
+                    done.add(rec["id"])
+            elif outcome in ("duplicate", "rerun"):
                 result["duplicates"] += 1
+                if outcome == "duplicate":
+                    done.add(rec["id"])
+                else:
+                    rerun += 1
             elif isinstance(outcome, tuple):  # ("rejected", reason)
                 result["rejected"] += 1
                 result["rejections"][rec["id"]] = outcome[1]
-            else:
+                done.add(rec["id"])
+            elif outcome != "waiting":
                 failed += 1
         if failed:
             result["failed"] = failed
+        if rerun:
+            log(f"queued {rerun} handler run(s) for queued message(s) committed without "
+                "their handler_result (a crash or a stop came before it)")
+        return done
 
     def _settle_on_loop(self, records: list[dict], outcomes: list,
                         done: threading.Event) -> None:
@@ -184,24 +233,61 @@ class Drainer:
 
         def settled(i: int, outcome) -> None:
             outcomes[i] = outcome
+            if records[i]["id"] in pod.worker.unfinished:
+                self.awaiting.add(records[i]["id"])  # see ``handled``
             left[0] -= 1
             if left[0] == 0:
                 done.set()
 
+        def notified(finish, outcome) -> None:
+            # "duplicate": the same id was being committed live, and now is: its handler
+            # run (if any) is on its way, and a later pass sees it done.
+            finish("committed" if outcome is None else
+                   "waiting" if outcome == "duplicate" and pod.exec_cmd else outcome)
+
         for i, rec in enumerate(records):
             finish = (lambda outcome, i=i: settled(i, outcome))
+            if pod.loop.stopping:
+                finish("waiting")  # the Pod stops: no handler runs now; all stay queued
+                continue
+            if rec["id"] in pod.worker.unfinished:
+                finish("waiting")
+                continue
+            found = pod.session.committed_at(rec["id"])
+            if found is not None:
+                finish(self._committed_before(rec["id"], *found))
+                continue
             source = rec.get("source")
             try:
                 refusal = pod.peer_refusal(source) if source is not None else None
                 if refusal is None:
                     methods.notify(pod, None, offline.notify_params(rec),
-                                   done=lambda o, f=finish: f("committed" if o is None else o))
+                                   done=lambda o, f=finish: notified(f, o))
                     continue
             except Invalid as e:
                 refusal = str(e)
             self._reject(rec, refusal, finish)
         if not records:
             done.set()
+
+    def _committed_before(self, msg_id: str, where, line: bytes) -> str:
+        """A queued message already in the log (loop thread): ``duplicate`` (done:
+        the Pod has no handler, or its handler_result is committed) or ``rerun`` (its
+        handler run is queued now)."""
+        pod = self.pod
+        if not pod.exec_cmd or pod.session.committed_line(handled_key(msg_id)) is not None:
+            return "duplicate"
+        pod.worker.submit(Job("notify", where, entry_source(json.loads(line)), msg_id))
+        return "rerun"
+
+    def handled(self, msg_id: str) -> None:
+        """MSG_ID's handler_result is committed (loop thread). Once the last queued
+        message a pass left waiting is handled, another pass removes them at once;
+        until then the look every QUEUE_POLL seconds removes what is done."""
+        if msg_id in self.awaiting:
+            self.awaiting.discard(msg_id)
+            if not self.awaiting:
+                self.request()
 
     def _reject(self, rec: dict, reason: str, finish) -> None:
         """Record that REC is not delivered (its relation is gone), once per id."""

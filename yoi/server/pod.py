@@ -20,7 +20,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from yoi import peers, protocol, store, timeouts
+from yoi import offline, peers, protocol, store, timeouts
 from yoi.errors import Failed, YoiError
 from yoi.metadata import REACH, parent_of
 from yoi.server import consent, methods
@@ -71,6 +71,7 @@ class Pod:
         self.parent: str | None = None  # this Pod's parent, if it is a spawned child
         self.task_id: str | None = None  # the id of the task it was spawned with
         self.run_seq: int | None = None  # a child's pod_started entry of this run
+        self.worker.on_handled = self.drainer.handled
 
     # -- start-up and shut-down ------------------------------------------------
     def serve(self, ready=None) -> int:
@@ -79,6 +80,7 @@ class Pod:
         runtime_fd = store.hold_runtime_lock(self.state, self.name)
         try:
             rotate_by_size(self.state.pod_log_path(self.name))
+            offline.check_file(self.state.queue_path(self.name))  # like the index's check
             self._configure(doc)
             raise_fd_limit()
             self.session = SessionLog(self.state.session_path(self.name),

@@ -18,7 +18,11 @@ goes to the Pod's own log, at most ``STDERR_KEEP`` bytes per run (the
 beginning and the end, with a note of what was dropped between). A failed
 run raises an alert; the Pod goes on. A run cut short because the Pod
 stops is committed too (``ended: stopped``), before the log is closed.
-Entries are not re-handled after a restart. A peer request's run commits a
+Entries are not re-handled after a restart, except queued messages: a queued
+message stays in the queue until its ``handler_result`` is committed, and
+the next drain has the handler run for one committed without it
+(``yoi.server.drain``); so a ``handler_result`` of a notification with an
+id is indexed (``session.HANDLED_PREFIX``). A peer request's run commits a
 ``peer_decision`` instead (see ``yoi.server.consent``).
 
 A run is bounded, whatever the handler leaves behind. It runs in its own
@@ -49,7 +53,7 @@ import time
 from yoi.procs import StillThere, terminate
 from yoi.server.children import tell_soon
 from yoi.server.log import log, write_raw
-from yoi.session import Entry
+from yoi.session import Entry, handled_key
 from yoi.session.writer import Committed
 
 MAX_HANDLER_OUTPUT = 1 << 20   # stdout committed per run
@@ -80,6 +84,11 @@ class HandlerWorker:
     def __init__(self, pod):
         self.pod = pod
         self.jobs: queue.Queue = queue.Queue()
+        # Ids of the notifications whose handler run this process has queued and whose
+        # handler_result is not committed (loop thread). One whose result could not be
+        # committed stays: this process does not run it again.
+        self.unfinished: set[str] = set()
+        self.on_handled = None  # ON_HANDLED(msg_id) on the loop, once its result is durable
         self.halting = threading.Event()  # the Pod stops: end the run in progress
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._work, name="handler", daemon=True)
@@ -90,7 +99,9 @@ class HandlerWorker:
     def submit(self, job: Job) -> None:
         """Queue JOB (loop thread); the Pod is ``running`` until it is handled."""
         if self.pod.loop.stopping:
-            return  # committed, but no handler runs any more (not re-handled later)
+            return  # committed, but no handler runs any more (a queued one: at next start)
+        if job.kind == "notify" and job.msg_id is not None:
+            self.unfinished.add(job.msg_id)
         self.pod.busy(+1)
         self.jobs.put(job)
 
@@ -127,9 +138,14 @@ class HandlerWorker:
             return
         if pod.exec_cmd:
             outcome = self.run(self._input(job), job.source, job.msg_id, job.kind)
+
+            def recorded(res, err) -> None:
+                if err is None:
+                    self._handled(job)
+
             # Committed also when the Pod stops (``ended: stopped``): the session is
             # closed only after this thread is done, so the log says how the run ended.
-            self._commit(outcome.entry(job.kind, job.msg_id))
+            self._commit(outcome.entry(job.kind, job.msg_id), recorded)
             if pod.loop.stopping:
                 return
             for level, problem in outcome.problems:
@@ -147,11 +163,18 @@ class HandlerWorker:
         return "".join(s.get("content", "") for s in entry["segments"]
                        if s.get("kind", "text") == "text")
 
-    def _commit(self, entry: Entry) -> None:
+    def _handled(self, job: Job) -> None:
+        """JOB's handler_result is durable (loop thread)."""
+        if job.kind == "notify" and job.msg_id is not None:
+            self.unfinished.discard(job.msg_id)
+            if self.on_handled is not None:
+                self.on_handled(job.msg_id)
+
+    def _commit(self, entry: Entry, after=None) -> None:
         pod = self.pod
 
         def done(res, err):
-            pod.loop.call_soon(pod.committed, None, entry, res, err, None)
+            pod.loop.call_soon(pod.committed, None, entry, res, err, after)
 
         try:
             pod.session.append(entry, done)
@@ -219,6 +242,7 @@ class Outcome:
         with MSG_ID (the message it handled, if it had an id)."""
         rc = self.rc
         fields = {} if msg_id is None else {"id": msg_id}
+        key = handled_key(msg_id) if msg_id is not None and event == "notify" else None
         fields.update({
             "handled": event, "ok": not self.failed and self.ended != "stopped", "ended": self.ended,
             "exit_status": rc if rc is not None and rc >= 0 else None,
@@ -226,7 +250,7 @@ class Outcome:
             "duration_ms": self.duration_ms,
             "text": self.out.decode("utf-8", "replace"), "truncated": self.truncated,
             "stderr_tail": self.stderr_tail})
-        return Entry("handler_result", fields)
+        return Entry("handler_result", fields, key=key)
 
 
 class _Run:

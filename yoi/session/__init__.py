@@ -176,18 +176,34 @@ def entry_reply_to(entry: dict) -> str | None:
     item = entry.get("item")
     value = item.get("in_reply_to") if isinstance(item, dict) else entry.get("in_reply_to")
     return value if isinstance(value, str) else None
+
+
 # A rejected delivery (``delivery_rejected``, see ``yoi.server.drain``) is indexed
 # under its message id behind this prefix: a key no message id can be (ids have
 # no "/"), so a retry of the message is not taken for it, and a drain repeated
 # after a crash finds the rejection already recorded.
 REJECTED_PREFIX = "rejected/"
+# The handler run of a notification with an id (its ``handler_result``) is indexed
+# under the id behind this prefix, so that a drain finds out whether a queued
+# message committed before a crash has had its handler run, without reading the log.
+HANDLED_PREFIX = "handled/"
+
+
+def handled_key(msg_id: str) -> str:
+    return HANDLED_PREFIX + msg_id
 
 
 def index_key(entry: dict) -> str | None:
-    """What the id index files ENTRY under: its message id, or a rejection's key."""
-    if entry.get("kind") == "delivery_rejected":
+    """What the id index files ENTRY under: its message id, a rejection's key or a
+    notification's handler run's key."""
+    kind = entry.get("kind")
+    if kind == "delivery_rejected":
         msg_id = entry.get("message_id")
         return REJECTED_PREFIX + msg_id if isinstance(msg_id, str) else None
+    if kind == "handler_result":
+        msg_id = entry_id(entry)
+        return (handled_key(msg_id) if msg_id is not None and entry.get("handled") == "notify"
+                else None)
     return entry_id(entry)
 
 

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import stat
 import threading
 import zlib
 from pathlib import Path
 
-SCHEMA = 1
+from yoi.atomic import not_a_file
+
+# 2: a notification's handler run is indexed too (``session.HANDLED_PREFIX``); an
+# index of schema 1 is rebuilt from the log, which files the runs already there.
+SCHEMA = 2
 _FILES = ("", "-wal", "-shm")
 
 
@@ -60,13 +63,8 @@ class IdIndex:
         from yoi.errors import Failed
         for suffix in _FILES:
             path = f"{self.path}{suffix}"
-            try:
-                mode = os.lstat(path).st_mode
-            except FileNotFoundError:
-                continue
-            if not stat.S_ISREG(mode):
-                what = "a symlink" if stat.S_ISLNK(mode) else (
-                    "a directory" if stat.S_ISDIR(mode) else "not a regular file")
+            what = not_a_file(path)
+            if what is not None:
                 raise Failed(f"{path} is {what}, not the Pod's id index (never followed); "
                              "remove it: the index is rebuilt from the session log")
 

@@ -184,13 +184,19 @@ class SessionLog:
     # -- looking up ------------------------------------------------------------------
     def committed_line(self, msg_id: str) -> bytes | None:
         """The committed line (with newline) of the entry with MSG_ID, if any."""
+        found = self.committed_at(msg_id)
+        return None if found is None else found[1]
+
+    def committed_at(self, msg_id: str) -> tuple[Committed, bytes] | None:
+        """Where the entry with MSG_ID is committed, and its line (with newline), if it is."""
         with self._cond:
             where = self._unindexed.get(msg_id)
         if where is None:
             where = self.index.get(msg_id)
         if where is None:
             return None
-        return os.pread(self._rfd, where[1], where[0])
+        line = os.pread(self._rfd, where[1], where[0])
+        return Committed(where[0], where[1], line_seq(line) or 0), line
 
     def read(self, entry: Committed) -> bytes:
         """The committed line at ENTRY (any thread)."""
