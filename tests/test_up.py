@@ -59,7 +59,7 @@ def test_up_converges_then_changes_nothing(run_yoi, state, project, started_pod)
     assert r.exit_code == 0, r
     assert r.stdout.splitlines() == [
         "created coder", "created idle", "created reviewer",
-        "registered coder <-> idle", "registered coder <-> reviewer",
+        "registered idle <-> coder", "registered reviewer <-> coder",
         "started coder", "started reviewer", "up: 7 changes"]
     assert_converged(state, project)
     r = up(run_yoi, project, "--json")
@@ -79,7 +79,7 @@ def test_up_changes_only_what_differs(run_yoi, state, project, started_pod):
         {"action": "configured", "pod_name": "coder", "settings": ["exec", "labels"]},
         {"action": "configured", "pod_name": "idle", "settings": ["labels"]},
         {"action": "configured", "pod_name": "reviewer", "settings": ["labels"]},
-        {"action": "registered", "pod_name": "coder", "peer": {"pod_name": "reviewer"}}]
+        {"action": "registered", "pod_name": "reviewer", "peer": {"pod_name": "coder"}}]
     assert metadata.labels_of(store.read(state, "reviewer")) == {"job": "7", "team": "infra"}
 
 
@@ -170,6 +170,28 @@ def test_a_relation_to_a_pod_on_ask_is_pending_not_converged(run_yoi, state, tmp
     assert (r.exit_code, r.stdout) == (0, "up: nothing to change (2 Pods, 1 relation)\n"), r
 
 
+@pytest.mark.parametrize("asked, declaring", [("alpha", "zed"), ("zed", "alpha")])
+def test_the_declaring_pod_asks_whatever_the_names(run_yoi, state, tmp_path, asked,
+                                                   declaring):
+    """The Pod on ask is asked whichever name sorts first; declared on both sides, two
+    Pods on ask become peers (two requests that meet)."""
+    path = tmp_path / "yoi.toml"
+    path.write_text(f'[pods.{asked}]\naccept_peers = "ask"\nstart = false\n'
+                    f'[pods.{declaring}]\npeers = ["{asked}"]\nstart = false\n')
+    r = run_yoi("up", "-f", path, "--json")
+    assert r.exit_code == 5 and r.json["error"]["code"] == "pending", r
+    assert [q["pod_name"] for q in peers.list_requests(state, asked)] == [declaring]
+    assert not peers.is_peer(state, asked, declaring)
+    both = tmp_path / "both.toml"
+    both.write_text(f'[pods.{asked}]\naccept_peers = "ask"\npeers = ["{declaring}"]\n'
+                    f'start = false\n[pods.{declaring}]\naccept_peers = "ask"\n'
+                    f'peers = ["{asked}"]\nstart = false\n')
+    r = run_yoi("up", "-f", both)
+    assert r.exit_code == 0, r
+    assert peers.is_peer(state, asked, declaring)
+    assert peers.list_requests(state, asked) == peers.list_requests(state, declaring) == []
+
+
 def test_up_text_says_requested_and_a_real_failure_decides_the_exit_status(run_yoi, state,
                                                                              tmp_path):
     path = tmp_path / "yoi.toml"
@@ -204,8 +226,8 @@ def test_a_failed_step_keeps_the_rest_and_a_rerun_finishes(run_yoi, state, proje
     r = up(run_yoi, project, "--json")
     assert r.exit_code == 1, r
     assert [(f["action"], f["pod_name"]) for f in r.json["failed"]] == \
-        [("create", "idle"), ("register", "coder")]
-    assert r.json["failed"][1]["peer"] == {"pod_name": "idle"}
+        [("create", "idle"), ("register", "idle")]
+    assert r.json["failed"][1]["peer"] == {"pod_name": "coder"}
     assert [c["action"] for c in r.json["changes"]] == \
         ["created", "created", "registered", "started", "started"]
     assert r.json["error"]["code"] == "corrupt"
@@ -213,7 +235,7 @@ def test_a_failed_step_keeps_the_rest_and_a_rerun_finishes(run_yoi, state, proje
     assert r.stderr.endswith("; 5 changes made and kept; run `yoi up` again to finish\n"), r
     state.metadata_path("idle").write_bytes(good)
     r = up(run_yoi, project)
-    assert r.stdout == "registered coder <-> idle\nup: 1 change\n", r
+    assert r.stdout == "registered idle <-> coder\nup: 1 change\n", r
     assert_converged(state, project)
 
 

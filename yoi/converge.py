@@ -31,8 +31,11 @@ interrupted (even by SIGKILL) is finished by the next one. A step that fails
 does not stop the independent ones; the report lists what changed and what
 failed, and the error names the first failure.
 
-A relation is registered as ``yoi pod peer register A B`` does (A the name
-that sorts first): a B on ``accept_peers = "ask"`` is asked, and the
+A relation is registered as ``yoi pod peer register A B`` does, A being the
+Pod whose ``peers`` declares it (B, the one asked, consents by its own
+policy, whatever the names; declared on both sides, each asks the other, so
+two Pods on ``ask`` that declare each other become peers, as two requests
+that meet do): a B on ``accept_peers = "ask"`` is asked, and the
 relation stays *pending* until B (its handler, if it is live) or the
 operator decides. ``up`` cannot finish that by itself: recording the request
 is a change (``requested``), and every relation still pending is a failed
@@ -74,7 +77,8 @@ class Declared:
 
 
 class Plan:
-    def __init__(self, path: Path, pods: list[Declared], relations: list[tuple[str, str]]):
+    def __init__(self, path: Path, pods: list[Declared],
+                 relations: list[tuple[str, str, bool]]):
         self.path, self.pods, self.relations = path, pods, relations
 
 
@@ -158,13 +162,18 @@ def load(path: Path, state: State, labels: dict[str, str] | None = None,
                 raise bad(f"{where}.{key}", "must be a non-empty string without NUL")
         pods.append(Declared(name, settings, list(names), spec.get("start", True)))
     policy = {p.name: p.settings["accept_peers"] for p in pods}
-    pairs = set()
+    asks = set()  # (asker, asked): the Pod that declares the relation asks
     for p in pods:
         for other in p.peers:
             if relations:
                 _check_relation(state, policy, p.name, other, bad)
-            pairs.add(tuple(sorted((p.name, other))))
-    return Plan(path, sorted(pods, key=lambda p: p.name), sorted(pairs))
+            asks.add((p.name, other))
+    # One relation per pair: asked from the side(s) that declare it.
+    pairs = {}
+    for a, b in sorted(asks):
+        key = tuple(sorted((a, b)))
+        pairs[key] = (key[0], key[1], True) if key in pairs else (a, b, False)
+    return Plan(path, sorted(pods, key=lambda p: p.name), sorted(pairs.values()))
 
 
 def _check_relation(state: State, policy: dict[str, str], name: str, other: str,
@@ -274,8 +283,8 @@ def up(state: State, plan: Plan, start: bool = True, timeout: float = DEFAULT) -
             ready.add(pod.name)
         except YoiError as e:
             report.fail("create", pod.name, e)
-    for a, b in plan.relations:
-        _converge_relation(state, a, b, report)
+    for a, b, mutual in plan.relations:
+        _converge_relation(state, a, b, report, mutual)
     if start:
         for pod in plan.pods:
             if not pod.start or pod.name not in ready:
@@ -288,12 +297,19 @@ def up(state: State, plan: Plan, start: bool = True, timeout: float = DEFAULT) -
     return report
 
 
-def _converge_relation(state: State, a: str, b: str, report: Report) -> None:
+def _converge_relation(state: State, a: str, b: str, report: Report,
+                       mutual: bool = False) -> None:
     """Register A <-> B as ``yoi pod peer register A B`` does (a live B on ``ask`` is
-    told); a request left pending is a failed step (``Pending``), not a relation."""
+    told); with MUTUAL (both declare it) B asks A as well, and two requests that
+    meet make the relation. A request left pending is a failed step (``Pending``),
+    not a relation."""
     peer = {"pod_name": b}
     try:
         result = consent.request(state, a, b)
+        if mutual and result["state"] == "pending":
+            again = consent.request(state, b, a)
+            if again["state"] != "pending":
+                result = {**again, "changed": True}
     except YoiError as e:
         report.fail("register", a, e, peer=peer)
         return
