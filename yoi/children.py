@@ -208,16 +208,19 @@ class Watch:
     """How far a parent has read one child's log: POS, the seq of the last entry read;
     OPEN_RUN, the seq of the ``pod_started`` entry of the run whose end has not been
     read yet; OUTPUT, the last handler output of that run; KEY, the log file as it was
-    (inode, size) when last read."""
+    (inode, size) when last read; SPAWN_ID, the spawn of the child it watches (a child
+    removed and spawned again under its name is another child, watched afresh)."""
 
-    __slots__ = ("pos", "open_run", "output", "key")
+    __slots__ = ("pos", "open_run", "output", "key", "spawn_id")
 
     def __init__(self, pos: int | None = None):
         self.pos, self.open_run, self.output, self.key = pos, None, "", None
+        self.spawn_id: str | None = None
 
     def copy(self) -> "Watch":
         w = Watch(self.pos)
-        w.open_run, w.output, w.key = self.open_run, self.output, self.key
+        w.open_run, w.output, w.key, w.spawn_id = (self.open_run, self.output, self.key,
+                                                   self.spawn_id)
         return w
 
     @property

@@ -11,7 +11,9 @@ meanwhile (restarts, crashes, a torn last line set aside).
 
 A cursor whose name starts with a dot is not a reader's (no Pod name does):
 ``.parent`` is the parent Pod's, how far it has read the log for its
-notices (``yoi.server.children``).
+notices (``yoi.server.children``); it also names the spawn it belongs to
+(``spawn_id``), so a cursor left by a watch of an earlier child of the same
+name is never applied to a new one.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ def cursor_dir(state: State, name: str) -> Path:
     return state.pod_dir(name) / "cursors"
 
 
-def load(state: State, name: str, reader: str) -> int | None:
-    """READER's cursor on NAME's log (None: it has read nothing yet); CorruptMetadata
-    naming the file if it is not a cursor."""
+def load(state: State, name: str, reader: str, spawn_id: str | None = None) -> int | None:
+    """READER's cursor on NAME's log (None: it has read nothing yet, or, given SPAWN_ID,
+    the cursor is of another spawn); CorruptMetadata naming the file if it is not a
+    cursor."""
     path = cursor_dir(state, name) / reader
     try:
         raw = read_bytes_nofollow(path)
@@ -42,18 +45,22 @@ def load(state: State, name: str, reader: str) -> int | None:
     except OSError as e:
         raise StorageError(f"cannot read {path}: {e.strerror or e}", path=str(path))
     try:
-        seq = json.loads(raw)["seq"]
+        doc = json.loads(raw)
+        seq = doc["seq"]
     except (ValueError, TypeError, KeyError):
-        seq = None
+        doc, seq = {}, None
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise CorruptMetadata(f"{path}: not a cursor ({{\"seq\": N}}); remove it to read "
                               "from the start", path=str(path))
+    if spawn_id is not None and doc.get("spawn_id") != spawn_id:
+        return None  # left by a watch of an earlier child of this name
     return seq
 
 
-def store(state: State, name: str, reader: str, seq: int) -> None:
-    """Set READER's cursor on NAME's log to SEQ, durably."""
-    atomic_write(_ensure_dir(state, name) / reader, json.dumps({"seq": seq}).encode() + b"\n")
+def store(state: State, name: str, reader: str, seq: int, spawn_id: str | None = None) -> None:
+    """Set READER's cursor on NAME's log to SEQ (of spawn SPAWN_ID, if given), durably."""
+    doc = {"seq": seq} if spawn_id is None else {"seq": seq, "spawn_id": spawn_id}
+    atomic_write(_ensure_dir(state, name) / reader, json.dumps(doc).encode() + b"\n")
 
 
 def _ensure_dir(state: State, name: str) -> Path:

@@ -152,11 +152,12 @@ class ChildWatcher:
         task_id = cdoc.get("task_id")
         path = state.session_path(name)
         watch = self.watches.get(name)
-        if watch is None:
+        if watch is None or watch.spawn_id != spawn_id:  # new, or removed and spawned again
             try:
-                watch = Watch(cursors.load(state, name, WATCH_CURSOR))
+                watch = Watch(cursors.load(state, name, WATCH_CURSOR, spawn_id))
             except CorruptMetadata:
                 watch = Watch()  # read it all again: the ids keep notices single
+            watch.spawn_id = spawn_id
         key = _file_key(path)
         if not force and key == watch.key and (
                 watch.open_run is None or control.is_running(state, name)):
@@ -177,7 +178,7 @@ class ChildWatcher:
         before = watch.cursor
         self.watches[name] = new
         if new.cursor is not None and new.cursor != before:
-            cursors.store(state, name, WATCH_CURSOR, new.cursor)
+            cursors.store(state, name, WATCH_CURSOR, new.cursor, spawn_id)
 
     def _commit(self, notices: list[Notice]) -> bool:
         """Have the loop commit NOTICES (those whose id is not in the log yet); True once
