@@ -29,8 +29,10 @@ process only).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import time
 from collections import deque
 from pathlib import Path
@@ -264,9 +266,25 @@ def _last(found: list, n: int) -> list:
     return keep[::-1]
 
 
+def open_log(path: Path | str) -> int:
+    """A descriptor to read the log at PATH: never through a symlink (ELOOP), never
+    blocking on a FIFO put in its place, and only a regular file (OSError naming
+    what it is otherwise)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
 def _forward(path: Path | str, end: int | None, start: int = 0) -> "Iterator[bytes]":
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_log(path)
     except FileNotFoundError:
         return
     try:
@@ -293,7 +311,7 @@ def tail(path: Path | str, n: int | None = None, end: int | None = None) -> list
     Reads backwards in blocks, so a short tail of a huge log is cheap.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_log(path)
     except FileNotFoundError:
         return []
     try:
@@ -326,7 +344,7 @@ def backward(path: Path | str, limit: int) -> "Iterator[bytes]":
     bytes: a reader that wants the last few of some kind pays for what it reads,
     however long the lines or the log are. A line cut by LIMIT is not yielded."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_log(path)
     except FileNotFoundError:
         return
     try:
@@ -355,7 +373,7 @@ def offset_after(path: Path | str, seq: int, end: int | None = None) -> int:
     a ``seq`` (from before sequence numbers, or damaged) are stepped over.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_log(path)
     except FileNotFoundError:
         return 0
     try:
@@ -511,7 +529,7 @@ def torn_tail(path: Path | str) -> tuple[int, int, str] | None:
     ``good_end`` is the offset just past the last good line. Reads only the
     tail of the file, backwards, until the last line is whole.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = open_log(path)
     try:
         size = os.fstat(fd).st_size
         if size == 0:
