@@ -36,7 +36,7 @@ import os
 from yoi import client, protocol
 from yoi.errors import (Interrupted, Refused, TimedOutWaiting, Unreachable, UsageError,
                         YoiError)
-from yoi.metadata import REACH, has_peer, pending_between, relation
+from yoi.metadata import NOTICE_PREFIX, REACH, has_peer, pending_between, relation
 from yoi.names import check_name
 from yoi.state import State
 from yoi.timeouts import DEFAULT
@@ -80,9 +80,14 @@ def encode(message: str, msg_id: str, source: str | None, where: str = "",
     return line
 
 
-def check_id(msg_id: str, what: str = "--id") -> str:
+def check_id(msg_id: str, what: str = "--id", sent: bool = True) -> str:
+    """MSG_ID if it is a message id (UsageError naming WHAT otherwise); one to be SENT
+    may not look like a Pod's own notice."""
     if not protocol.is_valid_message_id(msg_id):
         raise UsageError(f"invalid {what} {msg_id!r}: {_ID_RULE}")
+    if sent and msg_id.startswith(NOTICE_PREFIX):
+        raise UsageError(f"invalid {what} {msg_id!r}: ids that start with {NOTICE_PREFIX!r} "
+                         "are a Pod's own (its notices about its children)")
     return msg_id
 
 
@@ -164,7 +169,7 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
     _check_names(target, source)
     msg_id = check_id(msg_id) if msg_id is not None else new_id()
     if reply_to is not None:
-        check_id(reply_to, "--reply-to")
+        check_id(reply_to, "--reply-to", sent=False)
     encode(message, msg_id, source, reply_to=reply_to)  # checked before anything happens
     path = resolve_target(state, target, source)
     try:
@@ -198,7 +203,10 @@ def _check_both_records(state: State, target: str, source: str | None) -> None:
     if kind == "pending":
         raise Refused(f"not a peer yet: {why}; nothing was queued", source=source,
                       target=target)
-    if kind != "peers":
+    if kind == "none" and why:  # a child's scope stands in the way
+        raise Refused(f"{source} may not message {target}: {why}; nothing was queued",
+                      pod_name=target, source=pod_ref(source))
+    if kind not in REACH:
         raise Refused(f"not a peer: {source} and {target} do not both list each other as "
                       f"peers, so {target} would refuse the message; nothing was queued "
                       f"(introduce them with `yoi pod peer register {source} {target}`)",
@@ -367,6 +375,8 @@ def lines_prefix(id_prefix: str | None) -> str:
     """The --lines id prefix: ID_PREFIX checked (room for '-1' included), else a random one."""
     if id_prefix is None:
         return new_id(6)
+    if id_prefix.startswith(NOTICE_PREFIX):
+        check_id(id_prefix)  # the same refusal as for one message
     if not protocol.is_valid_message_id(f"{id_prefix}-1"):
         raise UsageError(f"invalid --id prefix {id_prefix!r}: {_ID_RULE}, leaving room "
                          "for '-N' (N the line number)")

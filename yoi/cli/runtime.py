@@ -473,7 +473,7 @@ def wait_command(name, reply_to, source, msg_id, kind, after, timeout, as_json, 
     from yoi.delivery import check_id
     for value, what in ((reply_to, "--reply-to"), (msg_id, "--id")):
         if value is not None:
-            check_id(value, what)
+            check_id(value, what, sent=False)
     match = history.Match(reply_to=reply_to, source=source, msg_id=msg_id, kind=kind)
     entry = history.wait(state, name, match, after, timeout)
     emit(as_json, {"pod_name": name, "entry": entry}, render(entry))
