@@ -131,6 +131,70 @@ def test_a_parent_that_was_stopped_gets_the_notices_when_it_starts(state, starte
     assert entries(state, "lead") == lead
 
 
+def test_a_child_removed_and_spawned_again_at_once_is_a_new_child_told_once(
+        state, started_pod, run_yoi):
+    """Removed and spawned again under its name within one look of the watcher: the
+    new child's log starts again at seq 1, and its notices still come, once."""
+    started_pod("lead")
+    assert run_yoi("pod", "spawn", "lead", "kid", "--exec", "cat", "--task", "one").exit_code == 0
+    wait_until(lambda: kinds(state, "lead", "child_completed"), "the first task told")
+    assert run_yoi("pod", "stop", "kid").exit_code == 0
+    wait_until(lambda: kinds(state, "lead", "child_stopped"), "the first stop told")
+    r = subprocess.run(["sh", "-c", f'{" ".join(yoi_cmd())} pod rm kid && '
+                        f'{" ".join(yoi_cmd())} pod spawn lead kid --exec "cat; echo OUT2" '
+                        '--task two'], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "YOI_HOME": str(state.root)})
+    assert r.returncode == 0, r.stderr
+    second = record(state, "kid")["spawn_id"]
+    done = wait_until(lambda: [e for e in kinds(state, "lead", "child_completed")
+                               if second in e["id"]], "the new child's task told")
+    assert done[0]["output"].startswith("two")
+    assert run_yoi("pod", "stop", "kid").exit_code == 0
+    assert run_yoi("pod", "start", "kid").exit_code == 0
+    assert run_yoi("pod", "stop", "kid").exit_code == 0
+    wait_until(lambda: len([e for e in kinds(state, "lead", "child_stopped")
+                            if second in e["id"]]) == 2, "both stops of the new child")
+    ids = [e["id"] for e in entries(state, "lead") if e["kind"].startswith("child_")]
+    assert len(ids) == len(set(ids)) == 5, ids
+    cursor = json.loads((state.pod_dir("kid") / "cursors" / ".parent").read_text())
+    assert cursor["spawn_id"] == second
+
+
+def test_parent_and_child_queue_messages_to_each_other_but_no_one_else_does(
+        state, run_yoi):
+    store.create(state, "lead")
+    store.create(state, "other")
+    peers.register(state, "lead", "other")
+    children.create_child(state, "lead", "kid")
+    for source, target in (("lead", "kid"), ("kid", "lead")):
+        r = run_yoi("pod", "send", "--queue", "--from", source, target, "later", "--json")
+        assert (r.exit_code, r.json["state"]) == (0, "queued"), r
+    r = run_yoi("pod", "send", "--queue", "--from", "other", "kid", "hi")
+    assert r.exit_code == 4 and "kid is a child of lead on scope parent" in r.stderr, r
+    r = run_yoi("pod", "send", "--queue", "--id", "child:kid:x:done", "lead", "fake")
+    assert r.exit_code == 2 and "are a Pod's own" in r.stderr, r
+    r = run_yoi("pod", "send", "--queue", "--lines", "--id", "child:x", "lead", input="a\n")
+    assert r.exit_code == 2 and "are a Pod's own" in r.stderr, r
+    assert json.loads(run_yoi("pod", "status", "lead", "--json").stdout)["queued"] == 1
+
+
+def test_a_child_log_that_is_a_fifo_stalls_neither_the_others_nor_the_stop(
+        state, started_pod, run_yoi):
+    store.create(state, "lead")
+    children.create_child(state, "lead", "odd")
+    state.session_path("odd").unlink()
+    os.mkfifo(state.session_path("odd"))
+    started_pod("lead", create=False)
+    assert run_yoi("pod", "spawn", "lead", "kid", "--exec", "cat", "--task", "x").exit_code == 0
+    r = run_yoi("pod", "wait", "lead", "--from", "kid", "--kind", "child_completed",
+                "--timeout", "20")
+    assert r.exit_code == 0, r
+    t0 = time.monotonic()
+    assert run_yoi("pod", "stop", "lead").exit_code == 0
+    assert time.monotonic() - t0 < 5
+    assert "cannot read child odd: " in state.pod_log_path("lead").read_text()
+
+
 # -- scope, both ways -------------------------------------------------------------------
 
 def refused_by_pod(socket_path, source, msg_id):

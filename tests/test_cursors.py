@@ -96,6 +96,37 @@ def test_two_readers_at_once_are_given_disjoint_entries(state, started_pod):
     assert got[0] == sorted(got[0]) and got[1] == sorted(got[1])
 
 
+def test_readers_that_start_together_take_turns_on_a_long_log(state):
+    """Two readers started at once over 20,000 entries not read yet: reading and
+    printing them takes long enough that both run at the same time, and the cursor
+    lock makes them take turns, so no entry is given to both."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.common import write_log
+    family(state)
+    write_log(state.session_path("kid"), 20_000)
+    argv = yoi_cmd() + ["pod", "log", "kid", "--as", "lead", "--new", "--json"]
+    readers = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+    outputs: list = [None, None]
+
+    def drain(k: int) -> None:  # both at once: a reader blocked on a full pipe holds the lock
+        outputs[k] = readers[k].communicate(timeout=120)
+
+    threads = [threading.Thread(target=drain, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(150)
+    got = []
+    for p, (out, err) in zip(readers, outputs):
+        assert p.returncode == 0, err
+        got.append([json.loads(line)["seq"] for line in out.splitlines()])
+    assert set(got[0]) & set(got[1]) == set()
+    assert sorted(got[0] + got[1]) == list(range(1, 20_001))
+
+
 def test_the_cursor_moves_only_past_what_was_written(state, run_yoi):
     family(state)
     with open(state.session_path("kid"), "ab") as f:
