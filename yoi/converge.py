@@ -114,53 +114,7 @@ def load(path: Path, state: State, labels: dict[str, str] | None = None,
     table = doc.get("pods", {})
     if not isinstance(table, dict) or not table:
         raise bad("pods", "declare at least one Pod, e.g. [pods.reviewer]")
-    base = path.parent
-    pods = []
-    for name, spec in table.items():
-        where = f"pods.{name}"
-        if not is_valid_name(name):
-            raise bad(where, "invalid Pod name: use 1-64 characters of [A-Za-z0-9._-], "
-                             "starting with a letter or digit")
-        if not isinstance(spec, dict):
-            raise bad(where, "must be a table")
-        for key, value in spec.items():
-            kind = POD_KEYS.get(key)
-            if kind is None:
-                raise bad(f"{where}.{key}", "unknown key (known: " + ", ".join(POD_KEYS) + ")")
-            if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (
-                    kind if isinstance(kind, tuple) else (kind,))):
-                raise bad(f"{where}.{key}", f"must be {_TYPE_NAMES[kind]}")
-        pod_labels = dict(spec.get("labels", {}))
-        pod_labels.update(labels or {})
-        for key, value in pod_labels.items():
-            problem = metadata.label_problem(key, value)
-            if problem:
-                raise bad(f"{where}.labels", problem)
-        names = spec.get("peers", [])
-        for other in names:
-            if not is_valid_name(other):
-                raise bad(f"{where}.peers", f"invalid Pod name {other!r}")
-            if other == name:
-                raise bad(f"{where}.peers", "a Pod cannot be its own peer")
-        cwd = spec.get("cwd")
-        settings = {"exec": spec.get("exec"),
-                    "cwd": os.path.abspath(base / cwd) if cwd is not None else None,
-                    "accept_peers": _policy(spec, where, bad),
-                    "peer_request_ttl": _seconds(spec, "peer_request_ttl", where, bad),
-                    "handler_timeout": _seconds(spec, "handler_timeout", where, bad),
-                    "labels": dict(sorted(pod_labels.items()))}
-        for key in metadata.QUEUE_LIMITS:
-            settings[key] = spec.get(key)
-            if settings[key] is not None:
-                try:
-                    metadata.queue_limit_value(key, settings[key])
-                except UsageError as e:
-                    raise bad(f"{where}.{key}", e.message)
-        for key in ("exec", "cwd"):
-            value = settings[key]
-            if value is not None and (not value or "\0" in value):
-                raise bad(f"{where}.{key}", "must be a non-empty string without NUL")
-        pods.append(Declared(name, settings, list(names), spec.get("start", True)))
+    pods = [_declared(name, spec, path.parent, labels, bad) for name, spec in table.items()]
     policy = {p.name: p.settings["accept_peers"] for p in pods}
     asks = set()  # (asker, asked): the Pod that declares the relation asks
     for p in pods:
@@ -174,6 +128,54 @@ def load(path: Path, state: State, labels: dict[str, str] | None = None,
         key = tuple(sorted((a, b)))
         pairs[key] = (key[0], key[1], True) if key in pairs else (a, b, False)
     return Plan(path, sorted(pods, key=lambda p: p.name), sorted(pairs.values()))
+
+
+def _declared(name: str, spec, base: Path, labels: dict[str, str] | None, bad) -> Declared:
+    """The Pod NAME as the file declares it (SPEC), checked; LABELS added to its own."""
+    where = f"pods.{name}"
+    if not is_valid_name(name):
+        raise bad(where, "invalid Pod name: use 1-64 characters of [A-Za-z0-9._-], "
+                         "starting with a letter or digit")
+    if not isinstance(spec, dict):
+        raise bad(where, "must be a table")
+    for key, value in spec.items():
+        kind = POD_KEYS.get(key)
+        if kind is None:
+            raise bad(f"{where}.{key}", "unknown key (known: " + ", ".join(POD_KEYS) + ")")
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (
+                kind if isinstance(kind, tuple) else (kind,))):
+            raise bad(f"{where}.{key}", f"must be {_TYPE_NAMES[kind]}")
+    pod_labels = dict(spec.get("labels", {}))
+    pod_labels.update(labels or {})
+    for key, value in pod_labels.items():
+        problem = metadata.label_problem(key, value)
+        if problem:
+            raise bad(f"{where}.labels", problem)
+    names = spec.get("peers", [])
+    for other in names:
+        if not is_valid_name(other):
+            raise bad(f"{where}.peers", f"invalid Pod name {other!r}")
+        if other == name:
+            raise bad(f"{where}.peers", "a Pod cannot be its own peer")
+    cwd = spec.get("cwd")
+    settings = {"exec": spec.get("exec"),
+                "cwd": os.path.abspath(base / cwd) if cwd is not None else None,
+                "accept_peers": _policy(spec, where, bad),
+                "peer_request_ttl": _seconds(spec, "peer_request_ttl", where, bad),
+                "handler_timeout": _seconds(spec, "handler_timeout", where, bad),
+                "labels": dict(sorted(pod_labels.items()))}
+    for key in metadata.QUEUE_LIMITS:
+        settings[key] = spec.get(key)
+        if settings[key] is not None:
+            try:
+                metadata.queue_limit_value(key, settings[key])
+            except UsageError as e:
+                raise bad(f"{where}.{key}", e.message)
+    for key in ("exec", "cwd"):
+        value = settings[key]
+        if value is not None and (not value or "\0" in value):
+            raise bad(f"{where}.{key}", "must be a non-empty string without NUL")
+    return Declared(name, settings, list(names), spec.get("start", True))
 
 
 def _check_relation(state: State, policy: dict[str, str], name: str, other: str,
