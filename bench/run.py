@@ -224,7 +224,7 @@ def case_idle_connections(quick):
         with LivePods(st, env) as pods:
             pods.start("idle")
             pid = pods.pid("idle")
-            sock = json.loads(yoi("pod", "status", "idle", "--json", env=env).stdout)["socket_path"]
+            sock = json.loads(yoi("pod", "status", "idle", "--json", env=env).stdout)["live"]["socket_path"]
             time.sleep(0.5)
             base = rss_kib(pid)
             held = []
