@@ -59,18 +59,23 @@ class Entry:
     spliced from the same bytes, so committing costs one ``json.dumps``.
     """
 
-    __slots__ = ("kind", "msg_id", "_rest")
+    __slots__ = ("kind", "msg_id", "at", "_rest")
 
     def __init__(self, kind: str, fields: dict, msg_id: str | None = None,
                  at: str | None = None, ts: int | None = None):
         self.kind = kind
         self.msg_id = msg_id
+        self.at = at = at or now_iso()
         head = {"kind": kind, "ts": time.time_ns() // 1_000_000 if ts is None else ts,
-                "at": at or now_iso()}
+                "at": at}
         if msg_id is not None:
             head["id"] = msg_id
-        body = _dumps(fields)
-        self._rest = _dumps(head)[1:-1] + (b"," + body[1:] if body != b"{}" else b"}")
+        if head.keys() & fields.keys():  # (never so far) both, as they are
+            body = _dumps(fields)
+            self._rest = _dumps(head)[1:-1] + (b"," + body[1:] if body != b"{}" else b"}")
+        else:  # one encoding of everything
+            head.update(fields)
+            self._rest = _dumps(head)[1:]
 
     def line(self, seq: int) -> bytes:
         """The log line (with its newline)."""

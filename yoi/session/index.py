@@ -22,6 +22,7 @@ import zlib
 from pathlib import Path
 
 SCHEMA = 1
+LOOKUP_BATCH = 500  # ids per query (SQLite limits the parameters of one statement)
 _FILES = ("", "-wal", "-shm")
 
 
@@ -104,6 +105,18 @@ class IdIndex:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+
+    def lookup(self, ids: list[str]) -> dict[str, tuple[int, int]]:
+        """Where the entries with IDS are (id -> (offset, length)), for those indexed."""
+        out: dict[str, tuple[int, int]] = {}
+        with self.lock:
+            for k in range(0, len(ids), LOOKUP_BATCH):
+                part = ids[k:k + LOOKUP_BATCH]
+                query = ("SELECT id, offset, length FROM ids WHERE id IN (%s)"
+                         % ",".join("?" * len(part)))
+                for msg_id, offset, length in self.db.execute(query, part):
+                    out[msg_id] = (offset, length)
+        return out
 
     def get(self, msg_id: str) -> tuple[int, int] | None:
         with self.lock:

@@ -5,8 +5,12 @@ batch was being written is written with one ``write`` and made durable with
 one ``fsync`` (group commit). Each entry gets its ``seq`` in that order; its
 submitter is told where it landed only after the fsync, and after its id is
 in the index (``yoi.session.index``), so a retry of the same id always finds
-it. A failed write is truncated away (its ``seq`` numbers were never
-committed and are used again) and reported to every submitter of the batch.
+it. The writer is also where an id is committed at most once: the ids of a
+batch are looked up (one query) before it is written, and an entry whose id
+was committed before, or earlier in the same batch, is not written again;
+its submitter is told where the first one is (``Committed.duplicate``). A
+failed write is truncated away (its ``seq`` numbers were never committed and
+are used again) and reported to every submitter of the batch.
 
 Opening recovers from whatever a crash left:
 
@@ -45,12 +49,15 @@ MIGRATING = ".migrating"
 
 
 class Committed:
-    """Where a committed line lives in the file (length includes the newline), its seq."""
+    """Where a committed line lives in the file (length includes the newline), its seq;
+    ``duplicate``: the entry was not written, since this line (committed before) has
+    its id."""
 
-    __slots__ = ("offset", "length", "seq")
+    __slots__ = ("offset", "length", "seq", "duplicate")
 
-    def __init__(self, offset: int, length: int, seq: int):
+    def __init__(self, offset: int, length: int, seq: int, duplicate: bool = False):
         self.offset, self.length, self.seq = offset, length, seq
+        self.duplicate = duplicate
 
     @property
     def end(self) -> int:
@@ -236,32 +243,76 @@ class SessionLog:
             batch = None  # do not keep the last batch alive while waiting for the next
 
     def _write_batch(self, batch: list[tuple[Entry, Done]]) -> None:
+        results, lookup_error = self._committed_before(batch)
+        new: list[int] = []            # the entries to write, by their place in BATCH
+        first: dict[str, int] = {}     # id -> the entry of this batch that commits it
+        again: dict[int, int] = {}     # an entry -> the earlier entry of this batch with its id
+        for k, (entry, _) in enumerate(batch):
+            msg_id = entry.msg_id
+            if msg_id is not None:
+                if k in results or lookup_error is not None:
+                    continue
+                if msg_id in first:
+                    again[k] = first[msg_id]
+                    continue
+                first[msg_id] = k
+            new.append(k)
         start, seq = self.size, self.seq
-        lines = [entry.line(seq + i) for i, (entry, _) in enumerate(batch, 1)]
+        lines = [batch[k][0].line(seq + i) for i, k in enumerate(new, 1)]
         data = b"".join(lines)
+        if data:
+            try:
+                half = len(data) // 2
+                write_all(self._fd, data[:half])
+                fault("session-mid-write")  # a crash here leaves a torn line
+                write_all(self._fd, data[half:])
+                fault("session-before-fsync")
+                os.fsync(self._fd)
+            except OSError as e:
+                self._undo(start, e)
+                for _, done in batch:
+                    done(None, e)
+                return
+            self.size, self.seq = start + len(data), seq + len(new)
+            rows, offset = [], start
+            for i, (k, line) in enumerate(zip(new, lines), 1):
+                results[k] = Committed(offset, len(line), seq + i)
+                msg_id = batch[k][0].msg_id
+                if msg_id is not None:
+                    rows.append((msg_id, offset, len(line)))
+                offset += len(line)
+            fault("session-before-index")
+            self._index(rows)
+        for k, j in again.items():
+            res = results[j]
+            results[k] = Committed(res.offset, res.length, res.seq, duplicate=True)
+        for k, (_, done) in enumerate(batch):
+            res = results.get(k)
+            done(res, None if res is not None else lookup_error)
+
+    def _committed_before(self, batch: list[tuple[Entry, Done]]
+                          ) -> tuple[dict[int, Committed], OSError | None]:
+        """The entries of BATCH whose id is committed already (their place in BATCH ->
+        where, ``duplicate``), with one index query for the batch; or, if the index
+        cannot be read, the error (the entries with an id then fail: writing them
+        could commit an id twice)."""
+        ids = [entry.msg_id for entry, _ in batch if entry.msg_id is not None]
+        if not ids:
+            return {}, None
+        with self._cond:
+            known = {i: self._unindexed[i] for i in ids if i in self._unindexed}
         try:
-            half = len(data) // 2
-            write_all(self._fd, data[:half])
-            fault("session-mid-write")  # a crash here leaves a torn line
-            write_all(self._fd, data[half:])
-            fault("session-before-fsync")
-            os.fsync(self._fd)
-        except OSError as e:
-            self._undo(start, e)
-            for _, done in batch:
-                done(None, e)
-            return
-        self.size, self.seq = start + len(data), seq + len(batch)
-        results, rows, offset = [], [], start
-        for (entry, _), line in zip(batch, lines):
-            results.append(Committed(offset, len(line), seq + len(results) + 1))
-            if entry.msg_id is not None:
-                rows.append((entry.msg_id, offset, len(line)))
-            offset += len(line)
-        fault("session-before-index")
-        self._index(rows)
-        for (_, done), res in zip(batch, results):
-            done(res, None)
+            known.update(self.index.lookup([i for i in ids if i not in known]))
+        except (sqlite3.Error, OSError) as e:
+            return {}, OSError(f"cannot look message ids up in {self.index.path}: {e}")
+        found = {}
+        for k, (entry, _) in enumerate(batch):
+            where = known.get(entry.msg_id) if entry.msg_id is not None else None
+            if where is not None:
+                offset, length = where
+                seq = line_seq(os.pread(self._rfd, min(length, 64), offset))
+                found[k] = Committed(offset, length, seq or 0, duplicate=True)
+        return found, None
 
     def _undo(self, start: int, err: OSError) -> None:
         """Cut a failed write away; if even that fails, take no more entries."""
