@@ -67,6 +67,87 @@ def test_every_client_sees_the_broadcast_sender_included(started_pod):
     assert got[0] == got[1]
 
 
+def compact(message: str, msg_id: str | None) -> bytes:
+    params = {"message": message, "ack": "compact"}
+    if msg_id is not None:
+        params["id"] = msg_id
+    return protocol.method("notify", params)
+
+
+def test_a_compact_ack_replaces_the_senders_broadcast(state, started_pod):
+    """(ours) "ack": "compact" is answered with an ``ack`` {id, seq, at, state} after
+    the fsync, instead of the entry's broadcast; everyone else still gets that."""
+    pod = started_pod("a")
+    with Raw(pod.socket_path) as watcher, Raw(pod.socket_path) as sender:
+        watcher.prelude()
+        sender.prelude()
+        sender.send(compact("hello", "c-1"))
+        ack, seen = sender.until("ack")
+        entry = log_entries(state, "a")[-1]  # on disk when acknowledged
+        assert ack == {"event": "ack", "data": {"id": "c-1", "seq": entry["seq"],
+                                                "at": entry["at"], "state": "committed"}}
+        assert watcher.until("system_item")[0]["data"] == entry
+        # the sender never gets the entry itself: the next thing it sees is its next answer
+        sender.send({"method": "notify", "params": {"message": "full", "id": "c-2"}})
+        full, seen = sender.until("system_item")
+        assert [e["event"] for e in seen] == ["system_item"]
+        assert full["data"]["id"] == "c-2"
+        # a retry: acknowledged again, as a duplicate of the same entry, nothing committed
+        sender.send(compact("hello (retry)", "c-1"))
+        assert sender.until("ack")[0]["data"] == {**ack["data"], "state": "duplicate"}
+        # pipelined, before the first is committed: one entry, the others duplicates
+        sender.send(compact("x", "c-3") * 3)
+        acks = [sender.until("ack")[0]["data"] for _ in range(3)]
+        assert [a["state"] for a in acks] == ["committed", "duplicate", "duplicate"]
+        assert len({(a["seq"], a["at"]) for a in acks}) == 1
+        # without an id there is nothing to acknowledge compactly: the broadcast
+        sender.send(compact("anonymous", None))
+        assert sender.until("system_item")[0]["data"]["item"]["message"] == "anonymous"
+    assert [e["item"]["message"] for e in log_entries(state, "a")] == [
+        "hello", "full", "x", "anonymous"]
+
+
+@pytest.mark.parametrize("fault, ending", [("session-before-fsync:crash", "closed"),
+                                           ("session-before-fsync:eio", "error")])
+def test_a_compact_ack_is_sent_only_after_the_fsync(started_pod, fault, ending):
+    pod = started_pod("a", env={"YOI_FAULT": fault})
+    seen = []
+    with Raw(pod.socket_path) as sender:
+        sender.prelude()
+        sender.send(compact("hello", "f-1"))
+        try:
+            while True:
+                seen.append(sender.event())
+                if seen[-1]["event"] == "error":
+                    break
+        except EOFError:
+            seen.append("closed")
+    assert "ack" not in [e["event"] for e in seen if isinstance(e, dict)]
+    if ending == "closed":
+        assert seen == ["closed"]
+    else:
+        assert seen[-1]["data"]["code"] == "internal"
+
+
+def test_a_reader_that_falls_behind_gets_every_event_whole_and_in_order(state, started_pod):
+    """Events queued for a client leave in writes of many pieces (more than one
+    sendmsg can take) that the socket takes in part: none is lost, cut or reordered."""
+    from yoi.client import notify_pipelined
+    from yoi.server.connection import IOV_MAX
+    pod = started_pod("a")
+    n = IOV_MAX * 3
+    with Raw(pod.socket_path) as watcher:
+        watcher.prelude()  # then reads nothing while the events pile up
+        ids = [f"slow-{i}" for i in range(n)]
+        lines = [protocol.notify_method(f"message {i} " + "y" * (i % 300), mid)
+                 for i, mid in enumerate(ids)]
+        batch = notify_pipelined(pod.socket_path, lines, ids, timeout=30)
+        assert batch.failure is None and batch.acked == n
+        got = [watcher.until("system_item")[0]["data"] for _ in range(n)]
+    assert got == log_entries(state, "a")
+    assert [e["id"] for e in got] == ids
+
+
 def test_concurrent_senders_each_committed_exactly_once(state, started_pod):
     pod = started_pod("a")
     errors = []

@@ -72,7 +72,7 @@ def test_a_large_message_under_the_limit_is_delivered(cli, pair):
     body = "z" * (900 << 10)
     r = cli("pod", "send", "--id", "big-1", "B", "-", input=body)
     assert r.exit_code == 0, r
-    assert pair.methods == [("notify", {"message": body, "id": "big-1"})]
+    assert pair.methods == [("notify", {"message": body, "id": "big-1", "ack": "compact"})]
 
 
 def test_invalid_utf8_on_stdin(cli, pair):

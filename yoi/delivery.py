@@ -154,9 +154,8 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
         raise _refused(target, e)
     except client.PodFailed as e:
         raise _not_recorded(target, e, msg_id)
-    item = (data or {}).get("item") or {}
     return {"pod_name": target, "source": pod_ref(source), "id": msg_id,
-            "acknowledged": wait, "at": item.get("at"),
+            "acknowledged": wait, "at": client.acknowledged_at(data) if data else None,
             "deduplicates_retries": "id" in supports}
 
 

@@ -29,11 +29,20 @@ MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z", re.ASCII)
 # first field, so a client reads it from the line's prefix): "id", it echoes
 # a notify's ``id`` in the acknowledgement and commits an id at most once;
 # "source", it takes a peer message's sender from ``source`` and checks the
-# relation itself. A Pod that announces nothing (the original) is answered
-# in the original's terms: acknowledgements are matched by message, and a
-# peer message carries its sender in a header inside the message.
+# relation itself; "compact_ack", a notify with an ``id`` and
+# ``"ack": "compact"`` is acknowledged to its sender by an ``ack`` event
+# (``ack_event``) instead of the entry's broadcast. A Pod that announces
+# nothing (the original) is answered in the original's terms:
+# acknowledgements are matched by message, and a peer message carries its
+# sender in a header inside the message.
 PROTOCOL_VERSION = 1
-SUPPORTS = ("id", "source")
+SUPPORTS = ("id", "source", "compact_ack")
+
+# (ours) The ``state`` of an ``ack``: the notify committed its message now, or
+# an earlier one with the same id had (a retry; nothing was committed again).
+# Either way the message is durable in the Pod's log.
+ACK_COMMITTED = "committed"
+ACK_DUPLICATE = "duplicate"
 
 # The one alert source both generations of the original accept ("pod" became
 # "worker"/"engine" in its August 2026 release; "worker" was already known).
@@ -81,11 +90,23 @@ def notify_method(message: str, msg_id: str, source: str | None = None,
     Towards a Pod that SUPPORTS no ``source`` (the original), a peer message
     is written as the original's sender writes it: the header in the message.
     The id rides along either way (a Pod that does not know it ignores it).
+    A Pod that SUPPORTS ``compact_ack`` is asked for one.
     """
     params = {"message": wire_message(message, source, supports), "id": msg_id}
     if source is not None and "source" in supports:
         params["source"] = source
+    if "compact_ack" in supports:
+        params["ack"] = "compact"
     return method("notify", params)
+
+
+def ack_event(msg_id: str, seq: int, at: str, state: str) -> bytes:
+    """*(ours)* The compact acknowledgement of a notify: its id, the ``seq`` and
+    ``at`` of the entry that holds the message, and ``state`` (``ACK_COMMITTED``
+    or ``ACK_DUPLICATE``). MSG_ID is a valid message id and AT an RFC 3339
+    time: neither needs escaping."""
+    return b'{"event":"ack","data":{"id":"%s","seq":%d,"at":"%s","state":"%s"}}\n' % (
+        msg_id.encode(), seq, at.encode(), state.encode())
 
 
 def wire_message(message: str, source: str | None, supports=SUPPORTS) -> str:

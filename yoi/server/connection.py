@@ -8,7 +8,10 @@ non-blocking and never stalls the loop:
   replayed alerts and snapshots are shared bytes objects queued as they are,
   so many idle clients cost little; clients that do not read keep the
   snapshot of the moment they connected alive, up to ``PINNED_LIMIT`` bytes
-  of such snapshots, beyond which the clients holding the oldest are dropped;
+  of such snapshots, beyond which the clients holding the oldest are dropped.
+  A queue is written with one ``sendmsg`` of up to ``IOV_MAX`` pieces, and
+  while the Hub is corked (``cork``/``uncork``: while one client's input or
+  one group commit is handled) what is sent waits to be written at once;
 * inbound, lines are framed on ``\\n``; a line over ``protocol.MAX_METHOD_LINE``
   gets ``error`` and the rest of it is read and dropped as it streams in,
   never buffered whole. Methods are read only once the prelude is on its way
@@ -25,6 +28,7 @@ Only clients of our own uid are accepted (``SO_PEERCRED``).
 
 from __future__ import annotations
 
+import itertools
 import os
 import selectors
 import socket
@@ -42,6 +46,7 @@ RECV_CHUNK = 64 << 10
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 0.1             # seconds the listener rests when accept() fails (no fds)
 PENDING_LIMIT = 256           # answers one client may be owed before its lines wait
+IOV_MAX = 1024                # pieces of a queue written by one sendmsg
 
 _PEERCRED = struct.Struct("3i")
 
@@ -99,6 +104,8 @@ class Hub:
         self.pinned_bytes = 0
         self.accepting = False
         self.reading = True
+        self.corked = 0  # while > 0, sending only queues; ``uncork`` writes
+        self.dirty: list[Client] = []  # clients given something while corked
 
     # -- accepting ------------------------------------------------------------
     def start_accepting(self) -> None:
@@ -191,22 +198,43 @@ class Hub:
             return
         c.outq.append(memoryview(data))
         c.queued += len(data)
-        if len(c.outq) == 1:
-            self._flush(c)
+        if len(c.outq) == 1:  # (else a write is pending already)
+            if self.corked:
+                self.dirty.append(c)
+            else:
+                self._flush(c)
 
-    def broadcast(self, data: bytes) -> None:
+    def broadcast(self, data: bytes, skip: Client | None = None) -> None:
         for c in list(self.clients.values()):
-            self.send(c, data)
+            if c is not skip:
+                self.send(c, data)
+
+    def cork(self) -> None:
+        """Hold what is sent from now until the matching ``uncork`` in the clients'
+        queues, so that many small events (acknowledgements) leave in one write."""
+        self.corked += 1
+
+    def uncork(self) -> None:
+        self.corked -= 1
+        if self.corked == 0 and self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for c in dirty:
+                if not c.closed:
+                    self._flush(c)
 
     def busy(self) -> bool:
         """Whether any client still has events queued."""
         return any(c.outq for c in self.clients.values())
 
     def _flush(self, c: Client) -> None:
-        while c.outq:
-            view = c.outq[0]
+        outq = c.outq
+        while outq:
             try:
-                n = c.sock.send(view)
+                if len(outq) == 1:
+                    n = c.sock.send(outq[0])
+                else:
+                    n = c.sock.sendmsg(outq if len(outq) <= IOV_MAX
+                                       else list(itertools.islice(outq, IOV_MAX)))
             except BlockingIOError:
                 break
             except OSError:
@@ -217,10 +245,10 @@ class Hub:
                 c.prelude_left -= n
                 if c.prelude_left <= 0:
                     self._unpin(c)
-            if n == len(view):
-                c.outq.popleft()
-            else:
-                c.outq[0] = view[n:]
+            while outq and n >= len(outq[0]):
+                n -= len(outq.popleft())
+            if n:  # the first piece left was written in part: the socket is full
+                outq[0] = outq[0][n:]
                 break
         self.maybe_close(c)
         self._set_events(c)  # (nothing if it was closed)
@@ -243,7 +271,11 @@ class Hub:
             if mask & selectors.EVENT_WRITE:
                 self._flush(c)
             if mask & selectors.EVENT_READ and not c.closed:
-                self._read(c)
+                self.cork()  # the answers to a chunk of lines leave together
+                try:
+                    self._read(c)
+                finally:
+                    self.uncork()
         except Exception:
             # A bug met serving this client: drop it (so that it cannot fail
             # again and again) and let the loop report the error.

@@ -17,7 +17,7 @@ from yoi.names import is_valid_name
 from yoi.server import consent
 from yoi.server.connection import Client
 from yoi.server.log import now_iso
-from yoi.session import Entry, event_of
+from yoi.session import Entry
 from yoi.server.operations import Invalid
 from yoi.server.worker import Job
 
@@ -75,7 +75,9 @@ def notify(pod, c: Client, params: dict) -> None:
     refusal = pod.peer_refusal(source) if source is not None else None
     if refusal:
         raise Invalid(refusal)
-    if msg_id is not None and _answered_by_id(pod, c, msg_id):
+    # (ours) a compact acknowledgement instead of the entry's broadcast (needs an id)
+    compact = msg_id is not None and params.get("ack") == "compact"
+    if msg_id is not None and _in_flight(pod, c, msg_id, compact):
         return
     item = {"kind": "notification", "message": message,
             "body": protocol.notification_body(original)}
@@ -88,27 +90,26 @@ def notify(pod, c: Client, params: dict) -> None:
 
     def after(res, err):
         waiting = pod.pending_ids.pop(msg_id, []) if msg_id is not None else []
-        for w in waiting:
+        for w, w_compact in waiting:
             if err is None:
-                pod.hub.send(w, entry.event(res.seq))
+                pod.hub.send(w, pod.acknowledgement(entry, res, w_compact, again=True))
             else:
                 pod.commit_failed(w, err)
             pod.hub.paid(w)
-        if err is None and pod.exec_cmd:
+        if err is None and not res.duplicate and pod.exec_cmd:
             pod.worker.submit(Job("notify", res, source, msg_id))
 
-    pod.commit(c, entry, after)
+    pod.commit(c, entry, after, compact)
 
 
-def _answered_by_id(pod, c: Client, msg_id: str) -> bool:
-    """A retry of MSG_ID: acknowledge again (or once its commit lands), commit nothing."""
-    original = pod.session.committed_line(msg_id)
-    if original is not None:
-        pod.hub.send(c, event_of(original, "system_item"))
-        return True
+def _in_flight(pod, c: Client, msg_id: str, compact: bool) -> bool:
+    """A retry of MSG_ID while it is being committed: C is acknowledged once the
+    commit lands, and nothing is committed again. (A retry of an id committed
+    before is found by the session writer.) COMPACT: C asked for a compact
+    acknowledgement."""
     waiting = pod.pending_ids.get(msg_id)
     if waiting is not None:
-        waiting.append(c)
+        waiting.append((c, compact))
         pod.hub.owe(c)
         return True
     pod.pending_ids[msg_id] = []
