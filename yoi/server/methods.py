@@ -16,8 +16,7 @@ from yoi.faults import fault
 from yoi.names import is_valid_name
 from yoi.server import consent
 from yoi.server.connection import Client
-from yoi.server.log import now_iso
-from yoi.session import Entry
+from yoi.session import Entry, now_iso
 from yoi.server.operations import Invalid
 from yoi.server.worker import Job
 

@@ -44,12 +44,23 @@ READ_CHUNK = 1 << 20
 _SEQ_PREFIX = b'{"seq":'
 
 
+# json.dumps with these arguments builds an encoder per call: one, made once
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _dumps(obj) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _encode(obj).encode("utf-8")
+
+
+_now = (0, "")  # (unix second, its RFC 3339 form): formatted once per second
 
 
 def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    global _now
+    t = int(time.time())
+    if t != _now[0]:
+        _now = (t, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)))
+    return _now[1]
 
 
 class Entry:
