@@ -94,9 +94,9 @@ class State:
 
     def default_socket_path(self, name: str) -> Path:
         """STATE/run/NAME.sock, or a short per-state directory if that is too long."""
-        path = self.run_dir / f"{check_name(name)}.sock"
-        if len(os.fsencode(str(path))) <= SUN_PATH_MAX:
-            return path
+        path = os.path.join(self.root, "run", f"{check_name(name)}.sock")  # (a listing
+        if len(os.fsencode(path)) <= SUN_PATH_MAX:  # computes thousands: one Path each)
+            return Path(path)
         return self.short_run_dir() / f"{name}.sock"
 
     def socket_path(self, name: str, doc: dict | None = None) -> Path:

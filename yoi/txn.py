@@ -42,7 +42,7 @@ from yoi.atomic import atomic_write, fsync_dir, read_bytes_nofollow, remove_temp
 from yoi.errors import CorruptMetadata, NotFound, StorageError
 from yoi.faults import fault
 from yoi.lock import FileLock
-from yoi.names import is_valid_name
+from yoi.names import check_name, is_valid_name
 from yoi.state import State, refuse_symlink
 
 # Directories beside the Pods: ``.NAME.removed-TXID`` (a Pod set aside by a
@@ -73,7 +73,7 @@ class Pod:
 
     __slots__ = ("name", "path", "raw", "doc")
 
-    def __init__(self, name: str, path: Path, raw: bytes | None, doc: dict | None):
+    def __init__(self, name: str, path: str, raw: bytes | None, doc: dict | None):
         self.name, self.path, self.raw, self.doc = name, path, raw, doc
 
     @property
@@ -99,13 +99,14 @@ class Journal:
 
 def read_pod_file(state: State, name: str) -> Pod:
     """Read NAME's metadata (no lock taken here); raises CorruptMetadata."""
-    pod_dir = state.pod_dir(name)
+    # Paths as strings: listing 10,000 Pods built 30,000 Path objects here.
+    pod_dir = os.path.join(state.root, "pods", check_name(name))
     refuse_symlink(pod_dir, "Pod directory")
-    path = pod_dir / "metadata.toml"
+    path = os.path.join(pod_dir, "metadata.toml")
     try:
         raw = read_bytes_nofollow(path)
     except FileNotFoundError:
-        if pod_dir.is_dir():
+        if os.path.isdir(pod_dir):
             raise CorruptMetadata(f"{path}: missing (the Pod directory exists)", path=str(path))
         return Pod(name, path, None, None)
     except OSError as e:
