@@ -181,14 +181,15 @@ def exit_now(code) -> None:
     a short command as much as 5 ms, a tenth of its run, and frees nothing the
     kernel would not. Everything a command writes to files it writes and syncs
     itself, through descriptors, so nothing is left in a buffer but stdout and
-    stderr. If anything still runs (a thread that is not a daemon) or flushing
-    fails, the usual exit does its work."""
+    stderr. If anything still runs (a thread that is not a daemon), a profiler or
+    tracer watches (it writes its results after the program), or flushing fails,
+    the usual exit does its work."""
     import os
     import sys
     import threading
     if not (code is None or isinstance(code, int)) or any(
             t.is_alive() and not t.daemon for t in threading.enumerate()
-            if t is not threading.main_thread()):
+            if t is not threading.main_thread()) or sys.getprofile() or sys.gettrace():
         sys.exit(code)
     try:
         sys.stdout.flush()
