@@ -16,9 +16,10 @@ non-blocking and never stalls the loop:
   gets ``error`` and the rest of it is read and dropped as it streams in,
   never buffered whole. Methods are read only once the prelude is on its way
   (PROTOCOL.md), and every complete line goes to the Hub's ``on_line``. A
-  client owed ``PENDING_LIMIT`` answers (a pipelining sender) has its further
-  lines wait, unread, until some are answered: what a Pod holds for the work
-  in progress is bounded per client, however far ahead the client writes;
+  client owed ``PENDING_LIMIT`` answers (a pipelining sender), or answers to
+  entries of ``PENDING_BYTES`` being committed, has its further lines wait,
+  unread, until some are answered: what a Pod holds for the work in progress
+  is bounded per client, however far ahead the client writes;
 * a client whose socket fails for writing is *hung up*: it gets nothing more,
   but what it wrote before its EOF is still handled (``yoi pod send
   --no-wait`` writes and closes at once).
@@ -45,7 +46,8 @@ PINNED_LIMIT = 128 << 20       # bytes of older snapshots kept for clients not r
 RECV_CHUNK = 64 << 10
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 0.1             # seconds the listener rests when accept() fails (no fds)
-PENDING_LIMIT = 256           # answers one client may be owed before its lines wait
+PENDING_LIMIT = 1024          # answers one client may be owed before its lines wait,
+PENDING_BYTES = 16 << 20      # or bytes of its entries being committed (at least one)
 IOV_MAX = 1024                # pieces of a queue written by one sendmsg
 
 _PEERCRED = struct.Struct("3i")
@@ -54,7 +56,7 @@ _PEERCRED = struct.Struct("3i")
 class Client:
     __slots__ = ("sock", "fd", "inbuf", "scanned", "discarding", "held", "resuming", "outq",
                  "queued", "limit", "prelude_left", "snap", "events", "closed", "eof", "hungup",
-                 "pending")
+                 "pending", "pending_bytes")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -74,6 +76,7 @@ class Client:
         self.eof = False
         self.hungup = False  # writing to it failed: it gets nothing more, but is still read
         self.pending = 0  # answers still owed (commits, operations)
+        self.pending_bytes = 0  # of the entries being committed for it
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -313,7 +316,7 @@ class Hub:
         start = 0
         c.held = False
         while not c.closed and self.reading and not self.loop.stopping:
-            if c.pending >= PENDING_LIMIT:
+            if c.pending >= PENDING_LIMIT or c.pending_bytes >= PENDING_BYTES:
                 c.held = True
                 break
             nl = buf.find(b"\n", start or c.scanned)
@@ -368,14 +371,18 @@ class Hub:
             self.loop.modify(c.sock, events, lambda m, c=c: self._on_client(c, m))
         c.events = events
 
-    def owe(self, c: Client) -> None:
-        """C is owed one more answer (a commit, an operation): it stays open for it."""
+    def owe(self, c: Client, size: int = 0) -> None:
+        """C is owed one more answer (a commit of SIZE bytes, an operation): it stays
+        open for it."""
         c.pending += 1
+        c.pending_bytes += size
 
-    def paid(self, c: Client) -> None:
+    def paid(self, c: Client, size: int = 0) -> None:
         """One answer owed to C was sent (or cannot be); close C if it is done."""
         c.pending -= 1
-        if c.held and c.pending < PENDING_LIMIT and not c.resuming:
+        c.pending_bytes -= size
+        if (c.held and c.pending < PENDING_LIMIT and c.pending_bytes < PENDING_BYTES
+                and not c.resuming):
             c.resuming = True
             self.loop.call_soon(self._resume, c)
         self.maybe_close(c)

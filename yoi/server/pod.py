@@ -240,7 +240,7 @@ class Pod:
         which it gets instead of the broadcast, after the same fsync.
         """
         if c is not None:
-            self.hub.owe(c)
+            self.hub.owe(c, entry.size)
 
         def done(res, err):
             self._landed(c, entry, res, err, after, compact)
@@ -296,7 +296,7 @@ class Pod:
         if after is not None:
             after(res, err)
         if c is not None:
-            self.hub.paid(c)
+            self.hub.paid(c, entry.size)
 
     def acknowledgement(self, entry: Entry, res: Committed, compact: bool,
                         again: bool = False) -> bytes:

@@ -88,6 +88,11 @@ class Entry:
             head.update(fields)
             self._rest = _dumps(head)[1:]
 
+    @property
+    def size(self) -> int:
+        """About the bytes this entry holds until it is committed."""
+        return len(self._rest)
+
     def line(self, seq: int) -> bytes:
         """The log line (with its newline)."""
         return b"%s%d,%s\n" % (_SEQ_PREFIX, seq, self._rest)
