@@ -134,20 +134,12 @@ def _refused(target: str, err: Refused, what: str = "the message") -> Refused:
 
 
 class _CheckFailed(Exception):
-    """A check of the records failed while a connection was open (ERROR says how)."""
+    """A check of the records failed (ERROR says how), kept apart from the errors of
+    the delivery around it."""
 
     def __init__(self, error: YoiError):
         super().__init__(error.message)
         self.error = error
-
-
-def _delivery_error(target: str, err: YoiError, msg_id: str) -> YoiError:
-    """ERR from delivering to TARGET, in TARGET's terms."""
-    if isinstance(err, client.NotRunning):
-        return _not_running(target, err)
-    if isinstance(err, Refused):
-        return _refused(target, err)
-    return err
 
 
 def _not_recorded(target: str, err: client.PodFailed, msg_id: str,
@@ -173,31 +165,37 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
     # waiting (a refusal would go unseen), nor from the target to itself.
     path = state.local_socket_path(target) if wait and source != target else None
     checked = path is None
-    if checked:
-        path = resolve_target(state, target, source)
+
+    def check():
+        """The checks of the records (their errors, unchanged, leave ``send``)."""
+        nonlocal checked
+        checked = True
+        try:
+            return resolve_target(state, target, source)
+        except YoiError as e:
+            raise _CheckFailed(e)
 
     def line(supports):
         if not checked and source is not None and "source" not in supports:
-            try:  # the original's Pod does not check: check before writing
-                resolve_target(state, target, source)
-            except YoiError as e:
-                raise _CheckFailed(e)
+            check()  # the original's Pod does not check: check before writing
         return encode(message, msg_id, source, supports=supports)
 
     try:
+        if checked:
+            path = check()
         try:
             data, supports = client.deliver(path, line, msg_id, timeout, wait)
         except (Unreachable, Refused) as e:
             if checked:
-                raise _delivery_error(target, e, msg_id)
-            checked = True  # explained by the records, or sent where they say it lives
-            recorded = resolve_target(state, target, source)
+                raise
+            recorded = check()  # explains the failure, or says where TARGET lives
             if recorded == path or not isinstance(e, client.NotRunning):
-                raise _delivery_error(target, e, msg_id)
-            try:
-                data, supports = client.deliver(recorded, line, msg_id, timeout, wait)
-            except (Unreachable, Refused) as e:
-                raise _delivery_error(target, e, msg_id)
+                raise
+            data, supports = client.deliver(recorded, line, msg_id, timeout, wait)
+    except client.NotRunning as e:
+        raise _not_running(target, e)
+    except Refused as e:
+        raise _refused(target, e)
     except client.PodFailed as e:
         raise _not_recorded(target, e, msg_id)
     except _CheckFailed as e:
