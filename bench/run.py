@@ -305,7 +305,8 @@ def case_idle_connections(quick):
         with LivePods(st, env) as pods:
             pods.start("idle")
             pid = pods.pid("idle")
-            sock = json.loads(yoi("pod", "status", "idle", "--json", env=env).stdout)["live"]["socket_path"]
+            status = json.loads(yoi("pod", "status", "idle", "--json", env=env).stdout)
+            sock = status["live"]["socket_path"]
             time.sleep(0.5)
             base = rss_kib(pid)
             held = []
@@ -391,7 +392,8 @@ def main(argv=None) -> int:
                     help="run only this case (repeatable)")
     args = ap.parse_args(argv)
     rows = []
-    header = f"{'case':<26} {'figure':>10} {'baseline':>10} {'unit':>6} {'ratio':>7} {'target':>8}  result"
+    header = (f"{'case':<26} {'figure':>10} {'baseline':>10} {'unit':>6} {'ratio':>7} "
+              f"{'target':>8}  result")
     print(header)
     print("-" * len(header))
     try:

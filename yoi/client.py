@@ -413,9 +413,10 @@ def deliver(path: str | os.PathLike, line, msg_id: str, timeout: float = DEFAULT
     The acknowledgement is the ``ack`` or the broadcast ``system_item`` carrying
     MSG_ID (or, from a Pod without ids, the message; see ``acknowledgement``),
     which the Pod sends only after the entry is durable in its session log;
-    any other broadcast is ignored. Before the write, a failure means nothing was sent; after it,
-    the message may or may not have been delivered, and the error says how to
-    retry (with the same id, which a Pod with ids commits at most once).
+    any other broadcast is ignored. Before the write, a failure means nothing
+    was sent; after it, the message may or may not have been delivered, and the
+    error says how to retry (with the same id, which a Pod with ids commits at
+    most once).
     """
     with open_for_sending(path, timeout) as conn:
         supports = conn.supports
