@@ -15,16 +15,17 @@ original's form (a peer message's sender in a header inside the message),
 its acknowledgement is the notification that echoes the message, and the
 result says ``deduplicates_retries: false``: a retry there may deliver twice.
 
-Order of checks (nothing is sent unless all pass): names, id and message
-(UsageError, 2); both Pods exist (NotFound, 3); the peer relation (Refused,
-4); the target is running (Unreachable, 5).
+Order of checks (nothing is committed unless all pass): names, id and
+message (UsageError, 2); both Pods exist (NotFound, 3); the peer relation
+(Refused, 4); the target is running (Unreachable, 5).
 
-One message to a Pod of ours is sent first and the records read only if it
-is not delivered: the Pod checks the relation itself (against both
-records) and refuses what the checks above would stop, and a failure is
-then explained by those checks, with the same errors and exit statuses.
-Reading the records first would cost every send the TOML parser (a
-fifth of the time a send takes beyond Python and Click).
+One message to a live Pod of ours is written first, and the records read
+only if it is not delivered: the Pod checks the relation itself (against
+both records) and refuses what the checks above would stop, and a failure
+is then explained by those checks, with the same errors and exit statuses.
+Reading the records first would cost every send the TOML parser (a fifth
+of the time a send takes beyond Python and Click). To a Pod that does not
+check (the original's), nothing is written before the checks pass.
 """
 
 from __future__ import annotations
