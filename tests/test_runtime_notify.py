@@ -260,6 +260,25 @@ def test_a_failed_fsync_commits_nothing_and_a_retry_succeeds(state, started_pod)
     assert log_entries(state, "a") == [ack]
 
 
+def test_a_retry_of_a_committed_id_is_acknowledged_when_a_write_fails(state, started_pod):
+    """The message is durable already: the failure of the batch beside it, or a log
+    that takes nothing more, does not turn its acknowledgement into an error."""
+    pod = started_pod("a", env={"YOI_FAULT": "session-before-fsync:eio:2"})
+    first = notify(pod.socket_path, "kept", "w-1")
+    with Raw(pod.socket_path) as c:
+        c.prelude()
+        c.send(compact("kept (retry)", "w-1") + compact("new", "w-2"))
+        seen = [c.event()]
+        while {"ack", "error"} - {e["event"] for e in seen}:
+            seen.append(c.event())
+    acks = [e["data"] for e in seen if e["event"] == "ack"]
+    errors = [e["data"] for e in seen if e["event"] == "error"]
+    assert acks == [{"id": "w-1", "seq": first["seq"], "at": first["at"],
+                     "state": "duplicate"}]
+    assert errors[0]["code"] == "internal" and errors[0]["committed"] is False
+    assert [e["id"] for e in log_entries(state, "a")] == ["w-1"]
+
+
 def test_a_crash_in_the_middle_of_an_append_leaves_a_recoverable_log(state, started_pod):
     from yoi.errors import Failed
     pod = started_pod("a", env={"YOI_FAULT": "session-mid-write:crash"})

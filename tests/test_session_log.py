@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -164,6 +165,41 @@ def test_the_writer_commits_an_id_once_in_a_batch_and_across_batches(tmp_path):
             (got[1][0].offset, got[1][0].length), (first.offset, first.length)]
         assert [line_id(x) for x in log_lines(path)] == ["a", "b", None]
         assert log.read(got[2][0]) == log.committed_line("b")
+    finally:
+        log.close()
+
+
+def test_a_failed_write_fails_the_new_entries_only(tmp_path, monkeypatch):
+    """An entry whose id was committed before needs no write: when the batch's write
+    fails, it is still acknowledged (from the earlier entry), the new ones fail."""
+    import errno
+    from yoi.session import writer
+    path, index = tmp_path / "session.jsonl", tmp_path / "session.index"
+    log, _ = opened(path, index)
+    try:
+        first = log.append(message("a"))
+
+        def full(fd, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(writer, "write_all", full)
+        got, landed = [], threading.Event()
+
+        def done(res, err):
+            got.append((res, err))
+            if len(got) == 2:
+                landed.set()
+
+        with log._cond:
+            for mid in ("a", "b"):
+                log.submit(message(mid), done)
+        assert landed.wait(10)
+        monkeypatch.undo()
+        log.append(Entry("run_end", {"result": "finished"}))
+        (dup, no_error), (none, error) = got
+        assert (dup.duplicate, dup.seq, dup.offset, no_error) == (True, 1, first.offset, None)
+        assert none is None and error.errno == errno.ENOSPC
+        assert [line_id(x) for x in log_lines(path)] == ["a", None]
     finally:
         log.close()
 

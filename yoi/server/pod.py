@@ -247,8 +247,12 @@ class Pod:
 
         try:
             self.session.submit(entry, done)
-        except OSError as e:
-            self.committed(c, entry, None, e, after, compact)
+        except OSError as e:  # the log takes nothing more; an id it holds is still acknowledged
+            try:
+                res = self.session.lookup(entry.msg_id) if entry.msg_id is not None else None
+            except Exception:  # (nor can its index be read: the failure stands)
+                res = None
+            self.committed(c, entry, res, None if res is not None else e, after, compact)
 
     def _landed(self, *commit) -> None:
         """A commit's outcome (writer thread): queued, and the loop woken once for

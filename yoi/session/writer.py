@@ -189,13 +189,21 @@ class SessionLog:
     # -- looking up ------------------------------------------------------------------
     def committed_line(self, msg_id: str) -> bytes | None:
         """The committed line (with newline) of the entry with MSG_ID, if any."""
+        where = self.lookup(msg_id)
+        return None if where is None else self.read(where)
+
+    def lookup(self, msg_id: str) -> Committed | None:
+        """Where the entry with MSG_ID was committed (``duplicate``: an entry with its id
+        would not be written again), if it was."""
         with self._cond:
             where = self._unindexed.get(msg_id)
         if where is None:
             where = self.index.get(msg_id)
-        if where is None:
-            return None
-        return os.pread(self._rfd, where[1], where[0])
+        return None if where is None else self._earlier(*where)
+
+    def _earlier(self, offset: int, length: int) -> Committed:
+        seq = line_seq(os.pread(self._rfd, min(length, 64), offset))
+        return Committed(offset, length, seq or 0, duplicate=True)
 
     def read(self, entry: Committed) -> bytes:
         """The committed line at ENTRY (any thread)."""
@@ -270,8 +278,9 @@ class SessionLog:
                 os.fsync(self._fd)
             except OSError as e:
                 self._undo(start, e)
-                for _, done in batch:
-                    done(None, e)
+                for k, (_, done) in enumerate(batch):  # (ids committed before still are)
+                    res = results.get(k)
+                    done(res, None if res is not None else e)
                 return
             self.size, self.seq = start + len(data), seq + len(new)
             rows, offset = [], start
@@ -309,9 +318,7 @@ class SessionLog:
         for k, (entry, _) in enumerate(batch):
             where = known.get(entry.msg_id) if entry.msg_id is not None else None
             if where is not None:
-                offset, length = where
-                seq = line_seq(os.pread(self._rfd, min(length, 64), offset))
-                found[k] = Committed(offset, length, seq or 0, duplicate=True)
+                found[k] = self._earlier(*where)
         return found, None
 
     def _undo(self, start: int, err: OSError) -> None:
