@@ -46,7 +46,7 @@ PINNED_LIMIT = 128 << 20       # bytes of older snapshots kept for clients not r
 RECV_CHUNK = 64 << 10
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 0.1             # seconds the listener rests when accept() fails (no fds)
-PENDING_LIMIT = 1024          # answers one client may be owed before its lines wait,
+PENDING_LIMIT = 256           # answers one client may be owed before its lines wait,
 PENDING_BYTES = 16 << 20      # or bytes of its entries being committed (at least one)
 IOV_MAX = 1024                # pieces of a queue written by one sendmsg
 
