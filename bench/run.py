@@ -34,21 +34,21 @@ class Row:
     target: str
     status: str
     note: str = ""
-    # (for cases timed over several interleaved runs) the fastest of each: the
-    # figure and baseline above are the medians, and the target is judged on them
-    figure_min: float | None = None
-    baseline_min: float | None = None
+    # (for cases timed over several interleaved runs) the best run of each, the
+    # fastest: the figure and baseline above are the medians, judged on
+    figure_best: float | None = None
+    baseline_best: float | None = None
 
 
-def judge(case, figure, baseline, unit, target_op, target, note="", figure_min=None,
-          baseline_min=None) -> Row:
+def judge(case, figure, baseline, unit, target_op, target, note="", figure_best=None,
+          baseline_best=None) -> Row:
     ratio = figure / baseline
     ok = ratio <= target if target_op == "<=" else ratio >= target
-    if figure_min is not None:
-        note += (f" [min {fmt(figure_min)} / {fmt(baseline_min)} = "
-                 f"{fmt(figure_min / baseline_min)}]")
+    if figure_best is not None:
+        note += (f" [best {fmt(figure_best)} / {fmt(baseline_best)} = "
+                 f"{fmt(figure_best / baseline_best)}]")
     return Row(case, figure, baseline, unit, ratio, f"{target_op} {target}",
-               "PASS" if ok else "MISS", note, figure_min, baseline_min)
+               "PASS" if ok else "MISS", note, figure_best, baseline_best)
 
 
 def interleaved(a_argv, b_argv, n, env=None):
@@ -63,7 +63,8 @@ def interleaved(a_argv, b_argv, n, env=None):
 
 
 def judge_ms(case, a, b, target_op, target, note) -> Row:
-    """A row from ``interleaved`` timings A and B (seconds): medians judged, minima shown."""
+    """A row from ``interleaved`` timings A and B (seconds): medians judged, the fastest
+    runs shown."""
     return judge(case, a[0] * 1000, b[0] * 1000, "ms", target_op, target, note,
                  a[1] * 1000, b[1] * 1000)
 
