@@ -244,9 +244,10 @@ def remove_scale_dirs() -> None:
 
 def _at_scale(case: str, argv: list[str], what: str, quick: bool) -> list[Row]:
     """ARGV over 1,000, 10,000 and (not --quick) 100,000 Pods beside the loop that
-    reads and parses every record, in turn: each size judged on the faster of its
-    runs (10,000: <= 1.15), and the growth from 1,000 to the largest beside the
-    loop's (<= 1.15: as linear as reading the files)."""
+    reads and parses every record, in turn, on the faster of each one's runs:
+    10,000 is judged (<= 1.15), the other sizes are shown, and the growth from
+    1,000 to the largest is judged beside the loop's (<= 1.15: as linear as
+    reading the files)."""
     sizes = (1000,) if quick else (1000, 10000, 100000)
     got = {}
     rows = []
@@ -259,11 +260,12 @@ def _at_scale(case: str, argv: list[str], what: str, quick: bool) -> list[Row]:
             base.append(timed([PY, "-c", READ_PARSE_LOOP, str(st)], env))
             cmd.append(timed(yoi_argv() + argv, env))
         got[pods] = (min(cmd), min(base))
-        rows.append(judge(f"{case} {pods // 1000}k", min(cmd), min(base), "s", "<=",
-                          1.15 if pods == 10000 else 1.5,
-                          f"{what} over {pods} Pods / {pods * 10} peer entries vs "
-                          f"read+tomllib loop, best of {runs} [medians {fmt(median(cmd))} / "
-                          f"{fmt(median(base))}]"))
+        row = judge(f"{case} {pods // 1000}k", min(cmd), min(base), "s", "<=", 1.15,
+                    f"{what} over {pods} Pods / {pods * 10} peer entries vs read+tomllib "
+                    f"loop, best of {runs} [medians {fmt(median(cmd))} / {fmt(median(base))}]")
+        if pods != 10000:  # the target is at 10,000 (and the growth); the others inform
+            row.target, row.status = "", "INFO"
+        rows.append(row)
     if len(sizes) > 1:
         lo, hi = sizes[0], sizes[-1]
         rows.append(judge(f"{case} growth", got[hi][0] / got[lo][0], got[hi][1] / got[lo][1],
@@ -420,8 +422,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=2)
-    bad = [r for r in rows if r.status != "PASS"]
-    print(f"\n{len(rows) - len(bad)} passed, {len(bad)} missed or failed")
+    bad = [r for r in rows if r.status not in ("PASS", "INFO")]
+    print(f"\n{len(rows) - len(bad)} passed or shown, {len(bad)} missed or failed")
     return 1 if bad else 0
 
 
