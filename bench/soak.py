@@ -3,9 +3,10 @@
 * crash: random peer registrations and removals among 20 Pods, ``kill -9`` at
   random moments, recovery after each kill; counts one-sided relations, files
   that do not parse, completed operations missing, leftover journals/temp files.
-* delivery: messages from 4 senders retried with the same ``--id`` while the
-  receiving Pod is killed and restarted at random; counts acknowledged
-  messages missing from the log, and messages present twice.
+* delivery: messages from 4 senders (two acknowledged by the broadcast, two
+  by compact acks) retried with the same ``--id`` while the receiving Pod is
+  killed and restarted at random; counts acknowledged messages missing from
+  the log, and messages present twice.
 * children: a parent Pod and a child it spawned with a task, each SIGKILLed
   (or the child stopped) and restarted at random moments; counts notices in
   the parent's log twice, runs of the child told never or twice, and tasks
@@ -114,7 +115,7 @@ def log_ids(st: Path, name: str) -> list[str]:
 # -- delivery --------------------------------------------------------------------
 
 def soak_delivery(messages: int, seed: int) -> int:
-    from yoi import client
+    from yoi import client, protocol
     from yoi.errors import YoiError
     rng = random.Random(seed)
     senders = [f"s{i}" for i in range(4)]
@@ -128,12 +129,20 @@ def soak_delivery(messages: int, seed: int) -> int:
         acked: dict[str, set[str]] = {s: set() for s in senders}
         retries = [0]
         def send_all(sender: str, count: int):
+            # half the senders ask for compact acknowledgements, half for the broadcast
+            compact = int(sender[1:]) % 2 == 1
             for i in range(count):
                 msg_id = f"{sender}-{i}"
                 while True:
                     try:
-                        client.notify(socket_of(st, "r"), f"message {i} from {sender}", msg_id,
-                                      source=sender, timeout=5)
+                        text = f"message {i} from {sender}"
+                        if compact:
+                            client.deliver(socket_of(st, "r"), lambda supports: protocol
+                                           .notify_method(text, msg_id, sender, supports),
+                                           msg_id, timeout=5)
+                        else:
+                            client.notify(socket_of(st, "r"), text, msg_id, source=sender,
+                                          timeout=5)
                         acked[sender].add(msg_id)
                         break
                     except YoiError:

@@ -4,6 +4,7 @@ imports, shell completion, --version, `python -m yoi`, and the README."""
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -112,12 +113,13 @@ atexit.register(record)
 """
 
 
-def imported(tmp_path, body: str) -> set[str]:
-    """Modules in sys.modules when a fresh interpreter that ran BODY exits."""
+def imported(tmp_path, body: str, exit_code: int = 0) -> set[str]:
+    """Modules in sys.modules when a fresh interpreter that ran BODY exits (with
+    EXIT_CODE; `yoi` runs the exit handlers, then ends without teardown)."""
     out = tmp_path / "modules.txt"
     p = subprocess.run([sys.executable, "-c", RECORD_MODULES.format(out=str(out), body=body)],
                        capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == exit_code, p.stderr
     return set(out.read_text().split())
 
 
@@ -146,24 +148,27 @@ def test_version_imports_nothing_it_does_not_use(click_itself, tmp_path):
 # What the two commands CI runs most import, pinned: a new import on these paths
 # must be a decision (measure it with `python -X importtime`), not an accident.
 VERSION_MODULES = {"yoi", "yoi.cli", "yoi.cli.common", "yoi.errors", "yoi.timeouts"}
+# A send to a live Pod of ours reads no record (see yoi.delivery): no TOML, no
+# transaction or lock modules.
 SEND_MODULES = VERSION_MODULES | {
     "yoi.cli.pod", "yoi.cli.send", "yoi.delivery", "yoi.client", "yoi.protocol",
-    "yoi.state", "yoi.names", "yoi.txn", "yoi.metadata", "yoi.atomic", "yoi.lock",
-    "yoi.faults", "yoi.parsing"}
+    "yoi.state", "yoi.names", "yoi.parsing"}
 
 
-def test_version_and_send_import_exactly_the_pinned_modules(click_itself, state, tmp_path):
+def test_version_and_send_import_exactly_the_pinned_modules(click_itself, state, started_pod,
+                                                           tmp_path):
     from yoi import store
     store.create(state, "B")
     mods = imported(tmp_path, run_yoi_with("--version"))
     assert {m for m in mods if m.split(".")[0] == "yoi"} == VERSION_MODULES
+    started_pod("B", create=False)
     mods = imported(tmp_path, f"import os\nos.environ['YOI_HOME'] = {str(state.root)!r}\n"
-                              "try:\n    " + run_yoi_with("pod", "send", "B", "hi")
-                    .replace("\n", "\n    ") + "\nexcept SystemExit:\n    pass")
+                    + run_yoi_with("pod", "send", "B", "hi"))
     assert {m for m in mods if m.split(".")[0] == "yoi"} == SEND_MODULES
     # and from the standard library only what a one-shot exchange needs
     assert (mods - click_itself) & {"threading", "socket", "selectors", "subprocess",
-                                    "tomli_w", "shutil", "dataclasses", "tempfile"} == set()
+                                    "tomli_w", "tomllib", "fcntl", "shutil", "dataclasses",
+                                    "tempfile"} == set()
 
 
 def test_pod_list_does_not_import_the_runtime_or_writers(click_itself, state, tmp_path):
@@ -176,6 +181,36 @@ def test_pod_list_does_not_import_the_runtime_or_writers(click_itself, state, tm
     # Nor what only writers or repairs need (each costs milliseconds on every run).
     assert (mods - click_itself) & {"shutil", "dataclasses", "tempfile", "hashlib"} == set()
     assert "threading" not in mods - click_itself  # one Pod, no socket: no probe threads
+
+
+def test_yoi_ends_without_teardown_after_flushing_and_running_exit_handlers(state, tmp_path):
+    """From the command line, `yoi` ends the process as soon as the command is done:
+    every byte of its output is written and exit handlers run, objects are not torn
+    down one by one; the exit status is the command's."""
+    from yoi import store
+    for i in range(400):  # a --json document far over a pipe's 64 KiB
+        store.create(state, f"pod-{i:03d}", labels={"filler": "x" * 100})
+    body = ("import atexit, os, sys\n"
+            "class Torn:\n"
+            "    def __del__(self, open=open):\n"
+            f"        open({str(tmp_path / 'torn')!r}, 'w').close()\n"
+            "kept = Torn()\n"
+            f"atexit.register(lambda: open({str(tmp_path / 'atexit')!r}, 'w').close())\n"
+            f"os.environ['YOI_HOME'] = {str(state.root)!r}\n"
+            "sys.argv = ['yoi', *sys.argv[1:]]\n"
+            "from yoi.cli import main\n"
+            "main()\n")
+    for args, code in ((["pod", "list", "--json"], 0), (["pod", "send", "nosuch", "hi"], 3)):
+        for f in ("torn", "atexit"):
+            (tmp_path / f).unlink(missing_ok=True)
+        p = subprocess.run([sys.executable, "-c", body, *args], capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == code, p.stderr
+        assert (tmp_path / "atexit").exists() and not (tmp_path / "torn").exists()
+        if code == 0:
+            assert len(json.loads(p.stdout)["pods"]) == 400
+        else:
+            assert p.stderr == "yoi: error: no such Pod: nosuch\n"
 
 
 # -- README ----------------------------------------------------------------------------

@@ -433,6 +433,27 @@ def test_list_reports_a_corrupt_pod_and_goes_on(cli, state):
     assert state.metadata_path("a").read_bytes() == CORRUPT
 
 
+def test_list_read_in_worker_processes_is_the_same(cli, state, started_pod, monkeypatch):
+    """At scale the records are read in worker processes, which send back only what
+    the listing shows: the same listing, corrupt and live Pods, labels and all."""
+    make_peers(state, "a-b", "a-c")
+    store.create(state, "d", labels={"job": "7"})
+    state.metadata_path("c").write_bytes(CORRUPT)
+    started_pod("a", create=False)
+    runs = {}
+    for threshold in (10**9, 1):
+        monkeypatch.setattr(store, "LIST_POOL_THRESHOLD", threshold)
+        runs[threshold] = [cli("pod", "list", *args).stdout
+                           for args in ((), ("--json",), ("--label", "job=7", "--json"))]
+    assert runs[1] == runs[10**9]
+    assert [p["pod_name"] for p in json.loads(runs[1][2])["pods"]] == ["d"]
+    pods = json.loads(runs[1][1])["pods"]
+    assert [(p["peer_count"], p["state"], p["live"]["reachable"]) for p in pods] == [
+        (2, "readable", True), (1, "readable", False), (None, "corrupt", False),
+        (0, "readable", False)]
+    assert "does not parse" in pods[2]["error"]
+
+
 def test_symlinked_pod_dir_is_refused(cli, state, tmp_path):
     store.create(state, "a")
     outside = tmp_path / "outside"

@@ -227,3 +227,56 @@ def test_clients_that_never_read_cannot_pile_up_old_snapshots(state, run_yoi, st
     assert closed == [True] * (100 - held) + [False] * held
     assert 0 < held * (4 << 20) <= server.PINNED_LIMIT
     assert notify(pod.socket_path, "fine", "after")["item"]["id"] == "after"
+
+
+def test_a_client_is_not_read_while_its_commits_in_progress_hold_pending_bytes(tmp_path):
+    """Besides PENDING_LIMIT answers, a client is owed at most PENDING_BYTES of entries
+    being committed before its further lines wait unread: 1 MB messages written far
+    ahead cost the Pod a bounded amount, however slow its disk. (The Hub as a Pod runs
+    it, with a method handler that commits nothing: the commits are the point.)"""
+    import time
+    from yoi.server.connection import PENDING_BYTES, Hub
+    from yoi.server.loop import Loop
+    loop = Loop()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = str(tmp_path / "hub.sock")
+    listener.bind(path)
+    listener.listen(4)
+    owed, handed = [], []
+
+    def on_line(c, line):  # a commit that holds the message twice (message and body)
+        owed.append((c, 2 * len(line)))
+        handed.append(line)
+        hub.owe(c, 2 * len(line))
+
+    hub = Hub(loop, listener, on_line, lambda: (b"", b'{"event":"snapshot","data":{}}\n'))
+    hub.start_accepting()
+    size, n = 1 << 20, 40
+
+    def pump(until, seconds=10.0):
+        deadline = time.monotonic() + seconds
+        while not until() and time.monotonic() < deadline:
+            loop.run_once(0.01)
+
+    try:
+        with Raw(path) as c:
+            pump(lambda: hub.clients)
+            pump(lambda: c.pending())
+            writer = threading.Thread(target=c.send, args=(b"".join(
+                b'{"x":"' + b"y" * (size - 9) + b'"}\n' for _ in range(n)),))
+            writer.start()
+            held = 2 * (size - 1)  # per line (without its newline)
+            enough = -(-PENDING_BYTES // held)  # lines that reach PENDING_BYTES
+            pump(lambda: len(owed) >= enough, 10)
+            pump(lambda: False, 0.5)  # and then nothing more is handed over
+            assert len(owed) == enough < n
+            while len(handed) < n and owed:  # the commits land: the rest is read
+                while owed:
+                    hub.paid(*owed.pop())
+                pump(lambda: owed, 5)
+            writer.join(10)
+            assert len(handed) == n and not writer.is_alive()
+    finally:
+        hub.close_all()
+        listener.close()
+        loop.close()

@@ -67,6 +67,87 @@ def test_every_client_sees_the_broadcast_sender_included(started_pod):
     assert got[0] == got[1]
 
 
+def compact(message: str, msg_id: str | None) -> bytes:
+    params = {"message": message, "ack": "compact"}
+    if msg_id is not None:
+        params["id"] = msg_id
+    return protocol.method("notify", params)
+
+
+def test_a_compact_ack_replaces_the_senders_broadcast(state, started_pod):
+    """(ours) "ack": "compact" is answered with an ``ack`` {id, seq, at, state} after
+    the fsync, instead of the entry's broadcast; everyone else still gets that."""
+    pod = started_pod("a")
+    with Raw(pod.socket_path) as watcher, Raw(pod.socket_path) as sender:
+        watcher.prelude()
+        sender.prelude()
+        sender.send(compact("hello", "c-1"))
+        ack, seen = sender.until("ack")
+        entry = log_entries(state, "a")[-1]  # on disk when acknowledged
+        assert ack == {"event": "ack", "data": {"id": "c-1", "seq": entry["seq"],
+                                                "at": entry["at"], "state": "committed"}}
+        assert watcher.until("system_item")[0]["data"] == entry
+        # the sender never gets the entry itself: the next thing it sees is its next answer
+        sender.send({"method": "notify", "params": {"message": "full", "id": "c-2"}})
+        full, seen = sender.until("system_item")
+        assert [e["event"] for e in seen] == ["system_item"]
+        assert full["data"]["id"] == "c-2"
+        # a retry: acknowledged again, as a duplicate of the same entry, nothing committed
+        sender.send(compact("hello (retry)", "c-1"))
+        assert sender.until("ack")[0]["data"] == {**ack["data"], "state": "duplicate"}
+        # pipelined, before the first is committed: one entry, the others duplicates
+        sender.send(compact("x", "c-3") * 3)
+        acks = [sender.until("ack")[0]["data"] for _ in range(3)]
+        assert [a["state"] for a in acks] == ["committed", "duplicate", "duplicate"]
+        assert len({(a["seq"], a["at"]) for a in acks}) == 1
+        # without an id there is nothing to acknowledge compactly: the broadcast
+        sender.send(compact("anonymous", None))
+        assert sender.until("system_item")[0]["data"]["item"]["message"] == "anonymous"
+    assert [e["item"]["message"] for e in log_entries(state, "a")] == [
+        "hello", "full", "x", "anonymous"]
+
+
+@pytest.mark.parametrize("fault, ending", [("session-before-fsync:crash", "closed"),
+                                           ("session-before-fsync:eio", "error")])
+def test_a_compact_ack_is_sent_only_after_the_fsync(started_pod, fault, ending):
+    pod = started_pod("a", env={"YOI_FAULT": fault})
+    seen = []
+    with Raw(pod.socket_path) as sender:
+        sender.prelude()
+        sender.send(compact("hello", "f-1"))
+        try:
+            while True:
+                seen.append(sender.event())
+                if seen[-1]["event"] == "error":
+                    break
+        except EOFError:
+            seen.append("closed")
+    assert "ack" not in [e["event"] for e in seen if isinstance(e, dict)]
+    if ending == "closed":
+        assert seen == ["closed"]
+    else:
+        assert seen[-1]["data"]["code"] == "internal"
+
+
+def test_a_reader_that_falls_behind_gets_every_event_whole_and_in_order(state, started_pod):
+    """Events queued for a client leave in writes of many pieces (more than one
+    sendmsg can take) that the socket takes in part: none is lost, cut or reordered."""
+    from yoi.client import notify_pipelined
+    from yoi.server.connection import IOV_MAX
+    pod = started_pod("a")
+    n = IOV_MAX * 3
+    with Raw(pod.socket_path) as watcher:
+        watcher.prelude()  # then reads nothing while the events pile up
+        ids = [f"slow-{i}" for i in range(n)]
+        lines = [protocol.notify_method(f"message {i} " + "y" * (i % 300), mid)
+                 for i, mid in enumerate(ids)]
+        batch = notify_pipelined(pod.socket_path, lines, ids, timeout=30)
+        assert batch.failure is None and batch.acked == n
+        got = [watcher.until("system_item")[0]["data"] for _ in range(n)]
+    assert got == log_entries(state, "a")
+    assert [e["id"] for e in got] == ids
+
+
 def test_concurrent_senders_each_committed_exactly_once(state, started_pod):
     pod = started_pod("a")
     errors = []
@@ -179,6 +260,25 @@ def test_a_failed_fsync_commits_nothing_and_a_retry_succeeds(state, started_pod)
     assert log_entries(state, "a") == [ack]
 
 
+def test_a_retry_of_a_committed_id_is_acknowledged_when_a_write_fails(state, started_pod):
+    """The message is durable already: the failure of the batch beside it, or a log
+    that takes nothing more, does not turn its acknowledgement into an error."""
+    pod = started_pod("a", env={"YOI_FAULT": "session-before-fsync:eio:2"})
+    first = notify(pod.socket_path, "kept", "w-1")
+    with Raw(pod.socket_path) as c:
+        c.prelude()
+        c.send(compact("kept (retry)", "w-1") + compact("new", "w-2"))
+        seen = [c.event()]
+        while {"ack", "error"} - {e["event"] for e in seen}:
+            seen.append(c.event())
+    acks = [e["data"] for e in seen if e["event"] == "ack"]
+    errors = [e["data"] for e in seen if e["event"] == "error"]
+    assert acks == [{"id": "w-1", "seq": first["seq"], "at": first["at"],
+                     "state": "duplicate"}]
+    assert errors[0]["code"] == "internal" and errors[0]["committed"] is False
+    assert [e["id"] for e in log_entries(state, "a")] == ["w-1"]
+
+
 def test_a_crash_in_the_middle_of_an_append_leaves_a_recoverable_log(state, started_pod):
     from yoi.errors import Failed
     pod = started_pod("a", env={"YOI_FAULT": "session-mid-write:crash"})
@@ -266,63 +366,3 @@ def test_a_client_far_ahead_is_held_back_but_everything_it_wrote_is_committed(
     while len(log_entries(state, "a")) < n and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [e["id"] for e in log_entries(state, "a")] == [f"far-{i}" for i in range(n)]
-
-
-def test_answers_owed_for_big_lines_are_bounded_in_bytes_not_only_in_count(tmp_path):
-    """While its commits stall, a client pipelining 1 MiB lines gets only
-    PENDING_BYTES of them taken in; the rest wait unread in the socket until answers
-    are paid. (The Pod's Hub on a real loop and socket; the stalled commit is the
-    fake.)"""
-    import math
-    import socket
-    import threading
-    import time
-    from yoi.server.connection import PENDING_BYTES, Hub
-    from yoi.server.loop import Loop
-
-    loop = Loop()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(tmp_path / "s"))
-    listener.listen(4)
-    taken: list = []
-
-    def on_line(c, line):
-        hub.owe(c)  # answered only when the test says so
-        taken.append(c)
-
-    hub = Hub(loop, listener, on_line, lambda: (b"", b'{"event":"snapshot","data":{}}\n'))
-    hub.start_accepting()
-    runner = threading.Thread(target=loop.run, daemon=True)
-    runner.start()
-    line = b'{"method":"notify","params":{"message":"' + b"x" * ((1 << 20) - 100) + b'"}}\n'
-    n = 40
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.connect(str(tmp_path / "s"))
-    client.recv(1 << 16)  # the prelude
-    def write() -> None:
-        try:
-            client.sendall(line * n)
-        except OSError:
-            pass  # closed at the end of the test, still blocked: the point
-
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
-    first = math.ceil(PENDING_BYTES / (len(line) - 1))
-
-    def settled(count: int) -> None:
-        deadline = time.monotonic() + 20
-        while len(taken) < count and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.3)  # and no more than that comes
-        assert len(taken) == count, (len(taken), count)
-
-    try:
-        settled(first)
-        loop.call_soon(lambda: [hub.paid(taken[i]) for i in range(4)])
-        settled(first + 4)
-        loop.call_soon(lambda: [hub.paid(c) for c in taken[4:]])
-        settled(min(n, first + 4 + first))
-    finally:
-        loop.request_stop("test over")
-        client.close()
-        runner.join(10)

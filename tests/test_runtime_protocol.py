@@ -46,7 +46,7 @@ def test_prelude_byte_for_byte_then_shutdown_without_params(state, run_yoi, star
         line = c.read_line()
         # what the Pod supports comes first, where a client reads it from the prefix
         assert line.startswith(b'{"event":"snapshot","data":{"yoi":{"protocol":1,'
-                               b'"supports":["id","source"]},"greeting":{')
+                               b'"supports":["id","source","compact_ack"]},"greeting":{')
         snap = json.loads(line)
         assert list(snap) == ["event", "data"]
         assert list(snap["data"]) == ["yoi", "greeting", "status", "session_offset", "entries"]

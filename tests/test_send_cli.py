@@ -1,4 +1,5 @@
-"""`yoi pod send`: the checks made before anything is sent, and their exit codes."""
+"""`yoi pod send`: the checks (made before anything is sent, or by a live Pod of ours
+itself and then explained from the records), and their exit codes."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def test_a_large_message_under_the_limit_is_delivered(cli, pair):
     body = "z" * (900 << 10)
     r = cli("pod", "send", "--id", "big-1", "B", "-", input=body)
     assert r.exit_code == 0, r
-    assert pair.methods == [("notify", {"message": body, "id": "big-1"})]
+    assert pair.methods == [("notify", {"message": body, "id": "big-1", "ack": "compact"})]
 
 
 def test_invalid_utf8_on_stdin(cli, pair):
@@ -88,26 +89,53 @@ def test_unknown_target_exits_3(cli, state):
     fails(cli("pod", "send", "nosuch", "hi"), 3, "no such Pod: nosuch")
 
 
-def test_unknown_source_exits_3(cli, pair):
+def test_unknown_source_exits_3(cli, state):
+    store.create(state, "B")
     fails(cli("pod", "send", "--from", "ghost", "B", "hi"), 3,
           "no such Pod: ghost (the source)")
-    assert pair.connections == 0
 
 
-def test_not_a_peer_exits_4_and_sends_nothing(cli, pair, state):
+def test_not_a_peer_exits_4_and_nothing_is_committed(cli, state, started_pod):
+    """A live Pod of ours refuses the message itself; the records then explain it."""
     store.create(state, "C")
+    pod = started_pod("B")
     fails(cli("pod", "send", "--from", "C", "B", "hi"), 4,
           "not a peer: C does not list B as a peer "
           "(introduce them with `yoi pod peer register C B`)")
-    assert pair.connections == 0
+    fails(cli("pod", "send", "--from", "ghost", "B", "hi"), 3, "no such Pod: ghost (the source)")
+    store.create(state, "D", accept_peers="ask")  # a pending request is named as such
+    assert peers.register(state, "C", "D")["state"] == "pending"
+    started_pod("D", create=False)
+    r = cli("pod", "send", "--from", "C", "D", "hi")
+    assert r.exit_code == 4 and r.stderr.startswith("yoi: error: not a peer yet: "), r
+    assert state.session_path("B").read_bytes() == state.session_path("D").read_bytes() == b""
+    assert pod.socket_path
 
 
-def test_yoi_pod_not_a_peer_exits_4(cli, pair, state, monkeypatch):
+def test_yoi_pod_not_a_peer_exits_4(cli, state, started_pod, monkeypatch):
     store.create(state, "C")
+    started_pod("B")
     monkeypatch.setenv("YOI_POD", "C")
     r = cli("pod", "send", "B", "hi")
     assert r.exit_code == 4, r
-    assert pair.connections == 0
+    assert state.session_path("B").read_bytes() == b""
+
+
+def test_a_pod_that_does_not_check_is_not_sent_what_the_records_refuse(cli, state, fake):
+    """A Pod that does not announce "source" (the original's) does not check the
+    relation: the client checks the records before it writes anything."""
+    store.create(state, "A")
+    store.create(state, "C")
+    pod = fake(fake_pods.original, "B")
+    fails(cli("pod", "send", "--from", "C", "B", "hi"), 4,
+          "not a peer: C does not list B as a peer "
+          "(introduce them with `yoi pod peer register C B`)")
+    fails(cli("pod", "send", "--from", "ghost", "B", "hi"), 3, "no such Pod: ghost (the source)")
+    assert pod.methods == []
+    peers.register(state, "A", "B")
+    r = cli("pod", "send", "--from", "A", "--id", "o-1", "B", "hi")
+    assert r.exit_code == 0, r
+    assert pod.methods == [("notify", {"message": "[Peer message from `A`]\nhi", "id": "o-1"})]
 
 
 def test_sending_to_yourself_is_refused_without_suggesting_a_self_peer(cli, pair):

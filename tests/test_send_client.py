@@ -36,7 +36,8 @@ def test_send_drains_alert_and_snapshot_before_writing(cli, fake, script):
     assert r.stdout == "delivered to B as operator (id seed-1)\n"
     assert r.stderr == ""
     assert pod.early == []
-    assert pod.methods == [("notify", {"message": "hello after the prelude", "id": "seed-1"})]
+    assert pod.methods == [("notify", {"message": "hello after the prelude", "id": "seed-1",
+                                       "ack": "compact"})]
 
 
 def test_strict_fake_catches_a_sender_that_writes_before_the_snapshot(state, fake):
@@ -76,9 +77,9 @@ def test_peer_message_carries_source_and_yoi_pod_is_the_default(cli, fake, state
     r = cli("pod", "send", "--from", "", "--id", "p-3", "B", "three")
     assert r.exit_code == 0, r
     assert pod.methods == [
-        ("notify", {"message": "one", "id": "p-1", "source": "A"}),
-        ("notify", {"message": "two", "id": "p-2", "source": "A"}),
-        ("notify", {"message": "three", "id": "p-3"}),
+        ("notify", {"message": "one", "id": "p-1", "source": "A", "ack": "compact"}),
+        ("notify", {"message": "two", "id": "p-2", "source": "A", "ack": "compact"}),
+        ("notify", {"message": "three", "id": "p-3", "ack": "compact"}),
     ]
 
 
@@ -94,7 +95,8 @@ def test_inside_a_handler_the_pods_state_dir_is_the_default(cli, fake, state, tm
     env = {"YOI_POD": "A", "YOI_HOME": str(state.root)}
     r = cli("pod", "send", "--id", "h-1", "B", "reply", env=env)
     assert r.exit_code == 0, r
-    assert pod.methods == [("notify", {"message": "reply", "id": "h-1", "source": "A"})]
+    assert pod.methods == [("notify", {"message": "reply", "id": "h-1", "source": "A",
+                                       "ack": "compact"})]
     r = cli("pod", "send", "--state-dir", str(tmp_path / "elsewhere"), "B", "x", env=env)
     assert r.exit_code == 3, r  # an explicit --state-dir still wins
 

@@ -19,8 +19,8 @@ def test_lines_are_sent_in_order_with_line_numbered_ids(cli, fake):
     r = cli("pod", "send", "--lines", "--id", "run", "B", input=numbered(1000))
     assert r.exit_code == 0, r
     assert r.stdout == "delivered 1000 messages to B as operator (ids run-1 .. run-1000)\n"
-    assert pod.methods == [("notify", {"message": f"message {i}", "id": f"run-{i}"})
-                           for i in range(1, 1001)]
+    assert pod.methods == [("notify", {"message": f"message {i}", "id": f"run-{i}",
+                                       "ack": "compact"}) for i in range(1, 1001)]
     assert pod.connections == 1
 
 

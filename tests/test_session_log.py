@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -82,8 +83,12 @@ def test_every_split_position_of_a_batch_recovers_with_every_kept_entry_indexed(
             aside = list(d.glob("session.jsonl.torn-*"))
             assert [p.read_bytes() for p in aside] == ([fragment] if fragment else []), k
             assert bool(fragment) == any("ended with a torn line" in p for p in problems), k
-            # the next entry continues the sequence
+            # the next entry continues the sequence, and no kept id is written again
             assert log.append(message("after")).seq == len(kept) + 1
+            for e in kept:
+                again = log.append(message(e["id"]))
+                assert (again.duplicate, again.seq) == (True, e["seq"]), (k, e["id"])
+            assert len(log_lines(path)) == len(kept) + 1, k
         finally:
             log.close()
 
@@ -138,6 +143,93 @@ def test_an_index_that_does_not_match_the_log_is_rebuilt(tmp_path, damage):
             assert json.loads(log.committed_line(mid))["id"] == mid
         for mid in {"m-0", "m-1", "m-2", "m-9"} - set(ids):
             assert log.committed_line(mid) is None
+    finally:
+        log.close()
+
+
+def test_the_writer_commits_an_id_once_in_a_batch_and_across_batches(tmp_path):
+    """The writer is where an id is committed at most once: whether the earlier entry
+    is in the index, or in the same group commit."""
+    path, index = tmp_path / "session.jsonl", tmp_path / "session.index"
+    log, _ = opened(path, index)
+    try:
+        first = log.append(message("a"))
+        got = []
+        with log._cond:  # held: the writer takes all four as one batch
+            for mid in ("a", "b", "b", "a"):
+                log.submit(message(mid, "retry"), lambda res, err: got.append((res, err)))
+        log.append(Entry("run_end", {"result": "finished"}))  # after that batch
+        assert [err for _, err in got] == [None] * 4
+        assert [(r.seq, r.duplicate) for r, _ in got] == [(1, True), (2, False), (2, True),
+                                                          (1, True)]
+        assert [(r.offset, r.length) for r, _ in got] == [
+            (first.offset, first.length), (got[1][0].offset, got[1][0].length),
+            (got[1][0].offset, got[1][0].length), (first.offset, first.length)]
+        assert [line_id(x) for x in log_lines(path)] == ["a", "b", None]
+        assert log.read(got[2][0]) == log.committed_line("b")
+    finally:
+        log.close()
+
+
+def test_a_failed_write_fails_the_new_entries_only(tmp_path, monkeypatch):
+    """An entry whose id was committed before needs no write: when the batch's write
+    fails, it is still acknowledged (from the earlier entry), the new ones fail."""
+    import errno
+    from yoi.session import writer
+    path, index = tmp_path / "session.jsonl", tmp_path / "session.index"
+    log, _ = opened(path, index)
+    try:
+        first = log.append(message("a"))
+
+        def full(fd, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(writer, "write_all", full)
+        got, landed = [], threading.Event()
+
+        def done(res, err):
+            got.append((res, err))
+            if len(got) == 2:
+                landed.set()
+
+        with log._cond:
+            for mid in ("a", "b"):
+                log.submit(message(mid), done)
+        assert landed.wait(10)
+        monkeypatch.undo()
+        log.append(Entry("run_end", {"result": "finished"}))
+        (dup, no_error), (none, error) = got
+        assert (dup.duplicate, dup.seq, dup.offset, no_error) == (True, 1, first.offset, None)
+        assert none is None and error.errno == errno.ENOSPC
+        assert [line_id(x) for x in log_lines(path)] == ["a", None]
+    finally:
+        log.close()
+
+
+def test_ids_that_cannot_be_looked_up_are_not_written(tmp_path):
+    """If the index cannot be read, an entry with an id could be a duplicate: it
+    fails (the sender retries later); entries without an id are committed."""
+    import sqlite3
+    path, index = tmp_path / "session.jsonl", tmp_path / "session.index"
+    log, _ = opened(path, index)
+    try:
+        log.append(message("a"))
+
+        def broken(ids):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        log.index.lookup = broken
+        got = []
+        with log._cond:
+            log.submit(message("a"), lambda res, err: got.append((res, err)))
+            log.submit(message("new"), lambda res, err: got.append((res, err)))
+            log.submit(Entry("run_end", {"result": "finished"}),
+                       lambda res, err: got.append((res, err)))
+        log.append(Entry("run_end", {"result": "finished"}))
+        assert [res is None for res, _ in got] == [True, True, False]
+        assert all("cannot look message ids up" in str(err) for _, err in got[:2])
+        assert [line_id(x) for x in log_lines(path)] == ["a", None, None]
+        assert [json.loads(x)["seq"] for x in log_lines(path)] == [1, 2, 3]
     finally:
         log.close()
 

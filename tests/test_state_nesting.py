@@ -109,3 +109,20 @@ def test_a_torn_last_line_is_not_also_reported_unreadable(state, run_yoi):
     r = run_yoi("doctor", "--json")
     assert sorted(p["code"] for p in r.json["problems"]) == [
         "session-torn", "session-unreadable"], r
+
+
+@pytest.mark.parametrize("nest", [
+    lambda d: "x" + ".x" * (d - 1) + " = 1",                         # dotted keys
+    lambda d: "x = " + "[" * (d - 1) + "]" * (d - 1),                # arrays
+    lambda d: "x = " + "{y = " * (d - 1) + "1" + "}" * (d - 1),      # inline tables
+    lambda d: "[" + ".".join(["t"] * (d - 1)) + "]\ny = 1",          # table headers
+    lambda d: "[[" + ".".join(["t"] * (d - 2)) + "]]\ny = 1",        # arrays of tables
+], ids=["dotted-keys", "arrays", "inline-tables", "headers", "arrays-of-tables"])
+def test_every_way_toml_nests_is_refused_one_level_past_the_limit(nest):
+    """The nesting walk is skipped for texts with too few brackets, braces and dots to
+    nest that deep: every construct that nests still gets it, exactly at the limit."""
+    from yoi.parsing import MAX_DEPTH, ParseError, nested_deeper, toml_loads
+    ok = toml_loads(nest(MAX_DEPTH))
+    assert not nested_deeper(ok, MAX_DEPTH) and nested_deeper(ok, MAX_DEPTH - 1)
+    with pytest.raises(ParseError, match=f"nested deeper than {MAX_DEPTH} levels"):
+        toml_loads(nest(MAX_DEPTH + 1))

@@ -426,3 +426,33 @@ def test_closed_stdout_pipe_ends_quietly(state, yoi_home):
                        capture_output=True, text=True, timeout=60)
     assert p.stderr == "", p.stderr
     assert p.stdout.strip() == "141", p.stdout
+
+
+def test_reading_every_record_pauses_the_cycle_collector_and_restores_it(state, monkeypatch):
+    """Records hold no reference cycles: listing many parses them with the cyclic
+    collector paused, and leaves it as it found it, also when a read fails."""
+    import gc
+    from yoi.parsing import paused_gc
+    for n in "abc":
+        store.create(state, n)
+    seen = []
+    real = store.read_pod_file
+
+    def read(st, name):
+        seen.append(gc.isenabled())
+        return real(st, name)
+
+    monkeypatch.setattr(store, "read_pod_file", read)
+    assert [p.name for p in store.list_all(state)] == ["a", "b", "c"]
+    assert seen == [False] * 3 and gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with paused_gc():
+            raise RuntimeError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -134,7 +134,7 @@ def test_every_line_our_pod_writes_parses_as_both_generations_of_the_original(
                                            if e["kind"] in ("system_item", "user_message")]
         assert len(snap["data"]["entries"]) == 6
         with client.Connection.open(pod.socket_path, 10) as conn:
-            assert conn.supports == {"id", "source"}
+            assert conn.supports == {"id", "source", "compact_ack"}
 
         asker.raw.send({"method": "shutdown"})
         watcher.until("shutdown")
@@ -408,7 +408,7 @@ def test_what_a_pod_supports_is_read_from_the_prefix_of_a_long_snapshot(state, f
     fake(fake_pods.good_big_snapshot)  # 2 MiB: skipped unparsed, over the drain limit
     fake(fake_pods.original, name="O")
     with client.Connection.open(state.default_socket_path("B"), 10) as c:
-        assert c.supports == {"id", "source"} and c.snapshot is None
+        assert c.supports == {"id", "source", "compact_ack"} and c.snapshot is None
     with client.Connection.open(state.default_socket_path("O"), 10) as c:
         assert c.supports == frozenset()
 
@@ -427,4 +427,4 @@ def test_an_announcement_that_is_not_one_supports_nothing(prefix):
 def test_the_announcement_is_read_as_our_pods_write_it():
     line = (b'{"event":"snapshot","data":{"yoi":' +
             json.dumps(protocol.announcement(), separators=(",", ":")).encode() + b',"gr')
-    assert protocol.announced_in_prefix(line) == {"id", "source"}
+    assert protocol.announced_in_prefix(line) == {"id", "source", "compact_ack"}

@@ -48,9 +48,10 @@ from yoi.state import private_dir_problem, socket_dir_chain
 from yoi.timeouts import DEFAULT, POLL_CHUNK
 
 DRAIN_LINE_LIMIT = 64 << 10  # prelude lines longer than this are skipped, not kept
-# Bytes of notify lines written but not yet acknowledged, at most. Each
-# acknowledgement carries the message back (twice: message and body), and a
-# Pod disconnects a client that lets 16 MiB of events pile up unread.
+# Bytes of notify lines written but not yet acknowledged, at most. An
+# acknowledgement other than a compact one carries the message back (twice:
+# message and body), and a Pod disconnects a client that lets 16 MiB of events
+# pile up unread.
 MAX_IN_FLIGHT = 4 << 20
 _EVENT_PREFIX_RE = re.compile(rb'^\s*\{\s*"event"\s*:\s*"([A-Za-z_]+)"')
 
@@ -309,14 +310,14 @@ class Connection:
     # -- one exchange -----------------------------------------------------
     def wait_for(self, names: set[str], timeout: float, what: str,
                  match=None) -> tuple[str, dict]:
-        """Wait for an event in NAMES (and MATCH(data), if given); ``error`` raises
-        Refused, or PodFailed for code ``internal``."""
+        """Wait for an event in NAMES (and MATCH(name, data), if given); ``error``
+        raises Refused, or PodFailed for code ``internal``."""
         deadline = time.monotonic() + timeout
         while True:
             name, data = self.read_event(deadline, what=what)
             if name == "error":
                 raise _refusal(data)
-            if name in names and (match is None or match(data)):
+            if name in names and (match is None or match(name, data)):
                 return name, data
 
 
@@ -329,58 +330,59 @@ def request(path: str | os.PathLike, method_line: bytes, answers: set[str],
         return conn.wait_for(answers, timeout, what, match)
 
 
-def acknowledged_id(name: str, data: dict) -> object:
-    """The message id that the event NAME with DATA acknowledges, or None.
+ACK_EVENTS = frozenset({"system_item", "ack"})
 
-    The one place that knows what an acknowledgement looks like: the broadcast
-    ``system_item`` carrying the message's id (in ``item``, else in ``data``).
+
+def acknowledgement(name: str, data: dict, by_id: bool = True) -> object:
+    """What the event NAME with DATA acknowledges: a message id (BY_ID), or the
+    message itself from a Pod without ids; None if it is no acknowledgement.
+
+    The one place that knows what an acknowledgement looks like: *(ours)* an
+    ``ack`` carrying the id (from a Pod that announces ``compact_ack``, to a
+    notify that asked for one), or the broadcast ``system_item`` notification
+    carrying the id (in ``item``, else in ``data``); from a Pod without ids
+    (the original), the first ``system_item`` notification whose ``message``
+    equals the one sent, and a retry cannot be told from a new message.
     """
-    if name != "system_item":
+    if name == "ack":
+        key = data.get("id") if by_id else None
+    elif name != "system_item":
         return None
-    item = data.get("item")
-    if isinstance(item, dict) and "id" in item:
-        return item["id"]
-    return data.get("id")
+    else:
+        item = data.get("item")
+        if by_id:
+            key = item["id"] if isinstance(item, dict) and "id" in item else data.get("id")
+        elif isinstance(item, dict) and item.get("kind") == "notification":
+            key = item.get("message")
+        else:
+            return None
+    return key if isinstance(key, str) else None  # what a hostile Pod sends is no key
 
 
-def ack_message(data: dict) -> object:
-    """The ``message`` of a ``system_item`` notification (None for anything else)."""
+def acknowledged_at(data: dict) -> str | None:
+    """When the acknowledged message was committed (``at``), from an acknowledgement's DATA."""
     item = data.get("item")
-    if isinstance(item, dict) and item.get("kind") == "notification":
-        return item.get("message")
-    return None
+    at = item.get("at") if isinstance(item, dict) else data.get("at")
+    return at if isinstance(at, str) else None
 
 
 def notify_ack_matches(msg_id: str):
-    """Predicate on a ``system_item``'s data: it acknowledges MSG_ID."""
-    return lambda data: acknowledged_id("system_item", data) == msg_id
-
-
-def ack_key(supports):
-    """What identifies the acknowledgement of a notify, given what the Pod SUPPORTS.
-
-    A Pod that announces ``id`` echoes the id; towards any other (the
-    original, which has no ids) the acknowledgement is the first ``system_item``
-    notification whose ``message`` equals the one sent, and a retry cannot
-    be told from a new message.
-    """
-    if "id" in supports:
-        return lambda data: acknowledged_id("system_item", data)
-    return ack_message
+    """Predicate on an event (name, data): it acknowledges MSG_ID."""
+    return lambda name, data: acknowledgement(name, data, True) == msg_id
 
 
 def sent_key(line: bytes, supports) -> object:
-    """The key (see ``ack_key``) of the notify LINE: its id, or its message."""
+    """The key (see ``acknowledgement``) of the notify LINE: its id, or its message."""
     params = protocol.parse_method(line)[1]
     return params.get("id") if "id" in supports else params.get("message")
 
 
 def notify(path: str | os.PathLike, message: str, msg_id: str, source: str | None = None,
            timeout: float = DEFAULT, wait: bool = True) -> dict | None:
-    """Send a ``notify`` and, if WAIT, return the acknowledging ``system_item`` data."""
-    return deliver(path, lambda supports: protocol.notify_method(message, msg_id, source,
-                                                                 supports),
-                   msg_id, timeout, wait)[0]
+    """Send a ``notify`` and, if WAIT, return the acknowledging ``system_item`` data
+    (the whole entry: no compact acknowledgement is asked for)."""
+    return deliver(path, lambda supports: protocol.notify_method(
+        message, msg_id, source, supports - {"compact_ack"}), msg_id, timeout, wait)[0]
 
 
 def open_for_sending(path: str | os.PathLike, timeout: float) -> Connection:
@@ -409,26 +411,27 @@ def deliver(path: str | os.PathLike, line, msg_id: str, timeout: float = DEFAULT
     (``Connection.supports``) that returns it. Returns the acknowledgement's
     data (None without WAIT) and what the Pod supports.
 
-    The acknowledgement is the broadcast ``system_item`` carrying MSG_ID (or,
-    from a Pod without ids, the message; see ``ack_key``), which the Pod sends
-    only after the entry is durable in its session log; any other broadcast
-    is ignored. Before the write, a failure means nothing was sent; after it,
-    the message may or may not have been delivered, and the error says how to
-    retry (with the same id, which a Pod with ids commits at most once).
+    The acknowledgement is the ``ack`` or the broadcast ``system_item`` carrying
+    MSG_ID (or, from a Pod without ids, the message; see ``acknowledgement``),
+    which the Pod sends only after the entry is durable in its session log;
+    any other broadcast is ignored. Before the write, a failure means nothing
+    was sent; after it, the message may or may not have been delivered, and the
+    error says how to retry (with the same id, which a Pod with ids commits at
+    most once).
     """
     with open_for_sending(path, timeout) as conn:
         supports = conn.supports
         if callable(line):
             line = line(supports)
-        key, want = ack_key(supports), sent_key(line, supports)
+        by_id, want = "id" in supports, sent_key(line, supports)
         retry = retry_advice(supports, msg_id)
         details = {"id": msg_id, "deduplicates_retries": "id" in supports}
         try:
             conn.send(line, timeout)
             if not wait:
                 return None, supports
-            _, data = conn.wait_for({"system_item"}, timeout, "the acknowledgement",
-                                    lambda data: key(data) == want)
+            _, data = conn.wait_for(ACK_EVENTS, timeout, "the acknowledgement",
+                                    lambda name, data: acknowledgement(name, data, by_id) == want)
         except Closed:
             raise Closed(f"{NOT_ACKNOWLEDGED}; {retry}", **details)
         except TimedOut as e:
@@ -459,8 +462,9 @@ def request_drain(path: str | os.PathLike, ids: list[str], timeout: float = DEFA
             name, data = conn.read_event(deadline, what="the end of the queue's delivery")
             if name == "error":
                 raise _refusal(data)
-            if name == "system_item" and acknowledged_id(name, data) in ids:
-                acks[acknowledged_id(name, data)] = data
+            acked = acknowledgement(name, data, True) if name == "system_item" else None
+            if acked in ids:
+                acks[acked] = data
             elif name == "queue_drained":
                 return {**data, "acks": acks}
 
@@ -590,7 +594,7 @@ def notify_pipelined(path: str | os.PathLike, lines=None,
     One thread, one socket, ``poll``: lines are written in chunks of whole
     lines while events are read, so neither side blocks the other.
     Acknowledgements are matched by id (by message, in order, from a Pod
-    without ids: see ``ack_key``). The Pod answers
+    without ids: see ``acknowledgement``). The Pod answers
     every method either with the acknowledgement or with an ``error`` event
     (which carries no id and may overtake an acknowledgement still being
     committed), so errors are counted: once acknowledgements plus errors cover
@@ -751,7 +755,7 @@ class _Pipeline:
                 self.stop = True
                 self.last = time.monotonic()
                 continue
-            i = self._acknowledged(data) if name == "system_item" else None
+            i = self._acknowledged(name, data) if name in ACK_EVENTS else None
             if i is not None and status[i] == SENT:
                 status[i] = ACKED
                 batch.acked += 1
@@ -759,11 +763,12 @@ class _Pipeline:
                 self.lines[i] = b""  # a long stream keeps only the ids of what is done
                 self.last = time.monotonic()
 
-    def _acknowledged(self, data: dict) -> int | None:
-        """The index of the message a ``system_item`` acknowledges, if one of ours."""
+    def _acknowledged(self, name: str, data: dict) -> int | None:
+        """The index of the message an event acknowledges, if one of ours."""
+        key = acknowledgement(name, data, self.by_id)
         if self.by_id:
-            return self.index.get(acknowledged_id("system_item", data))
-        waiting = self.index.get(ack_message(data))
+            return self.index.get(key)
+        waiting = self.index.get(key)
         if waiting and self.batch.status[waiting[0]] == SENT:
             return waiting.popleft()
         return None

@@ -70,11 +70,23 @@ def probe(path: Path, timeout: float = PROBE_TIMEOUT) -> dict:
 
 
 def probe_many(paths: list[Path], timeout: float = PROBE_TIMEOUT) -> list[dict]:
-    """Probe every path concurrently: a hung Pod costs one timeout, not one each."""
+    """Probe every path concurrently: a hung Pod costs one timeout, not one each.
+
+    A path with no socket file is not probed; whether there is one is read from
+    one listing of its directory (a state directory's Pods share one), not
+    looked up once per path."""
     results: list[dict | None] = [None] * len(paths)
     pending = []
+    listings: dict[str, set[str] | None] = {}
     for i, p in enumerate(paths):
-        if not os.path.exists(p):
+        parent, base = os.path.split(p)
+        if parent not in listings:
+            try:
+                listings[parent] = set(os.listdir(parent))
+            except OSError:
+                listings[parent] = None  # (not a directory we can list: ask each path)
+        names = listings[parent]
+        if (base not in names) if names is not None else not os.path.exists(p):
             results[i] = probe_result(p, error="no socket")
         else:
             pending.append(i)
@@ -94,11 +106,21 @@ def probe_many(paths: list[Path], timeout: float = PROBE_TIMEOUT) -> list[dict]:
     return results  # type: ignore[return-value]
 
 
+def _listed_record(doc: dict) -> dict:
+    """What ``list_pods`` reads of a record, as a record: its labels and socket path
+    hint, and its peers counted (small: at scale it comes back from a worker)."""
+    out = {"labels": labels_of(doc), "peer_count": len(peer_names(doc))}
+    hint = (doc.get("runtime") or {}).get("socket_path")
+    if hint:
+        out["runtime"] = {"socket_path": hint}
+    return out
+
+
 def list_pods(state: State, labels: dict[str, str] | None = None) -> list[dict]:
     """Every Pod of the state directory (only those with LABELS, if given) with its
     peer count, labels and queue depth, probed concurrently. A queue that cannot be
     counted is ``queued`` None, and ``error`` says why."""
-    listed = store.list_all(state)
+    listed = store.list_all(state, reduce=_listed_record)
     if labels:
         listed = [p for p in listed if p.doc is not None and has_labels(p.doc, labels)]
     probes = probe_many([state.socket_path(p.name, p.doc) for p in listed])
@@ -109,7 +131,7 @@ def list_pods(state: State, labels: dict[str, str] | None = None) -> list[dict]:
         except YoiError as e:  # e.g. a directory where the queue goes: the others still list
             queued, problem = None, e.message
         items.append({"pod_name": p.name, "state": p.state,
-                      "peer_count": len(peer_names(p.doc)) if p.doc else None,
+                      "peer_count": p.doc["peer_count"] if p.doc else None,
                       "labels": labels_of(p.doc), "live": live, "queued": queued,
                       "error": p.error.message if p.error else problem})
     return items

@@ -19,6 +19,7 @@ directory nothing at all is repaired (a repair would write through it).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import stat
@@ -34,6 +35,8 @@ from yoi.discovery import probe, probe_many
 from yoi.errors import CorruptMetadata, UsageError, YoiError
 from yoi.lock import if_free, is_locked, lock_holder_pid
 from yoi.names import is_valid_name
+from yoi.parsing import paused_gc
+from yoi.pool import POOL_CHUNK, POOL_THRESHOLD, map_chunks
 from yoi.state import State
 from yoi.txn import (REMOVED_MARK, Journal, hold_locks, leftover_dir_owner, list_journals,
                      load_journal, lock_pods, pid_alive, read_pod_file, rolled_back_bytes)
@@ -191,7 +194,8 @@ def run(state: State, fix: bool = False, codes: Iterable[str] | None = None,
     """Check STATE (and with FIX repair it); only the checks in CODES if given.
     With STRICT, warnings make the report fail too."""
     wanted = check_codes(codes) if codes else set(CHECKS)
-    report = _Doctor(state, fix, wanted, progress).run()
+    with paused_gc():  # what the scan keeps of 100,000 Pods holds no cycles
+        report = _Doctor(state, fix, wanted, progress).run()
     report.strict = strict
     report.state_exists = _lstat(state.root) is not None
     return report
@@ -460,30 +464,15 @@ def _scan_metadata(pod: _Pod, meta: str, found: list[Finding]) -> bool:
     return False
 
 
-def _scan_chunk(args: tuple[str, list[str]]) -> list[tuple[_Pod, list[Finding]]]:
-    pods_dir, names = args
+def _scan_chunk(pods_dir: str, names: list[str]) -> list[tuple[_Pod, list[Finding]]]:
     return [scan_pod(pods_dir, name) for name in names]
-
-
-POOL_THRESHOLD = 2000  # Pods; below this a worker pool costs more than it saves
-POOL_CHUNK = 500
 
 
 def _scan_all(pods_dir: str, names: list[str], progress: Progress):
     """scan_pod over NAMES, in worker processes when there are many (parsing is CPU)."""
-    chunks = [names[i:i + POOL_CHUNK] for i in range(0, len(names), POOL_CHUNK)]
-    workers = min(4, os.cpu_count() or 1)
     done = 0
-    if len(names) >= POOL_THRESHOLD and workers > 1 and hasattr(os, "fork"):
-        import multiprocessing  # measured: ~15 ms, paid only at this scale
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            for result in pool.imap(_scan_chunk, [(pods_dir, c) for c in chunks]):
-                done += len(result)
-                progress("pods", done, len(names))
-                yield from result
-        return
-    for chunk in chunks:
-        result = _scan_chunk((pods_dir, chunk))
+    for result in map_chunks(functools.partial(_scan_chunk, pods_dir), names,
+                             POOL_THRESHOLD, POOL_CHUNK):
         done += len(result)
         progress("pods", done, len(names))
         yield from result

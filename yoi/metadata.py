@@ -216,7 +216,7 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
     if not isinstance(peers, list):
         return "peers must be an array of tables"
     for i, p in enumerate(peers):
-        if not isinstance(p, dict) or not is_valid_name(p.get("pod_name")):
+        if not isinstance(p, dict) or not _is_peer_name(p.get("pod_name")):
             return f"peers[{i}] has no valid pod_name"
     problem = _family_problem(doc)
     if problem:
@@ -227,6 +227,23 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
         if problem:
             return problem
     return None
+
+
+# Valid names met in peer lists: a listing of many records checks each name once,
+# not once in every record that lists it (bounded: a long-lived Pod reads records too).
+_peer_names_seen: set[str] = set()
+PEER_NAMES_SEEN = 1 << 16
+
+
+def _is_peer_name(name: object) -> bool:
+    if type(name) is str and name in _peer_names_seen:
+        return True
+    if not is_valid_name(name):
+        return False
+    if len(_peer_names_seen) >= PEER_NAMES_SEEN:
+        _peer_names_seen.clear()
+    _peer_names_seen.add(name)
+    return True
 
 
 def _table_list_problem(doc: dict, key: str, stamps: tuple[str, ...]) -> str | None:
@@ -444,7 +461,7 @@ SCOPES = ("parent", "peers")
 SPAWN_ID_RE = re.compile(r"[0-9a-f]{12}\Z", re.ASCII)
 # What a Pod may reach (message, be messaged by): the kinds of ``relation``.
 REACH = frozenset({"peers", "parent", "child", "parent_peer"})
-NOTICE_PREFIX = "child:"  # the ids of a parent's notices about its children
+from yoi.protocol import NOTICE_PREFIX  # noqa: E402  (the ids of a parent's notices)
 
 
 def _family_problem(doc: dict) -> str | None:

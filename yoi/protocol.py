@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import re
+from json.encoder import encode_basestring as _encode_str  # (C) a str as JSON, not ASCII-only
 
-from yoi.names import NAME_PATTERN
+from yoi.names import NAME_PATTERN, NAME_RE
 from yoi.parsing import MAX_DEPTH, ParseError, json_loads
 
 MAX_METHOD_LINE = 1 << 20        # one method line read by a Pod
+NOTICE_PREFIX = "child:"         # the ids of a parent's notices about its children: no client's
 MAX_EVENT_LINE = 64 << 20        # one event line read by a client
 MAX_METHOD_DEPTH = MAX_DEPTH     # (ours) containers nested in a method line, and so in an entry
 MAX_EVENT_DEPTH = 128            # (ours) ... in an event line: a snapshot nests entries 3 deep;
@@ -29,11 +31,20 @@ MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z", re.ASCII)
 # first field, so a client reads it from the line's prefix): "id", it echoes
 # a notify's ``id`` in the acknowledgement and commits an id at most once;
 # "source", it takes a peer message's sender from ``source`` and checks the
-# relation itself. A Pod that announces nothing (the original) is answered
-# in the original's terms: acknowledgements are matched by message, and a
-# peer message carries its sender in a header inside the message.
+# relation itself; "compact_ack", a notify with an ``id`` and
+# ``"ack": "compact"`` is acknowledged to its sender by an ``ack`` event
+# (``ack_event``) instead of the entry's broadcast. A Pod that announces
+# nothing (the original) is answered in the original's terms:
+# acknowledgements are matched by message, and a peer message carries its
+# sender in a header inside the message.
 PROTOCOL_VERSION = 1
-SUPPORTS = ("id", "source")
+SUPPORTS = ("id", "source", "compact_ack")
+
+# (ours) The ``state`` of an ``ack``: the notify committed its message now, or
+# an earlier one with the same id had (a retry; nothing was committed again).
+# Either way the message is durable in the Pod's log.
+ACK_COMMITTED = "committed"
+ACK_DUPLICATE = "duplicate"
 
 # The one alert source both generations of the original accept ("pod" became
 # "worker"/"engine" in its August 2026 release; "worker" was already known).
@@ -56,9 +67,12 @@ class ProtocolError(ValueError):
     """A line that is not a well-formed message of this protocol."""
 
 
+# json.dumps with these arguments builds an encoder per call: one, made once
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
 def _dumps(obj: dict) -> bytes:
-    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-            + "\n").encode("utf-8")
+    return (_encode(obj) + "\n").encode("utf-8")
 
 
 def method(name: str, params: dict | None = None) -> bytes:
@@ -83,14 +97,49 @@ def notify_method(message: str, msg_id: str, source: str | None = None,
     Towards a Pod that SUPPORTS no ``source`` (the original), a peer message
     is written as the original's sender writes it: the header in the message.
     The id and ``in_reply_to`` ride along either way (a Pod that does not know
-    them ignores them).
+    them ignores them). A Pod that SUPPORTS ``compact_ack`` is asked for one.
     """
-    params = {"message": wire_message(message, source, supports), "id": msg_id}
+    # Spliced rather than built and dumped (a streaming sender encodes thousands a
+    # second): only the message needs JSON escaping. The result is exactly what
+    # method("notify", {"message": ..., "id": ..., ["source": ...,] ["in_reply_to": ...,]
+    # ["ack": ...]}) writes, for ids and a source that are valid (they need no escaping).
+    if not (is_valid_message_id(msg_id) and (source is None or NAME_RE.match(source))
+            and (in_reply_to is None or is_valid_message_id(in_reply_to))):
+        params = {"message": wire_message(message, source, supports), "id": msg_id}
+        if source is not None and "source" in supports:
+            params["source"] = source
+        if in_reply_to is not None:
+            params["in_reply_to"] = in_reply_to
+        if "compact_ack" in supports:
+            params["ack"] = "compact"
+        return method("notify", params)
+    parts = [b'{"method":"notify","params":{"message":',
+             _encode_str(wire_message(message, source, supports)).encode("utf-8"),
+             b',"id":"', msg_id.encode(), b'"']
     if source is not None and "source" in supports:
-        params["source"] = source
+        parts += (b',"source":"', source.encode(), b'"')
     if in_reply_to is not None:
-        params["in_reply_to"] = in_reply_to
-    return method("notify", params)
+        parts += (b',"in_reply_to":"', in_reply_to.encode(), b'"')
+    if "compact_ack" in supports:
+        parts.append(b',"ack":"compact"')
+    parts.append(b"}}\n")
+    return b"".join(parts)
+
+
+# An ``ack`` line exactly as ``ack_event`` writes it: nothing in it is escaped, so
+# this match reads it as a JSON parser would (a line of any other form is parsed).
+_ACK_RE = re.compile(rb'\{"event":"ack","data":\{"id":"([A-Za-z0-9._:-]{1,128})",'
+                     rb'"seq":(0|[1-9][0-9]{0,17}),"at":"([0-9A-Za-z:.+-]{1,64})",'
+                     rb'"state":"([a-z_]{1,32})"\}\}')
+
+
+def ack_event(msg_id: str, seq: int, at: str, state: str) -> bytes:
+    """*(ours)* The compact acknowledgement of a notify: its id, the ``seq`` and
+    ``at`` of the entry that holds the message, and ``state`` (``ACK_COMMITTED``
+    or ``ACK_DUPLICATE``). MSG_ID is a valid message id and AT an RFC 3339
+    time: neither needs escaping."""
+    return b'{"event":"ack","data":{"id":"%s","seq":%d,"at":"%s","state":"%s"}}\n' % (
+        msg_id.encode(), seq, at.encode(), state.encode())
 
 
 def wire_message(message: str, source: str | None, supports=SUPPORTS) -> str:
@@ -133,6 +182,10 @@ def parse_method(line: bytes) -> tuple[str, dict]:
 
 
 def parse_event(line: bytes) -> tuple[str, dict]:
+    m = _ACK_RE.fullmatch(line) if line[:14] == b'{"event":"ack"' else None
+    if m is not None:  # (a pipelining sender reads thousands a second)
+        return "ack", {"id": m[1].decode(), "seq": int(m[2]), "at": m[3].decode(),
+                       "state": m[4].decode()}
     return parse_line(line, "event")
 
 

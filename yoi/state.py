@@ -98,10 +98,15 @@ class State:
 
     def default_socket_path(self, name: str) -> Path:
         """STATE/run/NAME.sock, or a short per-state directory if that is too long."""
-        path = self.run_dir / f"{check_name(name)}.sock"
-        if len(os.fsencode(str(path))) <= SUN_PATH_MAX:
-            return path
-        return self.short_run_dir() / f"{name}.sock"
+        return self.local_socket_path(name) or self.short_run_dir() / f"{name}.sock"
+
+    def local_socket_path(self, name: str) -> Path | None:
+        """STATE/run/NAME.sock, where every Pod of this state directory binds unless
+        that path is too long for a socket (then None)."""
+        path = os.path.join(self.root, "run", f"{check_name(name)}.sock")  # (a listing
+        if len(os.fsencode(path)) <= SUN_PATH_MAX:  # computes thousands: one Path each)
+            return Path(path)
+        return None
 
     def socket_path(self, name: str, doc: dict | None = None) -> Path:
         """Where to reach NAME: the socket path its runtime recorded in DOC (its

@@ -6,6 +6,8 @@ Library code: takes a ``State`` and plain values, returns plain values, raises
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from contextlib import ExitStack, contextmanager
 
@@ -14,6 +16,8 @@ from yoi.atomic import fsync_dir
 from yoi.errors import AlreadyExists, Busy, Refused, StorageError, UsageError, YoiError
 from yoi.lock import RUNTIME_LOCK_GRACE, lock_holder_pid, try_lock, write_pid
 from yoi.names import check_name
+from yoi.parsing import paused_gc
+from yoi.pool import POOL_THRESHOLD, map_chunks
 from yoi.state import State, refuse_symlink
 from yoi.txn import (CREATING_MARK, Change, create_pod_dir, lock_pods, read_pod_file,
                      remove_trash)
@@ -236,17 +240,37 @@ class Listed:
         return "readable" if self.doc is not None else "corrupt"
 
 
-def list_all(state: State) -> list[Listed]:
-    """Every Pod in the state directory, sorted by name, corrupt ones included."""
+def list_all(state: State, reduce=None) -> list[Listed]:
+    """Every Pod in the state directory, sorted by name, corrupt ones included.
+
+    REDUCE(doc) -> doc, if given, is applied where a record is read, which for
+    many Pods is a worker process (``yoi.pool``): only what it keeps is sent
+    back. Without it the records are read here.
+    """
     out = []
-    for name in state.pod_names():
+    with paused_gc():
+        for chunk in map_chunks(functools.partial(_read_listed, state.root, reduce),
+                                state.pod_names(),
+                                LIST_POOL_THRESHOLD if reduce is not None else math.inf):
+            out.extend(Listed(*item) for item in chunk)
+    return out
+
+
+LIST_POOL_THRESHOLD = POOL_THRESHOLD
+
+
+def _read_listed(root, reduce, names: list[str]) -> list[tuple]:
+    """``list_all``'s items (as tuples) for NAMES of the state directory ROOT."""
+    state = State(root)
+    out = []
+    for name in names:
         try:
             pod = read_pod_file(state, name)
         except YoiError as e:
-            out.append(Listed(name, None, e))
+            out.append((name, None, e))
             continue
         if pod.exists:
-            out.append(Listed(name, pod.doc, None))
+            out.append((name, pod.doc if reduce is None else reduce(pod.doc), None))
     return out
 
 

@@ -9,7 +9,9 @@ removal, spawning a child Pod, removing a tree of them) runs as:
    file's exact prior bytes and the intended new ones, fsynced;
 3. apply the changes one by one (atomic replace; rename of a removed Pod's
    directory aside; a created Pod's directory built aside and renamed into
-   place);
+   place), then fsync the replaced files and their directories all at once
+   (until the journal is deleted it undoes whatever a power cut leaves of
+   them: one wait for the disk instead of one per file);
 4. delete the journal: this is the commit point. Nothing after it is undone.
 
 An ordinary error in step 3 restores every file to its exact prior bytes and
@@ -42,11 +44,12 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from yoi import metadata
-from yoi.atomic import atomic_write, fsync_dir, read_bytes_nofollow, remove_temp_files
+from yoi.atomic import (atomic_write, fsync_dir, read_bytes_nofollow, remove_temp_files,
+                         sync_files)
 from yoi.errors import CorruptMetadata, NotFound, StorageError
 from yoi.faults import fault
 from yoi.lock import FileLock
-from yoi.names import is_valid_name
+from yoi.names import check_name, is_valid_name
 from yoi.state import State, make_private_dir, refuse_symlink
 
 # Directories beside the Pods: ``.NAME.removed-TXID`` (a Pod set aside by a
@@ -77,7 +80,7 @@ class Pod:
 
     __slots__ = ("name", "path", "raw", "doc")
 
-    def __init__(self, name: str, path: Path, raw: bytes | None, doc: dict | None):
+    def __init__(self, name: str, path: str, raw: bytes | None, doc: dict | None):
         self.name, self.path, self.raw, self.doc = name, path, raw, doc
 
     @property
@@ -104,13 +107,14 @@ class Journal:
 
 def read_pod_file(state: State, name: str) -> Pod:
     """Read NAME's metadata (no lock taken here); raises CorruptMetadata."""
-    pod_dir = state.pod_dir(name)
+    # Paths as strings: listing 10,000 Pods built 30,000 Path objects here.
+    pod_dir = os.path.join(state.root, "pods", check_name(name))
     refuse_symlink(pod_dir, "Pod directory")
-    path = pod_dir / "metadata.toml"
+    path = os.path.join(pod_dir, "metadata.toml")
     try:
         raw = read_bytes_nofollow(path)
     except FileNotFoundError:
-        if pod_dir.is_dir():
+        if os.path.isdir(pod_dir):
             raise CorruptMetadata(f"{path}: missing (the Pod directory exists)", path=str(path))
         return Pod(name, path, None, None)
     except OSError as e:
@@ -393,18 +397,25 @@ class Locked:
             assert ch.pod in self.names, f"{ch.pod} is not locked"
         journal = self._write_journal(new_txid(), changes)
         state = self.state
+        written = []
         try:
             fault("after-journal")
             for i, ch in enumerate(changes, 1):
                 fault(f"before-write-{i}")
                 if ch.action == "write":
-                    atomic_write(state.metadata_path(ch.pod), ch.new)
+                    # Synced below, all at once: until the journal is removed it
+                    # undoes whatever a power cut leaves of them.
+                    path = state.metadata_path(ch.pod)
+                    atomic_write(path, ch.new, sync=False)
+                    written.append(path)
                 elif ch.action == "create":
                     create_pod_dir(state, ch.pod, ch.new)
+                    fsync_dir(state.pods_dir)  # the rename, before the commit point
                 else:
                     os.rename(state.pod_dir(ch.pod), _trash_path(state, ch.pod, journal.txid))
                     fsync_dir(state.pods_dir)
                 fault(f"after-write-{i}")
+            sync_files(written)
             fault("before-journal-remove")
             os.unlink(journal.path)  # the commit point
         except BaseException as e:

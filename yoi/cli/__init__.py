@@ -5,10 +5,10 @@ from __future__ import annotations
 import click
 
 from yoi import __version__
-from yoi.cli.common import CONTEXT_SETTINGS, LazyGroup, root_state_options
+from yoi.cli.common import CONTEXT_SETTINGS, RootGroup, root_state_options
 
 
-@click.group("yoi", cls=LazyGroup, context_settings=CONTEXT_SETTINGS, lazy_subcommands={
+@click.group("yoi", cls=RootGroup, context_settings=CONTEXT_SETTINGS, lazy_subcommands={
     "doctor": "yoi.cli.doctor:doctor",
     "pod": "yoi.cli.pod:pod",
     "demo": "yoi.cli.demo:demo",

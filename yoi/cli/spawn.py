@@ -54,7 +54,7 @@ def spawn_command(parent, child, exec_cmd, cwd, scope, task, task_file, timeout,
       yoi pod spawn lead scout --scope peers --exec 'my-agent --stdin'
     """
     from yoi import children, delivery
-    from yoi.cli.pod import _record_json
+    from yoi.cli.records import _record_json
     from yoi.errors import UsageError
     if task is not None and task_file is not None:
         raise UsageError("--task and --task-file are mutually exclusive")

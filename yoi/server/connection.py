@@ -8,15 +8,18 @@ non-blocking and never stalls the loop:
   replayed alerts and snapshots are shared bytes objects queued as they are,
   so many idle clients cost little; clients that do not read keep the
   snapshot of the moment they connected alive, up to ``PINNED_LIMIT`` bytes
-  of such snapshots, beyond which the clients holding the oldest are dropped;
+  of such snapshots, beyond which the clients holding the oldest are dropped.
+  A queue is written with one ``sendmsg`` of up to ``IOV_MAX`` pieces, and
+  while the Hub is corked (``cork``/``uncork``: while one client's input or
+  one group commit is handled) what is sent waits to be written at once;
 * inbound, lines are framed on ``\\n``; a line over ``protocol.MAX_METHOD_LINE``
   gets ``error`` and the rest of it is read and dropped as it streams in,
   never buffered whole. Methods are read only once the prelude is on its way
   (PROTOCOL.md), and every complete line goes to the Hub's ``on_line``. A
-  client owed ``PENDING_LIMIT`` answers, or answers to ``PENDING_BYTES`` of
-  lines (a pipelining sender), has its further lines wait, unread, until some
-  are answered: what a Pod holds for the work in progress is bounded per
-  client, in count and in bytes, however far ahead the client writes;
+  client owed ``PENDING_LIMIT`` answers (a pipelining sender), or answers to
+  entries of ``PENDING_BYTES`` being committed, has its further lines wait,
+  unread, until some are answered: what a Pod holds for the work in progress
+  is bounded per client, however far ahead the client writes;
 * a client whose socket fails for writing is *hung up*: it gets nothing more,
   but what it wrote before its EOF is still handled (``yoi pod send
   --no-wait`` writes and closes at once).
@@ -26,6 +29,7 @@ Only clients of our own uid are accepted (``SO_PEERCRED``).
 
 from __future__ import annotations
 
+import itertools
 import os
 import selectors
 import socket
@@ -42,8 +46,9 @@ PINNED_LIMIT = 128 << 20       # bytes of older snapshots kept for clients not r
 RECV_CHUNK = 64 << 10
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 0.1             # seconds the listener rests when accept() fails (no fds)
-PENDING_LIMIT = 256           # answers one client may be owed before its lines wait
-PENDING_BYTES = 16 << 20      # ... or bytes of the lines it is owed answers to
+PENDING_LIMIT = 256           # answers one client may be owed before its lines wait,
+PENDING_BYTES = 16 << 20      # or bytes of its entries being committed (at least one)
+IOV_MAX = 1024                # pieces of a queue written by one sendmsg
 
 _PEERCRED = struct.Struct("3i")
 
@@ -51,7 +56,7 @@ _PEERCRED = struct.Struct("3i")
 class Client:
     __slots__ = ("sock", "fd", "inbuf", "scanned", "discarding", "held", "resuming", "outq",
                  "queued", "limit", "prelude_left", "snap", "events", "closed", "eof", "hungup",
-                 "pending", "owed_sizes", "owed_bytes")
+                 "pending", "pending_bytes")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -71,8 +76,7 @@ class Client:
         self.eof = False
         self.hungup = False  # writing to it failed: it gets nothing more, but is still read
         self.pending = 0  # answers still owed (commits, operations)
-        self.owed_sizes: deque = deque()  # the size of the line behind each, oldest first
-        self.owed_bytes = 0
+        self.pending_bytes = 0  # of the entries being committed for it
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -103,6 +107,8 @@ class Hub:
         self.pinned_bytes = 0
         self.accepting = False
         self.reading = True
+        self.corked = 0  # while > 0, sending only queues; ``uncork`` writes
+        self.dirty: list[Client] = []  # clients given something while corked
 
     # -- accepting ------------------------------------------------------------
     def start_accepting(self) -> None:
@@ -195,22 +201,43 @@ class Hub:
             return
         c.outq.append(memoryview(data))
         c.queued += len(data)
-        if len(c.outq) == 1:
-            self._flush(c)
+        if len(c.outq) == 1:  # (else a write is pending already)
+            if self.corked:
+                self.dirty.append(c)
+            else:
+                self._flush(c)
 
-    def broadcast(self, data: bytes) -> None:
+    def broadcast(self, data: bytes, skip: Client | None = None) -> None:
         for c in list(self.clients.values()):
-            self.send(c, data)
+            if c is not skip:
+                self.send(c, data)
+
+    def cork(self) -> None:
+        """Hold what is sent from now until the matching ``uncork`` in the clients'
+        queues, so that many small events (acknowledgements) leave in one write."""
+        self.corked += 1
+
+    def uncork(self) -> None:
+        self.corked -= 1
+        if self.corked == 0 and self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for c in dirty:
+                if not c.closed:
+                    self._flush(c)
 
     def busy(self) -> bool:
         """Whether any client still has events queued."""
         return any(c.outq for c in self.clients.values())
 
     def _flush(self, c: Client) -> None:
-        while c.outq:
-            view = c.outq[0]
+        outq = c.outq
+        while outq:
             try:
-                n = c.sock.send(view)
+                if len(outq) == 1:
+                    n = c.sock.send(outq[0])
+                else:
+                    n = c.sock.sendmsg(outq if len(outq) <= IOV_MAX
+                                       else list(itertools.islice(outq, IOV_MAX)))
             except BlockingIOError:
                 break
             except OSError:
@@ -221,10 +248,10 @@ class Hub:
                 c.prelude_left -= n
                 if c.prelude_left <= 0:
                     self._unpin(c)
-            if n == len(view):
-                c.outq.popleft()
-            else:
-                c.outq[0] = view[n:]
+            while outq and n >= len(outq[0]):
+                n -= len(outq.popleft())
+            if n:  # the first piece left was written in part: the socket is full
+                outq[0] = outq[0][n:]
                 break
         self.maybe_close(c)
         self._set_events(c)  # (nothing if it was closed)
@@ -247,7 +274,11 @@ class Hub:
             if mask & selectors.EVENT_WRITE:
                 self._flush(c)
             if mask & selectors.EVENT_READ and not c.closed:
-                self._read(c)
+                self.cork()  # the answers to a chunk of lines leave together
+                try:
+                    self._read(c)
+                finally:
+                    self.uncork()
         except Exception:
             # A bug met serving this client: drop it (so that it cannot fail
             # again and again) and let the loop report the error.
@@ -285,7 +316,7 @@ class Hub:
         start = 0
         c.held = False
         while not c.closed and self.reading and not self.loop.stopping:
-            if c.pending >= PENDING_LIMIT or c.owed_bytes >= PENDING_BYTES:
+            if c.pending >= PENDING_LIMIT or c.pending_bytes >= PENDING_BYTES:
                 c.held = True
                 break
             nl = buf.find(b"\n", start or c.scanned)
@@ -296,12 +327,7 @@ class Hub:
             else:
                 line = bytes(buf[start:nl])
                 if line.strip():
-                    before = c.pending
                     self.on_line(c, line)
-                    for i in range(c.pending - before):  # the answers this line is owed
-                        size = len(line) if i == 0 else 0
-                        c.owed_sizes.append(size)
-                        c.owed_bytes += size
             start = nl + 1
         if c.closed:
             return
@@ -345,16 +371,17 @@ class Hub:
             self.loop.modify(c.sock, events, lambda m, c=c: self._on_client(c, m))
         c.events = events
 
-    def owe(self, c: Client) -> None:
-        """C is owed one more answer (a commit, an operation): it stays open for it."""
+    def owe(self, c: Client, size: int = 0) -> None:
+        """C is owed one more answer (a commit of SIZE bytes, an operation): it stays
+        open for it."""
         c.pending += 1
+        c.pending_bytes += size
 
-    def paid(self, c: Client) -> None:
+    def paid(self, c: Client, size: int = 0) -> None:
         """One answer owed to C was sent (or cannot be); close C if it is done."""
         c.pending -= 1
-        while len(c.owed_sizes) > c.pending:  # (answers in about the order they were owed)
-            c.owed_bytes -= c.owed_sizes.popleft()
-        if (c.held and c.pending < PENDING_LIMIT and c.owed_bytes < PENDING_BYTES
+        c.pending_bytes -= size
+        if (c.held and c.pending < PENDING_LIMIT and c.pending_bytes < PENDING_BYTES
                 and not c.resuming):
             c.resuming = True
             self.loop.call_soon(self._resume, c)

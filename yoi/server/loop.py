@@ -32,6 +32,7 @@ class Loop:
         self._n = itertools.count()
         self.stopping = False
         self.stop_reason = ""
+        self.tick = 0  # counts iterations: what was read in one was read at one moment
         self.on_error: Callable[[str, BaseException], None] = report
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
@@ -83,7 +84,9 @@ class Loop:
             self.run_once(self._next_timeout())
 
     def run_once(self, timeout: float | None) -> None:
-        for key, mask in self.sel.select(timeout):
+        events = self.sel.select(timeout)
+        self.tick += 1
+        for key, mask in events:
             self._guarded(key.data, (mask,))
             if self.stopping:
                 break

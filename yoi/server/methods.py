@@ -17,8 +17,7 @@ from yoi.faults import fault
 from yoi.names import is_valid_name
 from yoi.server import consent
 from yoi.server.connection import Client
-from yoi.server.log import now_iso
-from yoi.session import Entry, event_of
+from yoi.session import Entry, now_iso
 from yoi.server.operations import Invalid
 from yoi.server.worker import Job
 
@@ -91,7 +90,9 @@ def notify(pod, c: Client | None, params: dict, done=None) -> None:
     refusal = pod.peer_refusal(source) if source is not None else None
     if refusal:
         raise Invalid(refusal)
-    if msg_id is not None and _answered_by_id(pod, c, msg_id, done):
+    # (ours) a compact acknowledgement instead of the entry's broadcast (needs an id)
+    compact = c is not None and msg_id is not None and params.get("ack") == "compact"
+    if msg_id is not None and _in_flight(pod, c, msg_id, compact, done):
         return
     try:
         entry = _notification(message, original, source, msg_id, reply_to)
@@ -103,20 +104,21 @@ def notify(pod, c: Client | None, params: dict, done=None) -> None:
     def after(res, err):
         waiting = pod.pending_ids.pop(msg_id, []) if msg_id is not None else []
         for w in waiting:
-            if not isinstance(w, Client):
+            if not isinstance(w, tuple):
                 w("duplicate" if err is None else err)  # a queued copy's DONE
                 continue
+            w, w_compact = w
             if err is None:
-                pod.hub.send(w, entry.event(res.seq))
+                pod.hub.send(w, pod.acknowledgement(entry, res, w_compact, again=True))
             else:
                 pod.commit_failed(w, err)
             pod.hub.paid(w)
-        if err is None and pod.exec_cmd:
+        if err is None and not res.duplicate and pod.exec_cmd:
             pod.worker.submit(Job("notify", res, source, msg_id))
         if done is not None:
-            done(err)
+            done("duplicate" if err is None and res.duplicate else err)
 
-    pod.commit(c, entry, after)
+    pod.commit(c, entry, after, compact)
 
 
 def _notification(message: str, original: str, source: str | None, msg_id: str | None,
@@ -133,20 +135,15 @@ def _notification(message: str, original: str, source: str | None, msg_id: str |
     return Entry("system_item", {"item": item}, msg_id, at=at)
 
 
-def _answered_by_id(pod, c: Client | None, msg_id: str, done=None) -> bool:
-    """A retry of MSG_ID: acknowledge again (or once its commit lands), commit nothing.
-    A queued copy (C None) is told through DONE instead."""
-    original = pod.session.committed_line(msg_id)
-    if original is not None:
-        if c is not None:
-            pod.hub.send(c, event_of(original, "system_item"))
-        elif done is not None:
-            done("duplicate")
-        return True
+def _in_flight(pod, c: Client | None, msg_id: str, compact: bool, done=None) -> bool:
+    """A retry of MSG_ID while it is being committed: C is acknowledged once the
+    commit lands (a queued copy, C None, is told through DONE), and nothing is
+    committed again. (A retry of an id committed before is found by the session
+    writer.) COMPACT: C asked for a compact acknowledgement."""
     waiting = pod.pending_ids.get(msg_id)
     if waiting is not None:
         if c is not None:
-            waiting.append(c)
+            waiting.append((c, compact))
             pod.hub.owe(c)
         elif done is not None:
             waiting.append(done)

@@ -31,7 +31,7 @@ from yoi.server.log import log, rotate_by_size
 from yoi.server.loop import Loop, report
 from yoi.server.operations import Invalid, Operations
 from yoi.server.worker import HandlerWorker
-from yoi.session import Entry, Recent, event_of
+from yoi.session import Entry, Recent, event_of, parse_entry
 from yoi.session.writer import Committed, SessionLog, Uncertain
 from yoi.state import State, make_private_dir, private_dir_problem, socket_dir_chain
 from yoi.txn import read_pod_file
@@ -56,9 +56,13 @@ class Pod:
         self.recent = Recent()
         self.log_end = 0               # session offset covered by ``recent``
         self.snap: bytes | None = None
-        self.pending_ids: dict[str, list[Client]] = {}
+        self._landing: deque = deque()  # commit outcomes from the writer, for the loop
+        self._land_soon = False
+        self.pending_ids: dict[str, list[tuple[Client, bool]]] = {}  # id -> (client, compact)
         self.offered: set[str] = set()   # peer request ids offered, their handler run ahead
         self._meta_cache: dict[str, tuple] = {}  # Pod name -> (stat key, record)
+        self._refusals: dict[str, str | None] = {}  # sender -> peer_refusal, this loop tick
+        self._refusals_tick = -1
         self.socket_path: Path | None = None
         self.loop = Loop()
         self.loop.on_error = self.internal_error
@@ -275,27 +279,68 @@ class Pod:
         self.alert("error", f"internal error in {what}: {detail} (traceback in the Pod's log)")
 
     # -- commits ------------------------------------------------------------------
-    def commit(self, c: Client | None, entry: Entry, after=None) -> None:
-        """Append ENTRY durably, then (on the loop) broadcast it and run AFTER(committed, err)."""
+    def commit(self, c: Client | None, entry: Entry, after=None, compact: bool = False) -> None:
+        """Append ENTRY durably, then (on the loop) broadcast it and run AFTER(committed, err).
+
+        An entry whose id was committed before is not committed again (see
+        ``yoi.session.writer``) nor broadcast: C alone is acknowledged again.
+        COMPACT: C asked for a compact acknowledgement (``protocol.ack_event``),
+        which it gets instead of the broadcast, after the same fsync.
+        """
         if c is not None:
-            self.hub.owe(c)
+            self.hub.owe(c, entry.size)
 
         def done(res, err):
-            self.loop.call_soon(self.committed, c, entry, res, err, after)
+            self._landed(c, entry, res, err, after, compact)
 
         try:
             self.session.submit(entry, done)
-        except OSError as e:
-            self.committed(c, entry, None, e, after)
+        except OSError as e:  # the log takes nothing more; an id it holds is still acknowledged
+            try:
+                res = self.session.lookup(entry.msg_id) if entry.msg_id is not None else None
+            except Exception:  # (nor can its index be read: the failure stands)
+                res = None
+            self.committed(c, entry, res, None if res is not None else e, after, compact)
+
+    def _landed(self, *commit) -> None:
+        """A commit's outcome (writer thread): queued, and the loop woken once for
+        all that land together (a group commit of many entries)."""
+        self._landing.append(commit)
+        if not self._land_soon:
+            self._land_soon = True
+            self.loop.call_soon(self._land)
+
+    def _land(self) -> None:
+        """Hand every commit outcome queued so far to ``committed``, in commit order,
+        with the events they cause written to each client at once."""
+        self._land_soon = False  # before draining: what lands later wakes the loop again
+        landing = self._landing
+        self.hub.cork()
+        try:
+            while landing:
+                try:
+                    self.committed(*landing.popleft())
+                except Exception as e:  # the others still land
+                    self.internal_error("a commit", e)
+        finally:
+            self.hub.uncork()
 
     def committed(self, c: Client | None, entry: Entry, res: Committed | None,
-                  err: OSError | None, after) -> None:
-        if err is None:
+                  err: OSError | None, after, compact: bool = False) -> None:
+        if err is None and res.duplicate:
+            if c is not None:
+                self.hub.send(c, self.acknowledgement(entry, res, compact))
+        elif err is None:
             line = entry.line(res.seq)
             self.recent.append(line[:-1], entry.kind)
             self.log_end = max(self.log_end, res.end)
             self.snap = None
-            self.hub.broadcast(event_of(line, entry.kind))
+            if compact and c is not None:
+                self.hub.send(c, self.acknowledgement(entry, res, compact))
+                if len(self.hub.clients) > (0 if c.closed else 1):  # anyone else?
+                    self.hub.broadcast(event_of(line, entry.kind), skip=c)
+            else:
+                self.hub.broadcast(event_of(line, entry.kind))
         else:
             self.alert("error", f"could not commit to the session log: {err.strerror or err}")
             if c is not None:
@@ -303,7 +348,26 @@ class Pod:
         if after is not None:
             after(res, err)
         if c is not None:
-            self.hub.paid(c)
+            self.hub.paid(c, entry.size)
+
+    def acknowledgement(self, entry: Entry, res: Committed, compact: bool,
+                        again: bool = False) -> bytes:
+        """What tells a client that ENTRY (with an id) is committed at RES: *(ours)*
+        the compact ``ack`` if COMPACT, else the entry's event, as broadcast when it
+        was committed. State ``duplicate`` if RES is an earlier entry with its id or
+        AGAIN (the client sent it again while it was being committed)."""
+        if not res.duplicate:
+            if not compact:
+                return entry.event(res.seq)
+            state = protocol.ACK_DUPLICATE if again else protocol.ACK_COMMITTED
+            return protocol.ack_event(entry.msg_id, res.seq, entry.at, state)
+        line = self.session.read(res)
+        if compact:
+            first = parse_entry(line)
+            at = first.get("at") if first is not None else None
+            if res.seq and isinstance(at, str) and protocol.is_valid_message_id(entry.msg_id):
+                return protocol.ack_event(entry.msg_id, res.seq, at, protocol.ACK_DUPLICATE)
+        return event_of(line, entry.kind)
 
     def commit_failed(self, c: Client, err: OSError) -> None:
         """Tell C that its entry was not committed, and why: code ``internal`` (the Pod
@@ -332,17 +396,33 @@ class Pod:
 
     def peer_refusal(self, other: str) -> str | None:
         """Why a message from OTHER is refused (naming a pending request, or the
-        scope of a child), or None."""
+        scope of a child), or None.
+
+        Loop thread. The records are checked once per loop iteration: the
+        lines read in one iteration (a pipelining sender's whole chunk) were
+        received at one moment, and checking each of them again would stat
+        both records per message.
+        """
+        if self._refusals_tick != self.loop.tick:
+            self._refusals.clear()
+            self._refusals_tick = self.loop.tick
+        try:
+            return self._refusals[other]
+        except KeyError:
+            pass
         kind, why = self._relation(other)
         if kind in REACH:
-            return None
-        if kind == "pending":
-            return f"{other!r} is not a peer of {self.name!r} yet: {why}; message refused"
-        if kind == "in_doubt":
-            return f"{other!r} is not surely a peer of {self.name!r}: {why}; message refused"
-        if why:
-            return f"{other!r} may not message {self.name!r}: {why}; message refused"
-        return f"{other!r} is not a peer of {self.name!r}; message refused"
+            refusal = None
+        elif kind == "pending":
+            refusal = f"{other!r} is not a peer of {self.name!r} yet: {why}; message refused"
+        elif kind == "in_doubt":
+            refusal = f"{other!r} is not surely a peer of {self.name!r}: {why}; message refused"
+        elif why:
+            refusal = f"{other!r} may not message {self.name!r}: {why}; message refused"
+        else:
+            refusal = f"{other!r} is not a peer of {self.name!r}; message refused"
+        self._refusals[other] = refusal
+        return refusal
 
     def _relation(self, other: str) -> tuple[str, str | None]:
         try:

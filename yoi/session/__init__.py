@@ -46,13 +46,23 @@ READ_CHUNK = 1 << 20
 _SEQ_PREFIX = b'{"seq":'
 
 
+# json.dumps with these arguments builds an encoder per call: one, made once
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
 def _dumps(obj) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"),
-                      allow_nan=False).encode("utf-8")
+    return _encode(obj).encode("utf-8")
+
+
+_now = (0, "")  # (unix second, its RFC 3339 form): formatted once per second
 
 
 def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    global _now
+    t = int(time.time())
+    if t != _now[0]:
+        _now = (t, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)))
+    return _now[1]
 
 
 class Entry:
@@ -62,19 +72,29 @@ class Entry:
     spliced from the same bytes, so committing costs one ``json.dumps``.
     """
 
-    __slots__ = ("kind", "msg_id", "key", "_rest")
+    __slots__ = ("kind", "msg_id", "key", "at", "_rest")
 
     def __init__(self, kind: str, fields: dict, msg_id: str | None = None,
                  at: str | None = None, ts: int | None = None, key: str | None = None):
         self.kind = kind
         self.msg_id = msg_id
         self.key = msg_id if key is None else key  # what the id index files it under
+        self.at = at = at or now_iso()
         head = {"kind": kind, "ts": time.time_ns() // 1_000_000 if ts is None else ts,
-                "at": at or now_iso()}
+                "at": at}
         if msg_id is not None:
             head["id"] = msg_id
-        body = _dumps(fields)
-        self._rest = _dumps(head)[1:-1] + (b"," + body[1:] if body != b"{}" else b"}")
+        if head.keys() & fields.keys():  # (never so far) both, as they are
+            body = _dumps(fields)
+            self._rest = _dumps(head)[1:-1] + (b"," + body[1:] if body != b"{}" else b"}")
+        else:  # one encoding of everything
+            head.update(fields)
+            self._rest = _dumps(head)[1:]
+
+    @property
+    def size(self) -> int:
+        """About the bytes this entry holds until it is committed."""
+        return len(self._rest)
 
     def line(self, seq: int) -> bytes:
         """The log line (with its newline)."""

@@ -28,6 +28,7 @@ from yoi.atomic import not_a_file
 # 2: a notification's handler run is indexed too (``session.HANDLED_PREFIX``); an
 # index of schema 1 is rebuilt from the log, which files the runs already there.
 SCHEMA = 2
+LOOKUP_BATCH = 500  # ids per query (SQLite limits the parameters of one statement)
 _FILES = ("", "-wal", "-shm")
 
 
@@ -121,6 +122,18 @@ class IdIndex:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+
+    def lookup(self, ids: list[str]) -> dict[str, tuple[int, int]]:
+        """Where the entries with IDS are (id -> (offset, length)), for those indexed."""
+        out: dict[str, tuple[int, int]] = {}
+        with self.lock:
+            for k in range(0, len(ids), LOOKUP_BATCH):
+                part = ids[k:k + LOOKUP_BATCH]
+                query = ("SELECT id, offset, length FROM ids WHERE id IN (%s)"
+                         % ",".join("?" * len(part)))
+                for msg_id, offset, length in self.db.execute(query, part):
+                    out[msg_id] = (offset, length)
+        return out
 
     def get(self, msg_id: str) -> tuple[int, int] | None:
         with self.lock:

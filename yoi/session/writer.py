@@ -5,8 +5,12 @@ batch was being written is written with one ``write`` and made durable with
 one ``fsync`` (group commit). Each entry gets its ``seq`` in that order; its
 submitter is told where it landed only after the fsync, and after its id is
 in the index (``yoi.session.index``), so a retry of the same id always finds
-it. A failed write is truncated away (its ``seq`` numbers were never
-committed and are used again) and reported to every submitter of the batch.
+it. The writer is also where an id is committed at most once: the ids of a
+batch are looked up (one query) before it is written, and an entry whose id
+was committed before, or earlier in the same batch, is not written again;
+its submitter is told where the first one is (``Committed.duplicate``). A
+failed write is truncated away (its ``seq`` numbers were never committed and
+are used again) and reported to every submitter of the batch.
 
 Opening recovers from whatever a crash left:
 
@@ -45,12 +49,15 @@ MIGRATING = ".migrating"
 
 
 class Committed:
-    """Where a committed line lives in the file (length includes the newline), its seq."""
+    """Where a committed line lives in the file (length includes the newline), its seq;
+    ``duplicate``: the entry was not written, since this line (committed before) has
+    its id."""
 
-    __slots__ = ("offset", "length", "seq")
+    __slots__ = ("offset", "length", "seq", "duplicate")
 
-    def __init__(self, offset: int, length: int, seq: int):
+    def __init__(self, offset: int, length: int, seq: int, duplicate: bool = False):
         self.offset, self.length, self.seq = offset, length, seq
+        self.duplicate = duplicate
 
     @property
     def end(self) -> int:
@@ -184,19 +191,27 @@ class SessionLog:
     # -- looking up ------------------------------------------------------------------
     def committed_line(self, msg_id: str) -> bytes | None:
         """The committed line (with newline) of the entry with MSG_ID, if any."""
-        found = self.committed_at(msg_id)
-        return None if found is None else found[1]
+        where = self.lookup(msg_id)
+        return None if where is None else self.read(where)
 
     def committed_at(self, msg_id: str) -> tuple[Committed, bytes] | None:
         """Where the entry with MSG_ID is committed, and its line (with newline), if it is."""
+        where = self.lookup(msg_id)
+        return None if where is None else (where, self.read(where))
+
+    def lookup(self, msg_id: str) -> Committed | None:
+        """Where the entry with MSG_ID (an index key: a message id, or one of
+        ``session.index_key``'s) was committed (``duplicate``: an entry with it would
+        not be written again), if it was."""
         with self._cond:
             where = self._unindexed.get(msg_id)
         if where is None:
             where = self.index.get(msg_id)
-        if where is None:
-            return None
-        line = os.pread(self._rfd, where[1], where[0])
-        return Committed(where[0], where[1], line_seq(line) or 0), line
+        return None if where is None else self._earlier(*where)
+
+    def _earlier(self, offset: int, length: int) -> Committed:
+        seq = line_seq(os.pread(self._rfd, min(length, 64), offset))
+        return Committed(offset, length, seq or 0, duplicate=True)
 
     def read(self, entry: Committed) -> bytes:
         """The committed line at ENTRY (any thread)."""
@@ -266,32 +281,75 @@ class SessionLog:
                     pass  # its client is told by the Pod's own error handling, if at all
 
     def _write_batch(self, batch: list[tuple[Entry, Done]]) -> None:
+        results, lookup_error = self._committed_before(batch)
+        new: list[int] = []            # the entries to write, by their place in BATCH
+        first: dict[str, int] = {}     # key -> the entry of this batch that commits it
+        again: dict[int, int] = {}     # an entry -> the earlier entry of this batch with its key
+        for k, (entry, _) in enumerate(batch):
+            key = entry.key
+            if key is not None:
+                if k in results or lookup_error is not None:
+                    continue
+                if key in first:
+                    again[k] = first[key]
+                    continue
+                first[key] = k
+            new.append(k)
         start, seq = self.size, self.seq
-        lines = [entry.line(seq + i) for i, (entry, _) in enumerate(batch, 1)]
+        lines = [batch[k][0].line(seq + i) for i, k in enumerate(new, 1)]
         data = b"".join(lines)
+        if data:
+            try:
+                half = len(data) // 2
+                write_all(self._fd, data[:half])
+                fault("session-mid-write")  # a crash here leaves a torn line
+                write_all(self._fd, data[half:])
+                fault("session-before-fsync")
+                os.fsync(self._fd)
+            except OSError as e:
+                self._undo(start, e)
+                for k, (_, done) in enumerate(batch):  # (ids committed before still are)
+                    res = results.get(k)
+                    done(res, None if res is not None else e)
+                return
+            self.size, self.seq = start + len(data), seq + len(new)
+            rows, offset = [], start
+            for i, (k, line) in enumerate(zip(new, lines), 1):
+                results[k] = Committed(offset, len(line), seq + i)
+                key = batch[k][0].key
+                if key is not None:
+                    rows.append((key, offset, len(line)))
+                offset += len(line)
+            fault("session-before-index")
+            self._index(rows)
+        for k, j in again.items():
+            res = results[j]
+            results[k] = Committed(res.offset, res.length, res.seq, duplicate=True)
+        for k, (_, done) in enumerate(batch):
+            res = results.get(k)
+            done(res, None if res is not None else lookup_error)
+
+    def _committed_before(self, batch: list[tuple[Entry, Done]]
+                          ) -> tuple[dict[int, Committed], OSError | None]:
+        """The entries of BATCH whose key (id) is committed already (their place in
+        BATCH -> where, ``duplicate``), with one index query for the batch; or, if the
+        index cannot be read, the error (the entries with a key then fail: writing
+        them could commit an id twice)."""
+        ids = [entry.key for entry, _ in batch if entry.key is not None]
+        if not ids:
+            return {}, None
+        with self._cond:
+            known = {i: self._unindexed[i] for i in ids if i in self._unindexed}
         try:
-            half = len(data) // 2
-            write_all(self._fd, data[:half])
-            fault("session-mid-write")  # a crash here leaves a torn line
-            write_all(self._fd, data[half:])
-            fault("session-before-fsync")
-            os.fsync(self._fd)
-        except OSError as e:
-            self._undo(start, e)
-            for _, done in batch:
-                done(None, e)
-            return
-        self.size, self.seq = start + len(data), seq + len(batch)
-        results, rows, offset = [], [], start
-        for (entry, _), line in zip(batch, lines):
-            results.append(Committed(offset, len(line), seq + len(results) + 1))
-            if entry.key is not None:
-                rows.append((entry.key, offset, len(line)))
-            offset += len(line)
-        fault("session-before-index")
-        self._index(rows)
-        for (_, done), res in zip(batch, results):
-            done(res, None)
+            known.update(self.index.lookup([i for i in ids if i not in known]))
+        except (sqlite3.Error, OSError) as e:
+            return {}, OSError(f"cannot look message ids up in {self.index.path}: {e}")
+        found = {}
+        for k, (entry, _) in enumerate(batch):
+            where = known.get(entry.key) if entry.key is not None else None
+            if where is not None:
+                found[k] = self._earlier(*where)
+        return found, None
 
     def _undo(self, start: int, err: OSError) -> None:
         """Cut a failed write away; if even that fails, take no more entries."""
