@@ -388,26 +388,52 @@ ORIGINAL_HISTORY = [
 ]
 
 
-def original(peer: Peer, answer: bool = True) -> None:
+def original(peer: Peer, answer: bool = True, decoys_only: bool = False,
+             reverse: bool = False) -> None:
     """The original's Pod: no announcement, its own snapshot entries, and a ``notify``
     answered with a ``system_item`` echoing the message and no id (after an unrelated
     one, which a client must not take for its acknowledgement). Every method line
     is checked against the original's types: a line it would not parse fails the
-    test (``FakePod.errors``)."""
+    test (``FakePod.errors``). DECOYS_ONLY: only the unrelated one, and a hostile
+    one whose message is no string. REVERSE: the notifies of a stream answered
+    last first, each twice, once it ends."""
     import original_shapes
     peer.prelude(announce=False, entries=ORIGINAL_HISTORY)
+    held = []
     while True:
-        line = peer.read_line()
+        line = peer.read_line(timeout=0.5 if held else 10.0)
         if line is None:
+            for params in reversed(held):
+                for _ in range(2):
+                    peer.event("system_item", {"item": original_notification(params["message"])})
+            if held and not peer.pod.stopping.is_set():
+                held = []
+                continue
             return
         name, params = original_shapes.method(line)
         peer.pod.methods.append((name, params))
-        if name == "notify" and answer:
+        if name == "notify" and decoys_only:
+            peer.event("system_item", {"item": original_notification("someone else's")})
+            peer.event("system_item", {"item": {**original_notification("x"),
+                                                "message": {"a": 1}}})
+        elif name == "notify" and reverse:
+            held.append(params)
+        elif name == "notify" and answer:
             peer.event("system_item", {"item": original_notification("someone else's")})
             peer.event("system_item", {"item": original_notification(params["message"])})
         elif name != "notify":
             peer.event("error", {"code": "invalid_request",
                                  "message": f"not in this fake: {name}"})
+
+
+def original_decoys(peer: Peer) -> None:
+    """The original's Pod that answers only with what acknowledges nothing sent."""
+    original(peer, decoys_only=True)
+
+
+def original_reversed(peer: Peer) -> None:
+    """The original's Pod that acknowledges a stream out of order, each twice."""
+    original(peer, reverse=True)
 
 
 def original_silent(peer: Peer) -> None:

@@ -338,6 +338,27 @@ def test_send_to_the_original_is_acknowledged_by_its_message(cli, original):
     assert pod.early == []
 
 
+def test_what_acknowledges_nothing_sent_is_never_taken_for_the_acknowledgement(cli,
+                                                                               original):
+    """The only answers are another message and a hostile one (no string): one
+    message and a stream both time out (exit 5), without a traceback."""
+    original(fake_pods.original_decoys)
+    for args in (("B", "hello"), ("--from", "A", "B", "hello")):
+        r = cli("pod", "send", "--timeout", "1", *args)
+        assert r.exit_code == 5 and "Traceback" not in r.stderr, r
+    r = cli("pod", "send", "--lines", "--timeout", "1", "B", input="one\ntwo\n")
+    assert r.exit_code in (1, 5) and "Traceback" not in r.stderr, r
+    assert "0 of 2" in r.stderr or "not acknowledged" in r.stderr, r
+
+
+def test_a_stream_acknowledged_out_of_order_and_twice_is_matched_line_by_line(cli,
+                                                                             original):
+    original(fake_pods.original_reversed)
+    r = cli("pod", "send", "--lines", "--json", "B", input="one\ntwo\nthree\n")
+    assert r.exit_code == 0, r
+    assert (r.json["messages"], r.json["acknowledged_count"]) == (3, 3), r.json
+
+
 def test_a_peer_message_to_the_original_carries_the_header_and_no_source(cli, original):
     pod = original(fake_pods.original)
     r = cli("pod", "send", "--from", "A", "--id", "p-1", "B", "hi")
