@@ -42,10 +42,9 @@ from __future__ import annotations
 import os
 
 from yoi import client, protocol
-from yoi.protocol import NOTICE_PREFIX
 from yoi.errors import (Interrupted, Refused, TimedOutWaiting, Unreachable, UsageError,
                         YoiError)
-from yoi.names import check_name
+from yoi.names import NOTICE_PREFIX, check_name
 from yoi.state import State
 from yoi.timeouts import DEFAULT
 

@@ -461,7 +461,7 @@ SCOPES = ("parent", "peers")
 SPAWN_ID_RE = re.compile(r"[0-9a-f]{12}\Z", re.ASCII)
 # What a Pod may reach (message, be messaged by): the kinds of ``relation``.
 REACH = frozenset({"peers", "parent", "child", "parent_peer"})
-from yoi.protocol import NOTICE_PREFIX  # noqa: E402  (the ids of a parent's notices)
+from yoi.names import NOTICE_PREFIX  # noqa: E402  (the ids of a parent's notices)
 
 
 def _family_problem(doc: dict) -> str | None:

@@ -8,6 +8,8 @@ from yoi.errors import UsageError
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 NAME_RE = re.compile(NAME_PATTERN + r"\Z", re.ASCII)
+# The message ids a parent Pod gives its notices about its children: no client's.
+NOTICE_PREFIX = "child:"
 
 
 def is_valid_name(name: object) -> bool:

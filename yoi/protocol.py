@@ -16,7 +16,6 @@ from yoi.names import NAME_PATTERN, NAME_RE
 from yoi.parsing import MAX_DEPTH, ParseError, json_loads
 
 MAX_METHOD_LINE = 1 << 20        # one method line read by a Pod
-NOTICE_PREFIX = "child:"         # the ids of a parent's notices about its children: no client's
 MAX_EVENT_LINE = 64 << 20        # one event line read by a client
 MAX_METHOD_DEPTH = MAX_DEPTH     # (ours) containers nested in a method line, and so in an entry
 MAX_EVENT_DEPTH = 128            # (ours) ... in an event line: a snapshot nests entries 3 deep;
