@@ -12,7 +12,7 @@
   the parent's log twice, runs of the child told never or twice, and tasks
   done told other than once.
 * hostile: clients sending random bytes, over-long lines, lines nested 100,000
-  deep and integers of 5,000 digits, and idling at a Pod while a well-behaved
+  deep, integers of 5,000 digits, unpaired surrogates, NaN and 1e999, and idling at a Pod while a well-behaved
   sender measures its acknowledgement latency; counts Pod death, lost
   acknowledged messages, and RSS growth beyond a bound.
 """
@@ -191,7 +191,13 @@ NESTED_LINES = [
     + b"}}\n",
     b'{"method":"notify","params":{"message":"x","n":' + b"9" * 5000 + b"}}\n",
     b'{"method":"run","params":{"input":' + b"[" * 500 + b"]" * 500 + b"}}\n",
+    # and lines that once wedged an id or left a Pod "running", or wrote non-JSON
+    b'{"method":"notify","params":{"message":"\\ud800","id":"soak-surrogate"}}\n',
+    b'{"method":"run","params":{"input":"\\udc00"}}\n',
+    b'{"method":"run","params":{"input":[{"content":"x","n":1e999}]}}\n',
+    b'{"method":"notify","params":{"message":"x","n":NaN}}\n',
 ]
+
 
 def soak_hostile(seconds: float, seed: int, clients: int = 50) -> int:
     from yoi import client

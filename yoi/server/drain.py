@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import threading
 
 from yoi import offline
@@ -230,6 +231,10 @@ class Drainer:
                         done: threading.Event) -> None:
         pod = self.pod
         left = [len(records)]
+        try:  # one query per few hundred records, not one each
+            known = pod.session.lookup_many([rec["id"] for rec in records])
+        except (sqlite3.Error, OSError):
+            known = None  # each is looked up on its own below
 
         def settled(i: int, outcome) -> None:
             outcomes[i] = outcome
@@ -253,7 +258,11 @@ class Drainer:
             if rec["id"] in pod.worker.unfinished:
                 finish("waiting")
                 continue
-            found = pod.session.committed_at(rec["id"])
+            if known is None:
+                found = pod.session.committed_at(rec["id"])
+            else:
+                where = known.get(rec["id"])
+                found = None if where is None else (where, pod.session.read(where))
             if found is not None:
                 finish(self._committed_before(rec["id"], *found))
                 continue

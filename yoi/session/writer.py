@@ -209,6 +209,14 @@ class SessionLog:
             where = self.index.get(msg_id)
         return None if where is None else self._earlier(*where)
 
+    def lookup_many(self, keys: list[str]) -> dict[str, Committed]:
+        """``lookup`` of each of KEYS (those committed), with one index query per
+        ``index.LOOKUP_BATCH`` keys: for a reader of many ids at once (a queue's drain)."""
+        with self._cond:
+            known = {k: self._unindexed[k] for k in keys if k in self._unindexed}
+        known.update(self.index.lookup([k for k in keys if k not in known]))
+        return {k: self._earlier(*where) for k, where in known.items()}
+
     def _earlier(self, offset: int, length: int) -> Committed:
         seq = line_seq(os.pread(self._rfd, min(length, 64), offset))
         return Committed(offset, length, seq or 0, duplicate=True)
