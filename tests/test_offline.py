@@ -294,7 +294,7 @@ def test_sigkill_while_draining_loses_and_duplicates_nothing(state, started_pod)
     log = state.session_path("T")
     mid_drain = 0  # kills that left part of a round committed and its queue not emptied
     for round_ in range(22):
-        ids = [f"r{round_}-{i}" for i in range(500)]
+        ids = [f"r{round_}-{i}" for i in range(1000)]
         offline.append(state, "T", queue_items(ids, text="x" * 2000))
         queued += ids
         size = log.stat().st_size
@@ -302,7 +302,7 @@ def test_sigkill_while_draining_loses_and_duplicates_nothing(state, started_pod)
         try:
             wait_for(lambda: log.stat().st_size > size or proc.poll() is not None,
                      what="the drain to begin")
-            time.sleep(rng.choice([0, 0.005, 0.02, 0.05, 0.2]))  # in the drain, or after it
+            time.sleep(rng.choice([0, 0, 0.002, 0.005, 0.01, 0.2]))  # in the drain, or after
         finally:
             _kill(proc)
         mid_drain += (log.stat().st_size > size
