@@ -40,6 +40,7 @@ from yoi import client, control, cursors, metadata, protocol
 from yoi.children import Notice, Watch, died, read_child
 from yoi.errors import CorruptMetadata, YoiError
 from yoi.server.log import log
+from yoi.server.loop import Background
 from yoi.session import Entry
 from yoi.txn import read_pod_file
 
@@ -49,29 +50,20 @@ TELL_TIMEOUT = 3.0     # seconds a child waits for its parent to take its news i
 WATCH_CURSOR = ".parent"  # the parent's cursor among the child's (no Pod name starts with .)
 
 
-class ChildWatcher:
+class ChildWatcher(Background):
     """The thread that turns what the children of POD did into notices in POD's log."""
 
     def __init__(self, pod):
-        self.pod = pod
-        self.cond = threading.Condition()
+        super().__init__(pod, "children")
         self.dirty: set[str] = set()
         self.everything = True          # look at every child on the next round
         self.waiters: dict[str, list] = {}
-        self.stopping = False
         self.watches: dict[str, Watch] = {}
         self._records: dict[str, tuple] = {}  # Pod name -> (stat key, record)
         self._problems: dict[str, str | None] = {}  # what was logged last, per Pod
-        self.thread = threading.Thread(target=self._run, name="children", daemon=True)
 
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopping = True
-            self.cond.notify()
-        self.thread.join(10)
+    def stop(self, join: float | None = 10.0) -> None:
+        super().stop(join)
 
     def wake(self, name: str, answered=None) -> None:
         """Read CHILD NAME's log now; ANSWERED() runs on the loop once that is done and

@@ -53,7 +53,7 @@ from yoi.errors import Failed, YoiError
 from yoi.faults import fault
 from yoi.server import methods
 from yoi.server.log import log
-from yoi.server.loop import report
+from yoi.server.loop import Background, report
 from yoi.server.operations import Invalid
 from yoi.server.worker import Job
 from yoi.session import REJECTED_PREFIX, Entry, entry_source, handled_key
@@ -68,24 +68,13 @@ def _no_result() -> dict:
     return {"committed": 0, "duplicates": 0, "rejected": 0, "queued": 0, "rejections": {}}
 
 
-class Drainer:
+class Drainer(Background):
     def __init__(self, pod):
-        self.pod = pod
-        self.cond = threading.Condition()
+        super().__init__(pod, "drain")
         self.wanted = False
         self.waiters: list = []
-        self.stopping = False
         self.last_problem: str | None = None
         self.awaiting: set[str] = set()  # queued ids left waiting for their handler run
-        self.thread = threading.Thread(target=self._run, name="drain", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopping = True
-            self.cond.notify()
 
     def request(self, waiter=None) -> None:
         """Ask for a pass (any thread); WAITER(result) runs on the loop after a pass

@@ -149,3 +149,27 @@ class Loop:
 def report(what: str, exc: BaseException) -> None:
     """Write an unexpected exception and its traceback to the Pod's log."""
     log(f"internal error in {what}:\n" + "".join(traceback.format_exception(exc)).rstrip())
+
+
+class Background:
+    """A Pod's helper thread NAME running ``_run``: ``cond`` guards its state and wakes
+    it, ``stopping`` tells it to end (``stop``; with JOIN, wait that long for it)."""
+
+    def __init__(self, pod, name: str):
+        self.pod = pod
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, join: float | None = None) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if join is not None:
+            self.thread.join(join)
+
+    def _run(self) -> None:
+        raise NotImplementedError
