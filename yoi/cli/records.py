@@ -188,24 +188,13 @@ def config_command(name, exec_cmd, no_exec, accept_peers, no_accept_peers, peer_
     from yoi.errors import UsageError
     if exec_cmd is not None and no_exec:
         raise UsageError("--exec and --no-exec are mutually exclusive")
-    kwargs = {}
-    if exec_cmd is not None:
-        kwargs["exec_cmd"] = exec_cmd
+    given = {"exec_cmd": exec_cmd, "accept_peers": _policy(accept_peers, no_accept_peers),
+             "peer_request_ttl": peer_request_ttl, "cwd": cwd,
+             "handler_timeout": handler_timeout, "queue_max_messages": queue_max_messages,
+             "queue_max_bytes": queue_max_bytes}
+    kwargs = {key: value for key, value in given.items() if value is not None}
     if no_exec:
         kwargs["exec_cmd"] = None
-    policy = _policy(accept_peers, no_accept_peers)
-    if policy is not None:
-        kwargs["accept_peers"] = policy
-    if peer_request_ttl is not None:
-        kwargs["peer_request_ttl"] = peer_request_ttl
-    if cwd is not None:
-        kwargs["cwd"] = cwd
-    if handler_timeout is not None:
-        kwargs["handler_timeout"] = handler_timeout
-    if queue_max_messages is not None:
-        kwargs["queue_max_messages"] = queue_max_messages
-    if queue_max_bytes is not None:
-        kwargs["queue_max_bytes"] = queue_max_bytes
     if labels:
         kwargs["set_labels"] = parse_labels(labels)
     if unset:
