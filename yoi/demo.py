@@ -54,7 +54,9 @@ class Demo:
                            text=True, timeout=self.timeout + 30, stdin=subprocess.DEVNULL)
         if show:
             self.record.append({"command": "yoi " + shlex.join(args), "exit_code": p.returncode})
-            for line in (p.stdout + p.stderr).rstrip("\n").splitlines():
+            # Progress (stderr) comes before a result; an error (stderr) after what was done.
+            shown = p.stderr + p.stdout if p.returncode == 0 else p.stdout + p.stderr
+            for line in shown.rstrip("\n").splitlines():
                 self.echo(f"    {line}")
         if check and p.returncode != 0:
             last = (p.stderr or p.stdout).strip().splitlines()
