@@ -339,6 +339,36 @@ def test_stop_recursive_stops_the_deepest_first_and_each_parent_hears(state, sta
     assert run_yoi("pod", "stop", "--label", "x=y", "--recursive").exit_code == 2
 
 
+def test_stop_all_stops_every_pod_each_after_its_children(state, started_pod, run_yoi):
+    # Listed by name, each parent comes before its children: --all must reorder.
+    started_pod("a-lead")
+    started_pod("m-other")
+    assert run_yoi("pod", "create", "n-idle").exit_code == 0
+    assert run_yoi("pod", "spawn", "a-lead", "b-kid", "--exec", "cat").exit_code == 0
+    assert run_yoi("pod", "spawn", "b-kid", "c-grand").exit_code == 0
+    state.metadata_path("z-bad").parent.mkdir(parents=True, exist_ok=True)
+    state.metadata_path("z-bad").write_text("not = [toml")
+    state.metadata_path("m-other").write_text("not = [toml")  # live, its record damaged
+    r = run_yoi("pod", "stop", "--all", "--json")
+    assert r.exit_code == 0, r
+    assert [(p["pod_name"], p["stopped"]) for p in r.json["pods"]] == [
+        ("c-grand", True), ("b-kid", True), ("a-lead", True), ("m-other", True),
+        ("n-idle", False), ("z-bad", False)]
+    assert [e["source"] for e in kinds(state, "a-lead", "child_stopped")] == ["b-kid"]
+    assert [e["source"] for e in kinds(state, "b-kid", "child_stopped")] == ["c-grand"]
+    for args in (("a-lead", "--all"), ("--all", "--label", "x=y"), ("--all", "--recursive")):
+        r = run_yoi("pod", "stop", *args)
+        assert r.exit_code == 2 and r.stderr.startswith("yoi: error: "), (args, r)
+
+
+def test_stop_all_in_an_empty_state_directory(state, run_yoi):
+    state.pods_dir.mkdir(parents=True, exist_ok=True)
+    r = run_yoi("pod", "stop", "--all", "--json")
+    assert (r.exit_code, r.json) == (0, {"ok": True, "pods": []}), r
+    r = run_yoi("pod", "stop", "--all")
+    assert (r.exit_code, r.stderr) == (0, "no Pods\n"), r
+
+
 # -- spawning again, and what spawn refuses -----------------------------------------------
 
 def test_a_spawn_that_crashed_is_finished_by_a_retry_which_delivers_the_task_once(

@@ -67,6 +67,7 @@ SCENARIOS = [
     ("yoi doctor", ["--list-checks"], "doctor-checks", None),
     ("yoi pod stop", ["c"], "pod-stopped", None),
     ("yoi pod stop", ["--label", "job=1"], "pods-stopped", None),
+    ("yoi pod stop", ["--all"], "pods-stopped", None),
     ("yoi pod peer remove", ["a", "b"], "peer-changed", None),
     ("yoi pod rm", ["c"], "pod-removed", None),
     ("yoi pod rm", ["a", "--recursive"], "pod-removed", None),

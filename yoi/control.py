@@ -22,7 +22,7 @@ from pathlib import Path
 from yoi import history, offline, podlog, protocol, store
 from yoi.client import Connection, request
 from yoi.discovery import probe, probe_result
-from yoi.errors import Busy, Failed, Unreachable, YoiError
+from yoi.errors import Busy, CorruptMetadata, Failed, Unreachable, YoiError
 from yoi.lock import if_free, is_locked, lock_holder_pid
 from yoi.procs import StillThere, popen_gone, terminate
 from yoi.state import State
@@ -192,7 +192,10 @@ def stop(state: State, name: str, timeout: float = DEFAULT, force: bool = False)
     unless FORCE, which sends SIGTERM and then SIGKILL to the process that
     holds the runtime lock.
     """
-    doc = store.read(state, name)
+    try:
+        doc = store.read(state, name)
+    except CorruptMetadata:
+        doc = None  # its process can still be stopped: the runtime lock says whether it runs
     lock = state.runtime_lock_path(name)
     result = {"pod_name": name, "stopped": False, "forced": None, "pid": None}
     if not is_running(state, name):
@@ -256,6 +259,21 @@ def stop_tree(state: State, name: str, timeout: float = DEFAULT,
     return _stop_each(state, descendants(state, name) + [name], timeout, force)
 
 
+def stop_all(state: State, timeout: float = DEFAULT,
+             force: bool = False) -> tuple[list[dict], YoiError | None]:
+    """Stop every Pod of the state directory, each one after all of its descendants
+    (so a live parent hears of each child); as ``stop_labelled``."""
+    from yoi.children import descendants  # not at the top: yoi.children imports this module
+    order: list[str] = []
+    placed: set[str] = set()
+    for pod in store.list_all(state):
+        for name in descendants(state, pod.name) + [pod.name]:
+            if name not in placed:
+                placed.add(name)
+                order.append(name)
+    return _stop_each(state, order, timeout, force)
+
+
 def _stop_each(state: State, names: list[str], timeout: float,
                force: bool) -> tuple[list[dict], YoiError | None]:
     results, first = [], None
@@ -294,7 +312,10 @@ def clean_stale(state: State, name: str) -> bool:
                 removed = True
         except FileNotFoundError:
             pass
-        doc = store.read(state, name)
+        try:
+            doc = store.read(state, name)
+        except CorruptMetadata:
+            return removed  # a record that does not parse is doctor's to mend, not ours
         if (doc.get("runtime") or {}).get("pid") is not None:
             def clear(d):
                 (d.get("runtime") or {}).pop("pid", None)

@@ -58,9 +58,11 @@ def start_command(name, exec_cmd, foreground, timeout, as_json, state):
                    "holding its runtime lock.")
 @click.option("--recursive", "-r", is_flag=True,
               help="Stop its children (theirs first) before it.")
+@click.option("--all", "every", is_flag=True,
+              help="Stop every Pod of the state directory (children before parents).")
 @json_option
 @state_options
-def stop_command(name, labels, timeout, force, recursive, as_json, state):
+def stop_command(name, labels, timeout, force, recursive, every, as_json, state):
     """Stop a Pod: send `shutdown` and wait until its process has exited.
 
     A Pod that is not running is not an error ("not running", exit 0). Exit 5
@@ -70,7 +72,8 @@ def stop_command(name, labels, timeout, force, recursive, as_json, state):
     does not keep the others from stopping, and the exit status is the first
     failure's. With --recursive, NAME's children are stopped first (the
     deepest first), then NAME, one line each: each child's parent, still
-    live, hears of it.
+    live, hears of it. With --all, every Pod of the state directory is
+    stopped the same way, each after its children.
 
     \b
     Examples:
@@ -78,15 +81,18 @@ def stop_command(name, labels, timeout, force, recursive, as_json, state):
       yoi pod stop reviewer --timeout 3 --force
       yoi pod stop --label job=$CI_JOB_ID
       yoi pod stop lead --recursive
+      yoi pod stop --all
     """
     from yoi import control
     from yoi.errors import UsageError
-    if (name is None) == (not labels):
-        raise UsageError("give a Pod NAME or --label KEY=VALUE (not both)")
-    if recursive and labels:
-        raise UsageError("--recursive stops one Pod's tree: give a Pod NAME, not --label")
-    if labels or recursive:
-        if labels:
+    if (name is not None) + bool(labels) + every != 1:
+        raise UsageError("give one of a Pod NAME, --label KEY=VALUE or --all")
+    if recursive and name is None:
+        raise UsageError("--recursive stops one Pod's tree: give a Pod NAME")
+    if labels or recursive or every:
+        if every:
+            results, first = control.stop_all(state, timeout=timeout, force=force)
+        elif labels:
             from yoi.cli.pod import parse_labels
             results, first = control.stop_labelled(state, parse_labels(labels),
                                                    timeout=timeout, force=force)
@@ -99,7 +105,7 @@ def stop_command(name, labels, timeout, force, recursive, as_json, state):
             raise type(first)(first.message, data={"pods": results}, **first.details)
         emit(as_json, {"pods": results}, text or None)
         if not results:
-            say("no Pods with these labels")
+            say("no Pods" if every else "no Pods with these labels")
         return
     res = control.stop(state, name, timeout=timeout, force=force)
     emit(as_json, res, res["message"] if res["stopped"] else f"{name}: not running")
