@@ -42,6 +42,7 @@ from yoi.errors import CorruptMetadata, YoiError
 from yoi.server.log import log
 from yoi.server.loop import Background
 from yoi.session import Entry
+from yoi.timeouts import DEFAULT
 from yoi.txn import read_pod_file
 
 WATCH_INTERVAL = 1.0   # seconds between looks at the children's logs and locks
@@ -62,7 +63,8 @@ class ChildWatcher(Background):
         self._records: dict[str, tuple] = {}  # Pod name -> (stat key, record)
         self._problems: dict[str, str | None] = {}  # what was logged last, per Pod
 
-    def stop(self, join: float | None = 10.0) -> None:
+    def stop(self, join: float | None = DEFAULT) -> None:
+        """Stop watching; shut-down waits up to JOIN for a round in progress."""
         super().stop(join)
 
     def wake(self, name: str, answered=None) -> None:
