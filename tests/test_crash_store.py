@@ -29,6 +29,66 @@ def leftovers(state) -> list[str]:
 
 # -- torn writes ----------------------------------------------------------------
 
+def disk_calls(monkeypatch) -> list[tuple[str, str]]:
+    """Record, in order, every fsync (by the path its descriptor was opened with),
+    rename and unlink this process makes."""
+    calls, fds = [], {}
+    real_open, real_fsync = os.open, os.fsync
+    real_replace, real_rename, real_unlink = os.replace, os.rename, os.unlink
+
+    def opened(path, *a, **k):
+        fd = real_open(path, *a, **k)
+        fds[fd] = os.fspath(path)
+        return fd
+
+    def fsync(fd):
+        calls.append(("fsync", fds.get(fd, "?")))
+        return real_fsync(fd)
+
+    def moved(real, what):
+        def move(src, dst, *a, **k):
+            calls.append((what, os.fspath(src), os.fspath(dst)))
+            return real(src, dst, *a, **k)
+        return move
+
+    def unlink(path, *a, **k):
+        calls.append(("unlink", os.fspath(path)))
+        return real_unlink(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", opened)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", moved(real_replace, "rename"))
+    monkeypatch.setattr(os, "rename", moved(real_rename, "rename"))
+    monkeypatch.setattr(os, "unlink", unlink)
+    return calls
+
+
+@pytest.mark.parametrize("op", ["register", "remove"])
+def test_a_record_reaches_the_disk_before_its_name_does(state, monkeypatch, op):
+    """A power cut (which a kill -9 cannot show) may keep a rename and lose the data
+    it points to: every record a transaction renames into place is synced first, and
+    its directory before the journal goes."""
+    store.create(state, "a")
+    store.create(state, "b")
+    if op == "remove":
+        peers.register(state, "a", "b")
+    calls = disk_calls(monkeypatch)
+    (peers.register if op == "register" else peers.unregister)(state, "a", "b")
+    monkeypatch.undo()
+    records = {str(state.metadata_path(n)) for n in ("a", "b")}
+    renames = [i for i, c in enumerate(calls) if c[0] == "rename" and c[2] in records]
+    assert len(renames) == 2, calls
+    for i in renames:
+        assert ("fsync", calls[i][1]) in calls[:i], (calls[i], calls)
+    journal_gone = next(i for i, c in enumerate(calls)
+                        if c[0] == "unlink" and "/journal/" in c[1])
+    for name in ("a", "b"):
+        assert ("fsync", str(state.pod_dir(name))) in calls[renames[-1]:journal_gone], calls
+    # One wait for the disk: both records are synced before either is renamed.
+    first_sync = min(calls.index(("fsync", calls[i][1])) for i in renames)
+    assert first_sync < renames[0] and all(
+        ("fsync", calls[i][1]) in calls[first_sync:renames[0]] for i in renames), calls
+
 def test_sigkill_at_random_moments_never_leaves_a_torn_record(state):
     store.create(state, "a")
     path = state.metadata_path("a")

@@ -38,17 +38,28 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600, sync: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write DATA to PATH via temp file + fsync + rename + directory fsync.
-
-    Without SYNC, neither fsync: a reader still sees the old file or the new
-    one, but a power cut may leave either, or the new name with its data
-    lost; the caller makes it durable later (``sync_files``), as a journaled
-    transaction does before it removes the journal that can undo it.
 
     An OSError names the file it concerns (PATH, or its directory), also where
     the system call itself names none (a write or an fsync on a full disk).
     """
+    tmp = stage(path, data, mode)
+    try:
+        sync_files({tmp: path})
+    except BaseException:
+        discard(tmp)
+        raise
+    replace_staged(tmp, path)
+    sync_parents([path])
+
+
+def stage(path: Path, data: bytes, mode: int = 0o600) -> Path:
+    """Write DATA to a new temp file beside PATH (not synced: ``sync_files``) and
+    return its path; ``replace_staged`` puts it in PATH's place. Several files
+    staged, synced one after the other and then renamed cost one wait for the
+    disk, not one each, and a reader still sees each old file or its new one,
+    also after a power cut."""
     tmp = temp_name_for(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -58,33 +69,37 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600, sync: bool = True) 
     try:
         try:
             write_all(fd, data)
-            if sync:
-                os.fsync(fd)
         finally:
             os.close(fd)
+    except BaseException as e:
+        discard(tmp)
+        raise _naming(e, path) if isinstance(e, OSError) else e
+    return tmp
+
+
+def replace_staged(tmp: Path, path: Path) -> None:
+    """Rename the staged (and synced) TMP to PATH; TMP is gone afterwards either way."""
+    try:
         fault("atomic-before-replace")
         os.replace(tmp, path)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise _naming(e, path)
-        raise
-    if sync:
-        try:
-            fsync_dir(path.parent)
-        except OSError as e:
-            raise _naming(e, path.parent)
+        discard(tmp)
+        raise _naming(e, path) if isinstance(e, OSError) else e
 
 
-def sync_files(paths: list[Path]) -> None:
-    """Make files written with ``atomic_write(..., sync=False)`` durable: each file's
-    data, then each directory's entry. Issued one after the other once all are
-    written, the first fsync commits what the others need: one wait for the disk
-    instead of one per file."""
-    for path in paths:
+def discard(tmp: Path) -> None:
+    """Remove a staged temp file that will not be used (gone already is fine)."""
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
+def sync_files(files: dict[Path, Path]) -> None:
+    """fsync each file's data (FILES: temp file -> the file it stands for, which an
+    error names), one after the other: the first waits for the disk, the others
+    find their data on its way."""
+    for path, named in files.items():
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
@@ -92,7 +107,11 @@ def sync_files(paths: list[Path]) -> None:
             finally:
                 os.close(fd)
         except OSError as e:
-            raise _naming(e, path)
+            raise _naming(e, named)
+
+
+def sync_parents(paths: list[Path]) -> None:
+    """fsync the directories holding PATHS (each once): their renames are durable."""
     for parent in dict.fromkeys(p.parent for p in paths):
         try:
             fsync_dir(parent)

@@ -1058,8 +1058,11 @@ class _Doctor:
     def check_temps(self) -> None:
         if "temp-file" not in self.wanted:
             return
+        # A leftover journal's Pods hold the records it staged: its rollback (reported
+        # as journal-leftover) removes them.
+        journaled = {n for j in self.leftover for n in j.pods}
         for name, pod in sorted(self.pods.items()):
-            if not pod.temps:
+            if not pod.temps or name in journaled:
                 continue
             lock = self.state.lock_path(name)
             if is_locked(lock):

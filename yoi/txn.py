@@ -44,8 +44,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from yoi import metadata
-from yoi.atomic import (atomic_write, fsync_dir, read_bytes_nofollow, remove_temp_files,
-                         sync_files)
+from yoi.atomic import (atomic_write, discard, fsync_dir, read_bytes_nofollow,
+                         remove_temp_files, replace_staged, stage, sync_files, sync_parents)
 from yoi.errors import CorruptMetadata, NotFound, StorageError
 from yoi.faults import fault
 from yoi.lock import FileLock
@@ -397,17 +397,21 @@ class Locked:
             assert ch.pod in self.names, f"{ch.pod} is not locked"
         journal = self._write_journal(new_txid(), changes)
         state = self.state
-        written = []
+        staged: dict[int, Path] = {}  # change number -> its new record, not yet in place
         try:
             fault("after-journal")
+            # Every new record is written and synced before the first is renamed
+            # into place: one wait for the disk, and after a power cut each record
+            # is its old or its new self, never a torn one.
+            for i, ch in enumerate(changes, 1):
+                if ch.action == "write":
+                    staged[i] = stage(state.metadata_path(ch.pod), ch.new)
+            sync_files({tmp: state.metadata_path(changes[i - 1].pod)
+                        for i, tmp in staged.items()})
             for i, ch in enumerate(changes, 1):
                 fault(f"before-write-{i}")
                 if ch.action == "write":
-                    # Synced below, all at once: until the journal is removed it
-                    # undoes whatever a power cut leaves of them.
-                    path = state.metadata_path(ch.pod)
-                    atomic_write(path, ch.new, sync=False)
-                    written.append(path)
+                    replace_staged(staged.pop(i), state.metadata_path(ch.pod))
                 elif ch.action == "create":
                     create_pod_dir(state, ch.pod, ch.new)
                     fsync_dir(state.pods_dir)  # the rename, before the commit point
@@ -415,10 +419,12 @@ class Locked:
                     os.rename(state.pod_dir(ch.pod), _trash_path(state, ch.pod, journal.txid))
                     fsync_dir(state.pods_dir)
                 fault(f"after-write-{i}")
-            sync_files(written)
+            sync_parents([state.metadata_path(ch.pod) for ch in changes if ch.action == "write"])
             fault("before-journal-remove")
             os.unlink(journal.path)  # the commit point
         except BaseException as e:
+            for tmp in staged.values():
+                discard(tmp)
             _undo(state, journal, e)
             raise
         try:
