@@ -289,3 +289,40 @@ def test_keep_snapshot_reads_a_large_snapshot_whole(state, fake):
     with client.Connection.open(state.default_socket_path("B"), 5, keep_snapshot=True) as c:
         entry = c.snapshot["entries"][0]
         assert len(entry["item"]["message"]) == 2 << 20
+
+
+# -- a message written first: what decides the outcome -------------------------------
+
+def test_a_relation_removed_after_the_write_does_not_turn_no_ack_into_refused(cli, fake,
+                                                                             state):
+    """The message was written and not acknowledged: it may be in, whatever the records
+    say by the time the send gives up (a refusal would tell the script not to retry)."""
+    store.create(state, "A")
+    store.create(state, "B")
+    peers.register(state, "A", "B")
+
+    def takes_it_then_the_relation_goes(peer):
+        peer.prelude()
+        if peer.read_method() is not None:
+            peers.unregister(state, "A", "B")
+        while peer.read_method() is not None:
+            pass
+
+    pod = fake(takes_it_then_the_relation_goes)
+    r = cli("pod", "send", "--from", "A", "B", "hello", "--timeout", "1", "--id", "m1")
+    assert_failed(r, 5, "timed out waiting for the acknowledgement",
+                  "may or may not have been delivered; retry with --id m1")
+    assert pod.notified_ids() == ["m1"]
+
+
+def test_an_operator_message_needs_the_targets_record(cli, fake, state):
+    pod = fake(fake_pods.good)
+    os.rename(state.pod_dir("B"), state.root / "B-moved")  # its socket still answers
+    r = cli("pod", "send", "B", "hello", "--id", "op-1")
+    assert_failed(r, 3, "no such Pod: B")
+    assert pod.notified_ids() == []
+    os.rename(state.root / "B-moved", state.pod_dir("B"))
+    state.metadata_path("B").write_text("not = [toml")  # damaged: doctor's to report
+    r = cli("pod", "send", "B", "hello", "--id", "op-2")
+    assert r.exit_code == 0, r
+    assert pod.notified_ids() == ["op-2"]

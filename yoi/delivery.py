@@ -21,9 +21,14 @@ message (UsageError, 2); both Pods exist (NotFound, 3); the peer relation
 (Refused, 4); the target is running (Unreachable, 5).
 
 One message to a live Pod of ours is written first, and the records read
-only if it is not delivered: the Pod checks the relation itself (against
-both records) and refuses what the checks above would stop, and a failure
-is then explained by those checks, with the same errors and exit statuses.
+only if it is refused or TARGET is not running: the Pod checks the relation
+itself (against both records) and refuses what the checks above would stop,
+and the refusal is then explained by those checks, with the same errors and
+exit statuses. A failure after the message was written (no acknowledgement
+in time) is reported as such, whatever the records say by then: the message
+may be in. An operator message needs TARGET's record to exist, not to parse:
+a live Pod whose record was damaged still takes it (``yoi doctor`` reports
+the record).
 Reading the records first would cost every send the TOML parser (a fifth
 of the time a send takes beyond Python and Click). To a Pod that does not
 check (the original's), nothing is written before the checks pass.
@@ -212,11 +217,13 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
     try:
         if checked:
             path = check()
+        elif source is None and not os.path.lexists(state.metadata_path(target)):
+            check()  # no such Pod (NotFound) even if something answers at its socket
         try:
             data, supports = client.deliver(path, line, msg_id, timeout, wait)
         except (Unreachable, Refused) as e:
-            if checked:
-                raise
+            if checked or not isinstance(e, (client.NotRunning, Refused)):
+                raise  # e.g. no acknowledgement: whatever the records say now, it may be in
             recorded = check()  # explains the failure, or says where TARGET lives
             if recorded == path or not isinstance(e, client.NotRunning):
                 raise
