@@ -109,6 +109,9 @@ class Hub:
         self.reading = True
         self.corked = 0  # while > 0, sending only queues; ``uncork`` writes
         self.dirty: list[Client] = []  # clients given something while corked
+        # Counts the reads of a client's input (and resumptions of held lines): the
+        # lines of one were all written before it, so they can share one check.
+        self.batch = 0
 
     # -- accepting ------------------------------------------------------------
     def start_accepting(self) -> None:
@@ -301,6 +304,7 @@ class Hub:
         self._feed(c, data)
 
     def _feed(self, c: Client, data: bytes) -> None:
+        self.batch += 1
         if c.discarding:
             nl = data.find(b"\n")
             if nl < 0:
@@ -344,6 +348,7 @@ class Hub:
     def _resume(self, c: Client) -> None:
         c.resuming = False
         if not c.closed and c.held:
+            self.batch += 1
             self._lines(c)
             self.maybe_close(c)
             self._set_events(c)

@@ -61,8 +61,8 @@ class Pod:
         self.pending_ids: dict[str, list[tuple[Client, bool]]] = {}  # id -> (client, compact)
         self.offered: set[str] = set()   # peer request ids offered, their handler run ahead
         self._meta_cache: dict[str, tuple] = {}  # Pod name -> (stat key, record)
-        self._refusals: dict[str, str | None] = {}  # sender -> peer_refusal, this loop tick
-        self._refusals_tick = -1
+        self._refusals: dict[str, str | None] = {}  # sender -> peer_refusal, this chunk
+        self._refusals_tick: tuple[int, int] | None = None
         self.socket_path: Path | None = None
         self.loop = Loop()
         self.loop.on_error = self.internal_error
@@ -398,14 +398,18 @@ class Pod:
         """Why a message from OTHER is refused (naming a pending request, or the
         scope of a child), or None.
 
-        Loop thread. The records are checked once per loop iteration: the
-        lines read in one iteration (a pipelining sender's whole chunk) were
-        received at one moment, and checking each of them again would stat
-        both records per message.
+        Loop thread. The records are checked once per chunk of one client's
+        input (in one loop iteration): its lines (a pipelining sender's) were
+        all written before the chunk was read, so a check made after the read
+        holds for each of them, and checking each again would stat both
+        records per message. Another client's lines, read later in the same
+        iteration, may have been written after a relation was removed: they
+        are checked afresh.
         """
-        if self._refusals_tick != self.loop.tick:
+        moment = (self.loop.tick, self.hub.batch if self.hub is not None else 0)
+        if self._refusals_tick != moment:
             self._refusals.clear()
-            self._refusals_tick = self.loop.tick
+            self._refusals_tick = moment
         try:
             return self._refusals[other]
         except KeyError:
