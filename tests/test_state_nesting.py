@@ -126,3 +126,47 @@ def test_every_way_toml_nests_is_refused_one_level_past_the_limit(nest):
     assert not nested_deeper(ok, MAX_DEPTH) and nested_deeper(ok, MAX_DEPTH - 1)
     with pytest.raises(ParseError, match=f"nested deeper than {MAX_DEPTH} levels"):
         toml_loads(nest(MAX_DEPTH + 1))
+
+
+# -- files that are not files -------------------------------------------------------
+
+def test_a_fifo_or_a_stray_file_in_the_state_directory_blocks_no_command(state, run_yoi):
+    """A FIFO where a record, a log or a lock should be is never opened to wait for a
+    writer; a regular file where a Pod directory should be is a corrupt Pod, not an
+    error of the whole listing."""
+    import os
+    for name in ("a", "b", "c"):
+        store.create(state, name)
+    state.metadata_path("b").unlink()
+    os.mkfifo(state.metadata_path("b"))
+    state.session_path("c").unlink()
+    os.mkfifo(state.session_path("c"))
+    os.mkfifo(state.runtime_lock_path("a"))
+    (state.pods_dir / "stray").write_text("junk\n")
+
+    def run(*args):
+        r = run_yoi(*args, timeout=20)
+        no_traceback(r)
+        return r
+
+    r = run("pod", "list", "--json")
+    assert r.exit_code == 0, r
+    assert [(p["pod_name"], p["state"]) for p in r.json["pods"]] == [
+        ("a", "readable"), ("b", "corrupt"), ("c", "readable"), ("stray", "corrupt")]
+    r = run("pod", "show", "b")
+    assert r.exit_code == 1 and "metadata.toml is not a regular file; never read" in r.stderr, r
+    r = run("pod", "peer", "register", "a", "b")
+    assert r.exit_code == 1 and "not a regular file" in r.stderr, r
+    r = run("doctor", "--json")
+    assert r.exit_code == 1, r
+    assert sorted((p["code"], p["pod_name"]) for p in r.json["problems"]) == [
+        ("pod-not-dir", "stray"), ("unreadable", "a"), ("unreadable", "b"),
+        ("unreadable", "c")], r
+    r = run("pod", "log", "c")
+    assert r.exit_code == 1 and "not a regular file" in r.stderr, r
+    r = run("pod", "status", "a")
+    assert r.exit_code == 5, r
+    r = run("pod", "stop", "--all", "--json")
+    assert r.exit_code == 0, r
+    assert {p["pod_name"]: p["message"] for p in r.json["pods"]} == {
+        "a": "not running", "b": "not running", "c": "not running", "stray": "not running"}

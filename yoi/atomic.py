@@ -6,6 +6,7 @@ leftover one from a killed writer is recognisable (``yoi doctor`` removes them).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from yoi.faults import fault
 
 TMP_MARK = ".tmp-"
+NOT_REGULAR = "not a regular file"
 
 
 def temp_name_for(path: Path) -> Path:
@@ -140,9 +142,16 @@ def not_a_file(path: Path | str) -> str | None:
 
 
 def read_bytes_nofollow(path: Path) -> bytes:
-    """Read a whole file, refusing to follow a symlink (ELOOP)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """Read a whole regular file, refusing to follow a symlink (ELOOP); a directory
+    is EISDIR, and anything else that is not a regular file (a FIFO, a device) is
+    EINVAL "not a regular file", found without blocking on it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+            raise OSError(errno.EINVAL, NOT_REGULAR, str(path))
         chunks = []
         while True:
             chunk = os.read(fd, 1 << 16)

@@ -192,12 +192,14 @@ def stop(state: State, name: str, timeout: float = DEFAULT, force: bool = False)
     unless FORCE, which sends SIGTERM and then SIGKILL to the process that
     holds the runtime lock.
     """
+    result = {"pod_name": name, "stopped": False, "forced": None, "pid": None}
     try:
         doc = store.read(state, name)
     except CorruptMetadata:
         doc = None  # its process can still be stopped: the runtime lock says whether it runs
+        if not os.path.isdir(state.pod_dir(name)):  # no Pod directory: nothing can run
+            return {**result, "message": "not running"}
     lock = state.runtime_lock_path(name)
-    result = {"pod_name": name, "stopped": False, "forced": None, "pid": None}
     if not is_running(state, name):
         result["stale_socket_removed"] = clean_stale(state, name)
         result["message"] = "not running"

@@ -406,7 +406,7 @@ def _read_session(path: str) -> tuple[list[tuple[int, int]], list[dict]]:
     ``FAILING_RUNS`` handler results. A last line without its newline is
     session-torn's business."""
     bad, runs = [], []
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = session.open_log(path)  # a FIFO in its place is refused, not waited on
     with open(fd, "rb") as f:
         end = 0
         for n, line in enumerate(f, 1):

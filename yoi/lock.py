@@ -138,9 +138,9 @@ def is_locked(path: Path) -> bool | None:
 
     Takes the lock for an instant when it is free: use it only for diagnosis.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
+    try:  # never waiting on a FIFO put in its place
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         try:
@@ -155,7 +155,7 @@ def is_locked(path: Path) -> bool | None:
 
 def lock_holder_pid(path: Path) -> int | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
     try:

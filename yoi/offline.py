@@ -174,7 +174,7 @@ def depth(path: Path) -> int:
     try:
         if os.lstat(path).st_size == 0:
             return 0
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no queue; no Pod directory at all
         return 0
     return _readable(path).count(b"\n")
 

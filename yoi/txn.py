@@ -44,7 +44,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from yoi import metadata
-from yoi.atomic import (atomic_write, discard, fsync_dir, read_bytes_nofollow,
+from yoi.atomic import (NOT_REGULAR, atomic_write, discard, fsync_dir, read_bytes_nofollow,
                          remove_temp_files, replace_staged, stage, sync_files, sync_parents)
 from yoi.errors import CorruptMetadata, NotFound, StorageError
 from yoi.faults import fault
@@ -120,6 +120,10 @@ def read_pod_file(state: State, name: str) -> Pod:
     except OSError as e:
         if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
             raise CorruptMetadata(f"{path} is a symlink; refusing to follow it", path=str(path))
+        if e.errno == errno.ENOTDIR:
+            raise CorruptMetadata(f"{pod_dir} is not a directory", path=pod_dir)
+        if e.strerror == NOT_REGULAR:  # a FIFO, a device: never read (nor waited on)
+            raise CorruptMetadata(f"{path} is not a regular file; never read", path=str(path))
         raise StorageError(f"cannot read {path}: {e.strerror}", path=str(path))
     return Pod(name, path, raw, metadata.parse(raw, path, expect_name=name))
 
