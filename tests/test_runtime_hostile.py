@@ -280,3 +280,41 @@ def test_a_client_is_not_read_while_its_commits_in_progress_hold_pending_bytes(t
         hub.close_all()
         listener.close()
         loop.close()
+
+
+def test_a_burst_of_commits_gives_its_heap_back_once_the_pod_is_quiet(monkeypatch):
+    """After TRIM_AFTER commits, the first TRIM_QUIET seconds without a commit return the
+    C heap's free memory (once); fewer commits, or commits still coming, do not."""
+    import time
+    from yoi.server import loop as loop_mod
+    trims = []
+    monkeypatch.setattr(loop_mod, "release_memory", lambda: trims.append(1) or True)
+    loop = loop_mod.Loop()
+    trimmer = loop_mod.Trimmer(loop)
+
+    def pump(seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            loop.run_once(0.01)
+
+    for _ in range(loop_mod.TRIM_AFTER - 1):
+        trimmer.count()
+    pump(3 * loop_mod.TRIM_QUIET)
+    assert trims == []                      # not a burst yet
+    trimmer.count()
+    for _ in range(5):                      # commits keep coming: no trim while they do
+        pump(loop_mod.TRIM_QUIET / 2)
+        trimmer.count()
+    assert trims == []
+    pump(3 * loop_mod.TRIM_QUIET)
+    assert trims == [1]                     # quiet: trimmed once
+    pump(3 * loop_mod.TRIM_QUIET)
+    assert trims == [1] and not trimmer.armed
+
+
+def test_release_memory_reaches_the_c_library():
+    import platform
+    from yoi.server.loop import release_memory
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    assert release_memory() is True

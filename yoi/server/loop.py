@@ -173,3 +173,58 @@ class Background:
 
     def _run(self) -> None:
         raise NotImplementedError
+
+
+TRIM_AFTER = 1000   # commits since the last trim that make one worth it
+TRIM_QUIET = 0.2    # seconds without a commit that end a burst
+
+
+class Trimmer:
+    """Give back to the system the heap a burst of messages left behind, once the Pod
+    is quiet again.
+
+    The C library keeps memory freed by Python in its heap: a stream of 200,000
+    messages left a Pod 8 to 11 MB larger for good, most of it free heap.
+    ``malloc_trim`` returns it. Counted on the loop thread (``count``, once per
+    commit); after TRIM_AFTER commits the next TRIM_QUIET seconds without one
+    trim once. A C library without ``malloc_trim`` (musl) keeps its memory.
+    """
+
+    def __init__(self, loop: Loop):
+        self.loop = loop
+        self.commits = 0
+        self.trimmed_at = 0
+        self.armed = False
+
+    def count(self) -> None:
+        self.commits += 1
+        if not self.armed and self.commits - self.trimmed_at >= TRIM_AFTER:
+            self.armed = True
+            self.loop.call_later(TRIM_QUIET, self._quiet, self.commits)
+
+    def _quiet(self, seen: int) -> None:
+        if self.commits != seen:  # still busy: look again
+            self.loop.call_later(TRIM_QUIET, self._quiet, self.commits)
+            return
+        self.armed = False
+        self.trimmed_at = self.commits
+        release_memory()
+
+
+_malloc_trim = None
+
+
+def release_memory() -> bool:
+    """Return the C heap's free memory to the system; whether this C library can."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes  # measured: 3 ms, paid only once a Pod has had a burst
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+            _malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError, ImportError):
+            _malloc_trim = False
+    if _malloc_trim is False:
+        return False
+    _malloc_trim(0)
+    return True

@@ -28,7 +28,7 @@ from yoi.server.children import ChildWatcher, tell
 from yoi.server.connection import Client, Hub, flush_then_close
 from yoi.server.drain import QUEUE_POLL, Drainer
 from yoi.server.log import log, rotate_by_size
-from yoi.server.loop import Loop, report
+from yoi.server.loop import Loop, Trimmer, report
 from yoi.server.operations import Invalid, Operations
 from yoi.server.worker import HandlerWorker
 from yoi.session import Entry, Recent, event_of, parse_entry
@@ -66,6 +66,7 @@ class Pod:
         self.socket_path: Path | None = None
         self.loop = Loop()
         self.loop.on_error = self.internal_error
+        self.trimmer = Trimmer(self.loop)
         self.session: SessionLog | None = None
         self.hub: Hub | None = None
         self.ops: Operations | None = None
@@ -331,6 +332,7 @@ class Pod:
             if c is not None:
                 self.hub.send(c, self.acknowledgement(entry, res, compact))
         elif err is None:
+            self.trimmer.count()
             line = entry.line(res.seq)
             self.recent.append(line[:-1], entry.kind)
             self.log_end = max(self.log_end, res.end)
