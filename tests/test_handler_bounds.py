@@ -184,3 +184,25 @@ def test_rotation_keeps_a_bounded_number_of_bounded_files(tmp_path):
         path.read_text().splitlines()[-2], "through sys.stdout, after rotations"]
     assert "line 199" in path.read_text()
     assert "line 000" not in "".join(p.read_text() for p in tmp_path.iterdir())
+
+
+def test_a_handler_timeout_longer_than_a_select_can_wait_still_runs_the_handler(
+        state, started_pod, run_yoi):
+    """35 days is more milliseconds than epoll takes in one wait: the run waits in
+    parts, and a record can hold no timeout beyond the one range of seconds."""
+    r = run_yoi("pod", "create", "h", "--handler-timeout", str(35 * 86400), "--exec", "cat")
+    assert r.exit_code == 0, r
+    started_pod("h", create=False)
+    r = run_yoi("pod", "send", "h", "hello", "--id", "m-1")
+    assert r.exit_code == 0, r
+    r = run_yoi("pod", "wait", "h", "--kind", "handler_result", "--id", "m-1", "--timeout",
+                "20", "--json")
+    assert r.exit_code == 0, r
+    assert (r.json["entry"]["ok"], r.json["entry"]["text"]) == (True, "hello"), r
+    assert "internal error" not in state.pod_log_path("h").read_text()
+    r = run_yoi("pod", "config", "h", "--handler-timeout", str(366 * 86400))
+    assert r.exit_code == 2 and "at most 31536000" in r.stderr, r
+    path = state.metadata_path("h")
+    path.write_text(path.read_text().replace(f"= {35 * 86400}.0", "= 1e12"))
+    r = run_yoi("pod", "show", "h")
+    assert r.exit_code == 1 and "runtime.handler_timeout must be" in r.stderr, r

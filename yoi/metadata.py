@@ -203,7 +203,8 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
     for key, (kind, what) in RUNTIME_TYPES.items():
         value = (doc.get("runtime") or {}).get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)
-                                  or (key == "handler_timeout" and not 0 < value < math.inf)):
+                                  or (key == "handler_timeout"
+                                      and not 0 < value <= MAX_SECONDS)):
             return f"runtime.{key} must be {what}, not {value!r}"
     labels = doc.get("labels", {})
     if not isinstance(labels, dict):

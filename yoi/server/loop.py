@@ -22,6 +22,7 @@ from collections import deque
 from typing import Callable
 
 from yoi.server.log import log
+from yoi.timeouts import POLL_CHUNK
 
 
 class Loop:
@@ -108,7 +109,7 @@ class Loop:
     def _next_timeout(self) -> float | None:
         if not self.timers:
             return None
-        return max(0.0, self.timers[0][0] - time.monotonic())
+        return min(max(0.0, self.timers[0][0] - time.monotonic()), POLL_CHUNK)
 
     def _run_timers(self) -> None:
         now = time.monotonic()

@@ -55,6 +55,7 @@ from yoi.server.children import tell_soon
 from yoi.server.log import log, write_raw
 from yoi.session import Entry, handled_key
 from yoi.session.writer import Committed
+from yoi.timeouts import POLL_CHUNK
 
 MAX_HANDLER_OUTPUT = 1 << 20   # stdout committed per run
 STDERR_KEEP = 64 << 10         # stderr written to the Pod's log per run: half head, half tail
@@ -311,7 +312,7 @@ class _Run:
             if now >= deadline:
                 self.ended = "timed-out" if self.exited_at is None else "output-held"
                 return
-            wait = deadline - now
+            wait = min(deadline - now, POLL_CHUNK)  # a long timeout: several waits
             if self.pidfd is None and self.exited_at is None:
                 wait = min(wait, POLL_EXIT)
             for key, _ in sel.select(wait):
