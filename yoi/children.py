@@ -248,7 +248,7 @@ def read_child(path, watch: Watch, child: str, spawn_id: str,
     out = []
     for line, entry in session.entries(path, after=watch.pos):
         seq = None if entry is None else session.entry_seq(entry)
-        if seq is None or not line.endswith(b"}"):
+        if seq is None or not session.whole(line):
             continue  # not an entry, or one still being written
         watch.pos = seq
         kind = entry.get("kind")

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from typing import Iterator
 
-from yoi import session, store
+from yoi import cursors, peers, session, store
 from yoi.client import Closed, Connection, TimedOut
-from yoi.errors import Failed, TimedOutWaiting, Unreachable, YoiError
+from yoi.errors import Failed, Refused, StorageError, TimedOutWaiting, Unreachable, YoiError
 from yoi.state import State
 from yoi.timeouts import DEFAULT
 
@@ -98,6 +99,58 @@ class Log:
 
 
 # -- waiting for an entry ---------------------------------------------------------
+
+def check_reader(state: State, name: str, reader: str) -> None:
+    """READER must exist and see NAME's log: itself, or related to it (Refused, 4)."""
+    store.read(state, name)
+    store.read(state, reader)
+    if reader != name and not peers.may_reach(state, reader, name):
+        raise Refused(f"{reader} cannot see {name}: they are neither peers nor parent and "
+                      f"child (see `yoi pod list --as {reader}`)", pod_name=name,
+                      reader={"pod_name": reader})
+
+
+class NewEntries:
+    """NAME's entries after READER's cursor (``yoi.cursors``), read under READER's cursor
+    lock (``with``): iterate for ``(line, entry)``. An entry counts as read, and the
+    cursor moves past it, only once the next one is asked for: one whose printing
+    failed is given again next time. A last line still being written ends it.
+    ``skipped`` counts the lines that are not entries. The cursor is saved on leaving
+    (StorageError, saying how far it got, if it cannot be)."""
+
+    def __init__(self, state: State, name: str, reader: str):
+        self.state, self.name, self.reader = state, name, reader
+        self.skipped = 0
+        self._held = ExitStack()
+
+    def __enter__(self) -> "NewEntries":
+        with ExitStack() as stack:
+            stack.enter_context(cursors.held(self.state, self.name, self.reader))
+            self.log = stack.enter_context(Log(self.state, self.name))
+            self.reading = cursors.Reading(self.state, self.name, self.reader)
+            self._held = stack.pop_all()
+        return self
+
+    def __iter__(self) -> Iterator[tuple[bytes, dict]]:
+        for raw, entry in self.log.entries(None, self.reading.after):
+            seq = None if entry is None else session.entry_seq(entry)
+            if seq is None:
+                self.skipped += 1
+                continue
+            if not session.whole(raw):
+                return  # still being written: next time
+            yield raw, entry
+            self.reading.advance(seq)
+
+    def __exit__(self, *exc) -> None:
+        with self._held:
+            try:
+                self.reading.save()
+            except OSError as e:
+                raise StorageError(f"gave entries up to #{self.reading.last} but could not "
+                                   f"record {self.reader}'s cursor: {e.strerror or e}; they "
+                                   "will be given again") from e
+
 
 class Match:
     """What ``wait`` waits for: every filter given must hold."""
@@ -192,7 +245,7 @@ def _offset(conn: Connection) -> int | None:
 def _scan(path, match: Match, seen: int | None, end: int | None) -> tuple[dict | None, int | None]:
     """The first matching entry of the file after seq SEEN (up to offset END)."""
     for line, entry in session.entries(path, end=end, after=seen):
-        if entry is None or not line.endswith(b"}"):
+        if entry is None or not session.whole(line):
             continue  # damaged, or still being written (its commit comes live or later)
         seq = session.entry_seq(entry)
         if seq is not None:

@@ -257,7 +257,7 @@ def log_command(name, count, old_count, after, follow, queued, reader, new, time
             raise UsageError("--new needs --as READER" if reader is None else
                              f"--new reads from READER's cursor: not with {clash[0]}")
     if reader is not None:
-        _check_reader(state, name, reader)
+        history.check_reader(state, name, reader)
     if new:
         _print_new(state, name, reader, as_json)
         return
@@ -298,45 +298,15 @@ def _print_queued(state, name: str, count, after, follow: bool, as_json: bool) -
             "(`yoi doctor` reports them)")
 
 
-def _check_reader(state, name: str, reader: str) -> None:
-    """READER must exist and see NAME: itself, or related to it (Refused, 4)."""
-    from yoi import peers, store
-    from yoi.errors import Refused
-    store.read(state, name)
-    store.read(state, reader)
-    if reader != name and not peers.may_reach(state, reader, name):
-        raise Refused(f"{reader} cannot see {name}: they are neither peers nor parent and "
-                      f"child (see `yoi pod list --as {reader}`)", pod_name=name,
-                      reader={"pod_name": reader})
-
-
 def _print_new(state, name: str, reader: str, as_json: bool) -> None:
-    """The entries of NAME's log after READER's cursor; the cursor advanced past each one
-    only once it is written out (see yoi.cursors)."""
-    from yoi import cursors, history
-    from yoi.errors import StorageError
-    with cursors.held(state, name, reader), history.Log(state, name) as log:
-        reading = cursors.Reading(state, name, reader)
-        skipped = 0
-        try:
-            for raw, entry in log.entries(None, reading.after):
-                seq = None if entry is None else entry.get("seq")
-                if entry is None or not isinstance(seq, int):
-                    skipped += 1
-                    continue
-                if not raw.endswith(b"}"):
-                    break  # the last line, still being written: next time
-                click.echo(raw.decode("utf-8") if as_json else render(entry))  # and flushed
-                reading.advance(seq)
-        finally:
-            try:
-                reading.save()
-            except OSError as e:
-                raise StorageError(f"printed entries up to #{reading.last} but could not "
-                                   f"record {reader}'s cursor: {e.strerror or e}; they will "
-                                   "be printed again") from e
-        if skipped:
-            say(f"yoi: note: skipped {skipped} line(s) of {log.path} that are not entries")
+    """The entries of NAME's log after READER's cursor, each counted as read once it is
+    written out (see yoi.history.NewEntries)."""
+    from yoi import history
+    with history.NewEntries(state, name, reader) as new:
+        for raw, entry in new:
+            click.echo(raw.decode("utf-8") if as_json else render(entry))  # and flushed
+    if new.skipped:
+        say(f"yoi: note: skipped {new.skipped} line(s) of {new.log.path} that are not entries")
 
 
 def _one_line(text) -> str:

@@ -234,6 +234,12 @@ def entry_seq(entry: dict) -> int | None:
     return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
 
 
+def whole(line: bytes) -> bool:
+    """Whether LINE (an entry's, without its newline) is complete: an entry ends with
+    its closing brace, and the last line of a log may still be being written."""
+    return line.endswith(b"}")
+
+
 def line_seq(line: bytes) -> int | None:
     """The ``seq`` a line starts with, read without parsing the line."""
     if not line.startswith(_SEQ_PREFIX):
@@ -459,7 +465,7 @@ def last_seq(path: Path | str, end: int | None = None) -> int:
         lines = tail(path, want, end)
         for line in reversed(lines):
             seq = line_seq(line)
-            if seq is not None and line.endswith(b"}"):
+            if seq is not None and whole(line):
                 return seq
         if len(lines) < want:
             return 0
