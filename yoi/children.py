@@ -27,11 +27,11 @@ import os
 import time
 
 from yoi import control, delivery, metadata, session
-from yoi.errors import AlreadyExists, Busy, Refused, UsageError, YoiError
+from yoi.errors import AlreadyExists, Busy, Refused, UsageError
 from yoi.names import check_name
 from yoi.state import State
 from yoi.timeouts import DEFAULT
-from yoi.txn import Change, lock_pods, read_pod_file, remove_trash
+from yoi.txn import Change, lock_pods, remove_trash
 
 OUTPUT_CAP = 64 << 10   # characters of a child's output a notice carries
 
@@ -162,33 +162,6 @@ def _respawn(doc: dict, pdoc: dict, parent: str, child: str, exec_cmd, cwd, scop
 
 
 # -- the tree ---------------------------------------------------------------------------
-
-def descendants(state: State, name: str) -> list[str]:
-    """NAME's children, their children..., read without locks, deepest first (the order
-    to stop them in); each child must name its parent back."""
-    order, seen = [], {name}
-    level = [name]
-    while level:
-        below = []
-        for member in level:
-            try:
-                doc = read_pod_file(state, member).doc
-            except YoiError:
-                continue
-            for c in metadata.child_names(doc):
-                if c in seen:
-                    continue
-                try:
-                    cdoc = read_pod_file(state, c).doc
-                except YoiError:
-                    continue
-                if cdoc is not None and metadata.parent_of(cdoc) == member:
-                    seen.add(c)
-                    below.append(c)
-        order = below + order
-        level = below
-    return order
-
 
 # -- what a parent reads in a child's log -----------------------------------------
 

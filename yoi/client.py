@@ -33,6 +33,7 @@ import os
 import re
 import select
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -366,11 +367,6 @@ def acknowledged_at(data: dict) -> str | None:
     return at if isinstance(at, str) else None
 
 
-def notify_ack_matches(msg_id: str):
-    """Predicate on an event (name, data): it acknowledges MSG_ID."""
-    return lambda name, data: acknowledgement(name, data, True) == msg_id
-
-
 def sent_key(line: bytes, supports) -> object:
     """The key (see ``acknowledgement``) of the notify LINE: its id, or its message."""
     params = protocol.parse_method(line)[1]
@@ -536,8 +532,7 @@ class Interrupts:
         self.fd: int | None = None
 
     def __enter__(self) -> "Interrupts":
-        import signal
-        import threading
+        import signal  # measured: 0.6 ms (enum), paid only by --lines
         if threading.current_thread() is not threading.main_thread():
             return self
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -558,7 +553,7 @@ class Interrupts:
     def __exit__(self, *exc) -> None:
         if self.fd is None:
             return
-        import signal
+        import signal  # see __enter__
         for sig, old in self._old.items():
             signal.signal(sig, old)
         signal.set_wakeup_fd(self._old_wakeup)

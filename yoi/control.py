@@ -24,6 +24,7 @@ from yoi.client import Connection, request
 from yoi.discovery import probe, probe_result
 from yoi.errors import Busy, CorruptMetadata, Failed, Unreachable, YoiError
 from yoi.lock import if_free, is_locked, lock_holder_pid
+from yoi.metadata import has_labels
 from yoi.procs import StillThere, popen_gone, terminate
 from yoi.state import State
 from yoi.timeouts import DEFAULT
@@ -247,7 +248,6 @@ def stop_labelled(state: State, labels: dict[str, str], timeout: float = DEFAULT
                   force: bool = False) -> tuple[list[dict], YoiError | None]:
     """Stop every Pod carrying LABELS, one after the other; one that fails does not
     keep the others running. Returns (one result per Pod, the first error)."""
-    from yoi.metadata import has_labels
     return _stop_each(state, [p.name for p in store.list_all(state)
                               if p.doc is not None and has_labels(p.doc, labels)],
                       timeout, force)
@@ -256,20 +256,18 @@ def stop_labelled(state: State, labels: dict[str, str], timeout: float = DEFAULT
 def stop_tree(state: State, name: str, timeout: float = DEFAULT,
               force: bool = False) -> tuple[list[dict], YoiError | None]:
     """Stop NAME's children (the deepest first), then NAME; as ``stop_labelled``."""
-    from yoi.children import descendants  # not at the top: yoi.children imports this module
     store.read(state, name)  # NotFound before anything is stopped
-    return _stop_each(state, descendants(state, name) + [name], timeout, force)
+    return _stop_each(state, store.descendants(state, name) + [name], timeout, force)
 
 
 def stop_all(state: State, timeout: float = DEFAULT,
              force: bool = False) -> tuple[list[dict], YoiError | None]:
     """Stop every Pod of the state directory, each one after all of its descendants
     (so a live parent hears of each child); as ``stop_labelled``."""
-    from yoi.children import descendants  # not at the top: yoi.children imports this module
     order: list[str] = []
     placed: set[str] = set()
     for pod in store.list_all(state):
-        for name in descendants(state, pod.name) + [pod.name]:
+        for name in store.descendants(state, pod.name) + [pod.name]:
             if name not in placed:
                 placed.add(name)
                 order.append(name)

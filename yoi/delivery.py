@@ -45,6 +45,7 @@ and the state is ``delivered`` after all.
 from __future__ import annotations
 
 import os
+import select
 
 from yoi import client, protocol
 from yoi.errors import (Interrupted, Refused, TimedOutWaiting, Unreachable, UsageError,
@@ -178,6 +179,8 @@ def _not_recorded(target: str, err: client.PodFailed, msg_id: str,
                             pod_name=target, id=msg_id, **err.details)
 
 
+# Long (about 60 lines of code): the send-first attempt, the checks that explain its
+# failure and the queueing fallback are one decision, read best in one place.
 def send(state: State, target: str, message: str, *, source: str | None = None,
          msg_id: str | None = None, timeout: float = DEFAULT,
          wait: bool = True, reply_to: str | None = None, queue: bool = False) -> dict:
@@ -251,7 +254,7 @@ def _check_both_records(state: State, target: str, source: str | None) -> None:
     unless each lists the other, e.g. when only SOURCE's does)."""
     if source is None:
         return
-    from yoi import peers  # measured: a live send does not pay for it
+    from yoi import peers  # measured: a live send loads no TOML parser (nor these)
     from yoi.metadata import REACH
     kind, why = peers.relation(state, target, source)
     if kind == "pending":
@@ -522,7 +525,6 @@ def queue_lines(state: State, target: str, path, feed: LineFeed, timeout: float,
 
 
 def _wait_readable(fd: int, interrupts: client.Interrupts | None) -> None:
-    import select
     stop = [interrupts.fd] if interrupts is not None and interrupts.fd is not None else []
     select.select([fd, *stop], [], [])
 

@@ -312,6 +312,33 @@ def remove(state: State, name: str, recursive: bool = False) -> dict:
                 return _remove_tree(locked, tree, sorted(outside), parent)
 
 
+def descendants(state: State, name: str) -> list[str]:
+    """NAME's children, their children..., read without locks, deepest first (the order
+    to stop them in); each child must name its parent back."""
+    order, seen = [], {name}
+    level = [name]
+    while level:
+        below = []
+        for member in level:
+            try:
+                doc = read_pod_file(state, member).doc
+            except YoiError:
+                continue
+            for c in metadata.child_names(doc):
+                if c in seen:
+                    continue
+                try:
+                    cdoc = read_pod_file(state, c).doc
+                except YoiError:
+                    continue
+                if cdoc is not None and metadata.parent_of(cdoc) == member:
+                    seen.add(c)
+                    below.append(c)
+        order = below + order
+        level = below
+    return order
+
+
 def _tree(locked, root: str, docs: dict, need: set) -> list[str]:
     """ROOT and every Pod below it (each child naming its parent back), breadth first;
     records go into DOCS. A child not locked yet goes into NEED instead."""

@@ -62,31 +62,7 @@ def notify(pod, c: Client | None, params: dict, done=None) -> None:
     A queued message is committed here too, with C None (``yoi.server.drain``):
     DONE(outcome), on the loop thread, then tells how it ended: None (committed
     now), ``"duplicate"`` (its id was committed before) or the commit's OSError."""
-    message = params.get("message")
-    if not isinstance(message, str):
-        raise Invalid("notify needs a string 'message'")
-    source = params.get("source")
-    msg_id = params.get("id")
-    if source is not None and not (isinstance(source, str) and is_valid_name(source)):
-        raise Invalid("'source' must be a Pod name")
-    if msg_id is not None and not protocol.is_valid_message_id(msg_id):
-        raise Invalid("'id' must be 1-128 characters of [A-Za-z0-9._:-]")
-    if msg_id is not None and msg_id.startswith(metadata.NOTICE_PREFIX):
-        raise Invalid(f"ids that start with {metadata.NOTICE_PREFIX!r} are the Pod's own (its notices "
-                      "about its children)")
-    reply_to = params.get("in_reply_to")
-    if reply_to is not None and not protocol.is_valid_message_id(reply_to):
-        raise Invalid("'in_reply_to' must be a message id: 1-128 characters of "
-                      "[A-Za-z0-9._:-]")
-    if source is None:
-        source = protocol.peer_header_source(message)
-        original = message
-    else:
-        claimed = protocol.peer_header_source(message)
-        if claimed is not None and claimed != source:  # the original's clients read this
-            raise Invalid(f"the message starts with a peer header naming {claimed!r} but comes "
-                          f"from {source!r}; refused")
-        original = protocol.with_peer_header(source, message)
+    message, original, source, msg_id, reply_to = _notify_params(params)
     refusal = pod.peer_refusal(source) if source is not None else None
     if refusal:
         raise Invalid(refusal)
@@ -119,6 +95,38 @@ def notify(pod, c: Client | None, params: dict, done=None) -> None:
             done("duplicate" if err is None and res.duplicate else err)
 
     pod.commit(c, entry, after, compact)
+
+
+def _notify_params(params: dict) -> tuple[str, str, str | None, str | None, str | None]:
+    """A notify's (message, the message in the original's form, source, id,
+    in_reply_to), checked (Invalid); a sender named only by the original's header in
+    the message is its source."""
+    message = params.get("message")
+    if not isinstance(message, str):
+        raise Invalid("notify needs a string 'message'")
+    source = params.get("source")
+    msg_id = params.get("id")
+    if source is not None and not (isinstance(source, str) and is_valid_name(source)):
+        raise Invalid("'source' must be a Pod name")
+    if msg_id is not None and not protocol.is_valid_message_id(msg_id):
+        raise Invalid("'id' must be 1-128 characters of [A-Za-z0-9._:-]")
+    if msg_id is not None and msg_id.startswith(metadata.NOTICE_PREFIX):
+        raise Invalid(f"ids that start with {metadata.NOTICE_PREFIX!r} are the Pod's own "
+                      "(its notices about its children)")
+    reply_to = params.get("in_reply_to")
+    if reply_to is not None and not protocol.is_valid_message_id(reply_to):
+        raise Invalid("'in_reply_to' must be a message id: 1-128 characters of "
+                      "[A-Za-z0-9._:-]")
+    if source is None:
+        source = protocol.peer_header_source(message)
+        original = message
+    else:
+        claimed = protocol.peer_header_source(message)
+        if claimed is not None and claimed != source:  # the original's clients read this
+            raise Invalid(f"the message starts with a peer header naming {claimed!r} but comes "
+                          f"from {source!r}; refused")
+        original = protocol.with_peer_header(source, message)
+    return message, original, source, msg_id, reply_to
 
 
 def _notification(message: str, original: str, source: str | None, msg_id: str | None,

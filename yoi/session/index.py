@@ -24,6 +24,7 @@ import zlib
 from pathlib import Path
 
 from yoi.atomic import not_a_file
+from yoi.errors import Failed
 
 # 2: a notification's handler run is indexed too (``session.HANDLED_PREFIX``); an
 # index of schema 1 is rebuilt from the log, which files the runs already there.
@@ -61,7 +62,6 @@ class IdIndex:
 
     def _check_files(self) -> None:
         """Refuse an index file (or its -wal, -shm) that is not a regular file."""
-        from yoi.errors import Failed
         for suffix in _FILES:
             path = f"{self.path}{suffix}"
             what = not_a_file(path)
