@@ -328,3 +328,13 @@ def test_an_operator_message_needs_the_targets_record(cli, fake, state):
     r = cli("pod", "send", "B", "hello", "--id", "op-2")
     assert r.exit_code == 0, r
     assert pod.notified_ids() == ["op-2"]
+
+
+def test_a_failure_before_the_write_is_explained_by_the_records(cli, fake, state):
+    """Nothing was sent (the Pod never finished its prelude): a send the records would
+    have refused says so, as if they had been read first."""
+    store.create(state, "A")
+    pod = fake(fake_pods.no_snapshot)
+    r = cli("pod", "send", "--from", "A", "B", "hello", "--timeout", "1", "--id", "m1")
+    assert_failed(r, 4, "not a peer")
+    assert pod.notified_ids() == []

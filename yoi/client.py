@@ -44,7 +44,7 @@ from pathlib import Path
 import _socket
 
 from yoi import protocol
-from yoi.errors import Failed, Refused, Unreachable
+from yoi.errors import Failed, Refused, Unreachable, YoiError
 from yoi.state import private_dir_problem, socket_dir_chain
 from yoi.timeouts import DEFAULT, POLL_CHUNK
 
@@ -429,13 +429,19 @@ def deliver(path: str | os.PathLike, line, msg_id: str, timeout: float = DEFAULT
             _, data = conn.wait_for(ACK_EVENTS, timeout, "the acknowledgement",
                                     lambda name, data: acknowledgement(name, data, by_id) == want)
         except Closed:
-            raise Closed(f"{NOT_ACKNOWLEDGED}; {retry}", **details)
+            raise _written(Closed(f"{NOT_ACKNOWLEDGED}; {retry}", **details))
         except TimedOut as e:
-            raise TimedOut(f"{e.message} (after {timeout:g}s): the message may or may not "
-                           f"have been delivered; {retry}", **details)
+            raise _written(TimedOut(f"{e.message} (after {timeout:g}s): the message may or "
+                                    f"may not have been delivered; {retry}", **details))
         except Malformed as e:
-            raise Malformed(f"{e.message}; {NOT_ACKNOWLEDGED}; {retry}", **details)
+            raise _written(Malformed(f"{e.message}; {NOT_ACKNOWLEDGED}; {retry}", **details))
         return data, supports
+
+
+def _written(e: YoiError) -> YoiError:
+    """E, marked as a failure after the message was (perhaps) written: ``e.written``."""
+    e.written = True
+    return e
 
 
 def request_drain(path: str | os.PathLike, ids: list[str], timeout: float = DEFAULT) -> dict | None:

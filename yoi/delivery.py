@@ -225,8 +225,8 @@ def send(state: State, target: str, message: str, *, source: str | None = None,
         try:
             data, supports = client.deliver(path, line, msg_id, timeout, wait)
         except (Unreachable, Refused) as e:
-            if checked or not isinstance(e, (client.NotRunning, Refused)):
-                raise  # e.g. no acknowledgement: whatever the records say now, it may be in
+            if checked or (getattr(e, "written", False) and not isinstance(e, Refused)):
+                raise  # no acknowledgement: whatever the records say now, it may be in
             recorded = check()  # explains the failure, or says where TARGET lives
             if recorded == path or not isinstance(e, client.NotRunning):
                 raise
