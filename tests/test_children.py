@@ -361,6 +361,17 @@ def test_stop_all_stops_every_pod_each_after_its_children(state, started_pod, ru
         assert r.exit_code == 2 and r.stderr.startswith("yoi: error: "), (args, r)
 
 
+def test_stop_all_stops_a_child_whose_record_is_damaged_before_its_parent(
+        state, started_pod, run_yoi):
+    started_pod("a-lead")
+    assert run_yoi("pod", "spawn", "a-lead", "b-kid", "--exec", "cat").exit_code == 0
+    state.metadata_path("b-kid").write_text("not = [toml")
+    r = run_yoi("pod", "stop", "--all", "--json")
+    assert r.exit_code == 0, r
+    assert [(p["pod_name"], p["stopped"]) for p in r.json["pods"]] == [
+        ("b-kid", True), ("a-lead", True)]
+
+
 def test_stop_all_in_an_empty_state_directory(state, run_yoi):
     state.pods_dir.mkdir(parents=True, exist_ok=True)
     r = run_yoi("pod", "stop", "--all", "--json")

@@ -600,6 +600,22 @@ def test_crashed_register_is_recovered(cli, state, point, recover_with):
     assert lists(state, "a", "c") and lists(state, "c", "a")
 
 
+def test_records_staged_by_a_leftover_journal_are_its_rollbacks_unless_only_temps_are_checked(
+        cli, state):
+    pods(state, "a", "b")
+    crash(state, "register", "a", "b", point="before-write-1:crash")
+    staged = sorted(p.parent.name for p in state.pods_dir.glob("*/.metadata.toml.tmp-*"))
+    assert staged == ["a", "b"]
+    r, problems = doctor(cli)  # the journal's rollback removes them: said once
+    assert [p["code"] for p in problems] == ["journal-leftover"], r
+    r, problems = doctor(cli, "--check", "temp-file", "--fix")
+    # a's lock rolls the journal back, which takes b's lock too and clears b's as well
+    assert [(p["code"], p["pod_name"], p["fixed"]) for p in problems] == [
+        ("temp-file", "a", True)], r
+    assert list(state.pods_dir.glob("*/.metadata.toml.tmp-*")) == []
+    assert journals(state) == []  # taking the locks to remove them rolled it back
+
+
 def test_crash_after_the_commit_keeps_the_new_relation(cli, state):
     pods(state, "a", "b")
     crash(state, "register", "a", "b", point="after-journal-remove:crash")

@@ -166,6 +166,8 @@ def test_a_fifo_or_a_stray_file_in_the_state_directory_blocks_no_command(state, 
     assert r.exit_code == 1 and "not a regular file" in r.stderr, r
     r = run("pod", "status", "a")
     assert r.exit_code == 5, r
+    r = run("pod", "start", "c")
+    assert r.exit_code == 5 and "the session log is not a regular file" in r.stderr, r
     r = run("pod", "stop", "--all", "--json")
     assert r.exit_code == 0, r
     assert {p["pod_name"]: p["message"] for p in r.json["pods"]} == {

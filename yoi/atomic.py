@@ -168,7 +168,7 @@ def remove_temp_files(directory: Path) -> list[Path]:
     removed = []
     try:
         entries = os.listdir(directory)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no Pod there: nothing of ours
         return removed
     for entry in entries:
         if is_temp_name(entry):

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from yoi import history, offline, podlog, protocol, store
+from yoi import history, metadata, offline, podlog, protocol, store
 from yoi.client import Connection, request
 from yoi.discovery import probe, probe_result
 from yoi.errors import Busy, CorruptMetadata, Failed, Unreachable, YoiError
@@ -262,15 +262,26 @@ def stop_tree(state: State, name: str, timeout: float = DEFAULT,
 
 def stop_all(state: State, timeout: float = DEFAULT,
              force: bool = False) -> tuple[list[dict], YoiError | None]:
-    """Stop every Pod of the state directory, each one after all of its descendants
-    (so a live parent hears of each child); as ``stop_labelled``."""
+    """Stop every Pod of the state directory, each one after every Pod its record lists
+    as a child, and theirs (so a live parent hears of each child; a child whose own
+    record is damaged is still stopped first); as ``stop_labelled``."""
+    docs = {p.name: p.doc for p in store.list_all(state)}
     order: list[str] = []
     placed: set[str] = set()
-    for pod in store.list_all(state):
-        for name in store.descendants(state, pod.name) + [pod.name]:
-            if name not in placed:
-                placed.add(name)
+    for root in docs:  # depth first: a Pod is placed once its children are
+        if root in placed:
+            continue
+        placed.add(root)
+        stack = [(root, iter(metadata.child_names(docs[root]) if docs[root] else ()))]
+        while stack:
+            name, children = stack[-1]
+            child = next((c for c in children if c in docs and c not in placed), None)
+            if child is None:
+                stack.pop()
                 order.append(name)
+                continue
+            placed.add(child)
+            stack.append((child, iter(metadata.child_names(docs[child]) if docs[child] else ())))
     return _stop_each(state, order, timeout, force)
 
 

@@ -1059,8 +1059,9 @@ class _Doctor:
         if "temp-file" not in self.wanted:
             return
         # A leftover journal's Pods hold the records it staged: its rollback (reported
-        # as journal-leftover) removes them.
-        journaled = {n for j in self.leftover for n in j.pods}
+        # as journal-leftover, when that is checked) removes them.
+        journaled = ({n for j in self.leftover for n in j.pods}
+                     if "journal-leftover" in self.wanted else set())
         for name, pod in sorted(self.pods.items()):
             if not pod.temps or name in journaled:
                 continue

@@ -173,7 +173,8 @@ def _line_col(message: str) -> dict:
 # The [runtime] hints and settings, and the types every reader of them expects.
 RUNTIME_TYPES = {"pid": (int, "an integer"), "socket_path": (str, "a string"),
                  "exec": (str, "a string"), "cwd": (str, "a string"),
-                 "handler_timeout": ((int, float), "a number of seconds above 0")}
+                 "handler_timeout": ((int, float), "a number of seconds above 0 and at "
+                                                   f"most {MAX_SECONDS:.0f}")}
 
 
 def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:

@@ -7,11 +7,12 @@ removal, spawning a child Pod, removing a tree of them) runs as:
    back first any leftover journal that names one of them;
 2. write ``journal/TXID.toml`` naming every locked Pod and holding each changed
    file's exact prior bytes and the intended new ones, fsynced;
-3. apply the changes one by one (atomic replace; rename of a removed Pod's
-   directory aside; a created Pod's directory built aside and renamed into
-   place), then fsync the replaced files and their directories all at once
-   (until the journal is deleted it undoes whatever a power cut leaves of
-   them: one wait for the disk instead of one per file);
+3. write every new record to a temp file beside its target and fsync them one
+   after the other (one wait for the disk, not one per file), then apply the
+   changes one by one (rename of a record into place; rename of a removed
+   Pod's directory aside; a created Pod's directory built aside and renamed
+   into place), then fsync their directories: after a power cut each record
+   is its old or its new self, never torn;
 4. delete the journal: this is the commit point. Nothing after it is undone.
 
 An ordinary error in step 3 restores every file to its exact prior bytes and
