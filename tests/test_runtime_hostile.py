@@ -318,3 +318,31 @@ def test_release_memory_reaches_the_c_library():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")
     assert release_memory() is True
+
+
+def test_a_relation_is_checked_again_for_each_chunk_of_input(state, tmp_path):
+    """The Pod checks the relation once per chunk of one client's input: lines read
+    from another client in the same loop iteration may have been written after the
+    relation was removed, and must see it gone."""
+    from yoi import peers, store
+    from yoi.server.connection import Client, Hub
+    from yoi.server.pod import Pod
+    store.create(state, "a")
+    store.create(state, "b")
+    peers.register(state, "a", "b")
+    pod = Pod(state, "b")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "b.sock"))
+    pod.hub = Hub(pod.loop, listener, lambda c, line: None, lambda: (b"", b""))
+    one, other = socket.socketpair()
+    try:
+        reader = Client(one)
+        assert pod.peer_refusal("a") is None
+        peers.unregister(state, "a", "b")
+        assert pod.peer_refusal("a") is None   # the same chunk: checked once
+        pod.hub._feed(reader, b"")             # another chunk, the same loop iteration
+        assert "is not a peer of 'b'" in pod.peer_refusal("a")
+    finally:
+        one.close()
+        other.close()
+        listener.close()
