@@ -149,8 +149,8 @@ def test_handler_timeout_is_a_setting_in_the_record(cli, state):
     state.metadata_path("a").write_text(
         state.metadata_path("a").read_text().replace("0.5", "-3.0"))
     r = cli("pod", "show", "a")
-    assert r.exit_code == 1 and "runtime.handler_timeout must be a number of seconds above 0, " \
-        "not -3.0" in r.stderr, r
+    assert r.exit_code == 1 and "runtime.handler_timeout must be a number of seconds above 0 " \
+        "and at most 31536000, not -3.0" in r.stderr, r
 
 
 @pytest.mark.parametrize("args, message", [
