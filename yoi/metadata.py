@@ -214,13 +214,7 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
         problem = label_problem(key, value)
         if problem:
             return problem
-    peers = doc.get("peers", [])
-    if not isinstance(peers, list):
-        return "peers must be an array of tables"
-    for i, p in enumerate(peers):
-        if not isinstance(p, dict) or not _is_peer_name(p.get("pod_name")):
-            return f"peers[{i}] has no valid pod_name"
-    problem = _family_problem(doc)
+    problem = _named_tables_problem(doc, "peers", _is_peer_name) or _family_problem(doc)
     if problem:
         return problem
     for key, stamps in (("peer_requests", ("requested_at", "expires_at")),
@@ -248,13 +242,22 @@ def _is_peer_name(name: object) -> bool:
     return True
 
 
-def _table_list_problem(doc: dict, key: str, stamps: tuple[str, ...]) -> str | None:
+def _named_tables_problem(doc: dict, key: str, valid=is_valid_name) -> str | None:
+    """What is wrong with DOC[KEY] as an array of tables that each name a Pod."""
     entries = doc.get(key, [])
     if not isinstance(entries, list):
         return f"{key} must be an array of tables"
     for i, e in enumerate(entries):
-        if not isinstance(e, dict) or not is_valid_name(e.get("pod_name")):
+        if not isinstance(e, dict) or not valid(e.get("pod_name")):
             return f"{key}[{i}] has no valid pod_name"
+    return None
+
+
+def _table_list_problem(doc: dict, key: str, stamps: tuple[str, ...]) -> str | None:
+    problem = _named_tables_problem(doc, key)
+    if problem:
+        return problem
+    for i, e in enumerate(doc.get(key, [])):
         if not isinstance(e.get("id"), str) or not REQUEST_ID_RE.match(e["id"]):
             return f"{key}[{i}] has no valid id"
         for stamp in stamps:
@@ -478,13 +481,7 @@ def _family_problem(doc: dict) -> str | None:
     if "task_id" in doc and not (isinstance(doc["task_id"], str)
                                  and REQUEST_ID_RE.match(doc["task_id"])):
         return f"task_id {doc['task_id']!r} is not a message id"
-    children = doc.get("children", [])
-    if not isinstance(children, list):
-        return "children must be an array of tables"
-    for i, c in enumerate(children):
-        if not isinstance(c, dict) or not is_valid_name(c.get("pod_name")):
-            return f"children[{i}] has no valid pod_name"
-    return None
+    return _named_tables_problem(doc, "children")
 
 
 def parent_of(doc: dict | None) -> str | None:
