@@ -212,6 +212,23 @@ def test_an_approval_not_committed_yet_lets_no_message_through(state, run_yoi, s
     assert run_yoi("pod", "send", "--from", "a", "b", "now it is").exit_code == 0
 
 
+def test_a_queued_send_during_an_approval_not_committed_says_why(state, run_yoi):
+    """The same to a Pod that is not running: --queue refuses, naming the unfinished
+    change, not advising to introduce Pods whose records already list each other."""
+    from yoi import peers, store
+    store.create(state, "a")
+    store.create(state, "b", accept_peers="ask")
+    peers.register(state, "a", "b")
+    r = run_yoi("pod", "peer", "approve", "b", "a",
+                env={"YOI_FAULT": "before-journal-remove:crash"})
+    assert r.exit_code == 137, r
+    r = run_yoi("pod", "send", "--queue", "--from", "a", "b", "queued too early")
+    assert r.exit_code == 4, r
+    assert "a is not surely a peer of b: a change to the records" in r.stderr, r
+    assert "peer register" not in r.stderr and "nothing was queued" in r.stderr, r
+    assert not state.queue_path("b").exists() or state.queue_path("b").read_bytes() == b""
+
+
 def test_a_waiter_is_not_told_registered_by_an_approval_that_was_rolled_back(state, run_yoi):
     import subprocess
     import time

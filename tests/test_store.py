@@ -456,3 +456,19 @@ def test_reading_every_record_pauses_the_cycle_collector_and_restores_it(state, 
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_the_library_refuses_a_handler_timeout_out_of_range_before_writing(state):
+    """Not only the CLI's option type: a record the next read would call corrupt is
+    never written."""
+    for bad in (0, -1, float("nan"), 1e12, True, "5"):
+        with pytest.raises(UsageError, match="the handler timeout must be a number of "
+                                             "seconds above 0 and at most 31536000"):
+            store.create(state, "h", handler_timeout=bad)
+        assert not state.pod_dir("h").exists()
+    store.create(state, "h", handler_timeout=30)
+    before = state.metadata_path("h").read_bytes()
+    with pytest.raises(UsageError):
+        store.configure(state, "h", handler_timeout=0)
+    assert state.metadata_path("h").read_bytes() == before
+    assert store.read(state, "h")["runtime"]["handler_timeout"] == 30

@@ -259,6 +259,9 @@ def _check_both_records(state: State, target: str, source: str | None) -> None:
     if kind == "pending":
         raise Refused(f"not a peer yet: {why}; nothing was queued", source=source,
                       target=target)
+    if kind == "in_doubt":  # both list each other, but a change to them is unfinished
+        raise Refused(f"{source} is not surely a peer of {target}: {why}; nothing was "
+                      "queued", pod_name=target, source=pod_ref(source))
     if kind == "none" and why:  # a child's scope stands in the way
         raise Refused(f"{source} may not message {target}: {why}; nothing was queued",
                       pod_name=target, source=pod_ref(source))

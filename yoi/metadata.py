@@ -66,7 +66,8 @@ def new_record(name: str, exec_cmd: str | None = None, cwd: str | None = None,
     if cwd is not None:
         record["runtime"]["cwd"] = cwd
     if handler_timeout is not None:
-        record["runtime"]["handler_timeout"] = handler_timeout
+        record["runtime"]["handler_timeout"] = check_seconds(handler_timeout,
+                                                             "the handler timeout")
     if labels:
         record["labels"] = dict(sorted(labels.items()))
     for key, value in (("queue_max_messages", queue_max_messages),
@@ -190,7 +191,7 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
                                       or doc["accept_peers"] in POLICIES):
         return (f"accept_peers must be \"open\", \"ask\" or \"never\" (or true/false), "
                 f"not {doc['accept_peers']!r}")
-    if "peer_request_ttl" in doc and _ttl_problem(doc["peer_request_ttl"]):
+    if "peer_request_ttl" in doc and seconds_problem(doc["peer_request_ttl"]):
         return (f"peer_request_ttl must be a number of seconds above 0 and at most "
                 f"{MAX_SECONDS:.0f}, not {doc['peer_request_ttl']!r}")
     for key in QUEUE_LIMITS:
@@ -204,8 +205,7 @@ def schema_problem(doc: dict, expect_name: str | None = None) -> str | None:
     for key, (kind, what) in RUNTIME_TYPES.items():
         value = (doc.get("runtime") or {}).get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)
-                                  or (key == "handler_timeout"
-                                      and not 0 < value <= MAX_SECONDS)):
+                                  or (key == "handler_timeout" and seconds_problem(value))):
             return f"runtime.{key} must be {what}, not {value!r}"
     labels = doc.get("labels", {})
     if not isinstance(labels, dict):
@@ -270,9 +270,19 @@ def _is_utc_time(value) -> bool:
     return isinstance(value, _dt.datetime) and value.tzinfo is not None
 
 
-def _ttl_problem(value) -> bool:
+def seconds_problem(value) -> bool:
+    """Whether VALUE is not a stored number of seconds: above 0, at most MAX_SECONDS
+    (the range ``yoi.timeouts.parse`` gives every duration)."""
     return (isinstance(value, bool) or not isinstance(value, (int, float))
             or not (math.isfinite(value) and 0 < value <= MAX_SECONDS))
+
+
+def check_seconds(value, what: str):
+    """VALUE if it can be stored as seconds; else UsageError naming WHAT."""
+    if seconds_problem(value):
+        raise UsageError(f"{what} must be a number of seconds above 0 and at most "
+                         f"{MAX_SECONDS:.0f}, not {value!r}")
+    return value
 
 
 def dumps(doc: dict) -> bytes:
@@ -327,9 +337,7 @@ def policy_value(value: str | bool) -> str:
 
 def ttl_value(seconds: float) -> int | float:
     """SECONDS as stored: a whole number as an integer."""
-    if _ttl_problem(seconds):
-        raise UsageError(f"the peer request lifetime must be a number of seconds above 0 "
-                         f"and at most {MAX_SECONDS:.0f}, not {seconds!r}")
+    check_seconds(seconds, "the peer request lifetime")
     return int(seconds) if float(seconds).is_integer() else float(seconds)
 
 

@@ -149,6 +149,8 @@ def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd
         accept_peers = metadata.policy_value(accept_peers)
     if peer_request_ttl is not _UNSET:
         peer_request_ttl = metadata.ttl_value(peer_request_ttl)
+    if handler_timeout is not _UNSET and handler_timeout is not None:
+        metadata.check_seconds(handler_timeout, "the handler timeout")
     if exec_cmd is not _UNSET and exec_cmd is not None:
         _utf8(exec_cmd, "handler command")
     if cwd is not _UNSET:
