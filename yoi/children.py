@@ -24,10 +24,9 @@ each once. ``read_child`` is that reading, a pure function of the log.
 from __future__ import annotations
 
 import os
-import time
 
-from yoi import control, delivery, metadata, session
-from yoi.errors import AlreadyExists, Busy, Refused, UsageError
+from yoi import control, delivery, metadata, session, store
+from yoi.errors import AlreadyExists, Refused, UsageError
 from yoi.names import check_name
 from yoi.state import State
 from yoi.timeouts import DEFAULT
@@ -62,16 +61,13 @@ def spawn(state: State, parent: str, child: str, *, exec_cmd: str | None = None,
             raise UsageError("a task needs a handler to run it: give --exec CMD")
         task_id = metadata.task_id_for(child)
         delivery.encode(task, task_id, parent)  # checked before anything is made
+    if exec_cmd is not None:
+        store.utf8_text(exec_cmd, "handler command")
     if cwd is not None:
-        cwd = os.path.abspath(cwd)
-    for value, what in ((exec_cmd, "handler command"), (cwd, "working directory")):
-        if value is not None:
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise UsageError(f"{what} {value!r} is not valid UTF-8 text") from None
+        cwd = store.utf8_text(os.path.abspath(cwd), "working directory")
     record, created = create_child(state, parent, child, exec_cmd, cwd, scope, task_id)
-    started = _restore(state, child, timeout)
+    # control.restore waits out another start of CHILD under way (two spawns at once)
+    started = control.restore(state, child, timeout=timeout)
     result = {"pod_name": child, "parent": {"pod_name": parent}, "created": created,
               "scope": metadata.scope_of(record), "started": started["restored"],
               "socket_path": started["socket_path"], "task": None}
@@ -87,19 +83,6 @@ def spawn(state: State, parent: str, child: str, *, exec_cmd: str | None = None,
                           "at": sent["at"]}
     result["record"] = record
     return result
-
-
-def _restore(state: State, child: str, timeout: float) -> dict:
-    """``control.restore``, waiting out another start of CHILD that is under way (a
-    spawn of the same child at the same time): Busy only once TIMEOUT is over."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return control.restore(state, child, timeout=max(0.1, deadline - time.monotonic()))
-        except Busy:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.05)
 
 
 def _given_task(state: State, child: str, task_id: str, look: int = 1000) -> str | None:
@@ -160,8 +143,6 @@ def _respawn(doc: dict, pdoc: dict, parent: str, child: str, exec_cmd, cwd, scop
                             f"({what})", pod_name=child, differences=differences)
     return doc
 
-
-# -- the tree ---------------------------------------------------------------------------
 
 # -- what a parent reads in a child's log -----------------------------------------
 

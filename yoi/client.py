@@ -484,9 +484,9 @@ class Batch:
     ``Interrupts``) stopped the run; ``complete`` when the input was read to
     its end."""
 
-    def __init__(self, ids=()):
-        self.ids: list[str] = list(ids)
-        self.status = bytearray(len(self.ids))  # UNSENT / SENT / ACKED / REFUSED / FAILED
+    def __init__(self):
+        self.ids: list[str] = []
+        self.status = bytearray()  # UNSENT / SENT / ACKED / REFUSED / FAILED
         self.acked = 0
         self.refused = 0  # error events received: one per refused (or failed) message
         self.failure: Exception | None = None

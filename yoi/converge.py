@@ -50,7 +50,7 @@ import os
 from pathlib import Path
 
 from yoi import consent, control, metadata, store, timeouts
-from yoi.errors import AlreadyExists, Failed, Pending, UsageError, YoiError
+from yoi.errors import AlreadyExists, Pending, UsageError, YoiError
 from yoi.names import is_valid_name
 from yoi.parsing import ParseError, toml_loads
 from yoi.state import State
@@ -259,8 +259,7 @@ class Report:
         if verb == "up":
             msg += "; run `yoi up` again " + ("to finish" if failed else "once decided")
         first = next((e for e in self.errors if not isinstance(e, Pending)), self.errors[0])
-        cls = type(first) if isinstance(first, YoiError) else Failed
-        return cls(msg, data=self.to_json())
+        return type(first)(msg, data=self.to_json())
 
 
 def _count(n: int, what: str) -> str:

@@ -284,8 +284,8 @@ def _queue_one(state: State, target: str, path, message: str, source: str | None
     drained = _ask_to_drain(path, [msg_id], timeout)
     outcome = ((drained or {}).get("ids") or {}).get(msg_id) or {}
     if outcome.get("state") == "delivered":
-        item = (drained["acks"].get(msg_id) or {}).get("item") or {}
-        result.update(state="delivered", acknowledged=True, at=item.get("at"))
+        result.update(state="delivered", acknowledged=True,
+                      at=client.acknowledged_at(drained["acks"].get(msg_id) or {}))
     elif outcome.get("state") == "rejected":
         raise Refused(f"{target} started meanwhile and refused the queued message: "
                       f"{outcome.get('reason', '')} (recorded in its session log as a "

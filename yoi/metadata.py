@@ -315,13 +315,9 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z", re.ASCII)
 
 
 def peer_policy(doc: dict) -> str:
-    """``open``, ``ask`` or ``never``; the boolean form of older records read as such."""
-    value = doc.get("accept_peers", True)
-    if value is True:
-        return "open"
-    if value is False:
-        return "never"
-    return value
+    """``open``, ``ask`` or ``never``; the boolean form of older records read as such
+    (the record's schema was checked)."""
+    return policy_value(doc.get("accept_peers", True))
 
 
 def policy_value(value: str | bool) -> str:

@@ -19,8 +19,8 @@ from yoi.names import check_name
 from yoi.parsing import paused_gc
 from yoi.pool import POOL_THRESHOLD, map_chunks
 from yoi.state import State, refuse_symlink
-from yoi.txn import (CREATING_MARK, Change, create_pod_dir, lock_pods, read_pod_file,
-                     remove_trash)
+from yoi.txn import (Change, create_pod_dir, lock_pods, read_pod_file, remove_trash,
+                     staging_path)
 
 _UNSET = object()
 
@@ -34,7 +34,7 @@ def read(state: State, name: str) -> dict:
     return pod.doc
 
 
-def _utf8(value: str, what: str) -> str:
+def utf8_text(value: str, what: str) -> str:
     """VALUE if TOML can hold it; a string from a non-UTF-8 argument cannot."""
     try:
         value.encode("utf-8")
@@ -85,9 +85,9 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
     if peer_request_ttl is not None:
         peer_request_ttl = metadata.ttl_value(peer_request_ttl)
     if exec_cmd is not None:
-        _utf8(exec_cmd, "handler command")
+        utf8_text(exec_cmd, "handler command")
     if cwd is not None:
-        cwd = _utf8(os.path.abspath(cwd), "working directory")
+        cwd = utf8_text(os.path.abspath(cwd), "working directory")
     limits = _queue_limits(queue_max_messages=queue_max_messages,
                            queue_max_bytes=queue_max_bytes)
     with lock_pods(state, [name]) as locked:
@@ -107,7 +107,7 @@ def create(state: State, name: str, exec_cmd: str | None = None, cwd: str | None
                                      peer_request_ttl=peer_request_ttl,
                                      handler_timeout=handler_timeout, labels=labels,
                                      **limits)
-        staging = state.pods_dir / f".{name}{CREATING_MARK}{os.getpid()}"
+        staging = staging_path(state, name)
         try:
             create_pod_dir(state, name, metadata.dumps(record))
         except OSError as e:
@@ -152,9 +152,9 @@ def configure(state: State, name: str, exec_cmd=_UNSET, accept_peers=_UNSET, cwd
     if handler_timeout is not _UNSET and handler_timeout is not None:
         metadata.check_seconds(handler_timeout, "the handler timeout")
     if exec_cmd is not _UNSET and exec_cmd is not None:
-        _utf8(exec_cmd, "handler command")
+        utf8_text(exec_cmd, "handler command")
     if cwd is not _UNSET:
-        cwd = _utf8(os.path.abspath(cwd), "working directory")
+        cwd = utf8_text(os.path.abspath(cwd), "working directory")
     if labels is not _UNSET:
         labels = check_labels(labels)
     set_labels = check_labels(set_labels)
@@ -209,7 +209,7 @@ def converge_settings(state: State, name: str, wanted: dict) -> list[str]:
     check_labels(wanted.get("labels"))
     for key in ("exec", "cwd"):
         if wanted.get(key) is not None:
-            _utf8(wanted[key], key)
+            utf8_text(wanted[key], key)
     with lock_pods(state, [name]) as locked:
         doc = locked.require(name).doc
         differences = metadata.setting_differences(doc, wanted)

@@ -256,7 +256,7 @@ def rollback(state: State, journal: Journal) -> None:
     fsync_dir(journal.path.parent)
 
 
-def _staging_path(state: State, name: str, pid: int | None = None) -> Path:
+def staging_path(state: State, name: str, pid: int | None = None) -> Path:
     """Where a Pod directory is built before it is renamed into place."""
     return state.pods_dir / f".{name}{CREATING_MARK}{os.getpid() if pid is None else pid}"
 
@@ -268,7 +268,7 @@ def create_pod_dir(state: State, name: str, record: bytes) -> None:
     Caller holds NAME's lock and knows that it does not exist. On failure the
     staging directory is removed and the error raised.
     """
-    staging = _staging_path(state, name)
+    staging = staging_path(state, name)
     try:
         if os.path.lexists(staging):
             remove_tree(staging)
@@ -289,12 +289,12 @@ def _uncreate(state: State, name: str, txid: str) -> None:
     """Undo the creation of Pod NAME by the transaction TXID (see the module docstring):
     its directory is renamed aside (so it disappears at once), then deleted."""
     for pid in {_pid_of_txid(txid), os.getpid()}:
-        staging = _staging_path(state, name, pid) if pid is not None else None
+        staging = staging_path(state, name, pid) if pid is not None else None
         if staging is not None and os.path.lexists(staging):
             remove_tree(staging)  # an interrupted build, or an interrupted undo
     pod_dir = state.pod_dir(name)
     if os.path.lexists(pod_dir):
-        trash = _staging_path(state, name)
+        trash = staging_path(state, name)
         os.rename(pod_dir, trash)
         fsync_dir(state.pods_dir)
         remove_tree(trash)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from yoi.cli.common import YoiCommand, emit, json_option, say, state_options, timeout_option
+from yoi.cli.common import (YoiCommand, emit, json_option, note_missing_state, state_options,
+                            timeout_option)
 
 file_option = click.option("-f", "--file", "path", metavar="FILE", default=None,
                            help="The declaration file (default: ./yoi.toml).")
@@ -100,8 +101,7 @@ def down(path, remove, timeout, force, as_json, state):
       yoi down -f ci/yoi.toml --rm --json
     """
     from yoi import converge
-    if not state.root.exists():
-        say(f"yoi: note: no state directory at {state.root}")
+    note_missing_state(state)
     plan = converge.load(converge.find_file(path), state, relations=False)
     report = converge.down(state, plan, remove=remove, timeout=timeout, force=force)
     _finish("down", report, as_json, "nothing to stop")

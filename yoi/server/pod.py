@@ -298,7 +298,7 @@ class Pod:
             self.session.submit(entry, done)
         except OSError as e:  # the log takes nothing more; an id it holds is still acknowledged
             try:
-                res = self.session.lookup(entry.msg_id) if entry.msg_id is not None else None
+                res = self.session.lookup(entry.key) if entry.key is not None else None
             except Exception:  # (nor can its index be read: the failure stands)
                 res = None
             self.committed(c, entry, res, None if res is not None else e, after, compact)

@@ -271,7 +271,7 @@ class _Run:
         self.err_tail = b""
         self.stderr = _StderrToLog(what)
         self.exited_at: float | None = None
-        self.ended = "exited"  # exited | output-held | timed-out | stopped
+        self.ended = "exited"  # exited | output_held | timed_out | stopped
         self.rc: int | None = None
         self.sel = selectors.DefaultSelector()
         self._chunks: list[bytes] = []
@@ -310,7 +310,7 @@ class _Run:
             if self.exited_at is not None:
                 deadline = min(deadline, self.exited_at + OUTPUT_GRACE)
             if now >= deadline:
-                self.ended = "timed-out" if self.exited_at is None else "output-held"
+                self.ended = "timed_out" if self.exited_at is None else "output_held"
                 return
             wait = min(deadline - now, POLL_CHUNK)  # a long timeout: several waits
             if self.pidfd is None and self.exited_at is None:
@@ -398,23 +398,21 @@ class _Run:
         return True
 
     def outcome(self) -> Outcome:
-        ended = {"timed-out": "timed_out", "output-held": "output_held"}.get(self.ended,
-                                                                             self.ended)
         tail = self.err_tail.decode("utf-8", "replace")
-        return Outcome(self.out, self.out_total > MAX_HANDLER_OUTPUT, self.rc, ended,
+        return Outcome(self.out, self.out_total > MAX_HANDLER_OUTPUT, self.rc, self.ended,
                        int((time.monotonic() - self.started) * 1000), tail, self.problems())
 
     def problems(self) -> list[tuple[str, str]]:
         what, rc, out = self.what, self.rc, []
         if self.ended == "stopped":
             return out  # the Pod is stopping: nobody is left to tell
-        if self.ended == "timed-out":
+        if self.ended == "timed_out":
             out.append(("error", f"handler timed out after {self.timeout:g}s and was killed "
                                  f"({what})"))
         elif rc is not None and rc != 0:
             how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
             out.append(("error", f"handler {how} ({what})"))
-        if self.ended == "output-held":
+        if self.ended == "output_held":
             out.append(("warn", f"handler exited, but its output stayed open (a background "
                                 f"process?); it was read for {OUTPUT_GRACE:g}s more and the "
                                 f"handler's process group was killed ({what})"))
