@@ -192,20 +192,16 @@ class ChildWatcher(Background):
 
 
 def commit_notices(pod, notices: list[Notice], finished) -> None:
-    """Commit each of NOTICES whose id is not in POD's log yet, in order; FINISHED(error
-    or None) once all are durable (loop thread)."""
+    """Commit each of NOTICES, in order (the session writer commits an id once: one in
+    the log already, or twice among them, is not written again); FINISHED(error or
+    None) once all are durable (loop thread)."""
     if pod.loop.stopping:
         finished("stopping")
         return
-    todo, seen = [], set()
-    for n in notices:
-        if n.msg_id not in seen and pod.session.committed_line(n.msg_id) is None:
-            seen.add(n.msg_id)
-            todo.append(n)
-    if not todo:
+    if not notices:
         finished(None)
         return
-    left, errors = [len(todo)], []
+    left, errors = [len(notices)], []
 
     def after(res, err) -> None:
         if err is not None:
@@ -214,7 +210,7 @@ def commit_notices(pod, notices: list[Notice], finished) -> None:
         if left[0] == 0:
             finished(errors[0] if errors else None)
 
-    for n in todo:
+    for n in notices:
         pod.commit(None, Entry(n.kind, n.fields, n.msg_id), after)
 
 

@@ -288,19 +288,18 @@ class Drainer(Background):
                 self.request()
 
     def _reject(self, rec: dict, reason: str, finish) -> None:
-        """Record that REC is not delivered (its relation is gone), once per id."""
+        """Record that REC is not delivered (its relation is gone), once per id: one
+        recorded by a pass that crashed before emptying the queue is not written (nor
+        alerted) again."""
         pod = self.pod
         key = REJECTED_PREFIX + rec["id"]
-        if pod.session.committed_line(key) is not None:
-            finish(("rejected", reason))  # recorded by a pass that crashed before emptying
-            return
         fields = {"message_id": rec["id"], "source": rec.get("source"), "reason": reason,
                   "message": rec["message"], "queued_at": rec["queued_at"]}
         if rec.get("in_reply_to") is not None:
             fields["in_reply_to"] = rec["in_reply_to"]
 
         def after(res, err):
-            if err is None:
+            if err is None and not res.duplicate:
                 pod.alert("warn", f"queued message {rec['id']} from {rec.get('source')} was "
                                   f"not delivered: {reason} (recorded in the session log, "
                                   f"#{res.seq})")
