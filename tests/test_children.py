@@ -372,6 +372,22 @@ def test_stop_all_stops_a_child_whose_record_is_damaged_before_its_parent(
         ("b-kid", True), ("a-lead", True)]
 
 
+def test_two_stop_all_at_once_stop_everything_and_each_child_is_told_once(
+        state, started_pod, run_yoi):
+    started_pod("a-lead")
+    started_pod("z-other")
+    assert run_yoi("pod", "spawn", "a-lead", "b-kid", "--exec", "cat").exit_code == 0
+    assert run_yoi("pod", "spawn", "b-kid", "c-grand").exit_code == 0
+    procs = [subprocess.Popen(yoi_cmd() + ["pod", "stop", "--all"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    for name in ("a-lead", "z-other", "b-kid", "c-grand"):
+        assert not control.is_running(state, name), name
+    assert [e["source"] for e in kinds(state, "a-lead", "child_stopped")] == ["b-kid"]
+    assert [e["source"] for e in kinds(state, "b-kid", "child_stopped")] == ["c-grand"]
+
+
 def test_stop_all_in_an_empty_state_directory(state, run_yoi):
     state.pods_dir.mkdir(parents=True, exist_ok=True)
     r = run_yoi("pod", "stop", "--all", "--json")

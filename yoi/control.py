@@ -185,24 +185,31 @@ def _stop_child(child) -> None:
 
 # -- stop ----------------------------------------------------------------------
 
-def stop(state: State, name: str, timeout: float = DEFAULT, force: bool = False) -> dict:
+_READ = object()  # a record not read yet
+
+
+def stop(state: State, name: str, timeout: float = DEFAULT, force: bool = False,
+         doc=_READ) -> dict:
     """Ask NAME to shut down and wait until its runtime lock is released.
 
     Not running: ``{"stopped": False, "message": "not running"}`` (a stale
     socket is cleaned up on the way). Not gone within TIMEOUT: Unreachable (5),
     unless FORCE, which sends SIGTERM and then SIGKILL to the process that
-    holds the runtime lock.
+    holds the runtime lock. DOC: NAME's record if read already (None: it does not
+    parse).
     """
     result = {"pod_name": name, "stopped": False, "forced": None, "pid": None}
-    try:
-        doc = store.read(state, name)
-    except CorruptMetadata:
-        doc = None  # its process can still be stopped: the runtime lock says whether it runs
+    if doc is _READ:
+        try:
+            doc = store.read(state, name)
+        except CorruptMetadata:
+            doc = None
+    if doc is None:  # its process can still be stopped: the runtime lock says if it runs
         if not os.path.isdir(state.pod_dir(name)):  # no Pod directory: nothing can run
             return {**result, "message": "not running"}
     lock = state.runtime_lock_path(name)
     if not is_running(state, name):
-        result["stale_socket_removed"] = clean_stale(state, name)
+        result["stale_socket_removed"] = clean_stale(state, name, doc)
         result["message"] = "not running"
         return result
     pid = holder_pid(lock)
@@ -248,8 +255,8 @@ def stop_labelled(state: State, labels: dict[str, str], timeout: float = DEFAULT
                   force: bool = False) -> tuple[list[dict], YoiError | None]:
     """Stop every Pod carrying LABELS, one after the other; one that fails does not
     keep the others running. Returns (one result per Pod, the first error)."""
-    return _stop_each(state, [p.name for p in store.list_all(state)
-                              if p.doc is not None and has_labels(p.doc, labels)],
+    return _stop_each(state, {p.name: p.doc for p in store.list_all(state)
+                              if p.doc is not None and has_labels(p.doc, labels)},
                       timeout, force)
 
 
@@ -257,7 +264,8 @@ def stop_tree(state: State, name: str, timeout: float = DEFAULT,
               force: bool = False) -> tuple[list[dict], YoiError | None]:
     """Stop NAME's children (the deepest first), then NAME; as ``stop_labelled``."""
     store.read(state, name)  # NotFound before anything is stopped
-    return _stop_each(state, store.descendants(state, name) + [name], timeout, force)
+    return _stop_each(state, {n: _READ for n in store.descendants(state, name) + [name]},
+                      timeout, force)
 
 
 def stop_all(state: State, timeout: float = DEFAULT,
@@ -282,15 +290,16 @@ def stop_all(state: State, timeout: float = DEFAULT,
                 continue
             placed.add(child)
             stack.append((child, iter(metadata.child_names(docs[child]) if docs[child] else ())))
-    return _stop_each(state, order, timeout, force)
+    return _stop_each(state, {name: docs[name] for name in order}, timeout, force)
 
 
-def _stop_each(state: State, names: list[str], timeout: float,
+def _stop_each(state: State, docs: dict, timeout: float,
                force: bool) -> tuple[list[dict], YoiError | None]:
+    """Stop each Pod of DOCS (name -> its record as read, or ``_READ``), in order."""
     results, first = [], None
-    for name in names:
+    for name, doc in docs.items():
         try:
-            results.append(stop(state, name, timeout=timeout, force=force))
+            results.append(stop(state, name, timeout=timeout, force=force, doc=doc))
         except YoiError as e:
             first = first or e
             results.append({"pod_name": name, "stopped": False, "forced": None,
@@ -307,8 +316,9 @@ def _wait_unlocked(lock: Path, deadline: float) -> bool:
         time.sleep(POLL)
 
 
-def clean_stale(state: State, name: str) -> bool:
-    """Remove a leftover socket of a dead Pod and its pid hint, holding its runtime lock.
+def clean_stale(state: State, name: str, doc=_READ) -> bool:
+    """Remove a leftover socket of a dead Pod and its pid hint, holding its runtime lock
+    (DOC: its record if read already, None if it does not parse).
 
     Returns True if a socket file was removed. Does nothing if the Pod runs.
     """
@@ -323,9 +333,12 @@ def clean_stale(state: State, name: str) -> bool:
                 removed = True
         except FileNotFoundError:
             pass
-        try:
-            doc = store.read(state, name)
-        except CorruptMetadata:
+        if doc is _READ:
+            try:
+                doc = store.read(state, name)
+            except CorruptMetadata:
+                doc = None
+        if doc is None:
             return removed  # a record that does not parse is doctor's to mend, not ours
         if (doc.get("runtime") or {}).get("pid") is not None:
             def clear(d):

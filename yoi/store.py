@@ -317,26 +317,23 @@ def remove(state: State, name: str, recursive: bool = False) -> dict:
 def descendants(state: State, name: str) -> list[str]:
     """NAME's children, their children..., read without locks, deepest first (the order
     to stop them in); each child must name its parent back."""
+    def read(n: str) -> dict | None:
+        try:
+            return read_pod_file(state, n).doc
+        except YoiError:
+            return None
+
     order, seen = [], {name}
-    level = [name]
+    level = [(name, read(name))]
     while level:
         below = []
-        for member in level:
-            try:
-                doc = read_pod_file(state, member).doc
-            except YoiError:
-                continue
-            for c in metadata.child_names(doc):
-                if c in seen:
-                    continue
-                try:
-                    cdoc = read_pod_file(state, c).doc
-                except YoiError:
-                    continue
+        for member, doc in level:
+            for c in metadata.child_names(doc) if doc is not None else ():
+                cdoc = None if c in seen else read(c)
                 if cdoc is not None and metadata.parent_of(cdoc) == member:
                     seen.add(c)
-                    below.append(c)
-        order = below + order
+                    below.append((c, cdoc))
+        order = [c for c, _ in below] + order
         level = below
     return order
 
