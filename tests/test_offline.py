@@ -293,7 +293,9 @@ def test_sigkill_while_draining_loses_and_duplicates_nothing(state, started_pod)
     queued: list[str] = []
     log = state.session_path("T")
     mid_drain = 0  # kills that left part of a round committed and its queue not emptied
-    for round_ in range(22):
+    for round_ in range(60):  # at least 22 rounds, more while too few kills land mid-drain
+        if round_ >= 22 and mid_drain >= 5:
+            break
         ids = [f"r{round_}-{i}" for i in range(1000)]
         offline.append(state, "T", queue_items(ids, text="x" * 2000))
         queued += ids

@@ -14,7 +14,10 @@ from pathlib import Path
 from yoi.faults import fault
 
 TMP_MARK = ".tmp-"
-NOT_REGULAR = "not a regular file"
+
+
+class NotRegularFile(OSError):
+    """Something other than a regular file (a FIFO, a device) where one should be."""
 
 
 def temp_name_for(path: Path) -> Path:
@@ -141,17 +144,28 @@ def not_a_file(path: Path | str) -> str | None:
             "a directory" if stat.S_ISDIR(mode) else "not a regular file")
 
 
-def read_bytes_nofollow(path: Path) -> bytes:
-    """Read a whole regular file, refusing to follow a symlink (ELOOP); a directory
-    is EISDIR, and anything else that is not a regular file (a FIFO, a device) is
-    EINVAL "not a regular file", found without blocking on it."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+def open_regular(path: Path | str, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
+    """A descriptor of the regular file at PATH (FLAGS: how to open it), found without
+    blocking on anything else: never through a symlink (ELOOP); a directory is
+    IsADirectoryError, anything else that is no regular file NotRegularFile. The
+    descriptor is non-blocking, which a regular file ignores."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            if stat.S_ISDIR(mode):
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-            raise OSError(errno.EINVAL, NOT_REGULAR, str(path))
+        st_mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_bytes_nofollow(path: Path) -> bytes:
+    """Read a whole regular file (``open_regular``'s refusals)."""
+    fd = open_regular(path)
+    try:
         chunks = []
         while True:
             chunk = os.read(fd, 1 << 16)

@@ -45,7 +45,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from yoi import metadata
-from yoi.atomic import (NOT_REGULAR, atomic_write, discard, fsync_dir, read_bytes_nofollow,
+from yoi.atomic import (NotRegularFile, atomic_write, discard, fsync_dir, read_bytes_nofollow,
                          remove_temp_files, replace_staged, stage, sync_files, sync_parents)
 from yoi.errors import CorruptMetadata, NotFound, StorageError
 from yoi.faults import fault
@@ -123,7 +123,7 @@ def read_pod_file(state: State, name: str) -> Pod:
             raise CorruptMetadata(f"{path} is a symlink; refusing to follow it", path=str(path))
         if e.errno == errno.ENOTDIR:
             raise CorruptMetadata(f"{pod_dir} is not a directory", path=pod_dir)
-        if e.strerror == NOT_REGULAR:  # a FIFO, a device: never read (nor waited on)
+        if isinstance(e, NotRegularFile):  # a FIFO, a device: never read (nor waited on)
             raise CorruptMetadata(f"{path} is not a regular file; never read", path=str(path))
         raise StorageError(f"cannot read {path}: {e.strerror}", path=str(path))
     return Pod(name, path, raw, metadata.parse(raw, path, expect_name=name))

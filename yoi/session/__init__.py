@@ -29,17 +29,15 @@ process only).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import stat
 import time
 from collections import deque
 from pathlib import Path
 from typing import Iterator
 
 from yoi import protocol
-from yoi.atomic import fsync_dir, write_all
+from yoi.atomic import fsync_dir, open_regular, write_all
 from yoi.parsing import ParseError, json_loads
 
 READ_CHUNK = 1 << 20
@@ -296,16 +294,7 @@ def open_log(path: Path | str) -> int:
     """A descriptor to read the log at PATH: never through a symlink (ELOOP), never
     blocking on a FIFO put in its place, and only a regular file (OSError naming
     what it is otherwise)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError:
-        os.close(fd)
-        raise
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
-    return fd
+    return open_regular(path)
 
 
 def _forward(path: Path | str, end: int | None, start: int = 0) -> "Iterator[bytes]":

@@ -33,14 +33,13 @@ import calendar
 import errno
 import os
 import sqlite3
-import stat
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from yoi import protocol
-from yoi.atomic import fsync_dir, not_a_file, write_all
+from yoi.atomic import fsync_dir, not_a_file, open_regular, write_all
 from yoi.faults import fault
 from yoi.session import (READ_CHUNK, Entry, Recent, entry_id, index_key, last_seq, line_seq,
                          parse_entry, set_aside_torn_tail, snapshot_line, tail)
@@ -95,12 +94,7 @@ class SessionLog:
         if not_a_file(self.path) not in (None, "a symlink"):  # a symlink: ELOOP below
             raise OSError(errno.EINVAL, f"the session log is {not_a_file(self.path)}",
                           str(self.path))
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                           | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)  # never waits on a FIFO
-        if not stat.S_ISREG(os.fstat(self._fd).st_mode):  # put there since the check
-            os.close(self._fd)
-            self._fd = None
-            raise OSError(errno.EINVAL, "not a regular file", str(self.path))
+        self._fd = open_regular(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         os.set_blocking(self._fd, True)
         self._settle_torn_tail(problems)
         if _needs_migration(self.path):
