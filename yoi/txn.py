@@ -129,6 +129,32 @@ def read_pod_file(state: State, name: str) -> Pod:
     return Pod(name, path, raw, metadata.parse(raw, path, expect_name=name))
 
 
+class RecordCache:
+    """Records parsed again only when their file changed (its inode, size and times):
+    for a long-lived reader such as a Pod's loop or its child watcher (one cache per
+    thread). ``read(name)`` is NAME's record, or None if there is no such Pod;
+    CorruptMetadata or StorageError as ``read_pod_file``."""
+
+    def __init__(self, state: State):
+        self.state = state
+        self._cache: dict[str, tuple] = {}  # Pod name -> (stat key, record)
+
+    def read(self, name: str) -> dict | None:
+        path = self.state.metadata_path(name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StorageError(f"cannot read {path}: {e.strerror}", path=str(path))
+        key = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
+        cached = self._cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, read_pod_file(self.state, name).doc)
+            self._cache[name] = cached
+        return cached[1]
+
+
 # -- journals -----------------------------------------------------------------
 
 def _journal_entries(state: State) -> list[str]:

@@ -43,7 +43,7 @@ from yoi.server.log import log
 from yoi.server.loop import Background
 from yoi.session import Entry
 from yoi.timeouts import DEFAULT
-from yoi.txn import read_pod_file
+from yoi.txn import RecordCache, read_pod_file
 
 WATCH_INTERVAL = 1.0   # seconds between looks at the children's logs and locks
 LOOP_WAIT = 0.1        # while waiting for the loop to commit, how often to look up
@@ -60,7 +60,7 @@ class ChildWatcher(Background):
         self.everything = True          # look at every child on the next round
         self.waiters: dict[str, list] = {}
         self.watches: dict[str, Watch] = {}
-        self._records: dict[str, tuple] = {}  # Pod name -> (stat key, record)
+        self._record = RecordCache(pod.state).read  # this thread's own cache
         self._problems: dict[str, str | None] = {}  # what was logged last, per Pod
 
     def stop(self, join: float | None = DEFAULT) -> None:
@@ -121,20 +121,6 @@ class ChildWatcher(Background):
         if problem is not None and self._problems.get(name) != problem:
             log(problem)
         self._problems[name] = problem
-
-    def _record(self, name: str) -> dict | None:
-        """NAME's record, parsed again only when its file changed (None: no such Pod)."""
-        path = self.pod.state.metadata_path(name)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return None
-        key = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
-        cached = self._records.get(name)
-        if cached is None or cached[0] != key:
-            cached = (key, read_pod_file(self.pod.state, name).doc)
-            self._records[name] = cached
-        return cached[1]
 
     def _check(self, name: str, force: bool) -> None:
         """Read what is new in child NAME's log and commit the notices it calls for."""

@@ -34,7 +34,7 @@ from yoi.server.worker import HandlerWorker
 from yoi.session import Entry, Recent, event_of, parse_entry
 from yoi.session.writer import Committed, SessionLog, Uncertain
 from yoi.state import State, make_private_dir, private_dir_problem, socket_dir_chain
-from yoi.txn import read_pod_file
+from yoi.txn import RecordCache
 
 MAX_ALERTS = 100               # alerts replayed to a new client
 FLUSH_AT_EXIT = 2.0            # seconds given to clients to read the final events
@@ -60,7 +60,7 @@ class Pod:
         self._land_soon = False
         self.pending_ids: dict[str, list[tuple[Client, bool]]] = {}  # id -> (client, compact)
         self.offered: set[str] = set()   # peer request ids offered, their handler run ahead
-        self._meta_cache: dict[str, tuple] = {}  # Pod name -> (stat key, record)
+        self._record = RecordCache(state).read  # the loop thread's records, re-read on change
         self._refusals: dict[str, str | None] = {}  # sender -> peer_refusal, this chunk
         self._refusals_tick: tuple[int, int] | None = None
         self.socket_path: Path | None = None
@@ -439,22 +439,6 @@ class Pod:
     def handle_peer_request(self, worker, job) -> None:
         """A queued peer request's handler run (the handler thread)."""
         consent.handle(self, worker, job)
-
-    def _record(self, name: str) -> dict | None:
-        """NAME's current metadata, re-read only when the file changed (None: no Pod)."""
-        path = self.state.metadata_path(name)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise Failed(f"cannot read {path}: {e.strerror}")
-        key = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
-        cached = self._meta_cache.get(name)
-        if cached is None or cached[0] != key:
-            cached = (key, read_pod_file(self.state, name).doc)
-            self._meta_cache[name] = cached
-        return cached[1]
 
 
 # -- the socket ---------------------------------------------------------------------
