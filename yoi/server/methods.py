@@ -17,7 +17,7 @@ from yoi.faults import fault
 from yoi.names import is_valid_name
 from yoi.server import consent
 from yoi.server.connection import Client
-from yoi.session import Entry, now_iso
+from yoi.session import Entry, now_iso, text_segments
 from yoi.server.operations import Invalid
 from yoi.server.worker import Job
 
@@ -164,13 +164,10 @@ def run(pod, c: Client, params: dict) -> None:
     segments = params.get("input")
     if isinstance(segments, str):
         segments = [{"kind": "text", "content": segments}]
-    if not isinstance(segments, list) or not all(
-            isinstance(s, dict) and s.get("kind", "text") == "text"
-            and isinstance(s.get("content", ""), str) for s in segments):
+    segments = text_segments(segments)
+    if segments is None:
         raise Invalid("run needs 'input': a list of segments "
                       '{"kind":"text","content":"..."}')
-    # as the original's clients read them: each with its kind and content
-    segments = [{**s, "kind": "text", "content": s.get("content", "")} for s in segments]
     entry = Entry("user_message", {"segments": segments})
     pod.busy(+1)  # status running is announced before the user message
 

@@ -161,8 +161,7 @@ class HandlerWorker:
         entry = json.loads(self.pod.session.read(job.entry))
         if job.kind == "notify":
             return entry["item"]["message"]
-        return "".join(s.get("content", "") for s in entry["segments"]
-                       if s.get("kind", "text") == "text")
+        return "".join(s["content"] for s in entry["segments"])  # as session.text_segments
 
     def _handled(self, job: Job) -> None:
         """JOB's handler_result is durable (loop thread)."""

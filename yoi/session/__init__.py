@@ -486,14 +486,23 @@ def snapshot_line(line: bytes, entry: dict) -> bytes:
                 and isinstance(item.get("message"), str) and isinstance(item.get("body"), str))
         return line if good else b""
     segments = entry.get("segments")
-    if not (isinstance(segments, list) and all(
-            isinstance(s, dict) and s.get("kind", "text") == "text"
-            and isinstance(s.get("content", ""), str) for s in segments)):
+    mended = text_segments(segments)
+    if mended is None:
         return b""
     if all("kind" in s and "content" in s for s in segments):
         return line
-    return _dumps({**entry, "segments": [{**s, "kind": "text", "content": s.get("content", "")}
-                                         for s in segments]})
+    return _dumps({**entry, "segments": mended})
+
+
+def text_segments(segments) -> list[dict] | None:
+    """SEGMENTS (a ``user_message``'s) each with its kind and content, as the original's
+    clients read them (an older entry may leave out ``"kind": "text"`` or an empty
+    content); None if they are not a list of text segments."""
+    if not (isinstance(segments, list) and all(
+            isinstance(s, dict) and s.get("kind", "text") == "text"
+            and isinstance(s.get("content", ""), str) for s in segments)):
+        return None
+    return [{**s, "kind": "text", "content": s.get("content", "")} for s in segments]
 
 
 class Recent:
