@@ -29,7 +29,7 @@ import time
 from yoi import metadata, peers
 from yoi.errors import YoiError
 from yoi.state import State
-from yoi.txn import lock_pods, read_pod_file
+from yoi.txn import lock_pods, read_doc
 
 OFFER_TIMEOUT = 5.0   # seconds to tell a live Pod it has been asked
 POLL_FIRST, POLL_MAX = 0.01, 0.25  # seconds between looks at the asked Pod's record
@@ -61,10 +61,7 @@ def how_decided(result: dict) -> str:
 def offer(state: State, name: str, requester: str, timeout: float = OFFER_TIMEOUT) -> dict:
     """Tell Pod NAME, if live, about REQUESTER's pending request: ``{"offered",
     "decider"}`` (``offered``: a live NAME was told)."""
-    try:
-        doc = read_pod_file(state, name).doc
-    except YoiError:
-        doc = None
+    doc = read_doc(state, name)
     path = state.socket_path(name, doc or {})
     if doc is None or not os.path.exists(path):
         return {"offered": False, "decider": "operator"}
@@ -101,13 +98,6 @@ def outcome(a_doc: dict | None, b_doc: dict | None, requester: str, name: str,
     return "withdrawn"
 
 
-def _read_doc(state: State, name: str) -> dict | None:
-    try:
-        return read_pod_file(state, name).doc
-    except YoiError:
-        return None
-
-
 def _stat_key(state: State, names: tuple[str, ...]) -> tuple:
     key = []
     for name in names:
@@ -141,7 +131,7 @@ def wait(state: State, requester: str, name: str, request: dict, timeout: float)
         if key != seen or metadata.is_expired(request):
             seen = key
             now = metadata.utcnow()
-            quick = outcome(_read_doc(state, requester), _read_doc(state, name),
+            quick = outcome(read_doc(state, requester), read_doc(state, name),
                             requester, name, request, now)
             if quick != "pending":
                 result = confirmed_outcome(state, requester, name, request)

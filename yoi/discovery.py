@@ -36,7 +36,7 @@ from yoi.lock import is_locked
 from yoi.metadata import (child_names, has_labels, labels_of, parent_of, peer_names,
                            scope_of)
 from yoi.state import State
-from yoi.txn import read_pod_file
+from yoi.txn import read_doc, read_pod_file
 
 PROBE_TIMEOUT = 1.0
 
@@ -232,12 +232,10 @@ def visible(state: State, name: str, timeout: float = PROBE_TIMEOUT,
     # Each visible Pod's own children are counted too (spawned_children): probed in the
     # same batch, each socket once.
     kids = {r["pod_name"]: child_names(r["doc"]) for r in rows if r["doc"] is not None}
+    docs = {r["pod_name"]: r["doc"] for r in rows}  # read already: not again
     kid_paths = {}
     for kid in sorted(set().union(*kids.values())):
-        try:
-            kdoc = read_pod_file(state, kid).doc
-        except YoiError:
-            kdoc = None
+        kdoc = docs[kid] if kid in docs else read_doc(state, kid)
         if kdoc is not None:
             kid_paths[kid] = state.socket_path(kid, kdoc)
     batch = list(dict.fromkeys(paths + list(kid_paths.values())))

@@ -19,8 +19,8 @@ from yoi.names import check_name
 from yoi.parsing import paused_gc
 from yoi.pool import POOL_THRESHOLD, map_chunks
 from yoi.state import State, refuse_symlink
-from yoi.txn import (Change, create_pod_dir, lock_pods, read_pod_file, remove_trash,
-                     staging_path)
+from yoi.txn import (Change, create_pod_dir, lock_pods, read_doc, read_pod_file,
+                     remove_trash, staging_path)
 
 _UNSET = object()
 
@@ -317,12 +317,7 @@ def remove(state: State, name: str, recursive: bool = False) -> dict:
 def descendants(state: State, name: str) -> list[str]:
     """NAME's children, their children..., read without locks, deepest first (the order
     to stop them in); each child must name its parent back."""
-    def read(n: str) -> dict | None:
-        try:
-            return read_pod_file(state, n).doc
-        except YoiError:
-            return None
-
+    read = functools.partial(read_doc, state)
     order, seen = [], {name}
     level = [(name, read(name))]
     while level:

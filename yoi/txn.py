@@ -47,7 +47,7 @@ from pathlib import Path
 from yoi import metadata
 from yoi.atomic import (NotRegularFile, atomic_write, discard, fsync_dir, read_bytes_nofollow,
                          remove_temp_files, replace_staged, stage, sync_files, sync_parents)
-from yoi.errors import CorruptMetadata, NotFound, StorageError
+from yoi.errors import CorruptMetadata, NotFound, StorageError, YoiError
 from yoi.faults import fault
 from yoi.lock import FileLock
 from yoi.names import check_name, is_valid_name
@@ -127,6 +127,15 @@ def read_pod_file(state: State, name: str) -> Pod:
             raise CorruptMetadata(f"{path} is not a regular file; never read", path=str(path))
         raise StorageError(f"cannot read {path}: {e.strerror}", path=str(path))
     return Pod(name, path, raw, metadata.parse(raw, path, expect_name=name))
+
+
+def read_doc(state: State, name: str) -> dict | None:
+    """NAME's record, or None if there is none or it cannot be read (for a reader that
+    only skips what it cannot use)."""
+    try:
+        return read_pod_file(state, name).doc
+    except YoiError:
+        return None
 
 
 class RecordCache:
