@@ -488,6 +488,7 @@ class _Doctor:
         self.checked = {"pods": 0, "relations": 0, "journals": 0, "sessions": 0, "sockets": 0}
         self.pods: dict[str, _Pod] = {}
         self.leftover: list[Journal] = []
+        self._effective: dict[str, tuple] = {}  # see ``effective``
         self.bad_dirs: set[Path] = set()  # state directories that are symlinks or not directories
         self.blocked: str | None = None  # why no repair may run, if one may not
 
@@ -744,17 +745,29 @@ class _Doctor:
             return
         self.add("pod-dir-name", None, path, f"{name!r} is not a valid Pod name")
 
-    def effective_peers(self, name: str) -> tuple[str, list[str] | None]:
-        """NAME's status and peer list as the scan saw them, leftover journals rolled back."""
+    def effective(self, name: str) -> tuple[str, list[str] | None, str | None, list[str]]:
+        """NAME's status, peers, parent and children as the scan saw them, leftover
+        journals rolled back (each rolled-back record parsed once)."""
+        seen = self._effective.get(name)
+        if seen is not None:
+            return seen
         for j in self.leftover:
             applies, raw = rolled_back_bytes(self.state, j, name)
             if applies:
                 status, doc = _parse_status(raw, name)
-                return status, metadata.peer_names(doc) if doc else None
-        pod = self.pods.get(name)
-        if pod is None:
-            return "missing", None
-        return pod.status, pod.peers
+                seen = (status, metadata.peer_names(doc) if doc else None,
+                        metadata.parent_of(doc), metadata.child_names(doc))
+                break
+        else:
+            pod = self.pods.get(name)
+            seen = (("missing", None, None, []) if pod is None
+                    else (pod.status, pod.peers, pod.parent, pod.children))
+        self._effective[name] = seen
+        return seen
+
+    def effective_peers(self, name: str) -> tuple[str, list[str] | None]:
+        status, peers, _, _ = self.effective(name)
+        return status, peers
 
     # -- relations ------------------------------------------------------------
     def check_relations(self) -> None:
@@ -856,17 +869,8 @@ class _Doctor:
 
     # -- parents and children -------------------------------------------------
     def effective_family(self, name: str) -> tuple[str, str | None, list[str]]:
-        """NAME's status, parent and children as the scan saw them, leftover journals
-        rolled back."""
-        for j in self.leftover:
-            applies, raw = rolled_back_bytes(self.state, j, name)
-            if applies:
-                status, doc = _parse_status(raw, name)
-                return status, metadata.parent_of(doc), metadata.child_names(doc)
-        pod = self.pods.get(name)
-        if pod is None:
-            return "missing", None, []
-        return pod.status, pod.parent, pod.children
+        status, _, parent, children = self.effective(name)
+        return status, parent, children
 
     def check_family(self) -> None:
         codes = {"child-orphan", "child-unlisted", "child-dangling", "child-one-sided",
