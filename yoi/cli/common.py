@@ -77,7 +77,7 @@ def _visible_options(command: click.Command) -> list[str]:
             for o in (*p.opts, *p.secondary_opts) if o.startswith("--")]
 
 
-def _usage_message(ctx: click.Context, e: click.UsageError, args: list[str]) -> str:
+def _usage_message(ctx: click.Context, e: click.UsageError) -> str:
     """Click's message, with a suggestion of what was meant where one is close."""
     where = e.ctx or ctx
     if isinstance(e, click.NoSuchOption):
@@ -93,7 +93,7 @@ def _usage_message(ctx: click.Context, e: click.UsageError, args: list[str]) -> 
 
 def _usage_exit(ctx: click.Context, e: click.UsageError, args: list[str]):
     where = (e.ctx or ctx).command_path
-    message = _usage_message(ctx, e, args)
+    message = _usage_message(ctx, e)
     report_error(UsageError(f"{message} (see '{where} -h')"), "--json" in args)
     ctx.exit(UsageError.exit_code)
 

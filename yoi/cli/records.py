@@ -17,7 +17,7 @@ handler_timeout_option = click.option(
          f"(default {timeouts.HANDLER:g}).")
 
 
-def _record_json(name: str, doc: dict) -> dict:
+def record_json(name: str, doc: dict) -> dict:
     """A Pod's record (its metadata.toml) as JSON, named ``pod_name`` like everything."""
     from yoi.metadata import to_jsonable
     out = to_jsonable(doc)
@@ -27,7 +27,7 @@ def _record_json(name: str, doc: dict) -> dict:
 
 def _pod_document(name: str, doc: dict, **extra) -> dict:
     """What create, config and show print: ``pod_name``, ``record``, then EXTRA."""
-    return {"pod_name": name, **extra, "record": _record_json(name, doc)}
+    return {"pod_name": name, **extra, "record": record_json(name, doc)}
 
 
 def _record_text(name: str, doc: dict, live: dict | None = None) -> str:

@@ -54,7 +54,7 @@ def spawn_command(parent, child, exec_cmd, cwd, scope, task, task_file, timeout,
       yoi pod spawn lead scout --scope peers --exec 'my-agent --stdin'
     """
     from yoi import children, delivery
-    from yoi.cli.records import _record_json
+    from yoi.cli.records import record_json
     from yoi.errors import UsageError
     if task is not None and task_file is not None:
         raise UsageError("--task and --task-file are mutually exclusive")
@@ -62,7 +62,7 @@ def spawn_command(parent, child, exec_cmd, cwd, scope, task, task_file, timeout,
         task = delivery.decode(task_file.read(), "task file")
     result = children.spawn(state, parent, child, exec_cmd=exec_cmd, cwd=cwd, scope=scope,
                             task=task, timeout=timeout)
-    result["record"] = _record_json(child, result["record"])
+    result["record"] = record_json(child, result["record"])
     how = "spawned" if result["created"] else "already spawned"
     text = [f"{how} {child} (child of {parent}, scope {result['scope']}): "
             + ("started" if result["started"] else "live")]
