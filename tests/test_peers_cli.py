@@ -137,6 +137,10 @@ def test_list_missing_pod_is_not_found_and_creates_nothing(cli, yoi_home):
     assert r.json["error"]["code"] == "not_found"
     assert r.stderr == f"yoi: error: no such Pod: nope (no state directory at {yoi_home})\n"
     assert not yoi_home.exists()
+    r = cli("pod", "peer", "list", "nope", "--pending")  # the same for its requests
+    assert (r.exit_code, r.stderr) == (
+        3, f"yoi: error: no such Pod: nope (no state directory at {yoi_home})\n"), r
+    assert not yoi_home.exists()
 
 
 # -- failures: exit code, message, and both files byte-for-byte unchanged -----------

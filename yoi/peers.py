@@ -209,12 +209,7 @@ def list_peers(state: State, name: str) -> list[dict]:
     crash) rolled back first, and no relation of NAME changes while it reads:
     every peer change that involves NAME holds NAME's lock too.
     """
-    check_name(name)
-    # Do not create a state dir just to fail; but a Pod whose removal was
-    # interrupted is only set aside: its journal's rollback brings it back.
-    if not state.pod_dir(name).exists() and not any(
-            name in j.pods for j in list_journals(state)):
-        raise state.no_such_pod(name)
+    _require_present(state, name)
     with lock_pods(state, [name]) as locked:
         pod = locked.require(name)
         out = []
@@ -233,16 +228,23 @@ def list_peers(state: State, name: str) -> list[dict]:
         return out
 
 
+def _require_present(state: State, name: str) -> None:
+    """NotFound unless NAME is there, or a leftover journal's rollback brings it back
+    (a Pod whose removal was interrupted is only set aside): before a lock that would
+    create a state directory just to fail."""
+    check_name(name)
+    if not state.pod_dir(name).exists() and not any(
+            name in j.pods for j in list_journals(state)):
+        raise state.no_such_pod(name)
+
+
 def list_requests(state: State, name: str) -> list[dict]:
     """The peer requests pending in NAME's record (expired ones are not), oldest first.
 
     Takes NAME's lock, as ``list_peers`` does, so an approval in progress is
     either finished or rolled back first.
     """
-    check_name(name)
-    if not state.pod_dir(name).exists() and not any(
-            name in j.pods for j in list_journals(state)):
-        raise NotFound(f"no such Pod: {name}", pod_name=name)
+    _require_present(state, name)
     with lock_pods(state, [name]) as locked:
         return [request_json(r) for r in metadata.pending_requests(locked.require(name).doc)]
 
