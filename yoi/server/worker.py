@@ -173,13 +173,17 @@ class HandlerWorker:
     def _commit(self, entry: Entry, after=None) -> None:
         pod = self.pod
 
+        reported = []
+
         def done(res, err):
+            reported.append(True)
             pod.loop.call_soon(pod.committed, None, entry, res, err, after)
 
         try:
             pod.session.append(entry, done)
-        except OSError:
-            pass  # already reported by ``committed``
+        except OSError as e:
+            if not reported:  # refused before the writer took it (the log takes no more)
+                pod.loop.call_soon(pod.committed, None, entry, None, e, after)
 
     # -- one run -------------------------------------------------------------------
     def _env(self, source: str | None, msg_id: str | None, event: str | None) -> dict:
