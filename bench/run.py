@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -489,6 +490,16 @@ def fmt(x):
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
 
 
+def install_kind() -> str:
+    """``regular`` if the yoi that this interpreter's ``yoi`` runs is installed in its
+    site-packages, else ``editable`` (a checkout, through an editable install's hook)."""
+    import sysconfig
+    found = subprocess.run([sys.executable, "-I", "-c", "import yoi; print(yoi.__file__)"],
+                           capture_output=True, text=True).stdout.strip()
+    site = os.path.realpath(sysconfig.get_paths()["purelib"])
+    return "regular" if os.path.realpath(found).startswith(site + os.sep) else "editable"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -497,6 +508,12 @@ def main(argv=None) -> int:
     ap.add_argument("--case", action="append", metavar="NAME",
                     help="run only this case (repeatable)")
     args = ap.parse_args(argv)
+    install = install_kind()
+    if install == "editable":
+        print("note: yoi is an editable install here: its import hook loads pathlib into "
+              "every process, the baselines too, which hides what a regular install pays "
+              "(`pip install .` in a venv of its own, then run this with that venv's python)\n",
+              flush=True)
     rows = []
     header = (f"{'case':<26} {'figure':>10} {'baseline':>10} {'unit':>6} {'ratio':>7} "
               f"{'target':>8}  result")
@@ -520,7 +537,7 @@ def main(argv=None) -> int:
         remove_scale_dirs()
     info = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "python": platform.python_version(), "cores": os.cpu_count(),
-            "machine": platform.machine(), "quick": args.quick,
+            "machine": platform.machine(), "quick": args.quick, "install": install,
             "rows": [asdict(r) for r in rows]}
     if args.json:
         with open(args.json, "w") as f:
